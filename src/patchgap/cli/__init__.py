@@ -1,0 +1,1 @@
+"""The ``patchgap`` command line."""

@@ -1,0 +1,64 @@
+"""Entry point of the ``patchgap`` command: registers the command groups and turns user
+mistakes (:class:`~patchgap.errors.PatchgapError`) into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from patchgap import __version__
+from patchgap.errors import PatchgapError
+
+err_console = Console(stderr=True)
+
+cli = typer.Typer(
+    name="patchgap",
+    help="Rewrite an SFT dataset with an RL-trained rewriter so fine-tuning forgets less.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """patchgap: train-rewriter, rewrite, gate, sft, evaluate."""
+
+
+def _register() -> None:
+    # Imported here so that a broken optional group never hides the others' --help.
+    from patchgap.cli import artifacts, data, demo, models, store
+
+    cli.add_typer(store.app, name="store")
+    cli.add_typer(models.app, name="models")
+    cli.add_typer(data.app, name="data")
+    cli.add_typer(artifacts.app, name="artifacts")
+    cli.command("demo")(demo.demo)
+
+
+_register()
+
+
+def app() -> None:
+    """Console-script entry: run the CLI, printing user errors as one line."""
+    try:
+        cli(standalone_mode=True)
+    except PatchgapError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,107 @@
+"""Config models: strict (unknown keys are errors), frozen after load, loadable from YAML.
+
+Every stage has one ``Config`` subclass of :class:`StageConfig`; the same schema serves YAML files,
+CLI flags (``key=value`` overrides) and KFP component parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from patchgap.errors import ConfigError
+
+T = TypeVar("T", bound="StrictModel")
+
+
+class StrictModel(BaseModel):
+    """Base for every config: no unknown keys, no mutation after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem, each naming the dotted key and what is wrong with it."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def validate(model: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Validate ``data`` against ``model``; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a parse error names the file, line and column."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{p}{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars) to a nested dict copy."""
+    out: dict[str, Any] = _deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. sft.epochs=2")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def load(
+    model: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    section: str | None = None,
+) -> T:
+    """Load ``model`` from a YAML file (optionally one top-level ``section``) plus overrides."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    if section is not None:
+        sub = data.get(section, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{source}: {section}: expected a mapping")
+        data = sub
+        source = f"{source} [{section}]"
+    return validate(model, apply_overrides(data, overrides), source)
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
