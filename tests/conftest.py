@@ -27,7 +27,9 @@ def data_dir() -> Path:
 
     d = resolve()
     if d is None or not d.is_dir():
-        pytest.skip("no data directory: set PATCHGAP_DATA_DIR to a folder laid out like shared/data")
+        pytest.skip(
+            "no data directory: set PATCHGAP_DATA_DIR to a folder laid out like shared/data"
+        )
     return d
 
 

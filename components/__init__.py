@@ -1,0 +1,1 @@
+"""KFP components: one thin component per stage (see each folder's README)."""
