@@ -1,0 +1,121 @@
+"""``patchgap data validate|ls``: check a dataset against the data contract, list named sets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from patchgap.errors import PatchgapError
+
+app = typer.Typer(
+    help="Validate datasets (counts, rejects with line and reason) and list the named sets.",
+    no_args_is_help=True,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fields(value: str) -> object:
+    """A preset name, or a YAML/JSON file holding a FieldMap."""
+    from patchgap.config import read_yaml, validate
+    from patchgap.records import FieldMap
+
+    if value.endswith((".yaml", ".yml", ".json")) or Path(value).is_file():
+        return validate(FieldMap, read_yaml(value), value)
+    return value
+
+
+def _default_rejects(source: str) -> Path:
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"\.(jsonl|json|parquet)$", "", name)
+    return Path(re.sub(r"[^\w.-]+", "_", name) + ".rejects.jsonl")
+
+
+_SOURCE = typer.Argument(
+    ..., help="File or folder, s3:// URI, named set (see `patchgap data ls`) or hf://owner/name."
+)
+_FIELDS = typer.Option(
+    "auto", "--fields", "-f", help="Field preset (gsm8k, math, messages, ...) or a FieldMap YAML."
+)
+_REJECTS = typer.Option(
+    None, "--rejects", help="Where rejected records go (JSONL). Default: ./<name>.rejects.jsonl"
+)
+_LIMIT = typer.Option(None, "--limit", min=1, help="Use at most N valid records (a seeded subset).")
+_SPLIT = typer.Option(None, "--split", help="Split of a named set or hub dataset.")
+_SEED = typer.Option(0, "--seed", help="Seed of the subset taken with --limit.")
+
+
+@app.command()
+def validate(
+    source: str = _SOURCE,
+    fields: str = _FIELDS,
+    rejects: Path | None = _REJECTS,
+    limit: int | None = _LIMIT,
+    split: str | None = _SPLIT,
+    seed: int = _SEED,
+) -> None:
+    """Read a dataset, count valid and rejected records; exit 0 when it could be read."""
+    from patchgap.config import validate as validate_config
+    from patchgap.records import DatasetSpec, load_records
+
+    target = rejects or _default_rejects(source)
+    try:
+        spec = validate_config(
+            DatasetSpec,
+            {
+                "source": source,
+                "fields": _fields(fields),
+                "limit": limit,
+                "split": split,
+                "seed": seed,
+            },
+            "patchgap data validate",
+        )
+        result = load_records(spec, target)
+    except PatchgapError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    c = result.counts
+    console.print(f"{c.source}  fields: {c.fields}", soft_wrap=True, highlight=False)
+    table = Table()
+    table.add_column("records")
+    table.add_column("count", justify="right")
+    table.add_row("read", str(c.read))
+    table.add_row("valid", str(c.valid))
+    table.add_row("rejected", str(c.rejected_total))
+    for kind, n in sorted(c.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
+        table.add_row(f"  {kind}", str(n))
+    if limit is not None:
+        table.add_row("selected", str(c.selected))
+    console.print(table)
+    if result.rejects_path is not None:
+        console.print(
+            f"rejects: {c.rejected_total} written to {result.rejects_path}", soft_wrap=True
+        )
+    else:
+        console.print("rejects: none")
+
+
+@app.command("ls")
+def list_sets() -> None:
+    """List the named public sets and whether each resolves in the data directory."""
+    from patchgap.records import NAMED_SETS
+    from patchgap.settings import DATA_DIR_ENV, data_dir
+
+    root = data_dir()
+    where = str(root) if root is not None else f"none (set {DATA_DIR_ENV})"
+    console.print(f"data directory: {where}", soft_wrap=True, highlight=False)
+    table = Table()
+    for col in ("name", "fields", "local", "hub", "note"):
+        table.add_column(col, no_wrap=col in ("name", "local"))
+    for entry in NAMED_SETS.values():
+        for split, rel in entry.paths.items():
+            name = entry.name if len(entry.paths) == 1 else f"{entry.name}:{split}"
+            found = root is not None and (root / rel).exists()
+            local = "[green]yes[/green]" if found else "[red]no[/red]"
+            table.add_row(name, entry.preset, local, entry.hub or "-", entry.note)
+    console.print(table)
