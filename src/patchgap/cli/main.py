@@ -39,13 +39,19 @@ def _root(
 
 def _register() -> None:
     # Imported here so that a broken optional group never hides the others' --help.
-    from patchgap.cli import artifacts, data, demo, models, store
+    from patchgap.cli import artifacts, cluster, data, demo, models, pipeline, stage, store
 
     cli.add_typer(store.app, name="store")
     cli.add_typer(models.app, name="models")
     cli.add_typer(data.app, name="data")
     cli.add_typer(artifacts.app, name="artifacts")
     cli.command("demo")(demo.demo)
+    cli.command("stage")(stage.stage)
+    cli.command("run")(pipeline.run)
+    cli.command("compile")(pipeline.compile_pipelines)
+    cli.command("submit")(cluster.submit)
+    cli.add_typer(cluster.schedule_app, name="schedule")
+    cli.command("doctor")(cluster.doctor)
 
 
 _register()

@@ -1,0 +1,1 @@
+"""Light CPU components that wire the stage components together (no GPU, no model)."""

@@ -1,0 +1,76 @@
+"""CPU helper components: stage a dataset URI as a validated artifact, list shard indices, find
+new datasets for the watch pipeline, and record a processed dataset in the ledger.
+
+No ``from __future__ import annotations``: KFP reads these annotations at runtime.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Metrics, Output
+
+from patchgap.images import image_for
+
+OPS_IMAGE = image_for("ops")
+
+
+@dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
+def stage_dataset(
+    dataset_uri: str,
+    fields: str,
+    dataset: Output[Dataset],
+    rejects: Output[Dataset],
+    metrics: Output[Metrics],
+) -> NamedTuple("Counts", [("valid", int), ("rejected", int)]):
+    """Read D from a path or s3:// URI through the data contract and write it as normalized
+    records; bad records go to ``rejects`` with line and reason. Fails before any GPU step when
+    the file cannot be parsed at all."""
+    from collections import namedtuple
+    from pathlib import Path
+
+    from patchgap.records import DatasetSpec, load_records, write_records_jsonl
+
+    out = Path(dataset.path)
+    out.mkdir(parents=True, exist_ok=True)
+    rej = Path(rejects.path)
+    rej.mkdir(parents=True, exist_ok=True)
+    spec = DatasetSpec(source=dataset_uri, fields=fields or "auto")
+    result = load_records(spec, rejects_path=rej / "rejects.jsonl")
+    write_records_jsonl(result.records, out / "records.jsonl")
+    metrics.log_metric("records_read", float(result.counts.read))
+    metrics.log_metric("records_valid", float(result.counts.valid))
+    metrics.log_metric("records_rejected", float(result.counts.rejected))
+    dataset.metadata["source"] = dataset_uri
+    Counts = namedtuple("Counts", ["valid", "rejected"])
+    return Counts(result.counts.valid, result.counts.rejected)
+
+
+@dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
+def shard_indices(num_shards: int) -> list[int]:
+    """[0, 1, ..., num_shards-1] for the rewrite fan-out."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    return list(range(num_shards))
+
+
+@dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
+def find_new_datasets(prefix_uri: str, ledger_uri: str, max_datasets: int) -> list[dict]:
+    """Dataset objects under ``prefix_uri`` whose content hash is not in the ledger yet."""
+    from patchgap.ledger import Ledger, find_datasets
+    from patchgap.store import Store
+
+    store = Store.from_env()
+    pending = Ledger(store, ledger_uri).pending(find_datasets(store, prefix_uri))
+    if max_datasets > 0:
+        pending = pending[:max_datasets]
+    return [{"uri": o.uri, "sha256": o.sha256, "size": o.size} for o in pending]
+
+
+@dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
+def record_processed(ledger_uri: str, item: dict, acceptance_rate: float) -> str:
+    """Record one dataset as processed; runs only after its rewrite and gate succeeded."""
+    from patchgap.ledger import DatasetObject, Ledger
+    from patchgap.store import Store
+
+    obj = DatasetObject(uri=item["uri"], sha256=item["sha256"], size=int(item["size"]))
+    return Ledger(Store.from_env(), ledger_uri).record(obj, acceptance_rate=acceptance_rate)

@@ -1,0 +1,77 @@
+"""How a stage task is placed and wired on Kubernetes: GPU type and count, node selector and
+tolerations of the GPU pool (pipeline parameters), a memory-backed /dev/shm, S3 credentials from a
+Secret and the endpoint from a ConfigMap (never literal values in the YAML), non-root, retries
+with exponential backoff, and a caching choice per stage."""
+
+from kfp import dsl, kubernetes
+
+S3_SECRET = "patchgap-s3"
+S3_CONFIG_MAP = "patchgap-s3-config"
+SHM_SIZE = "16Gi"
+
+#: Retries: a preempted GPU pod or a flaky S3 call should not fail a day-long run. The stages
+#: resume from their checkpoints, so a retry loses at most one checkpoint interval.
+RETRIES = 3
+BACKOFF = "60s"
+BACKOFF_FACTOR = 2.0
+BACKOFF_MAX = "3600s"
+
+
+def with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """S3 credentials from the Secret, endpoint and region from the (optional) ConfigMap."""
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=S3_SECRET,
+        secret_key_to_env={
+            "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+        },
+    )
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=S3_CONFIG_MAP,
+        config_map_key_to_env={
+            "AWS_ENDPOINT_URL_S3": "AWS_ENDPOINT_URL_S3",
+            "AWS_REGION": "AWS_REGION",
+        },
+        optional=True,
+    )
+    return task
+
+
+def cpu_task(task: dsl.PipelineTask, *, cache: bool = True) -> dsl.PipelineTask:
+    """A light step: S3 env, non-root, retries."""
+    with_s3(task)
+    kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
+    task.set_retry(
+        RETRIES,
+        backoff_duration=BACKOFF,
+        backoff_factor=BACKOFF_FACTOR,
+        backoff_max_duration=BACKOFF_MAX,
+    )
+    task.set_caching_options(cache)
+    return task
+
+
+def gpu_task(
+    task: dsl.PipelineTask,
+    *,
+    accelerator_type,
+    gpu_count,
+    node_selector,
+    tolerations,
+    cache: bool,
+    memory_limit: str = "64Gi",
+) -> dsl.PipelineTask:
+    """A GPU stage on the GPU pool (all placement values may be pipeline parameters)."""
+    cpu_task(task, cache=cache)
+    task.set_accelerator_type(accelerator_type)
+    task.set_accelerator_limit(gpu_count)
+    task.set_memory_limit(memory_limit)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    # NCCL and dataloader workers need more shared memory than a container's default 64 MiB.
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
+    )
+    return task

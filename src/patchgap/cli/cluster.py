@@ -1,0 +1,148 @@
+"""``patchgap submit``, ``patchgap schedule ...`` and ``patchgap doctor``: the KFP client side."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from patchgap import cluster as ops
+
+console = Console()
+
+schedule_app = typer.Typer(
+    help="Recurring runs (e.g. the watch pipeline over new datasets).", no_args_is_help=True
+)
+
+HOST = typer.Option(None, "--host", help="KFP API endpoint (or KF_PIPELINES_ENDPOINT)")
+NAMESPACE = typer.Option(None, "--namespace", "-n", help="Kubeflow profile namespace")
+PARAM = typer.Option([], "--param", "-p", help="pipeline parameter KEY=VALUE (repeat)")
+
+
+def submit(
+    pipeline: str = typer.Argument("full", help="full | rewrite | watch | a compiled YAML path"),
+    host: str | None = HOST,
+    namespace: str | None = NAMESPACE,
+    experiment: str = typer.Option("patchgap", "--experiment", "-e"),
+    run_name: str | None = typer.Option(None, "--run-name"),
+    params: list[str] = PARAM,
+    service_account: str | None = typer.Option(None, "--service-account"),
+    pipeline_root: str | None = typer.Option(None, "--pipeline-root", help="s3://bucket/prefix"),
+    caching: bool | None = typer.Option(None, "--caching/--no-caching"),
+) -> None:
+    """Submit one run of a compiled pipeline to KFP; prints the run id and its UI link."""
+    res = ops.submit(
+        ops.KfpTarget(host=host, namespace=namespace),
+        pipeline,
+        params=ops.parse_params(params),
+        experiment=experiment,
+        run_name=run_name,
+        service_account=service_account,
+        pipeline_root=pipeline_root,
+        enable_caching=caching,
+    )
+    typer.echo(f"run id: {res.run_id}")
+    typer.echo(f"ui:     {res.url}")
+
+
+@schedule_app.command("create")
+def schedule_create(
+    name: str = typer.Argument(..., help="recurring run name"),
+    pipeline: str = typer.Option("watch", "--pipeline", help="full | rewrite | watch | YAML path"),
+    cron: str | None = typer.Option(
+        None, "--cron", help="KFP 6-field cron, seconds first: '0 0 * * * *' = hourly"
+    ),
+    interval: int | None = typer.Option(None, "--interval", help="seconds between runs (>= 60)"),
+    max_concurrency: int = typer.Option(1, "--max-concurrency"),
+    params: list[str] = PARAM,
+    host: str | None = HOST,
+    namespace: str | None = NAMESPACE,
+    experiment: str = typer.Option("patchgap", "--experiment", "-e"),
+    service_account: str | None = typer.Option(None, "--service-account"),
+    pipeline_root: str | None = typer.Option(None, "--pipeline-root"),
+    disabled: bool = typer.Option(False, "--disabled", help="create it paused"),
+) -> None:
+    """Create a recurring run (no catch-up: a missed window never triggers a burst)."""
+    rid = ops.create_schedule(
+        ops.KfpTarget(host=host, namespace=namespace),
+        ops.Schedule(
+            name=name,
+            pipeline=pipeline,
+            cron=cron,
+            interval_seconds=interval,
+            max_concurrency=max_concurrency,
+            params=ops.parse_params(params),
+            experiment=experiment,
+            service_account=service_account,
+            pipeline_root=pipeline_root,
+            enabled=not disabled,
+        ),
+    )
+    typer.echo(f"recurring run id: {rid}")
+
+
+@schedule_app.command("list")
+def schedule_list(
+    host: str | None = HOST,
+    namespace: str | None = NAMESPACE,
+    experiment: str | None = typer.Option(None, "--experiment", "-e"),
+) -> None:
+    """List recurring runs."""
+    rows = ops.list_schedules(ops.KfpTarget(host=host, namespace=namespace), experiment)
+    table = Table("id", "name", "status", "trigger", "max conc.", "no catch-up")
+    for r in rows:
+        trig = r["cron"] or (f"every {r['interval_seconds']}s" if r["interval_seconds"] else "-")
+        table.add_row(
+            r["id"],
+            r["name"],
+            str(r["status"]),
+            trig,
+            str(r["max_concurrency"]),
+            str(r["no_catchup"]),
+        )
+    console.print(table)
+
+
+def _state_command(action: str):  # noqa: ANN202 - typer reads the signature of the inner function
+    def command(
+        recurring_run_id: str = typer.Argument(...),
+        host: str | None = HOST,
+        namespace: str | None = NAMESPACE,
+    ) -> None:
+        ops.set_schedule_state(
+            ops.KfpTarget(host=host, namespace=namespace), recurring_run_id, action
+        )
+        typer.echo(
+            f"{action}d {recurring_run_id}" if action != "delete" else f"deleted {recurring_run_id}"
+        )
+
+    command.__doc__ = f"{action.capitalize()} a recurring run."
+    return command
+
+
+for _action in ("enable", "disable", "delete"):
+    schedule_app.command(_action)(_state_command(_action))
+
+
+def doctor(
+    bucket: str = typer.Option("patchgap", "--bucket", envvar="PATCHGAP_BUCKET"),
+    host: str | None = HOST,
+    namespace: str = typer.Option("patchgap", "--namespace", "-n"),
+    secret: str = typer.Option("patchgap-s3", "--secret", help="S3 credentials Secret name"),
+    kube_context: str | None = typer.Option(None, "--context", help="kube context"),
+) -> None:
+    """Check what a submit needs (S3, bucket, KFP host, launcher ConfigMap and Secret)."""
+    checks = ops.doctor(
+        bucket=bucket,
+        target=ops.KfpTarget(host=host, namespace=namespace),
+        namespace=namespace,
+        secret_name=secret,
+        kube_context=kube_context,
+    )
+    table = Table("check", "result", "detail")
+    for c in checks:
+        mark = {True: "[green]ok[/green]", False: "[red]FAIL[/red]", None: "[yellow]skip[/yellow]"}
+        table.add_row(c.name, mark[c.ok], c.detail)
+    console.print(table)
+    if any(c.ok is False for c in checks):
+        raise typer.Exit(1)

@@ -1,0 +1,43 @@
+"""``patchgap stage NAME``: run one stage alone from a run YAML and local paths or S3 URIs,
+exactly as its container entrypoint would."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import typer
+
+from patchgap.errors import ConfigError
+from patchgap.stages import STAGES
+
+
+def stage(
+    name: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)} (dashes allowed)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="run YAML"),
+    inputs: list[str] = typer.Option([], "--input", "-i", help="NAME=PATH_OR_S3_URI (repeat)"),
+    outputs: list[str] = typer.Option([], "--output", "-o", help="NAME=PATH_OR_S3_URI (repeat)"),
+    overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE config override (repeat)"),
+    force: bool = typer.Option(False, "--force", help="recompute even when outputs are complete"),
+) -> None:
+    """Run one stage (train-rewriter, rewrite, gate, sft, evaluate) outside any pipeline."""
+    from patchgap.logs import setup_logging
+    from patchgap.stages.base import _parse_pairs, execute, load_stage_config
+
+    setup_logging()
+    key = name.replace("-", "_")
+    if key not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
+    module = importlib.import_module(f"patchgap.stages.{key}")
+    cfg = load_stage_config(module.Config, config, key, overrides)
+    result = execute(
+        module,
+        cfg,
+        _parse_pairs(inputs, "--input"),
+        _parse_pairs(outputs, "--output"),
+        force=force,
+    )
+    state = "skipped (already complete)" if result.skipped else f"done in {result.seconds:.1f}s"
+    typer.echo(f"{key}: {state}")
+    typer.echo(json.dumps(result.metrics, indent=2, sort_keys=True))

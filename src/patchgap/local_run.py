@@ -1,0 +1,168 @@
+"""Run a pipeline on this machine with ``kfp.local`` and publish the run to S3.
+
+The subprocess runner (the embedded default) executes each component in this Python environment;
+the Docker runner executes the stage images (GPUs requested when present, podman through
+``DOCKER_HOST``). Afterwards every artifact of the local pipeline root is uploaded to
+``s3://<bucket>/runs/<run-id>/artifacts/`` and a run manifest (git commit, package versions,
+configs, input hashes, timings) to ``s3://<bucket>/runs/<run-id>/run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from patchgap.errors import PatchgapError
+
+if TYPE_CHECKING:
+    from patchgap.runner import PreparedRun
+
+STAGE_SECTIONS = ("train_rewriter", "rewrite", "gate", "sft", "evaluate")
+
+
+def stage_config_yaml(raw: dict[str, Any], section: str, model_path: str) -> str:
+    """Validate one stage section (with inherited shared keys) and dump it as the YAML string the
+    component receives. pi0 is the prepared local folder, so no stage ever resolves a hub name."""
+    import importlib
+
+    from patchgap.config import apply_overrides, validate
+    from patchgap.stages.base import SHARED_KEYS
+
+    module = importlib.import_module(f"patchgap.stages.{section}")
+    sub = dict(raw.get(section) or {})
+    for key in SHARED_KEYS:
+        if key in raw and key in module.Config.model_fields and key not in sub:
+            sub[key] = raw[key]
+    if "model" in module.Config.model_fields:
+        sub["model"] = model_path
+    cfg = validate(module.Config, apply_overrides(sub, None), f"[{section}]")
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True)
+
+
+def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
+    s = prepared.settings
+    args: dict[str, Any] = {
+        "dataset_uri": prepared.dataset_uri,
+        "num_shards": s.num_shards,
+        "min_acceptance_rate": s.min_acceptance_rate,
+    }
+    for section in STAGE_SECTIONS:
+        args[f"{section}_config"] = stage_config_yaml(prepared.raw, section, prepared.model_path)
+    if s.pipeline == "full":
+        args["prompt_only_baseline"] = s.prompt_only_baseline
+    if s.pipeline == "rewrite":
+        if not s.adapter_uri:
+            raise PatchgapError("run.adapter_uri is required for the rewrite pipeline")
+        args["adapter_uri"] = s.adapter_uri
+        args.pop("train_rewriter_config")
+    return args
+
+
+def _init_kfp_local(runner: str, pipeline_root: Path, env: dict[str, str]) -> None:
+    from kfp import local
+
+    if runner == "subprocess":
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
+        return
+    kwargs: dict[str, Any] = {
+        "environment": env,
+        # The embedded S3 listens on 127.0.0.1: the containers share the host network.
+        "network_mode": "host",
+        "shm_size": "8g",
+    }
+    if shutil.which("nvidia-smi"):
+        import docker
+
+        kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    local.init(runner=local.DockerRunner(**kwargs), pipeline_root=str(pipeline_root))
+
+
+def run_local(prepared: PreparedRun, *, say: Any = print) -> dict[str, Any]:
+    """Run ``prepared`` under kfp.local, upload the pipeline root and the run manifest."""
+    import importlib
+
+    from patchgap.settings import home_dir
+    from patchgap.stages.base import environment_info
+    from patchgap.store import Store
+
+    s = prepared.settings
+    root = home_dir() / "runs" / prepared.run_id
+    root.mkdir(parents=True, exist_ok=True)
+    args = pipeline_arguments(prepared)
+    _init_kfp_local(s.runner, root / "pipeline-root", prepared.env)
+    module = importlib.import_module(f"pipelines.{s.pipeline}")
+    say(f"running pipeline `{s.pipeline}` locally ({s.runner} runner); work folder {root}")
+    t0 = time.time()
+    status = "succeeded"
+    error = None
+    try:
+        module.PIPELINE(**args)
+    except Exception as err:  # record the failure in the manifest, then re-raise
+        status, error = "failed", f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        seconds = time.time() - t0
+        store = Store.from_env()
+        prefix = f"s3://{s.bucket}/runs/{prepared.run_id}"
+        manifest = {
+            "run_id": prepared.run_id,
+            "pipeline": s.pipeline,
+            "status": status,
+            "error": error,
+            "uri": prefix + "/",
+            "config_file": str(prepared.config_path),
+            "config": prepared.raw,
+            "arguments": args,
+            "inputs": {
+                "dataset_uri": prepared.dataset_uri,
+                "dataset_sha256": _object_sha(store, prepared.dataset_uri),
+                "dataset_counts": prepared.dataset_counts,
+                "model": prepared.model_path,
+            },
+            "timings": {"pipeline_seconds": round(seconds, 1)},
+            "environment": environment_info(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        art = root / "pipeline-root"
+        if art.is_dir() and any(art.iterdir()):
+            store.upload_dir(art, f"{prefix}/artifacts", metadata={"run_id": prepared.run_id})
+        (root / "run.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        store.put_file(root / "run.json", f"{prefix}/run.json")
+        say(f"run {status} in {seconds:.0f}s; manifest {prefix}/run.json")
+    report = _find_report(root / "pipeline-root")
+    if report is not None:
+        say(_forgetting_summary(report))
+    return manifest
+
+
+def _object_sha(store: Any, uri: str) -> str | None:
+    try:
+        from patchgap.ledger import content_sha256
+
+        return content_sha256(store, uri)
+    except PatchgapError:
+        return None
+
+
+def _find_report(root: Path) -> Path | None:
+    hits = sorted(root.rglob("results.json"), key=lambda p: p.stat().st_mtime)
+    return hits[-1] if hits else None
+
+
+def _forgetting_summary(results_json: Path) -> str:
+    from patchgap.eval_report import render_forgetting_table
+
+    data = json.loads(results_json.read_text())
+    html = next(iter(sorted(results_json.parent.parent.rglob("*.html"))), None)
+    where = f"\nreport: {html}" if html else ""
+    return render_forgetting_table(data) + where
+
+
+def env_for_containers() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PATCHGAP_", "HF_"))}
