@@ -1,0 +1,151 @@
+"""``patchgap artifacts ls|get RUN``: a run's outputs under ``s3://<bucket>/runs/<run-id>/``."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from patchgap.errors import StoreError
+
+if TYPE_CHECKING:
+    from patchgap.store import Manifest, Store
+
+app = typer.Typer(help="List and download a run's outputs, verified by their manifests.")
+console = Console()
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_BUCKET = typer.Option(
+    None, "--bucket", help="Bucket holding runs/. Default: $PATCHGAP_BUCKET, else patchgap."
+)
+_ROOT = typer.Option(
+    None,
+    "--root",
+    help="Folder holding the runs (s3://..., file://... or a path). Default: s3://<bucket>/runs.",
+)
+
+
+def run_prefix(run: str, bucket: str | None = None, root: str | None = None) -> str:
+    """The URI of one run's outputs; run ids are single path components."""
+    if not _RUN_ID.match(run):
+        raise StoreError(
+            f"run id {run!r} is not valid: use letters, digits, '.', '_' and '-' (no '/')"
+        )
+    from patchgap.store import join_uri
+
+    if root is None:
+        bucket = bucket or os.environ.get("PATCHGAP_BUCKET") or "patchgap"
+        root = f"s3://{bucket}/runs"
+    return join_uri(root, run) + "/"
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _outputs(store: Store, prefix: str, keys: list[str]) -> dict[str, Manifest]:
+    """Manifests under the run, by the folder (relative to the run) they cover."""
+    from patchgap.store import MANIFEST_NAME, join_uri
+
+    found = {}
+    for key in keys:
+        path = PurePosixPath(key)
+        if path.name == MANIFEST_NAME:
+            folder = "" if str(path.parent) == "." else str(path.parent)
+            manifest = store.read_manifest(join_uri(prefix, folder))
+            if manifest is not None:
+                found[folder] = manifest
+    return found
+
+
+def _covered(manifests: dict[str, Manifest]) -> dict[str, int]:
+    """Expected size of every key (relative to the run) that some manifest lists."""
+    out = {}
+    for folder, manifest in manifests.items():
+        for key, entry in manifest.files.items():
+            out[f"{folder}/{key}" if folder else key] = entry.size
+    return out
+
+
+@app.command("ls")
+def ls(
+    run: Annotated[str, typer.Argument(help="Run id.")],
+    bucket: str | None = _BUCKET,
+    root: str | None = _ROOT,
+) -> None:
+    """List a run's objects with their sizes and whether a manifest covers them."""
+    from patchgap.store import MANIFEST_NAME, Store
+
+    prefix = run_prefix(run, bucket, root)
+    store = Store.from_env()
+    objects = store.list(prefix)
+    if not objects:
+        raise StoreError(f"{prefix}: no objects; check the run id and --bucket")
+    manifests = _outputs(store, prefix, [o.key for o in objects])
+    covered = _covered(manifests)
+    table = Table(title=prefix)
+    table.add_column("key")
+    table.add_column("size", justify="right")
+    table.add_column("manifest")
+    for obj in objects:
+        if PurePosixPath(obj.key).name == MANIFEST_NAME:
+            state = "[blue]manifest[/blue]"
+        elif obj.key not in covered:
+            state = "[yellow]none (incomplete)[/yellow]"
+        elif covered[obj.key] != obj.size:
+            state = f"[red]size differs ({covered[obj.key]} expected)[/red]"
+        else:
+            state = "[green]listed[/green]"
+        table.add_row(obj.key, human_size(obj.size), state)
+    console.print(table)
+    total = sum(o.size for o in objects)
+    console.print(
+        f"{len(objects)} objects, {human_size(total)}, {len(manifests)} complete output(s)"
+    )
+
+
+@app.command("get")
+def get(
+    run: Annotated[str, typer.Argument(help="Run id.")],
+    dest: Annotated[Path, typer.Argument(help="Local folder to download into.")],
+    bucket: str | None = _BUCKET,
+    root: str | None = _ROOT,
+) -> None:
+    """Download a run's complete outputs, verifying every sha256 against its manifest."""
+    from patchgap.store import MANIFEST_NAME, Store, join_uri, safe_target
+
+    prefix = run_prefix(run, bucket, root)
+    store = Store.from_env()
+    objects = store.list(prefix)
+    if not objects:
+        raise StoreError(f"{prefix}: no objects; check the run id and --bucket")
+    manifests = _outputs(store, prefix, [o.key for o in objects])
+    if not manifests:
+        raise StoreError(f"{prefix}: no manifest, so no output of this run is complete yet")
+
+    count = size = 0
+    for folder in sorted(manifests):
+        target = safe_target(dest, folder) if folder else dest
+        manifest = store.download_dir(join_uri(prefix, folder), target)
+        count += len(manifest.files)
+        size += manifest.total_size
+        console.print(f"verified {folder or '.'}: {len(manifest.files)} files")
+    covered = _covered(manifests)
+    skipped = [
+        o.key
+        for o in objects
+        if o.key not in covered and PurePosixPath(o.key).name != MANIFEST_NAME
+    ]
+    for key in skipped:
+        console.print(f"[yellow]skipped {key}: no manifest lists it (incomplete output)[/yellow]")
+    console.print(f"downloaded {count} files ({human_size(size)}) to {dest}, all checksums match")

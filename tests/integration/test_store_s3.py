@@ -1,0 +1,208 @@
+"""The store against a real SeaweedFS: objects, multipart, manifests, verification, errors, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from fixtures.s3 import S3Server
+from typer.testing import CliRunner
+
+from patchgap.errors import ChecksumError, StoreError
+from patchgap.store import MANIFEST_NAME, S3Settings, Store, fetch_to_local, sha256_file
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(s3_server: S3Server) -> Store:
+    return s3_server.store
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    src = tmp_path / "out"
+    (src / "shards").mkdir(parents=True)
+    for i in range(3):
+        (src / "shards" / f"{i}.jsonl").write_text(f'{{"i": {i}}}\n' * (i + 1))
+    (src / "metrics.json").write_text('{"acc": 0.5}')
+    return src
+
+
+def test_server_started_quickly(s3_server: S3Server) -> None:
+    print(f"SeaweedFS ready in {s3_server.startup_seconds:.2f}s at {s3_server.endpoint}")
+    assert s3_server.endpoint.startswith("http://127.0.0.1:")
+    assert os.environ["AWS_ENDPOINT_URL_S3"] == s3_server.endpoint
+
+
+def test_put_get_list_exists_delete(store: Store, s3_bucket: str, tmp_path: Path) -> None:
+    base = f"s3://{s3_bucket}/data"
+    store.put_bytes(b"hello", f"{base}/a.txt")
+    src = tmp_path / "b.bin"
+    src.write_bytes(b"\x00\x01" * 500)
+    store.put_file(src, f"{base}/sub/b.bin")
+    store.put_bytes(b"other", f"s3://{s3_bucket}/database.txt")  # same raw prefix, other folder
+
+    assert store.get_bytes(f"{base}/a.txt") == b"hello"
+    assert store.get_file(f"{base}/sub/b.bin", tmp_path / "dl" / "b.bin").read_bytes() == (
+        src.read_bytes()
+    )
+    assert store.exists(f"{base}/a.txt") and not store.exists(f"{base}/nope.txt")
+    listed = store.list(base)
+    assert [(o.key, o.size) for o in listed] == [("a.txt", 5), ("sub/b.bin", 1000)]
+    assert listed[1].uri == f"{base}/sub/b.bin"
+
+    store.delete(f"{base}/a.txt")
+    assert not store.exists(f"{base}/a.txt")
+    assert store.delete_prefix(base) == 1 and store.list(base) == []
+
+
+def test_multipart_upload_of_64_mb_round_trips(
+    store: Store, s3_bucket: str, tmp_path: Path
+) -> None:
+    size = 64 * 1024 * 1024 + 12345
+    big = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with big.open("wb") as fh:
+        for _ in range(size // (4 * 1024 * 1024)):
+            block = os.urandom(4 * 1024 * 1024)
+            digest.update(block)
+            fh.write(block)
+        tail = os.urandom(size % (4 * 1024 * 1024))
+        digest.update(tail)
+        fh.write(tail)
+    chunk = 8 * 1024 * 1024
+    mp = Store(
+        dataclasses.replace(store.settings, multipart_threshold=chunk, multipart_chunksize=chunk)
+    )
+    uri = f"s3://{s3_bucket}/big/big.bin"
+    mp.put_file(big, uri)
+
+    head = mp.client.head_object(Bucket=s3_bucket, Key="big/big.bin")
+    assert head["ContentLength"] == size
+    # A multipart object's ETag ends in "-<parts>": 64 MB in 8 MiB parts is 9 parts.
+    assert head["ETag"].strip('"').endswith("-9")
+
+    back = mp.get_file(uri, tmp_path / "back.bin")
+    assert sha256_file(back) == digest.hexdigest()
+
+
+def test_dir_round_trip_and_metadata(
+    store: Store, s3_bucket: str, tree: Path, tmp_path: Path
+) -> None:
+    prefix = f"s3://{s3_bucket}/runs/r1/rewrite"
+    meta = {"config": {"lr": 1e-5}, "inputs": {"train": "ab" * 32}, "versions": {"p": "0.1"}}
+    written = store.upload_dir(tree, prefix, meta)
+    keys = [o.key for o in store.list(prefix)]
+    assert keys == sorted([*written.files, MANIFEST_NAME])
+
+    read = store.read_manifest(prefix + "/")
+    assert read is not None and read.metadata == meta and read.files == written.files
+
+    out = tmp_path / "dl"
+    store.download_dir(prefix, out)
+    for key in written.files:
+        assert (out / key).read_bytes() == (tree / key).read_bytes()
+
+
+def test_tampered_object_is_detected_on_download(
+    store: Store, s3_bucket: str, tree: Path, tmp_path: Path
+) -> None:
+    prefix = f"s3://{s3_bucket}/out"
+    store.upload_dir(tree, prefix)
+    store.put_bytes(b'{"i": 999}\n', f"{prefix}/shards/1.jsonl")  # after the manifest
+    with pytest.raises(ChecksumError, match=rf"{prefix}/shards/1\.jsonl: checksum mismatch"):
+        store.download_dir(prefix, tmp_path / "dl")
+    assert not (tmp_path / "dl" / "shards" / "1.jsonl").exists()
+
+
+def test_missing_manifest_means_not_complete(
+    store: Store, s3_bucket: str, tree: Path, tmp_path: Path
+) -> None:
+    prefix = f"s3://{s3_bucket}/half"
+    store.put_file(tree / "metrics.json", f"{prefix}/metrics.json")  # data, no manifest
+    assert store.read_manifest(prefix) is None
+    with pytest.raises(StoreError, match="not complete"):
+        store.download_dir(prefix, tmp_path / "dl")
+
+
+def test_escaping_key_in_bucket_is_refused(store: Store, s3_bucket: str, tmp_path: Path) -> None:
+    prefix = f"s3://{s3_bucket}/evil"
+    manifest = (
+        '{"format": 1, "files": {"../../../outside.txt": '
+        '{"sha256": "' + "0" * 64 + '", "size": 1}}, "metadata": {}}'
+    )
+    store.put_bytes(manifest.encode(), f"{prefix}/{MANIFEST_NAME}")
+    with pytest.raises(StoreError, match="escape the target folder"):
+        store.download_dir(prefix, tmp_path / "a" / "b")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_errors_name_the_uri(store: Store, s3_bucket: str, s3_server: S3Server) -> None:
+    with pytest.raises(StoreError, match=rf"s3://{s3_bucket}/nope\.txt: no such object"):
+        store.get_bytes(f"s3://{s3_bucket}/nope.txt")
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket-xyz' does not exist"):
+        store.get_file("s3://no-such-bucket-xyz/a.txt", "/tmp/never-written")
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket-xyz' does not exist"):
+        store.list("s3://no-such-bucket-xyz/runs/")
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket-xyz' does not exist"):
+        store.exists("s3://no-such-bucket-xyz/a.txt")
+    wrong = Store(
+        dataclasses.replace(store.settings, secret_access_key="wrong-secret", max_attempts=1)
+    )
+    with pytest.raises(StoreError, match=rf"s3://{s3_bucket}/a\.txt: access denied"):
+        wrong.get_bytes(f"s3://{s3_bucket}/a.txt")
+
+
+def test_from_env_uses_the_running_servers_env_file(
+    s3_server: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PATCHGAP_HOME", str(s3_server.home))
+    settings = S3Settings.from_env()
+    assert settings.endpoint_url == s3_server.endpoint
+    assert "env file" in settings.source
+    Store(settings).put_bytes(b"x", f"s3://{s3_bucket}/via-env-file")
+    # A remote endpoint never gets the local server's keys.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://s3.example.com")
+    assert S3Settings.from_env().access_key_id is None
+
+
+def test_fetch_to_local_object_and_prefix(
+    store: Store, s3_bucket: str, tree: Path, tmp_path: Path
+) -> None:
+    store.upload_dir(tree, f"s3://{s3_bucket}/ds/gsm8k")
+    one = fetch_to_local(f"s3://{s3_bucket}/ds/gsm8k/metrics.json", tmp_path / "c", store)
+    assert one == (tmp_path / "c" / "metrics.json").resolve() and one.read_text() == '{"acc": 0.5}'
+    folder = fetch_to_local(f"s3://{s3_bucket}/ds/gsm8k/", tmp_path / "c", store)
+    assert folder.name == "gsm8k" and (folder / "shards" / "2.jsonl").is_file()
+    # A prefix written by another tool (no manifest) still downloads.
+    store.put_bytes(b"q\n", f"s3://{s3_bucket}/raw/part-0.txt")
+    raw = fetch_to_local(f"s3://{s3_bucket}/raw", tmp_path / "c", store)
+    assert (raw / "part-0.txt").read_bytes() == b"q\n"
+
+
+def test_artifacts_ls_and_get(store: Store, s3_bucket: str, tree: Path, tmp_path: Path) -> None:
+    from patchgap.cli.artifacts import app
+
+    store.upload_dir(tree, f"s3://{s3_bucket}/runs/run-7/rewrite", {"stage": "rewrite"})
+    runner = CliRunner()
+    listed = runner.invoke(app, ["ls", "run-7", "--bucket", s3_bucket])
+    assert listed.exit_code == 0, listed.output
+    assert "rewrite/shards/2.jsonl" in listed.output and "1 complete output" in listed.output
+
+    dest = tmp_path / "got"
+    got = runner.invoke(app, ["get", "run-7", str(dest)], env={"PATCHGAP_BUCKET": s3_bucket})
+    assert got.exit_code == 0, got.output
+    assert (dest / "rewrite" / "shards" / "2.jsonl").read_bytes() == (
+        tree / "shards" / "2.jsonl"
+    ).read_bytes()
+
+    store.put_bytes(b"tampered", f"s3://{s3_bucket}/runs/run-7/rewrite/metrics.json")
+    bad = runner.invoke(app, ["get", "run-7", str(tmp_path / "got2"), "--bucket", s3_bucket])
+    assert isinstance(bad.exception, ChecksumError)
+    assert "rewrite/metrics.json" in str(bad.exception)
