@@ -1,0 +1,55 @@
+"""KFP component of the evaluate stage: a thin wrapper around ``patchgap.stages.evaluate``.
+
+No ``from __future__ import annotations``: KFP reads these annotations at runtime.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Input, Markdown, Metrics, Model, Output
+
+from patchgap.images import image_for
+
+
+@dsl.component(base_image=image_for("evaluate"), install_kfp_package=False)
+def evaluate(
+    config_yaml: str,
+    report: Output[dsl.Artifact],
+    metrics: Output[Metrics],
+    report_html: Output[HTML],
+    report_md: Output[Markdown],
+    base_model: Input[Model] = None,
+    sft_d: Input[Model] = None,
+    sft_dr: Input[Model] = None,
+):
+    """Score base pi0, SFT on D and SFT on D_R on the downstream math and general benchmarks;
+    write the forgetting table, the report (Markdown, HTML with plots), results.json and the
+    per-item results. Models not wired here come from ``models:`` in the config (paths or
+    s3:// URIs). Logs accuracy per model and benchmark, forgetting and its reduction."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from patchgap.stages.component_glue import run_component
+
+    # The stage reads a folder whose subfolders are the models, named by their label.
+    wired = {"base": base_model, "sft_d": sft_d, "sft_dr": sft_dr}
+    folder = None
+    if any(a is not None for a in wired.values()):
+        folder = Path(tempfile.mkdtemp(prefix="patchgap-models-"))
+        for label, art in wired.items():
+            if art is not None:
+                os.symlink(art.path, folder / label)
+
+    class _Folder:
+        path = str(folder)
+
+    run_component(
+        "evaluate",
+        config_yaml,
+        {"models": _Folder() if folder is not None else None},
+        {"report": report},
+        metrics,
+    )
+    # The KFP UI renders these two artifacts inline.
+    shutil.copyfile(Path(report.path) / "report.html", report_html.path)
+    shutil.copyfile(Path(report.path) / "report.md", report_md.path)

@@ -1,0 +1,27 @@
+"""KFP component of the sft stage: a thin wrapper around ``patchgap.stages.sft``.
+
+No ``from __future__ import annotations``: KFP reads these annotations at runtime.
+"""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from patchgap.images import image_for
+
+
+@dsl.component(base_image=image_for("sft"), install_kfp_package=False)
+def sft(
+    config_yaml: str,
+    dataset: Input[Dataset],
+    model: Output[Model],
+    training: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Fine-tune pi0 on D_R (or on D for the baseline) with the loss on the answer only; write
+    the model (safetensors + tokenizer, LoRA merged) and the loss curve (JSON + PNG) into
+    ``training``. Logs loss_first, loss_last, steps and resumed_from_step."""
+    from patchgap.stages.component_glue import run_component
+
+    run_component(
+        "sft", config_yaml, {"dataset": dataset}, {"model": model, "metrics": training}, metrics
+    )

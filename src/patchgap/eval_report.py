@@ -1,0 +1,209 @@
+"""The evaluation report: the forgetting table and per-benchmark accuracies as Markdown and
+self-contained HTML, with plots (grouped bars per benchmark, gain vs forgetting), and a JSON of
+every number."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _pct(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:+.1%}" if signed else f"{v:.1%}"
+
+
+def _p(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3g}" if v >= 0.001 else "<0.001"
+
+
+def accuracy_rows(table: Mapping[str, Any]) -> list[list[str]]:
+    """One row per model: accuracy with its 95% interval on every benchmark."""
+    benches = [*table["downstream"], *table["general"]]
+    rows = [["model", *benches]]
+    for label, row in table["models"].items():
+        cells = [label]
+        for b in benches:
+            a = row["accuracy"].get(b)
+            cells.append(
+                "n/a"
+                if a is None
+                else f"{a['acc']:.1%} [{a['low']:.1%}, {a['high']:.1%}] n={a['n']}"
+            )
+        rows.append(cells)
+    return rows
+
+
+def forgetting_rows(table: Mapping[str, Any]) -> list[list[str]]:
+    """One row per tuned model: gain, forgetting per benchmark and mean, reduction, significance."""
+    gen = table["general"]
+    head = ["model", "downstream gain", *(f"F {b}" for b in gen), "F mean", "p (F>0)"]
+    head += ["reduction (mean of ratios)", "reduction (of mean)", "p (F_R vs F_D)"]
+    rows = [head]
+    for label, row in table["models"].items():
+        if label == table["base"]:
+            continue
+        test = row.get("forgetting_mean_test") or {}
+        diff = row.get("forgetting_diff_test") or {}
+        cells = [label, _pct(row["gain_mean"], True)]
+        cells += [_pct(row["forgetting"].get(b), True) for b in gen]
+        cells += [_pct(row["forgetting_mean"], True), _p(test.get("p_bootstrap"))]
+        if "reduction" in row:
+            cells += [
+                _pct(row["reduction_mean_of_ratios"], True),
+                _pct(row["reduction_of_mean"], True),
+                _p(diff.get("p_bootstrap")),
+            ]
+        else:
+            cells += ["-", "-", "-"]
+        rows.append(cells)
+    return rows
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:]
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def plot_bars(table: Mapping[str, Any], path: Path) -> Path:
+    """Grouped bars: accuracy per benchmark (x) for every model (bars), with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = [*table["downstream"], *table["general"]]
+    labels = list(table["models"])
+    width = 0.8 / max(1, len(labels))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(benches) * max(1, len(labels)) / 2), 4))
+    for k, label in enumerate(labels):
+        accs, errs = [], [[], []]
+        for b in benches:
+            a = table["models"][label]["accuracy"].get(b)
+            acc = a["acc"] if a else 0.0
+            accs.append(acc)
+            errs[0].append(acc - a["low"] if a else 0.0)
+            errs[1].append(a["high"] - acc if a else 0.0)
+        xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(benches))]
+        ax.bar(xs, accs, width, yerr=errs, capsize=2, label=label)
+    ax.set_xticks(range(len(benches)))
+    ax.set_xticklabels(benches, rotation=30, ha="right")
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scatter(table: Mapping[str, Any], path: Path) -> Path:
+    """Downstream gain (x) against average forgetting (y), one point per tuned model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, row in table["models"].items():
+        if label == table["base"]:
+            continue
+        x, y = row["gain_mean"], row["forgetting_mean"]
+        if x is None or y is None:
+            continue
+        ax.scatter([x], [y], s=40)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("downstream gain over base (mean)")
+    ax.set_ylabel("forgetting (mean acc_base - acc)")
+    ax.set_title("gain vs forgetting: right and low is better")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(table: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+    lines = ["# patchgap evaluation", ""]
+    if extra:
+        lines += [f"- {k}: {v}" for k, v in extra.items()] + [""]
+    lines += ["## Accuracy (95% Wilson interval)", "", _md_table(accuracy_rows(table)), ""]
+    lines += [
+        "## Forgetting",
+        "",
+        f"Base: `{table['base']}`; SFT on D: `{table['baseline']}`. Forgetting F = acc_base - "
+        "acc on each general benchmark; reduction = 1 - F_R / F_D. p-values: paired bootstrap "
+        "over items (per-benchmark McNemar tests are in results.json).",
+        "",
+        _md_table(forgetting_rows(table)),
+        "",
+    ]
+    if table["caveats"]:
+        lines += ["### Caveats", ""] + [f"- {c}" for c in table["caveats"]] + [""]
+    lines += ["![accuracy per benchmark](bars.png)", "", "![gain vs forgetting](scatter.png)", ""]
+    return "\n".join(lines)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"/>'
+
+
+def render_html(
+    table: Mapping[str, Any], bars: Path, scatter: Path, extra: Mapping[str, Any] | None = None
+) -> str:
+    meta = "".join(
+        f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in (extra or {}).items()
+    )
+    caveats = "".join(f"<li>{html.escape(c)}</li>" for c in table["caveats"])
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f4f4f4}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>patchgap evaluation</title>"
+        f"<style>{style}</style></head><body><h1>patchgap evaluation</h1><ul>{meta}</ul>"
+        f"<h2>Accuracy (95% Wilson interval)</h2>{_html_table(accuracy_rows(table))}"
+        f"<h2>Forgetting</h2><p>F = acc_base - acc; reduction = 1 - F_R / F_D against "
+        f"{html.escape(str(table['baseline']))}.</p>{_html_table(forgetting_rows(table))}"
+        + (f"<h3>Caveats</h3><ul>{caveats}</ul>" if caveats else "")
+        + f"<h2>Plots</h2>{_img(bars)}{_img(scatter)}</body></html>"
+    )
+
+
+def write_report(
+    table: Mapping[str, Any],
+    out_dir: Path,
+    extra: Mapping[str, Any] | None = None,
+    numbers: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` (plots inlined), ``bars.png``, ``scatter.png`` and
+    ``results.json`` (the table plus ``numbers``) into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bars = plot_bars(table, out_dir / "bars.png")
+    scatter = plot_scatter(table, out_dir / "scatter.png")
+    md = out_dir / "report.md"
+    md.write_text(render_markdown(table, extra), encoding="utf-8")
+    page = out_dir / "report.html"
+    page.write_text(render_html(table, bars, scatter, extra), encoding="utf-8")
+    res = out_dir / "results.json"
+    payload = {"forgetting_table": table, **(numbers or {}), "info": dict(extra or {})}
+    res.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    return {"markdown": md, "html": page, "json": res, "bars": bars, "scatter": scatter}

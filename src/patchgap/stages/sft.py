@@ -1,0 +1,380 @@
+"""Stage sft: supervised fine-tuning of pi0 on D_R (or on D for the baseline) with TRL's
+SFTTrainer, pi0's chat template and the loss on the answer only; full or LoRA, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from patchgap.config import StrictModel
+from patchgap.errors import ConfigError, PatchgapError
+from patchgap.records import FieldMap
+from patchgap.stages.base import main
+
+log = logging.getLogger("patchgap.stages.sft")
+
+NAME = "sft"
+INPUTS = ("dataset",)
+OUTPUTS = ("model", "metrics")
+
+LOSS_JSON = "loss_curve.json"
+LOSS_PNG = "loss_curve.png"
+SUMMARY_JSON = "summary.json"
+
+
+class LoraSettings(StrictModel):
+    """LoRA for ``finetuning: lora`` (merged into the weights when saved)."""
+
+    r: int = Field(64, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
+    target_modules: str | list[str] = Field("all-linear", description="modules to adapt")
+
+
+class Config(StrictModel):
+    """Settings of the sft stage (defaults: the CPU demo)."""
+
+    model: str = Field("smollm2", description="pi0: a model folder or a known name (smollm2)")
+    fields: str | FieldMap = Field(
+        "auto", description="field preset or mapping of the dataset (D_R: question/solution)"
+    )
+    limit: int | None = Field(None, ge=1, description="train on at most this many records")
+    seed: int = Field(0, description="seed of data order, subset and initialisation")
+    prompt_template: str = Field(
+        "{question}", description="user turn built from the question ({question})"
+    )
+    finetuning: Literal["full", "lora"] = Field(
+        "full", description="full fine-tuning (the paper) or LoRA (merged on save)"
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings")
+    learning_rate: float = Field(1e-5, gt=0.0, description="peak learning rate")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="warm-up share of the steps")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    num_epochs: float = Field(1.0, gt=0.0, description="passes over the data")
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: epochs)")
+    per_device_batch_size: int = Field(4, ge=1, description="sequences per device per step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per step")
+    max_length: int = Field(1024, ge=16, description="longest training sequence in tokens")
+    gradient_checkpointing: bool = Field(False, description="trade compute for memory")
+    logging_steps: int = Field(1, ge=1, description="log the loss every N steps")
+    device: str = Field("auto", description="auto, cpu, cuda")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="training precision; auto = bf16 on GPU, float32 on CPU"
+    )
+    trust_remote_code: bool = Field(False, description="allow model code from the model folder")
+    checkpoint_uri: str | None = Field(
+        None, description="s3:// prefix or folder for resumable checkpoints; None = none"
+    )
+    checkpoint_every: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
+    keep_checkpoints: int = Field(2, ge=0, description="complete checkpoints kept (0 = all)")
+    work_dir: str | None = Field(None, description="local trainer folder (default: temporary)")
+    distributed: Literal["auto", "zero2", "zero3", "fsdp", "none"] = Field(
+        "auto",
+        description="with more than one visible GPU, re-launch under `accelerate launch` with "
+        "configs/accelerate/<name>.yaml; auto = zero2 (zero3 for full fine-tuning), none = one",
+    )
+    accelerate_config: str | None = Field(
+        None, description="explicit accelerate config file (replaces the named choice)"
+    )
+
+
+#: Fields that may change between a run and its resumption without making checkpoints foreign.
+RESUMABLE_FIELDS = frozenset(
+    {"checkpoint_uri", "checkpoint_every", "keep_checkpoints", "work_dir", "distributed"}
+    | {"accelerate_config", "device", "max_steps", "num_epochs", "logging_steps"}
+)
+
+
+def fingerprint(config: Config, dataset: Path) -> str:
+    """Identity of a training run: the config (minus resumable knobs) and the data's bytes."""
+    from patchgap.stages.base import path_hash
+
+    cfg = {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
+    blob = json.dumps({"config": cfg, "data": path_hash(dataset)}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def build_rows(config: Config, dataset: Path, rejects: Path) -> tuple[list[dict[str, Any]], int]:
+    """Conversational prompt-completion rows (TRL masks the prompt out of the loss)."""
+    from patchgap.prompts import render
+    from patchgap.records import DatasetSpec, load_records
+
+    spec = DatasetSpec(
+        source=str(dataset), fields=config.fields, limit=config.limit, seed=config.seed
+    )
+    loaded = load_records(spec, rejects)
+    rows = []
+    for rec in loaded.records:
+        if not rec.solution.strip():
+            continue
+        rows.append(
+            {
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": render(config.prompt_template, question=rec.question),
+                    }
+                ],
+                "completion": [{"role": "assistant", "content": rec.solution}],
+            }
+        )
+    if not rows:
+        raise PatchgapError(f"sft: {dataset}: no records with a solution to train on")
+    return rows, loaded.counts.rejected_total
+
+
+# ----------------------------------------------------------------------------- multi-GPU
+
+
+def _strategy(config: Config) -> str:
+    if config.distributed != "auto":
+        return config.distributed
+    return "zero3" if config.finetuning == "full" else "zero2"
+
+
+def maybe_relaunch(
+    config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
+) -> dict[str, float] | None:
+    """Re-run under ``accelerate launch`` (one process per GPU) when several GPUs are visible."""
+    from patchgap.rl.launch import (
+        CHILD_ENV,
+        accelerate_config,
+        in_distributed_process,
+        launch_command,
+        visible_gpus,
+    )
+
+    if config.distributed == "none" or in_distributed_process():
+        return None
+    n = visible_gpus()
+    if n <= 1:
+        return None
+    import yaml
+
+    cfg_file = accelerate_config(_strategy(config), config.accelerate_config)
+    with tempfile.TemporaryDirectory(prefix="patchgap-sft-launch-") as tmp:
+        work = config.work_dir or str(Path(tmp) / "work")
+        run_yaml = Path(tmp) / "run.yaml"
+        child = config.model_copy(update={"work_dir": work})
+        run_yaml.write_text(yaml.safe_dump({NAME: child.model_dump(mode="json")}))
+        cmd = launch_command(
+            cfg_file, n, run_yaml, NAME, inputs, outputs, module="patchgap.stages.sft"
+        )
+        log.info("%d GPUs visible: re-launching sft under accelerate (%s)", n, cfg_file.name)
+        proc = subprocess.run(cmd, env={**os.environ, CHILD_ENV: "1"}, check=False)
+        if proc.returncode != 0:
+            raise PatchgapError(
+                f"sft: `accelerate launch` with {cfg_file} on {n} GPUs exited with "
+                f"status {proc.returncode} (see the log above)"
+            )
+    summary = Path(outputs["metrics"]) / SUMMARY_JSON
+    if not summary.is_file():
+        raise PatchgapError(f"sft: distributed run wrote no {summary}")
+    return {k: float(v) for k, v in json.loads(summary.read_text()).items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _checkpoint_callback(checkpoints: Any, keep: int | None) -> Any:
+    from transformers import TrainerCallback
+
+    class CheckpointSync(TrainerCallback):  # type: ignore[misc]
+        """Upload each local checkpoint to the store as soon as the Trainer wrote it."""
+
+        def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if not state.is_world_process_zero:
+                return
+            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if local.is_dir():
+                uri = checkpoints.upload(local, state.global_step)
+                log.info("checkpoint step %d uploaded to %s", state.global_step, uri)
+                if keep:
+                    checkpoints.prune(keep)
+
+    return CheckpointSync()
+
+
+def _device_and_dtype(config: Config) -> tuple[str, str]:
+    from patchgap.models import device_for
+
+    device = device_for(config.device)
+    if config.dtype != "auto":
+        return device, config.dtype
+    return device, "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def run(
+    config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
+) -> dict[str, float]:
+    relaunched = maybe_relaunch(config, inputs, outputs)
+    if relaunched is not None:
+        return relaunched
+    with tempfile.TemporaryDirectory(prefix="patchgap-sft-") as tmp:
+        work = Path(config.work_dir) if config.work_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        return _train(config, inputs, outputs, work)
+
+
+def _train(
+    config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path], work: Path
+) -> dict[str, float]:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from patchgap.generation import resolve_model_path
+    from patchgap.models import has_chat_template, load_tokenizer
+
+    t0 = time.time()
+    model_dir = resolve_model_path(config.model)
+    metrics_dir, model_out = Path(outputs["metrics"]), Path(outputs["model"])
+    rows, rejected = build_rows(config, Path(inputs["dataset"]), metrics_dir / "rejects.jsonl")
+    tokenizer = load_tokenizer(
+        model_dir, padding_side="right", trust_remote_code=config.trust_remote_code
+    )
+    if not has_chat_template(tokenizer):
+        raise ConfigError(f"sft: {model_dir}: the tokenizer has no chat template (pi0 must chat)")
+    device, dtype = _device_and_dtype(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=getattr(torch, dtype),
+        use_safetensors=True,
+        trust_remote_code=config.trust_remote_code,
+    )
+    peft_config = None
+    if config.finetuning == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+    args = SFTConfig(
+        output_dir=str(work / "trainer"),
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.checkpoint_uri else "no",
+        save_steps=config.checkpoint_every,
+        save_total_limit=2,
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        max_length=config.max_length,
+        completion_only_loss=True,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        use_cpu=device == "cpu",
+        activation_checkpointing=config.gradient_checkpointing,
+        disable_tqdm=True,
+    )
+    callbacks: list[Any] = []
+    resume_dir: Path | None = None
+    if config.checkpoint_uri:
+        from accelerate import PartialState
+
+        from patchgap.rl.checkpoints import CheckpointStore
+
+        checkpoints = CheckpointStore(config.checkpoint_uri, fingerprint(config, inputs["dataset"]))
+        with PartialState().local_main_process_first():
+            resume_dir = checkpoints.restore_latest(work / "restored")
+        callbacks.append(_checkpoint_callback(checkpoints, config.keep_checkpoints or None))
+    resumed_step = _step_of(resume_dir)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    if not trainer.is_world_process_zero():
+        return {}
+    curve = [
+        {"step": h["step"], "loss": float(h["loss"]), "epoch": h.get("epoch")}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
+    _save_model(trainer, tokenizer, model_out, config.finetuning == "lora")
+    write_loss_curve(curve, metrics_dir, title=f"SFT of {model_dir.name} ({config.finetuning})")
+    summary = {
+        "records": float(len(rows)),
+        "rejected": float(rejected),
+        "steps": float(trainer.state.global_step),
+        "resumed_from_step": float(resumed_step),
+        "loss_first": curve[0]["loss"] if curve else float("nan"),
+        "loss_last": curve[-1]["loss"] if curve else float("nan"),
+        "train_loss": float(result.training_loss),
+        "train_seconds": round(time.time() - t0, 2),
+    }
+    (metrics_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _step_of(path: Path | None) -> int:
+    if path is None:
+        return 0
+    state = path / "trainer_state.json"
+    if state.is_file():
+        return int(json.loads(state.read_text()).get("global_step", 0))
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def _save_model(trainer: Any, tokenizer: Any, out: Path, merge: bool) -> None:
+    """safetensors weights + tokenizer (with pi0's chat template); LoRA merged into the weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if merge:
+        model = model.merge_and_unload()
+    state = trainer.accelerator.get_state_dict(trainer.model) if not merge else None
+    model.save_pretrained(out, safe_serialization=True, state_dict=state)
+    tokenizer.padding_side = "left"  # what generation (evaluate) wants from a saved pi0
+    tokenizer.save_pretrained(out)
+
+
+def write_loss_curve(curve: list[dict[str, Any]], folder: Path, title: str = "SFT") -> None:
+    """The loss per logged step as JSON and as a PNG plot."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOSS_JSON).write_text(json.dumps(curve, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(folder / LOSS_PNG, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.modules[__name__]))

@@ -1,0 +1,133 @@
+"""Stage sft on a tiny model: the loss falls, the saved model reloads and generates, a restart
+resumes from the stored checkpoint, and the KFP component runs the same code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from patchgap.stages import sft
+
+pytestmark = pytest.mark.integration
+
+
+def _dataset(path: Path) -> Path:
+    rows = [
+        {
+            "id": f"r{a}{b}",
+            "question": f"What is {a} + {b}?",
+            "solution": f"We add {a} and {b} to get {a + b}. The answer is \\boxed{{{a + b}}}.",
+            "answer": str(a + b),
+        }
+        for a in range(4)
+        for b in range(4)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(model: Path, **kw: object) -> sft.Config:
+    base = dict(
+        model=str(model),
+        learning_rate=3e-3,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        per_device_batch_size=8,
+        max_steps=6,
+        device="cpu",
+        distributed="none",
+    )
+    return sft.Config(**{**base, **kw})
+
+
+def _outs(root: Path) -> dict[str, Path]:
+    outs = {"model": root / "model", "metrics": root / "metrics"}
+    for p in outs.values():
+        p.mkdir(parents=True, exist_ok=True)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("sft")
+    data = _dataset(root / "d_r.jsonl")
+    ckpt = root / "ckpt"
+    cfg = _config(tiny_llama, checkpoint_uri=str(ckpt), checkpoint_every=3)
+    outs = _outs(root / "run1")
+    metrics = sft.run(cfg, {"dataset": data}, outs)
+    return {"root": root, "data": data, "ckpt": ckpt, "cfg": cfg, "outs": outs, "m": metrics}
+
+
+def test_loss_falls_and_curve_is_written(trained: dict) -> None:
+    m, outs = trained["m"], trained["outs"]
+    assert m["records"] == 16 and m["steps"] == 6
+    assert m["loss_last"] < m["loss_first"] - 0.5
+    curve = json.loads((outs["metrics"] / sft.LOSS_JSON).read_text())
+    assert [c["step"] for c in curve] == [1, 2, 3, 4, 5, 6]
+    assert (outs["metrics"] / sft.LOSS_PNG).stat().st_size > 1000
+
+
+def test_saved_model_reloads_and_generates(trained: dict) -> None:
+    from patchgap.generation import GenerationConfig, make_generator
+    from patchgap.models import apply_chat
+
+    folder = trained["outs"]["model"]
+    assert (folder / "model.safetensors").is_file()
+    assert not list(folder.glob("*.bin"))
+    gen = make_generator(folder, None, GenerationConfig(max_new_tokens=8, device="cpu"))
+    prompt = apply_chat(gen.tokenizer, [{"role": "user", "content": "What is 1 + 2?"}])
+    (out,) = gen.generate([prompt])
+    assert out[0].num_tokens >= 1  # the fine-tuned model produces tokens through our backend
+
+
+def test_restart_resumes_from_stored_checkpoint(trained: dict) -> None:
+    steps = sorted(p.name for p in trained["ckpt"].iterdir())
+    assert steps == ["checkpoint-3", "checkpoint-6"]
+    cfg = trained["cfg"].model_copy(update={"max_steps": 8})
+    outs = _outs(trained["root"] / "run2")
+    m = sft.run(cfg, {"dataset": trained["data"]}, outs)
+    assert m["resumed_from_step"] == 6 and m["steps"] == 8
+    curve = json.loads((outs["metrics"] / sft.LOSS_JSON).read_text())
+    assert [c["step"] for c in curve][:2] == [1, 2]  # the curve before the restart is kept
+
+
+def test_lora_is_merged_into_plain_weights(tiny_llama: Path, tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "d.jsonl")
+    cfg = _config(tiny_llama, finetuning="lora", max_steps=2, lora={"r": 4, "alpha": 8})
+    outs = _outs(tmp_path)
+    sft.run(cfg, {"dataset": data}, outs)
+    assert (outs["model"] / "model.safetensors").is_file()
+    assert not (outs["model"] / "adapter_config.json").exists()
+
+
+def test_component_runs_the_stage(tiny_llama: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from components.sft.component import sft as component
+
+    class Art:
+        def __init__(self, path: Path) -> None:
+            self.path = str(path)
+            self.metadata: dict = {}
+
+    class Metrics:
+        def __init__(self) -> None:
+            self.logged: dict[str, float] = {}
+
+        def log_metric(self, k: str, v: float) -> None:
+            self.logged[k] = v
+
+    data = _dataset(tmp_path / "d.jsonl")
+    cfg = _config(tiny_llama, max_steps=1).model_dump(mode="json")
+    metrics = Metrics()
+    component.python_func(
+        config_yaml=yaml.safe_dump(cfg),
+        dataset=Art(data),
+        model=Art(tmp_path / "model"),
+        training=Art(tmp_path / "training"),
+        metrics=metrics,
+    )
+    assert metrics.logged["steps"] == 1
+    assert (tmp_path / "model" / "config.json").is_file()

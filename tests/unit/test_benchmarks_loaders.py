@@ -1,0 +1,146 @@
+"""Benchmark loaders on small hand-written files in each format, seeded subsets, and answer
+extraction for the generative multiple-choice form."""
+
+from __future__ import annotations
+
+import bz2
+import json
+from pathlib import Path
+
+import pytest
+
+from patchgap import benchmarks as bm
+from patchgap.errors import DataError
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_arc_letter_and_number_labels(tmp_path: Path) -> None:
+    p = _jsonl(
+        tmp_path / "arc.jsonl",
+        [
+            {
+                "id": "a",
+                "question": "Q1",
+                "choices": {"text": ["x", "y", "z"], "label": ["A", "B", "C"]},
+                "answerKey": "C",
+            },  # noqa: E501
+            {
+                "id": "b",
+                "question": "Q2",
+                "choices": {"text": ["p", "q"], "label": ["1", "2"]},
+                "answerKey": "2",
+            },  # noqa: E501
+        ],
+    )
+    items = bm.load_arc(p)
+    assert [(i.id, i.gold, i.options[i.gold]) for i in items] == [("a", 2, "z"), ("b", 1, "q")]
+    assert items[0].gold_letter == "C"
+
+
+def test_piqa_reads_labels_file(tmp_path: Path) -> None:
+    _jsonl(tmp_path / "valid.jsonl", [{"goal": "g0", "sol1": "a", "sol2": "b"}] * 2)
+    (tmp_path / "valid-labels.lst").write_text("1\n0\n")
+    items = bm.load_piqa(tmp_path)
+    assert [i.gold for i in items] == [1, 0]
+    (tmp_path / "valid-labels.lst").write_text("1\n")
+    with pytest.raises(DataError, match="1 labels for 2"):
+        bm.load_piqa(tmp_path)
+
+
+def test_hellaswag_six_lines_per_item_bz2(tmp_path: Path) -> None:
+    text = "Ctx: A man [title] walks. he\n2\nsits.\nruns.\njumps.\nflies.\n"
+    p = tmp_path / "h.txt.bz2"
+    p.write_bytes(bz2.compress((text * 2).encode()))
+    items = bm.load_hellaswag(p)
+    assert len(items) == 2
+    assert items[0].question == "Ctx: A man. walks. he"
+    assert items[0].options[items[0].gold] == "jumps."
+    bad = tmp_path / "bad.txt"
+    bad.write_text(text + "extra\n")
+    with pytest.raises(DataError, match="multiple of 6"):
+        bm.load_hellaswag(bad)
+
+
+def test_mmlu_csv_with_quoted_commas(tmp_path: Path) -> None:
+    (tmp_path / "anatomy_test.csv").write_text(
+        'question,choice0,choice1,choice2,choice3,answer\n"What, exactly?",a,"b, c",d,e,1\n'
+    )
+    (item,) = bm.load_mmlu(tmp_path)
+    assert item.subject == "anatomy" and item.options[1] == "b, c" and item.gold == 1
+
+
+def test_agieval_strips_option_labels_and_skips_multi_answer(tmp_path: Path) -> None:
+    rows = [
+        {"passage": "P", "question": "Q", "options": ["(A)1", "(B)2", "(C)3"], "label": "B"},
+        {"passage": None, "question": "Q2", "options": ["(A)x", "(B)y"], "label": ["A", "B"]},
+        {"passage": None, "question": "Q3", "options": ["(A)x", "(B)y"], "label": ["B"]},
+    ]
+    items = bm.load_agieval(_jsonl(tmp_path / "t.jsonl", rows))
+    assert [(i.options, i.gold, i.passage) for i in items] == [
+        (["1", "2", "3"], 1, "P"),
+        (["x", "y"], 1, None),
+    ]
+    cloze = _jsonl(tmp_path / "c.jsonl", [{"question": "Q", "options": None, "label": None}])
+    with pytest.raises(DataError, match="cloze"):
+        bm.load_agieval(cloze)
+
+
+def test_math_set_spec_maps_fields_and_extracts_answers(tmp_path: Path) -> None:
+    p = _jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"Problem": "1+1?", "Answer": 2.0, "ID": 7},
+            {"Problem": "half?", "Solution": "so \\boxed{\\frac{1}{2}}"},
+        ],
+    )
+    spec = bm.MathSetSpec(str(p), "Problem", "Answer", solution_field="Solution", id_field="ID")
+    items = bm.load_math_set(spec)
+    assert [(i.id, i.gold) for i in items] == [("7", "2"), ("m-2", "\\frac{1}{2}")]
+    broken = _jsonl(tmp_path / "b.jsonl", [{"Problem": "no answer"}])
+    with pytest.raises(DataError, match="b.jsonl:1"):
+        bm.load_math_set(bm.MathSetSpec(str(broken), "Problem", "Answer"))
+
+
+def test_subset_is_fixed_sorted_and_seed_dependent() -> None:
+    a = bm.subset_indices(1000, 10, seed=1)
+    assert a == bm.subset_indices(1000, 10, seed=1) == sorted(a)
+    assert len(set(a)) == 10
+    assert a != bm.subset_indices(1000, 10, seed=2)
+    assert bm.subset_indices(5, None) == bm.subset_indices(5, 9) == [0, 1, 2, 3, 4]
+    assert bm.take_subset(list("abcdef"), 3, seed=0) == [
+        "abcdef"[i] for i in bm.subset_indices(6, 3, 0)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Step by step ... so the answer is \\boxed{C}.", "C"),
+        ("\\boxed{(B)}", "B"),
+        ("B", "B"),
+        ("(D) because it is larger", "D"),
+        ("I am not sure which one.", None),
+        ("", None),
+    ],
+)
+def test_choice_extraction_boxed_bare_and_none(text: str, expected: str | None) -> None:
+    from patchgap.answers import extract_choice
+
+    assert extract_choice(text, "ABCD") == expected
+
+
+def test_rendered_task_yamls_point_at_data_dir(tmp_path: Path) -> None:
+    out = bm.render_lm_eval_tasks(tmp_path / "tasks", data_dir=tmp_path / "data")
+    arc = (out / "arc_easy.yaml").read_text()
+    assert f'"{(tmp_path / "data").resolve()}/arc/ARC-Easy-test.jsonl"' in arc
+    assert '"@DATA_DIR@' not in arc
+    assert (out / "patchgap_docs.py").is_file()
+    assert {p.stem for p in out.glob("*.yaml")} >= set(bm.LM_EVAL_TASKS)
+    moved = bm.render_lm_eval_tasks(
+        tmp_path / "t2", data_dir=tmp_path, paths={"piqa": str(tmp_path / "elsewhere")}
+    )
+    assert f'path: "{tmp_path / "elsewhere"}"' in (moved / "piqa.yaml").read_text()

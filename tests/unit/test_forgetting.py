@@ -1,0 +1,66 @@
+"""The forgetting table: gains, forgetting, 1 - F_R/F_D and its near-zero caveat."""
+
+from __future__ import annotations
+
+import pytest
+
+from patchgap.errors import ConfigError
+from patchgap.forgetting import forgetting_table, reduction
+
+
+def _items(n_correct: int, n: int = 100) -> dict[str, bool]:
+    return {f"q{i}": i < n_correct for i in range(n)}
+
+
+def _scores() -> dict:
+    return {
+        "base": {"math": _items(20), "arc": _items(60), "mmlu": _items(50)},
+        "sft_d": {"math": _items(40), "arc": _items(50), "mmlu": _items(40)},
+        "sft_dr": {"math": _items(38), "arc": _items(55), "mmlu": _items(46)},
+    }
+
+
+def test_gain_forgetting_and_reduction() -> None:
+    t = forgetting_table(_scores(), ["math"], ["arc", "mmlu"], bootstrap_reps=200)
+    d, r = t["models"]["sft_d"], t["models"]["sft_dr"]
+    assert d["gain"]["math"] == pytest.approx(0.20)
+    assert r["gain"]["math"] == pytest.approx(0.18)
+    assert d["forgetting"] == {"arc": pytest.approx(0.10), "mmlu": pytest.approx(0.10)}
+    assert r["forgetting"] == {"arc": pytest.approx(0.05), "mmlu": pytest.approx(0.04)}
+    assert d["forgetting_mean"] == pytest.approx(0.10)
+    assert r["reduction"]["arc"] == pytest.approx(0.5)
+    assert r["reduction"]["mmlu"] == pytest.approx(0.6)
+    assert r["reduction_mean_of_ratios"] == pytest.approx(0.55)
+    assert r["reduction_of_mean"] == pytest.approx(1 - 0.045 / 0.10)
+    # paired tests are there and forgetting of 10 points on 100 items is significant
+    assert d["vs_base"]["arc"]["a_only"] == 10
+    assert d["forgetting_significant"] is True
+    assert set(r["vs_baseline"]) == {"arc", "mmlu"}
+    assert t["caveats"] == []
+    assert "reduction" not in d  # the baseline is not compared with itself
+
+
+def test_near_zero_baseline_forgetting_gives_caveat_not_ratio() -> None:
+    scores = _scores()
+    scores["sft_d"]["arc"] = _items(60)  # SFT on D forgot nothing on arc
+    t = forgetting_table(scores, ["math"], ["arc", "mmlu"], bootstrap_reps=100)
+    r = t["models"]["sft_dr"]
+    assert r["reduction"]["arc"] is None
+    assert r["reduction"]["mmlu"] == pytest.approx(0.6)
+    assert any("arc" in c and "noise" in c for c in t["caveats"])
+
+
+def test_reduction_helper_and_missing_base() -> None:
+    assert reduction(0.05, 0.10) == pytest.approx(0.5)
+    assert reduction(0.05, 0.001) is None
+    assert reduction(None, 0.1) is None
+    with pytest.raises(ConfigError, match="base model"):
+        forgetting_table(_scores(), ["math"], ["arc"], base="pi0")
+
+
+def test_items_are_paired_by_id() -> None:
+    scores = _scores()
+    # the tuned model was scored on a subset only: tests use the shared items
+    scores["sft_d"]["arc"] = {k: v for k, v in list(scores["sft_d"]["arc"].items())[:30]}
+    t = forgetting_table(scores, ["math"], ["arc"], bootstrap_reps=50)
+    assert t["models"]["sft_d"]["vs_base"]["arc"]["n"] == 30
