@@ -19,6 +19,7 @@ def evaluate(
     base_model: Input[Model] = None,
     sft_d: Input[Model] = None,
     sft_dr: Input[Model] = None,
+    sft_dr_prompt: Input[Model] = None,
 ):
     """Score base pi0, SFT on D and SFT on D_R on the downstream math and general benchmarks;
     write the forgetting table, the report (Markdown, HTML with plots), results.json and the
@@ -32,7 +33,13 @@ def evaluate(
     from patchgap.stages.component_glue import run_component
 
     # The stage reads a folder whose subfolders are the models, named by their label.
-    wired = {"base": base_model, "sft_d": sft_d, "sft_dr": sft_dr}
+    wired = {
+        "base": base_model,
+        "sft_d": sft_d,
+        "sft_dr": sft_dr,
+        # SFT on D_R from the prompt-only rewriting baseline (pi0 + fixed prompt, no RL).
+        "sft_dr_prompt": sft_dr_prompt,
+    }
     folder = None
     if any(a is not None for a in wired.values()):
         folder = Path(tempfile.mkdtemp(prefix="patchgap-models-"))

@@ -7,7 +7,7 @@ No ``from __future__ import annotations``: KFP reads these annotations at runtim
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Metrics, Output
+from kfp.dsl import Dataset, Input, Metrics, Output
 
 from patchgap.images import image_for
 
@@ -51,6 +51,19 @@ def shard_indices(num_shards: int) -> list[int]:
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     return list(range(num_shards))
+
+
+@dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
+def merge_shards(shards: Input[list[Dataset]], merged: Output[Dataset]) -> int:
+    """Gather the rewrite shards' outputs into one folder (``shard-00000/`` ...), in order."""
+    import shutil
+    from pathlib import Path
+
+    out = Path(merged.path)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, shard in enumerate(shards):
+        shutil.copytree(shard.path, out / f"shard-{i:05d}", dirs_exist_ok=True)
+    return len(shards)
 
 
 @dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)

@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from patchgap.errors import PatchgapError
 
 if TYPE_CHECKING:
@@ -42,7 +40,9 @@ def stage_config_yaml(raw: dict[str, Any], section: str, model_path: str) -> str
     if "model" in module.Config.model_fields:
         sub["model"] = model_path
     cfg = validate(module.Config, apply_overrides(sub, None), f"[{section}]")
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True)
+    # One line of JSON (valid YAML): a multi-line default would break the comment header KFP
+    # writes at the top of a compiled pipeline.
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
 
 
 def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
@@ -156,12 +156,12 @@ def _find_report(root: Path) -> Path | None:
 
 
 def _forgetting_summary(results_json: Path) -> str:
-    from patchgap.eval_report import render_forgetting_table
-
-    data = json.loads(results_json.read_text())
-    html = next(iter(sorted(results_json.parent.parent.rglob("*.html"))), None)
-    where = f"\nreport: {html}" if html else ""
-    return render_forgetting_table(data) + where
+    """The evaluate report's Markdown (accuracy and forgetting tables) and where it lives."""
+    folder = results_json.parent
+    md = folder / "report.md"
+    text = md.read_text() if md.is_file() else results_json.read_text()
+    html = folder / "report.html"
+    return text + (f"\nreport: {html}" if html.is_file() else "")
 
 
 def env_for_containers() -> dict[str, str]:
