@@ -1,0 +1,647 @@
+"""Stage train-rewriter: GRPO + LoRA training of the rewriter R_phi = pi0 + patch, with the gated
+group reward, resumable checkpoints in the store, per-step metrics and reward curves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from patchgap.config import StrictModel
+from patchgap.errors import ConfigError, DataError
+from patchgap.prompts import REWRITE_TEMPLATE
+from patchgap.records import DatasetSpec
+from patchgap.scoring import RewardConfig
+from patchgap.stages.base import main
+
+NAME = "train_rewriter"
+INPUTS = ("dataset", "model")
+#: Without ``dataset`` the config's dataset spec is used; without ``model`` the config's pi0.
+OPTIONAL_INPUTS = ("dataset", "model")
+OUTPUTS = ("adapter", "metrics")
+
+METRICS_JSONL = "metrics.jsonl"
+SUMMARY_JSON = "summary.json"
+PLOT_PNG = "reward_curves.png"
+REWARD_JSON = "reward_scorer.json"
+ADAPTER_INFO = "patchgap_adapter.json"
+
+log = logging.getLogger("patchgap.stages.train_rewriter")
+
+
+class LoraSettings(StrictModel):
+    """The trainable patch on frozen pi0 (PAPER.md: rank 64, alpha 32, all linear layers)."""
+
+    r: int = Field(64, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="modules that get a LoRA: 'all-linear' (every linear layer but the output "
+        "head) or a list of module names",
+    )
+
+
+class RolloutSettings(StrictModel):
+    """How the K rewrites per prompt are sampled."""
+
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description="auto = vLLM when CUDA and vllm are available, else transformers generation",
+    )
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate",
+        description="colocate: vLLM shares the training GPU(s); server: a separate `trl "
+        "vllm-serve` process (see components/train_rewriter/README.md)",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0, description="share of GPU memory the colocated vLLM may take"
+    )
+    vllm_tensor_parallel_size: int = Field(1, ge=1, description="GPUs per colocated vLLM engine")
+    vllm_enable_sleep_mode: bool = Field(
+        False, description="offload colocated vLLM weights and cache during the optimizer step"
+    )
+    vllm_server_base_url: str | None = Field(
+        None, description="server mode: base URL of `trl vllm-serve` (e.g. http://rollout:8000)"
+    )
+
+
+class Config(StrictModel):
+    """Settings of the train-rewriter stage; defaults are PAPER.md's "RL training"."""
+
+    model: str = Field(
+        "smollm2",
+        description="pi0: a known alias (smollm2), a local model folder or a hub id; the "
+        "optional `model` input wins",
+    )
+    trust_remote_code: bool = Field(False, description="allow model code from the model folder")
+    device: str = Field("auto", description="auto, cpu or cuda")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="training dtype; auto = bfloat16 on GPU, float32 on CPU"
+    )
+    seed: int = Field(0, description="seed of sampling, shuffling and LoRA init")
+    dataset: DatasetSpec = Field(
+        DatasetSpec(source="gsm8k:train", limit=64),
+        description="records to train on (question x, solution y*, answer a*); the `dataset` "
+        "input, when wired, replaces its source",
+    )
+    prompt_template: str = Field(
+        REWRITE_TEMPLATE,
+        description="the rewriting prompt, a str.format template with {question} and {solution}",
+    )
+    max_prompt_length: int = Field(
+        2048, ge=8, description="prompts longer than this many tokens are left out (counted)"
+    )
+    max_completion_length: int = Field(4096, ge=1, description="most tokens per rewrite")
+    num_generations: int = Field(5, ge=2, description="K: rewrites sampled per prompt (a group)")
+    prompts_per_step: int = Field(504, ge=1, description="prompts per GRPO (optimizer) step")
+    per_device_batch_size: int = Field(
+        5,
+        ge=1,
+        description="completions per forward/backward micro-batch on one device; gradient "
+        "accumulation makes up prompts_per_step * K",
+    )
+    learning_rate: float = Field(3e-6, gt=0.0, description="AdamW learning rate")
+    lr_scheduler: str = Field("constant", description="learning-rate schedule (HF name)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="gradient clipping (0 = off)")
+    beta: float = Field(0.001, ge=0.0, description="KL coefficient against pi0 (k3 estimator)")
+    clip_epsilon: float = Field(0.2, gt=0.0, description="PPO ratio clip epsilon")
+    loss_type: str = Field(
+        "dapo",
+        description="TRL loss aggregation: dapo = token mean over the step (verl's token-mean), "
+        "grpo, dr_grpo, bnpo",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantage scaling: group std (GRPO), batch std or none"
+    )
+    temperature: float = Field(1.0, gt=0.0, description="rollout sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="rollout nucleus sampling mass")
+    num_epochs: float = Field(2.0, gt=0.0, description="passes over the dataset")
+    max_steps: int | None = Field(
+        None, ge=1, description="stop after this many GRPO steps (overrides num_epochs)"
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="recompute activations in backward (less memory, slower)"
+    )
+    lora: LoraSettings = Field(LoraSettings(), description="the LoRA patch")
+    rollout: RolloutSettings = Field(RolloutSettings(), description="rollout generation")
+    reward: RewardConfig = Field(
+        RewardConfig(), description="the gated group reward (patchgap.scoring)"
+    )
+    checkpoint_uri: str | None = Field(
+        None,
+        description="s3:// prefix or local folder for resumable checkpoints (kept under "
+        "<checkpoint_uri>/<run fingerprint>/checkpoint-<step>/); None = no checkpoints",
+    )
+    checkpoint_every: int = Field(10, ge=1, description="checkpoint every N GRPO steps")
+    keep_checkpoints: int = Field(
+        3, ge=0, description="complete checkpoints kept in the store (0 = keep all)"
+    )
+    merge_adapter: bool = Field(
+        False, description="also write pi0 with the LoRA merged into adapter/merged/"
+    )
+    work_dir: str | None = Field(
+        None, description="local folder for the trainer's files (default: a temporary folder)"
+    )
+    distributed: Literal["auto", "zero2", "fsdp", "none"] = Field(
+        "auto",
+        description="with more than one visible GPU, re-launch under `accelerate launch` with "
+        "configs/accelerate/<zero2|fsdp>.yaml; auto = zero2, none = single process",
+    )
+    accelerate_config: str | None = Field(
+        None, description="explicit accelerate config file (replaces the zero2/fsdp choice)"
+    )
+    progress: bool = Field(True, description="show a progress bar (steps, reward, s/step)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _group_size_from_k(cls, data: Any) -> Any:
+        # The reward's group size is K; unless set explicitly it follows num_generations.
+        if isinstance(data, dict):
+            reward = data.get("reward")
+            if reward is None or (isinstance(reward, dict) and "k" not in reward):
+                k = data.get("num_generations", cls.model_fields["num_generations"].default)
+                data = {**data, "reward": {**(reward or {}), "k": k}}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.reward.k != self.num_generations:
+            raise ValueError(
+                f"reward.k={self.reward.k} differs from num_generations={self.num_generations}; "
+                "the reward scores groups of K rewrites (leave reward.k unset)"
+            )
+        k = self.num_generations
+        if (self.prompts_per_step * k) % self.per_device_batch_size:
+            raise ValueError(
+                f"prompts_per_step * num_generations = {self.prompts_per_step * k} completions "
+                f"per step is not a multiple of per_device_batch_size={self.per_device_batch_size}"
+            )
+        if self.rollout.vllm_mode == "server" and self.rollout.backend == "transformers":
+            raise ValueError("rollout.vllm_mode=server needs rollout.backend vllm or auto")
+        return self
+
+
+#: Fields that may change between a run and its resumption without making checkpoints foreign.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "checkpoint_uri",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "num_epochs",
+        "max_steps",
+        "merge_adapter",
+        "work_dir",
+        "distributed",
+        "accelerate_config",
+        "progress",
+        "rollout",
+        "device",
+        "per_device_batch_size",
+        "gradient_checkpointing",
+    }
+)
+
+
+def fingerprint(config: Config, dataset_source: str | None = None) -> str:
+    """Hash of everything that defines the training run (not how or how long it runs)."""
+    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
+    if dataset_source is not None:
+        data["dataset"] = {**data["dataset"], "source": dataset_source}
+    blob = json.dumps(data, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def gradient_accumulation(config: Config, world_size: int) -> int:
+    """Micro-batches per step so one step holds prompts_per_step * K completions in total."""
+    per_step = config.prompts_per_step * config.num_generations
+    micro = config.per_device_batch_size * world_size
+    if per_step % micro:
+        raise ConfigError(
+            f"train_rewriter: prompts_per_step * num_generations = {per_step} is not a multiple "
+            f"of per_device_batch_size * processes = {config.per_device_batch_size} * "
+            f"{world_size}; change per_device_batch_size or prompts_per_step"
+        )
+    return per_step // micro
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def build_prompt_rows(
+    records: Sequence[Any],
+    tokenizer: Any,
+    template: str,
+    max_prompt_length: int,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """TRL rows (conversational ``prompt`` plus the reward's columns) and the ids left out.
+
+    A prompt longer than ``max_prompt_length`` tokens (chat template applied) is left out rather
+    than cut, since a truncated solution would teach the rewriter from half a reference.
+    """
+    from patchgap.answers import reference_answer
+    from patchgap.prompts import rewrite_messages
+
+    rows, too_long = [], []
+    for rec in records:
+        messages = rewrite_messages(rec.question, rec.solution, template)
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        if len(ids) > max_prompt_length:
+            too_long.append(rec.id)
+            continue
+        answer = rec.answer or reference_answer(rec.solution) or ""
+        rows.append(
+            {
+                "prompt": messages,
+                "question": rec.question,
+                "reference_answer": answer,
+                "id": rec.id,
+            }
+        )
+    return rows, too_long
+
+
+def _load_dataset(config: Config, dataset_input: Path | None, work: Path) -> tuple[list[Any], str]:
+    from patchgap.records import load_records
+
+    spec = config.dataset
+    if dataset_input is not None:
+        spec = spec.model_copy(update={"source": str(dataset_input)})
+    result = load_records(spec, work / "rejects.jsonl")
+    if result.counts.rejected_total:
+        log.warning(
+            "%d record(s) of %s rejected (see %s)",
+            result.counts.rejected_total,
+            spec.source,
+            result.rejects_path,
+        )
+    records = [r for r in result.records if r.solution]
+    if not records:
+        raise DataError(f"train_rewriter: no records with a solution in {spec.source}")
+    return records, spec.source
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and the multi-GPU re-launch
+
+
+def _is_distributed_child() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_LAUNCHED" in os.environ
+
+
+def _resolve_device(config: Config) -> str:
+    from patchgap.models import device_for
+
+    return "cpu" if device_for(config.device).startswith("cpu") else "cuda"
+
+
+def _use_vllm(config: Config, device: str) -> bool:
+    backend = config.rollout.backend
+    if backend == "transformers":
+        return False
+    has_vllm = True
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        has_vllm = False
+    if backend == "vllm":
+        if device != "cuda":
+            raise ConfigError("train_rewriter: rollout.backend=vllm needs a CUDA device")
+        if not has_vllm:
+            raise ConfigError(
+                "train_rewriter: rollout.backend=vllm but vllm is not installed "
+                "(pip install 'patchgap[vllm]', GPU images only)"
+            )
+        return True
+    return device == "cuda" and has_vllm
+
+
+def _dtype(config: Config, device: str) -> str:
+    if config.dtype != "auto":
+        return config.dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def run(
+    config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
+) -> dict[str, float]:
+    """Train the rewriter; write the adapter and the metrics; return summary figures."""
+    from patchgap.rl.launch import maybe_relaunch
+
+    relaunched = maybe_relaunch(config, inputs, outputs, SUMMARY_JSON)
+    if relaunched is not None:
+        return relaunched
+    tmp = tempfile.TemporaryDirectory(prefix="patchgap-train-rewriter-")
+    try:
+        work = Path(config.work_dir) if config.work_dir else Path(tmp.name)
+        work.mkdir(parents=True, exist_ok=True)
+        return _train(config, inputs, outputs, work)
+    finally:
+        tmp.cleanup()
+
+
+def _train(
+    config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path], work: Path
+) -> dict[str, float]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from patchgap.models import load_tokenizer, resolve_model
+    from patchgap.rl.callbacks import CheckpointSyncCallback, StepMetricsCallback
+    from patchgap.rl.checkpoints import METRICS_FILE, CheckpointStore
+    from patchgap.rl.metrics import MetricsLog, plot_reward_curves
+    from patchgap.trl_reward import GroupRewardFunction, check_grpo_args
+
+    device = _resolve_device(config)
+    dtype = _dtype(config, device)
+    use_vllm = _use_vllm(config, device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model_src = str(inputs["model"]) if inputs.get("model") else str(resolve_model(config.model))
+    tokenizer = load_tokenizer(model_src, trust_remote_code=config.trust_remote_code)
+
+    records, source = _load_dataset(config, inputs.get("dataset"), work)
+    rows, too_long = build_prompt_rows(
+        records, tokenizer, config.prompt_template, config.max_prompt_length
+    )
+    if too_long:
+        log.warning(
+            "%d prompt(s) longer than max_prompt_length=%d tokens left out (first: %s)",
+            len(too_long),
+            config.max_prompt_length,
+            ", ".join(too_long[:5]),
+        )
+    if len(rows) < config.prompts_per_step:
+        raise DataError(
+            f"train_rewriter: {len(rows)} usable prompt(s) in {source}, fewer than "
+            f"prompts_per_step={config.prompts_per_step}"
+        )
+    train_dataset = Dataset.from_list(rows)
+
+    ga = gradient_accumulation(config, world_size)
+    args = GRPOConfig(
+        output_dir=str(work),
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device == "cpu",
+        bf16=dtype == "bfloat16",
+        fp16=False,
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=ga,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=0,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        beta=config.beta,
+        epsilon=config.clip_epsilon,
+        loss_type=config.loss_type,
+        scale_rewards=config.scale_rewards,
+        num_iterations=1,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        gradient_checkpointing=config.gradient_checkpointing,
+        model_init_kwargs={"dtype": getattr(torch, dtype)},
+        trust_remote_code=config.trust_remote_code,
+        disable_dropout=True,
+        logging_steps=1,
+        save_strategy="steps" if config.checkpoint_uri else "no",
+        save_steps=config.checkpoint_every,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=True,
+        log_completions=False,
+        dataloader_num_workers=0,
+        use_vllm=use_vllm,
+        vllm_mode=config.rollout.vllm_mode,
+        vllm_gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization,
+        vllm_tensor_parallel_size=config.rollout.vllm_tensor_parallel_size,
+        vllm_enable_sleep_mode=config.rollout.vllm_enable_sleep_mode,
+        vllm_server_base_url=config.rollout.vllm_server_base_url,
+        vllm_max_model_length=config.max_prompt_length + config.max_completion_length,
+    )
+    per_process = check_grpo_args(args)  # refuse a layout that would split groups of K
+    log.info(
+        "GRPO: %d prompts, %d per step x K=%d, %d process(es), %d micro-batch(es) of %d, "
+        "reward scores %d completions per call, rollouts: %s",
+        len(rows),
+        config.prompts_per_step,
+        config.num_generations,
+        world_size,
+        ga,
+        config.per_device_batch_size,
+        per_process,
+        f"vLLM ({config.rollout.vllm_mode})" if use_vllm else "transformers",
+    )
+
+    scorer = _build_scorer(config, model_src, device)
+    reward_fn = GroupRewardFunction(scorer, config.num_generations)
+
+    # Only the main process logs rows; a per-rank name keeps the others off its file.
+    metrics_log = MetricsLog(
+        work / "patchgap" / f"rank{os.environ.get('RANK', '0')}-{METRICS_JSONL}"
+    )
+    callbacks: list[Any] = [
+        StepMetricsCallback(metrics_log, lambda: reward_fn.seconds, progress=config.progress)
+    ]
+    resume_dir: Path | None = None
+    fp = fingerprint(config, _dataset_identity(config, inputs.get("dataset")))
+    if config.checkpoint_uri:
+        from patchgap.store import join_uri
+
+        # One folder per run fingerprint: a changed config starts fresh beside the old run
+        # instead of resuming from checkpoints that belong to other settings.
+        checkpoints = CheckpointStore(join_uri(config.checkpoint_uri, fp[:16]), fp)
+        resume_dir = _restore(checkpoints, work)
+        keep = config.keep_checkpoints or None
+        callbacks.append(CheckpointSyncCallback(checkpoints, metrics_log, keep))
+    resume_step = _checkpoint_step(resume_dir)
+    metrics_log.restore(resume_dir / METRICS_FILE if resume_dir else None, resume_step)
+
+    lora = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=config.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    trainer = GRPOTrainer(
+        model=model_src,
+        reward_funcs=[reward_fn],
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+    # disable_tqdm makes the Trainer print every log dict; our callback shows a bar instead.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+
+    # Every process takes part: under FSDP gathering the adapter's state dict is collective.
+    trainer.save_model(str(outputs["adapter"]))
+    summary: dict[str, float] = {}
+    if trainer.is_world_process_zero():
+        summary = _write_outputs(
+            config, trainer, tokenizer, metrics_log, outputs, model_src, fp, rows, too_long
+        )
+        summary.update(
+            {
+                "resumed_from_step": float(resume_step),
+                "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+            }
+        )
+        summary.update(_scorer_figures(scorer, outputs["metrics"] / REWARD_JSON))
+        (outputs["metrics"] / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+        plot_reward_curves(
+            metrics_log.rows,
+            outputs["metrics"] / PLOT_PNG,
+            title=f"rewriter on {Path(model_src).name}: reward per GRPO step",
+        )
+    return summary
+
+
+def _dataset_identity(config: Config, dataset_input: Path | None) -> str:
+    """What names the training data in the fingerprint: the content hash of a wired input (its
+    local path changes from run to run), else the configured source."""
+    if dataset_input is None:
+        return config.dataset.source
+    from patchgap.stages.base import path_hash
+
+    return f"sha256:{path_hash(dataset_input)}"
+
+
+def _scorer_figures(scorer: Any, path: Path) -> dict[str, float]:
+    """The scorer's settings and running figures (NLL context mode, seconds per term, counts):
+    all of them to ``path``, the numeric ones back for the stage metrics."""
+    figures = scorer.metrics() if hasattr(scorer, "metrics") else {}
+    path.write_text(json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")
+    out = {}
+    for key, value in figures.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key.replace("/", "_")] = float(value)
+    return out
+
+
+def _restore(checkpoints: Any, work: Path) -> Path | None:
+    """The newest complete checkpoint, downloaded once per node (local rank 0 first)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.local_main_process_first():
+        return checkpoints.restore_latest(work)
+
+
+def _checkpoint_step(path: Path | None) -> int:
+    if path is None:
+        return 0
+    state = path / "trainer_state.json"
+    if state.is_file():
+        return int(json.loads(state.read_text()).get("global_step", 0))
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def _build_scorer(config: Config, model_src: str, device: str) -> Any:
+    """The group reward scorer on frozen pi0 (its own copy: the policy carries the LoRA)."""
+    from patchgap.scoring import GroupRewardScorer
+
+    reward = config.reward
+    if reward.device is None:
+        # Each process scores its own slice of the generation batch on its own GPU.
+        local = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else "cpu"
+        reward = reward.model_copy(update={"device": local})
+    return GroupRewardScorer(reward, pi0=model_src).load()
+
+
+def merge_adapter(
+    base: str | Path, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False
+) -> Path:
+    """pi0 with the saved LoRA merged in, as a plain safetensors folder.
+
+    Built from the saved files on the CPU rather than from the trainer's (possibly sharded or
+    wrapped) model, so it works the same after single-GPU, ZeRO and FSDP training.
+    """
+    from peft import PeftModel
+
+    from patchgap.models import load_causal_lm
+
+    model = load_causal_lm(base, device="cpu", trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+def _write_outputs(
+    config: Config,
+    trainer: Any,
+    tokenizer: Any,
+    metrics_log: Any,
+    outputs: Mapping[str, Path],
+    model_src: str,
+    fp: str,
+    rows: Sequence[Mapping[str, Any]],
+    too_long: Sequence[str],
+) -> dict[str, float]:
+    from patchgap.rl.metrics import summarize
+
+    adapter_dir = outputs["adapter"]
+    tokenizer.save_pretrained(str(adapter_dir))
+    # The Trainer pickles its arguments beside the weights; outputs hold safetensors and JSON only.
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+    steps = int(trainer.state.global_step)
+    info = {
+        "base_model": model_src,
+        "model": config.model,
+        "steps": steps,
+        "fingerprint": fp,
+        "prompt_template": config.prompt_template,
+        "num_generations": config.num_generations,
+        "lora": config.lora.model_dump(mode="json"),
+        "merged": config.merge_adapter,
+    }
+    (adapter_dir / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    if config.merge_adapter:
+        merge_adapter(model_src, adapter_dir, adapter_dir / "merged", config.trust_remote_code)
+        tokenizer.save_pretrained(str(adapter_dir / "merged"))
+
+    metrics_dir = outputs["metrics"]
+    metrics_log.save_copy(metrics_dir / METRICS_JSONL)
+    summary = summarize(metrics_log.rows)
+    summary.update(
+        {
+            "global_step": float(steps),
+            "prompts": float(len(rows)),
+            "prompts_too_long": float(len(too_long)),
+            "num_generations": float(config.num_generations),
+        }
+    )
+    return {k: v for k, v in summary.items() if isinstance(v, float) and math.isfinite(v)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.modules[__name__]))

@@ -1,0 +1,156 @@
+"""The train-rewriter config: paper defaults, the group-size and batch arithmetic, the run
+fingerprint that guards resumption, and the prompt rows handed to TRL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from patchgap.config import validate
+from patchgap.errors import ConfigError
+from patchgap.records import Record
+from patchgap.stages import train_rewriter as tr
+
+
+def _config(**data: object) -> tr.Config:
+    return validate(tr.Config, dict(data), "test")
+
+
+def test_defaults_are_the_papers_rl_settings() -> None:
+    c = _config()
+    assert (c.lora.r, c.lora.alpha, c.lora.target_modules) == (64, 32, "all-linear")
+    assert (c.learning_rate, c.lr_scheduler, c.beta, c.clip_epsilon) == (
+        3e-6,
+        "constant",
+        0.001,
+        0.2,
+    )
+    assert (c.num_generations, c.temperature, c.prompts_per_step) == (5, 1.0, 504)
+    assert (c.max_prompt_length, c.max_completion_length, c.num_epochs) == (2048, 4096, 2.0)
+    assert c.checkpoint_every == 10
+    assert (c.rollout.backend, c.rollout.vllm_mode) == ("auto", "colocate")
+    assert c.prompt_template == tr.REWRITE_TEMPLATE
+
+
+def test_reward_group_size_follows_k() -> None:
+    assert _config(num_generations=4, prompts_per_step=2, per_device_batch_size=4).reward.k == 4
+    assert (
+        _config(num_generations=3, per_device_batch_size=3, reward={"judge": False}).reward.k == 3
+    )
+    with pytest.raises(ConfigError, match="reward.k=6 differs from num_generations=5"):
+        _config(reward={"k": 6})
+
+
+def test_unknown_and_bad_keys_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"lora\.rank: unknown key"):
+        _config(lora={"rank": 8})
+    with pytest.raises(ConfigError, match="num_generations"):
+        _config(num_generations=1)
+    with pytest.raises(ConfigError, match="not a multiple of per_device_batch_size=4"):
+        _config(num_generations=5, prompts_per_step=3, per_device_batch_size=4)
+
+
+def test_gradient_accumulation_fills_a_paper_step() -> None:
+    c = _config()  # 504 prompts x K=5 = 2520 completions, 5 per micro-batch
+    assert tr.gradient_accumulation(c, 1) == 504
+    assert tr.gradient_accumulation(c, 8) == 63
+    with pytest.raises(ConfigError, match="not a multiple of per_device_batch_size"):
+        tr.gradient_accumulation(c, 5)
+
+
+def test_fingerprint_ignores_how_long_and_where_but_not_what() -> None:
+    base = _config()
+    same = _config(max_steps=7, checkpoint_uri="s3://b/x", checkpoint_every=3, progress=False)
+    assert tr.fingerprint(base) == tr.fingerprint(same)
+    assert tr.fingerprint(base) != tr.fingerprint(_config(learning_rate=1e-5))
+    assert tr.fingerprint(base) != tr.fingerprint(_config(prompt_template="{question} {solution}"))
+    assert tr.fingerprint(base, "a.jsonl") != tr.fingerprint(base, "b.jsonl")
+
+
+def test_prompt_rows_carry_the_reward_columns_and_drop_long_prompts() -> None:
+    from patchgap.testing.tiny_models import train_tokenizer
+
+    tok = train_tokenizer()
+    records = [
+        Record("a", "What is 2 + 3?", "2 + 3 = 5. #### 5", "5"),
+        Record("b", "What is 4 + 4?", "4 + 4 = 8, so \\boxed{8}.", ""),
+        Record("c", "Long " * 400, "x = 1. #### 1", "1"),
+    ]
+    rows, too_long = tr.build_prompt_rows(records, tok, "Q: {question}\nS: {solution}", 256)
+    assert too_long == ["c"]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert rows[0]["prompt"] == [
+        {"role": "user", "content": "Q: What is 2 + 3?\nS: 2 + 3 = 5. #### 5"}
+    ]
+    assert rows[0]["question"] == "What is 2 + 3?"
+    # A record without a stored answer gets a* from its solution.
+    assert rows[1]["reference_answer"] == "8"
+
+
+def test_stage_declares_its_interface() -> None:
+    assert tr.NAME == "train_rewriter"
+    assert tr.OUTPUTS == ("adapter", "metrics")
+    assert set(tr.OPTIONAL_INPUTS) == set(tr.INPUTS) == {"dataset", "model"}
+    for name, field in tr.Config.model_fields.items():
+        assert field.description, f"Config.{name} has no help text"
+
+
+def test_several_gpus_relaunch_under_accelerate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import subprocess
+
+    from patchgap.rl import launch
+
+    for var in ("WORLD_SIZE", "LOCAL_RANK", launch.CHILD_ENV):
+        monkeypatch.delenv(var, raising=False)
+    config = _config(distributed="auto")
+    outputs = {"adapter": tmp_path / "a", "metrics": tmp_path / "m"}
+    outputs["metrics"].mkdir()
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 1)
+    assert launch.maybe_relaunch(config, {}, outputs) is None  # one GPU: train in-process
+
+    seen: dict[str, object] = {}
+
+    def fake_run(cmd: list[str], env: dict[str, str], check: bool) -> subprocess.CompletedProcess:
+        seen["cmd"], seen["env"] = cmd, env
+        (outputs["metrics"] / "summary.json").write_text(json.dumps({"global_step": 3}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 4)
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    assert launch.maybe_relaunch(config, {}, outputs) == {"global_step": 3.0}
+    cmd = seen["cmd"]
+    assert isinstance(cmd, list)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1].endswith("configs/accelerate/zero2.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
+    assert cmd[cmd.index("-m", 3) + 1] == "patchgap.stages.train_rewriter"
+    assert f"metrics={outputs['metrics']}" in cmd
+    assert seen["env"][launch.CHILD_ENV] == "1"  # type: ignore[index]
+
+    # Inside a launched process the stage never launches again.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launch.maybe_relaunch(config, {}, outputs) is None
+
+
+def test_missing_accelerate_config_is_named(tmp_path: Path) -> None:
+    from patchgap.rl.launch import accelerate_config
+
+    with pytest.raises(ConfigError, match="nowhere.yaml not found"):
+        accelerate_config("zero2", f"{tmp_path}/nowhere.yaml")
+
+
+def test_a_wired_dataset_is_fingerprinted_by_content(tmp_path: Path) -> None:
+    c = _config()
+    a, b, a_again = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "x" / "a.jsonl"
+    a_again.parent.mkdir()
+    a.write_text('{"question": "q", "answer": "#### 1"}\n')
+    a_again.write_text(a.read_text())
+    b.write_text('{"question": "q", "answer": "#### 2"}\n')
+    fp = [tr.fingerprint(c, tr._dataset_identity(c, p)) for p in (a, a_again, b)]
+    assert fp[0] == fp[1]  # same records under another KFP artifact path: same run
+    assert fp[0] != fp[2]  # other records: checkpoints of the first run are not reused
+    assert tr._dataset_identity(c, None) == "gsm8k:train"
