@@ -1,0 +1,1 @@
+"""KFP component of the rewrite stage."""

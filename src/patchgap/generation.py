@@ -1,0 +1,426 @@
+"""Text generation backends behind one interface: batched ``transformers`` (CPU/GPU) and ``vllm``.
+
+Prompts arrive already chat-rendered (``patchgap.prompts`` + the tokenizer's chat template), so both
+backends tokenize them without adding special tokens again. ``make_generator`` picks the backend
+from a :class:`GenerationConfig`; the rewrite and evaluate stages share it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import Field, model_validator
+
+from patchgap.config import StrictModel
+from patchgap.errors import ConfigError
+
+log = logging.getLogger("patchgap.generation")
+
+# vLLM only accepts these LoRA ranks; an adapter's rank is rounded up to the next one.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class GenerationConfig(StrictModel):
+    """How to generate: backend, decoding and batching. Greedy when ``temperature`` is 0."""
+
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers (CPU or GPU, batched) or vllm (GPU)"
+    )
+    max_new_tokens: int = Field(256, ge=1, description="most new tokens per generation")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding; > 0 samples")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (sampling only)")
+    n: int = Field(1, ge=1, description="generations per prompt")
+    batch_size: int = Field(8, ge=1, description="prompts per forward batch (transformers)")
+    seed: int = Field(0, description="sampling seed; the same seed gives the same samples")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vllm)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (transformers)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU"
+    )
+    trust_remote_code: bool = Field(False, description="allow model code from the model folder")
+    merge_adapter: bool = Field(
+        False,
+        description="merge the LoRA adapter into the weights before generating "
+        "(vllm: instead of a LoRARequest; transformers: faster, same outputs)",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0.0, le=1.0, description="fraction of GPU memory vllm may take"
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="vllm context length (None: the model's own)"
+    )
+
+    @model_validator(mode="after")
+    def _greedy_has_one_sample(self) -> GenerationConfig:
+        # Greedy decoding is deterministic: n > 1 would just repeat the same text n times.
+        if self.temperature == 0.0 and self.n > 1:
+            raise ValueError(
+                f"n={self.n} with temperature=0 (greedy) would repeat one text; "
+                "set temperature > 0 to sample n candidates, or n=1"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated continuation: its text, its number of new tokens, and why it stopped."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str = "stop"  # "stop" (end of turn) or "length" (max_new_tokens reached)
+
+
+class Generator(Protocol):
+    """What every backend offers."""
+
+    config: GenerationConfig
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        *,
+        seed: int | None = None,
+        temperature: float | None = None,
+    ) -> list[list[Generation]]:
+        """``n`` generations for every prompt, in prompt order.
+
+        ``seed`` and ``temperature`` override the config for this call (the rewrite stage
+        samples its retries even when the first try is greedy).
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+def make_generator(
+    model_path: str | Path,
+    adapter_path: str | Path | None = None,
+    config: GenerationConfig | None = None,
+    *,
+    model: Any | None = None,
+    tokenizer: Any | None = None,
+) -> Generator:
+    """Build the backend ``config.backend`` for pi0 at ``model_path`` (+ a PEFT LoRA adapter).
+
+    ``model_path`` is a model folder or a name ``patchgap.models.resolve_model`` knows
+    (``smollm2``). An already loaded ``model``/``tokenizer`` (transformers only) skips loading.
+    Without ``adapter_path`` pi0 generates alone: the prompt-only rewriting baseline.
+    """
+    cfg = config or GenerationConfig()
+    path = resolve_model_path(model_path)
+    adapter = Path(adapter_path) if adapter_path is not None else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter {adapter}: no adapter_config.json (expected a PEFT adapter)")
+    if cfg.backend == "vllm":
+        return VllmGenerator(path, adapter, cfg)
+    return TransformersGenerator(path, adapter, cfg, model=model, tokenizer=tokenizer)
+
+
+def resolve_model_path(model_path: str | Path) -> Path:
+    """A local model folder, or a known model name (``smollm2``) prepared by ``patchgap.models``."""
+    from patchgap.models import resolve_model
+
+    resolved = resolve_model(str(model_path))
+    if not Path(resolved).is_dir():
+        raise ConfigError(
+            f"model {model_path}: not a local folder nor a known model name; "
+            "give a model folder or e.g. 'smollm2'"
+        )
+    return Path(resolved)
+
+
+def adapter_rank(adapter_path: str | Path) -> int:
+    """The largest LoRA rank in an adapter's ``adapter_config.json`` (``r`` or ``rank_pattern``)."""
+    cfg_file = Path(adapter_path) / "adapter_config.json"
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"adapter {cfg_file}: cannot read: {err}") from None
+    ranks = [int(data.get("r") or 0), *(int(v) for v in (data.get("rank_pattern") or {}).values())]
+    rank = max(ranks)
+    if rank <= 0:
+        raise ConfigError(f"adapter {cfg_file}: no LoRA rank 'r' found")
+    return rank
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ConfigError(
+        f"LoRA rank {rank} exceeds vLLM's largest supported rank {VLLM_LORA_RANKS[-1]}"
+    )
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first) to waste little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+class TransformersGenerator:
+    """Batched ``model.generate``: length-sorted batches, left padding, greedy or seeded samples."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        adapter_path: Path | None,
+        config: GenerationConfig,
+        *,
+        model: Any | None = None,
+        tokenizer: Any | None = None,
+    ) -> None:
+        self.config = config
+        from patchgap.models import device_for
+
+        self.device = device_for(config.device)
+        from patchgap.models import load_causal_lm, load_tokenizer
+
+        self.config = config
+        if tokenizer is None:
+            tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
+        self.tokenizer = tokenizer
+        if model is None:
+            dtype = "float32" if config.dtype == "auto" and self.device == "cpu" else config.dtype
+            if dtype == "auto":
+                dtype = "bfloat16"
+            model = load_causal_lm(
+                model_path,
+                dtype=dtype,
+                device=self.device,
+                trust_remote_code=config.trust_remote_code,
+            )
+        if adapter_path is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_path))
+            if config.merge_adapter:
+                model = model.merge_and_unload()
+        model.eval()
+        self.model = model
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:  # many instruct tokenizers have no pad token; eos is safe here
+            self.pad_id = self.eos_ids[0]
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.append(value)
+            elif isinstance(value, (list, tuple)):
+                ids.extend(int(v) for v in value)
+        if not ids:
+            raise ConfigError("generation: the tokenizer has no eos token")
+        return list(dict.fromkeys(ids))
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        *,
+        seed: int | None = None,
+        temperature: float | None = None,
+    ) -> list[list[Generation]]:
+        import torch
+
+        temp = self.config.temperature if temperature is None else temperature
+        if n > 1 and temp == 0.0:
+            raise ConfigError(f"generation: n={n} needs temperature > 0 (greedy repeats one text)")
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        out: list[list[Generation]] = [[] for _ in prompts]
+        base_seed = self.config.seed if seed is None else seed
+        for b, batch in enumerate(
+            length_sorted_batches([len(e) for e in encoded], self.config.batch_size)
+        ):
+            # A seed per batch, in a forked RNG state: reruns of the same prompts repeat exactly
+            # and the caller's global RNG is left alone.
+            with torch.random.fork_rng(devices=self._rng_devices()):
+                torch.manual_seed(base_seed * 1_000_003 + b)
+                results = self._generate_batch([encoded[i] for i in batch], n, temp)
+            for i, gens in zip(batch, results, strict=True):
+                out[i] = gens
+        return out
+
+    def _rng_devices(self) -> list[Any]:
+        import torch
+
+        if str(self.device).startswith("cuda") and torch.cuda.is_available():
+            return [torch.device(self.device)]
+        return []
+
+    def _generate_batch(
+        self, ids: list[list[int]], n: int, temperature: float
+    ) -> list[list[Generation]]:
+        import torch
+
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):  # left padding: every prompt ends where generation starts
+            if seq:
+                input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                mask[row, width - len(seq) :] = 1
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=self.config.max_new_tokens,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+            num_return_sequences=n,
+        )
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=self.config.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            seqs = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
+            )
+        new = seqs[:, width:].tolist()
+        gens = [self._decode(row) for row in new]
+        return [gens[i * n : (i + 1) * n] for i in range(len(ids))]
+
+    def _decode(self, tokens: list[int]) -> Generation:
+        eos = set(self.eos_ids)
+        stop = next((k for k, t in enumerate(tokens) if t in eos), None)
+        if stop is None:
+            kept = tokens
+            reason = "length"
+        else:
+            kept = tokens[:stop]
+            reason = "stop"
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        return Generation(
+            text=text, num_tokens=len(kept) + (0 if stop is None else 1), finish_reason=reason
+        )
+
+    def close(self) -> None:
+        self.model = None
+
+
+class VllmGenerator:
+    """vLLM engine: LoRA through ``LoRARequest`` (``max_lora_rank`` from the adapter) or merged."""
+
+    def __init__(
+        self, model_path: Path, adapter_path: Path | None, config: GenerationConfig
+    ) -> None:
+        try:
+            from vllm import LLM, SamplingParams  # noqa: F401
+            from vllm.lora.request import LoRARequest
+        except ImportError:
+            raise ConfigError(
+                "generation backend 'vllm' needs the vllm package (a CUDA machine): "
+                "pip install 'patchgap[vllm]', or set backend: transformers"
+            ) from None
+        self.config = config
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.lora_request = None
+        load_path = model_path
+        kwargs: dict[str, Any] = {}
+        if adapter_path is not None and config.merge_adapter:
+            self._tmp = tempfile.TemporaryDirectory(prefix="patchgap-merged-")
+            load_path = merge_adapter(model_path, adapter_path, Path(self._tmp.name), config)
+        elif adapter_path is not None:
+            kwargs.update(
+                enable_lora=True, max_lora_rank=vllm_max_lora_rank(adapter_rank(adapter_path))
+            )
+            self.lora_request = LoRARequest("rewriter", 1, str(adapter_path))
+        if config.max_model_len is not None:
+            kwargs["max_model_len"] = config.max_model_len
+        self.llm = LLM(
+            model=str(load_path),
+            tensor_parallel_size=config.tensor_parallel_size,
+            dtype="auto" if config.dtype == "auto" else config.dtype,
+            seed=config.seed,
+            trust_remote_code=config.trust_remote_code,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            **kwargs,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        n: int = 1,
+        *,
+        seed: int | None = None,
+        temperature: float | None = None,
+    ) -> list[list[Generation]]:
+        from vllm import SamplingParams
+
+        temp = self.config.temperature if temperature is None else temperature
+        if n > 1 and temp == 0.0:
+            raise ConfigError(f"generation: n={n} needs temperature > 0 (greedy repeats one text)")
+        params = SamplingParams(
+            n=n,
+            temperature=temp,
+            top_p=self.config.top_p if temp > 0 else 1.0,
+            max_tokens=self.config.max_new_tokens,
+            seed=self.config.seed if seed is None else seed,
+        )
+        # Token ids, not text: the chat template already placed bos; vLLM would add another.
+        token_prompts = [
+            {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
+            for p in prompts
+        ]
+        results = self.llm.generate(
+            token_prompts, params, lora_request=self.lora_request, use_tqdm=False
+        )
+        return [
+            [
+                Generation(
+                    text=o.text,
+                    num_tokens=len(o.token_ids),
+                    finish_reason="length" if o.finish_reason == "length" else "stop",
+                )
+                for o in r.outputs
+            ]
+            for r in results
+        ]
+
+    def close(self) -> None:
+        self.llm = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def merge_adapter(
+    model_path: Path, adapter_path: Path, out_dir: Path, config: GenerationConfig
+) -> Path:
+    """Merge a LoRA adapter into pi0's weights and save a plain model folder (safetensors)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(
+        str(model_path),
+        dtype=torch.bfloat16
+        if config.dtype in ("auto", "bfloat16")
+        else _torch_dtype(config.dtype, "cpu"),
+        use_safetensors=True,
+        trust_remote_code=config.trust_remote_code,
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(
+        str(model_path), trust_remote_code=config.trust_remote_code
+    ).save_pretrained(out_dir)
+    log.info("merged adapter %s into %s", adapter_path, out_dir)
+    return out_dir

@@ -1,0 +1,451 @@
+"""Stage gate: verify every candidate with r_task, keep the feasible one with the lowest NLL under
+pi0, fall back to the reference solution otherwise, and write D_R with provenance and a report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from patchgap.config import StrictModel
+from patchgap.records import FieldMap, Record
+
+log = logging.getLogger("patchgap.stages.gate")
+
+NAME = "gate"
+INPUTS = ("dataset", "candidates")
+OUTPUTS = ("dataset_r", "report")
+
+D_R_FILE = "d_r.jsonl"
+# Everything but the main JSONL sits under "_" folders: patchgap.records skips them, so a stage
+# reading the dataset_r folder sees each record exactly once.
+PARQUET_FILE = "_parquet/d_r.parquet"
+ACCEPTED_FILE = "_accepted/accepted.jsonl"
+ACCEPTED_PARQUET = "_accepted/accepted.parquet"
+
+# Per-candidate gate reasons (a candidate that passes gets "feasible", the pick "chosen").
+EMPTY = "empty"
+NO_FINAL_ANSWER = "no_final_answer"
+WRONG_ANSWER = "wrong_answer"
+JUDGE_REJECTED = "judge_rejected"
+FEASIBLE = "feasible"
+CHOSEN = "chosen"
+# Record-level reasons for a fallback.
+NO_CANDIDATES = "no_candidates"
+NONE_FEASIBLE = "none_feasible"
+
+
+class Config(StrictModel):
+    """Settings of the gate stage (defaults: the CPU demo)."""
+
+    model: str = Field("smollm2", description="pi0: the model whose NLL and judge are used")
+    fields: str | FieldMap = Field(
+        "auto", description="field preset or mapping of the dataset (as in the rewrite stage)"
+    )
+    limit: int | None = Field(None, ge=1, description="use at most this many records")
+    judge: bool = Field(True, description="run the reasoning judge (off: r_task = answer check)")
+    judge_model: str | None = Field(None, description="judge model; None means pi0 itself")
+    judge_chat_template: bool = Field(True, description="wrap the judge prompt in a chat turn")
+    nll_context: Literal["chat", "plain"] = Field(
+        "chat", description="QA context of the NLL under pi0: chat template or Problem/Answer"
+    )
+    embedder: str = Field(
+        "all-MiniLM-L6-v2", description="sentence-transformers model for D_R diversity"
+    )
+    device: str | None = Field(None, description="device (None: cuda when available)")
+    dtype: str = Field("auto", description="dtype of pi0 / judge")
+    batch_records: int = Field(32, ge=1, description="records scored together")
+    max_batch_tokens: int = Field(4096, ge=64, description="tokens per scoring forward batch")
+    max_length: int = Field(4096, ge=16, description="longest prefix + text scored, in tokens")
+    share_prefix: bool = Field(
+        False,
+        description="run each record's question prefix once and reuse its KV cache; pays off "
+        "with many candidates per record, while flat length-bucketed batches win for one or two",
+    )
+    diversity_sample: int = Field(
+        1000, ge=2, description="records (seeded sample) for the embedding diversity and distinct-n"
+    )
+    distinct_n: int = Field(2, ge=1, le=4, description="report distinct-1 .. distinct-n")
+    seed: int = Field(0, description="seed of the diversity sample")
+    write_parquet: bool = Field(True, description="also write D_R and the subset as Parquet")
+
+
+# --------------------------------------------------------------------------------------------
+# Pure gate logic
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gate made of one record."""
+
+    status: Literal["accepted", "fallback"]
+    solution: str
+    candidate_index: int | None
+    trial: int | None
+    reasons: list[str]
+    nll: float | None
+    judge_p_yes: float | None
+    fallback_reason: str | None = None
+
+
+def candidate_reason(text: str, answer_ok: bool, judge_ok: bool) -> str:
+    """Why a candidate is in or out of the feasible set (the report's histogram keys)."""
+    from patchgap.answers import extract_answer
+
+    if not text.strip():
+        return EMPTY
+    if not answer_ok:
+        return WRONG_ANSWER if extract_answer(text) is not None else NO_FINAL_ANSWER
+    if not judge_ok:
+        return JUDGE_REJECTED
+    return FEASIBLE
+
+
+def decide(
+    reference_solution: str,
+    candidates: Sequence[Mapping[str, Any]],
+    terms: Sequence[Any],
+) -> Decision:
+    """Pick the feasible candidate (r_task = 1) with the lowest NLL under pi0, else fall back.
+
+    ``candidates`` are the rewrite stage's dicts (``text``, ``index``, ``trial``); ``terms`` the
+    matching :class:`patchgap.rewards.RewardTerms`. A feasible candidate without a finite NLL
+    ranks after every scored one; ties go to the earlier candidate.
+    """
+    reasons = [
+        candidate_reason(str(c.get("text", "")), bool(t.answer_ok), bool(t.judge_ok))
+        for c, t in zip(candidates, terms, strict=True)
+    ]
+    feasible = [i for i, t in enumerate(terms) if t.r_task >= 1.0 and reasons[i] == FEASIBLE]
+    if not feasible:
+        return Decision(
+            "fallback",
+            reference_solution,
+            None,
+            None,
+            reasons,
+            None,
+            None,
+            NO_CANDIDATES if not candidates else NONE_FEASIBLE,
+        )
+
+    def key(i: int) -> tuple[float, int]:
+        nll = terms[i].nll
+        return (nll if nll is not None and math.isfinite(nll) else math.inf, i)
+
+    best = min(feasible, key=key)
+    reasons[best] = CHOSEN
+    cand = candidates[best]
+    return Decision(
+        "accepted",
+        str(cand["text"]),
+        int(cand.get("index", best)),
+        int(cand.get("trial", 0)),
+        reasons,
+        terms[best].nll,
+        terms[best].judge_p_yes,
+    )
+
+
+def d_r_row(
+    rec: Record, decision: Decision, num_candidates: int, trials: int, nll_reference: float | None
+) -> dict[str, Any]:
+    """One D_R line: the record with the chosen solution and its provenance."""
+    return {
+        "id": rec.id,
+        "question": rec.question,
+        "solution": decision.solution,
+        "answer": rec.answer,
+        "meta": rec.meta,
+        "provenance": {
+            "status": decision.status,
+            "candidate_index": decision.candidate_index,
+            "trial": decision.trial,
+            "trials": trials,
+            "num_candidates": num_candidates,
+            "gate_reasons": decision.reasons,
+            "fallback_reason": decision.fallback_reason,
+            "nll_pi0": _finite(decision.nll if decision.status == "accepted" else nll_reference),
+            "nll_reference": _finite(nll_reference),
+            "judge_p_yes": _finite(decision.judge_p_yes),
+        },
+    }
+
+
+def _finite(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading candidates
+
+
+class CandidateIndex:
+    """Byte offsets of every candidates line by record id, over all shard files of a folder.
+
+    Only the offsets stay in memory; a record's candidates are read when its batch is gated.
+    """
+
+    def __init__(self, root: Path) -> None:
+        files = (
+            [root]
+            if root.is_file()
+            else sorted(
+                p
+                for p in root.rglob("*.jsonl")
+                if not any(part.startswith(("_", ".")) for part in p.relative_to(root).parts)
+                and p.name != "rejects.jsonl"
+            )
+        )
+        self.files = files
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.duplicates = 0
+        for fi, path in enumerate(files):
+            with path.open("rb") as fh:
+                pos = fh.tell()
+                for line in iter(fh.readline, b""):
+                    if line.strip():
+                        rid = str(json.loads(line)["id"])
+                        if rid in self.offsets:
+                            self.duplicates += 1  # a shard run twice: the first copy wins
+                        else:
+                            self.offsets[rid] = (fi, pos)
+                    pos = fh.tell()
+        self._handles: dict[int, Any] = {}
+
+    def get(self, rid: str) -> dict[str, Any] | None:
+        where = self.offsets.get(rid)
+        if where is None:
+            return None
+        fi, pos = where
+        fh = self._handles.get(fi)
+        if fh is None:
+            fh = self._handles[fi] = self.files[fi].open("rb")
+        fh.seek(pos)
+        return json.loads(fh.readline())
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+
+def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+    while True:
+        batch = list(itertools.islice(records, size))
+        if not batch:
+            return
+        yield batch
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class _Writers:
+    d_r: Any
+    accepted: Any
+    paths: list[Path] = field(default_factory=list)
+
+
+def _scorer(config: Config) -> Any:
+    from patchgap.scoring import GroupRewardScorer, RewardConfig
+
+    reward = RewardConfig(
+        judge=config.judge,
+        judge_model=config.judge_model,
+        judge_chat_template=config.judge_chat_template,
+        nll_context=config.nll_context,
+        embedder=config.embedder,
+        max_batch_tokens=config.max_batch_tokens,
+        max_length=config.max_length,
+        share_prefix=config.share_prefix,
+        dtype=config.dtype,
+        device=config.device,
+    )
+    return GroupRewardScorer(reward, config.model)
+
+
+def run(
+    config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
+) -> dict[str, float]:
+    """Gate ``candidates`` against ``dataset`` into ``dataset_r`` and a ``report``."""
+    from patchgap.gate_report import GateStats, write_report
+    from patchgap.records import Counts, DatasetSpec, RejectSink, iter_records
+
+    out = Path(outputs["dataset_r"])
+    report_dir = Path(outputs["report"])
+    out.mkdir(parents=True, exist_ok=True)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    index = CandidateIndex(Path(inputs["candidates"]))
+    log.info("gate: %d records with candidates in %d file(s)", len(index.offsets), len(index.files))
+    scorer = _scorer(config)
+    scorer.load()  # a judge with unresolvable YES/NO tokens fails here, before any work
+    tokenizer = scorer.nll.tokenizer
+    stats = GateStats(config.diversity_sample, config.seed, config.distinct_n, judge=config.judge)
+    spec = DatasetSpec(source=str(inputs["dataset"]), fields=config.fields, limit=config.limit)
+    counts = Counts()
+    tmp_dr = out / f".{D_R_FILE}.{os.getpid()}.tmp"
+    tmp_acc = out / f".accepted.{os.getpid()}.tmp"
+    seen: set[str] = set()
+    try:
+        with (
+            RejectSink(out / "_rejects.jsonl") as sink,
+            tmp_dr.open("w", encoding="utf-8") as f_dr,
+            tmp_acc.open("w", encoding="utf-8") as f_acc,
+        ):
+            for batch in _batches(iter_records(spec, sink, counts), config.batch_records):
+                for row in _gate_batch(batch, index, scorer, tokenizer, stats):
+                    seen.add(row["id"])
+                    line = json.dumps(row, ensure_ascii=False) + "\n"
+                    f_dr.write(line)
+                    if row["provenance"]["status"] == "accepted":
+                        f_acc.write(line)
+            rejected = sink.total
+        (out / "_accepted").mkdir(exist_ok=True)
+        os.replace(tmp_dr, out / D_R_FILE)
+        os.replace(tmp_acc, out / ACCEPTED_FILE)
+    finally:
+        index.close()
+        tmp_dr.unlink(missing_ok=True)
+        tmp_acc.unlink(missing_ok=True)
+    unknown = sum(1 for rid in index.offsets if rid not in seen)
+    if config.write_parquet:
+        jsonl_to_parquet(out / D_R_FILE, out / PARQUET_FILE)
+        jsonl_to_parquet(out / ACCEPTED_FILE, out / ACCEPTED_PARQUET)
+    (out / "README.md").write_text(_README)
+    stats.embed_diversity(scorer.embedder)
+    extra = {
+        "rejected_records": rejected,
+        "candidates_without_record": unknown,
+        "duplicate_candidate_lines": index.duplicates,
+        "nll_context": config.nll_context,
+        "judge": config.judge,
+        "model": config.model,
+    }
+    metrics = write_report(stats, report_dir, extra)
+    metrics.update(
+        {
+            "rejected_records": float(rejected),
+            "candidates_without_record": float(unknown),
+        }
+    )
+    log.info(
+        "gate: %d records, acceptance %.1f%%, %d fallbacks, NLL gap %.3f",
+        stats.records,
+        100 * metrics["acceptance_rate"],
+        stats.fallback,
+        metrics["nll_gap"],
+    )
+    return metrics
+
+
+def _gate_batch(
+    batch: Sequence[Record], index: CandidateIndex, scorer: Any, tokenizer: Any, stats: Any
+) -> list[dict[str, Any]]:
+    rows = [index.get(r.id) for r in batch]
+    cands = [list(row["candidates"]) if row is not None else [] for row in rows]
+    texts = [[str(c.get("text", "")) for c in cs] for cs in cands]
+    questions = [r.question for r in batch]
+    terms = scorer.score_groups(questions, [r.answer for r in batch], texts)
+    ref_nll = [g[0] for g in scorer.nll.score_groups(questions, [[r.solution] for r in batch])]
+    out = []
+    for rec, cs, ts, nll_ref in zip(batch, cands, terms, ref_nll, strict=True):
+        decision = decide(rec.solution, cs, ts)
+        trials = 1 + max((int(c.get("trial", 0)) for c in cs), default=-1)
+        row = d_r_row(rec, decision, len(cs), trials, nll_ref)
+        stats.add(
+            rec,
+            decision,
+            nll_ref,
+            n_tokens=len(tokenizer(decision.solution, add_special_tokens=False)["input_ids"]),
+            ref_tokens=len(tokenizer(rec.solution, add_special_tokens=False)["input_ids"]),
+        )
+        out.append(row)
+    return out
+
+
+def jsonl_to_parquet(src: Path, dest: Path, rows_per_group: int = 1000) -> int:
+    """Stream a D_R JSONL into Parquet (``meta`` as JSON text so every row shares one schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prov = pa.struct(
+        [
+            ("status", pa.string()),
+            ("candidate_index", pa.int64()),
+            ("trial", pa.int64()),
+            ("trials", pa.int64()),
+            ("num_candidates", pa.int64()),
+            ("gate_reasons", pa.list_(pa.string())),
+            ("fallback_reason", pa.string()),
+            ("nll_pi0", pa.float64()),
+            ("nll_reference", pa.float64()),
+            ("judge_p_yes", pa.float64()),
+        ]
+    )
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("question", pa.string()),
+            ("solution", pa.string()),
+            ("answer", pa.string()),
+            ("meta", pa.string()),
+            ("provenance", prov),
+        ]
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    n = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer, src.open(encoding="utf-8") as fh:
+            while True:
+                lines = list(itertools.islice(fh, rows_per_group))
+                if not lines:
+                    break
+                rows = [json.loads(line) for line in lines]
+                for r in rows:
+                    r["meta"] = json.dumps(r.get("meta") or {}, ensure_ascii=False, default=str)
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                n += len(rows)
+            if n == 0:
+                writer.write_table(schema.empty_table())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+_README = """\
+# D_R: the rewritten dataset
+
+- `d_r.jsonl`: every input record exactly once (id, question, solution, answer, meta, provenance).
+  `solution` is the accepted rewrite, or the reference solution when the gate fell back.
+- `_parquet/d_r.parquet`: the same rows as Parquet (`meta` as JSON text).
+- `_accepted/accepted.jsonl` and `.parquet`: the accepted-only subset.
+- `_rejects.jsonl`: input records that could not be read (when any).
+
+`provenance`: status (accepted | fallback), candidate_index, trial, trials, num_candidates,
+gate_reasons (one per candidate: chosen, feasible, wrong_answer, no_final_answer,
+judge_rejected, empty), fallback_reason, nll_pi0 (mean token NLL of `solution` under pi0),
+nll_reference (of the reference solution), judge_p_yes.
+
+Load with `datasets`: `load_dataset("json", data_files="d_r.jsonl")` or
+`load_dataset("parquet", data_files="_parquet/d_r.parquet")`.
+"""
+
+
+if __name__ == "__main__":
+    from patchgap.stages.base import main
+
+    raise SystemExit(main(sys.modules[__name__]))

@@ -1,0 +1,451 @@
+"""Stage rewrite: the rewriter (pi0 + LoRA adapter, or pi0 alone as the prompt-only baseline)
+generates candidate rewrites for every record, sharded, streamed and resumable batch by batch."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from patchgap.config import StrictModel
+from patchgap.prompts import REWRITE_TEMPLATE
+from patchgap.records import FieldMap, Record
+
+log = logging.getLogger("patchgap.stages.rewrite")
+
+NAME = "rewrite"
+INPUTS = ("dataset", "adapter")
+OPTIONAL_INPUTS = ("adapter",)
+OUTPUTS = ("candidates",)
+
+#: Bumped when the layout of a finished batch changes, so old state is not reused.
+STATE_FORMAT = 1
+
+
+class Config(StrictModel):
+    """Settings of the rewrite stage (defaults: the CPU demo)."""
+
+    model: str = Field("smollm2", description="pi0: a model folder or a known name (smollm2)")
+    fields: str | FieldMap = Field(
+        "auto", description="field preset or mapping of the dataset (see patchgap.records)"
+    )
+    limit: int | None = Field(None, ge=1, description="use at most this many records")
+    template: str = Field(REWRITE_TEMPLATE, description="rewriting prompt ({question}, {solution})")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="generation backend: transformers (CPU/GPU) or vllm (GPU)"
+    )
+    max_new_tokens: int = Field(256, ge=1, description="most new tokens per candidate")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (n must be 1); > 0 samples")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    n: int = Field(1, ge=1, description="candidates per record")
+    max_retries: int = Field(
+        0, ge=0, description="rounds of new samples for candidates whose final answer is wrong"
+    )
+    retry_temperature: float = Field(
+        0.7, gt=0.0, description="sampling temperature of retries (greedy would repeat itself)"
+    )
+    batch_size: int = Field(8, ge=1, description="prompts per forward batch (transformers)")
+    batch_records: int = Field(
+        32, ge=1, description="records per resumable batch (the most a crash can lose)"
+    )
+    seed: int = Field(0, description="sampling seed")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU"
+    )
+    trust_remote_code: bool = Field(False, description="allow model code from the model folder")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vllm)")
+    merge_adapter: bool = Field(
+        False, description="merge the LoRA into the weights instead of a LoRARequest (vllm)"
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm memory share")
+    max_model_len: int | None = Field(None, ge=1, description="vllm context length")
+    shard_index: int = Field(0, ge=0, description="this worker's shard (0-based)")
+    num_shards: int = Field(1, ge=1, description="how many shards the dataset is split into")
+    shard_by: Literal["order", "hash"] = Field(
+        "order", description="assign records to shards by position or by a hash of the id"
+    )
+    state_uri: str | None = Field(
+        None,
+        description="s3:// prefix or folder where finished batches go as they complete; a "
+        "restart skips them (default: a _state folder inside the candidates output)",
+    )
+    progress: bool = Field(True, description="show a progress bar")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.shard_index >= self.num_shards:
+            raise ValueError(
+                f"shard_index {self.shard_index} must be < num_shards {self.num_shards}"
+            )
+        if self.temperature == 0.0 and self.n > 1:
+            raise ValueError(f"n={self.n} with temperature=0 (greedy) repeats one text; sample")
+        return self
+
+    def generation(self) -> Any:
+        from patchgap.generation import GenerationConfig
+
+        return GenerationConfig(
+            backend=self.backend,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            n=self.n,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            tensor_parallel_size=self.tensor_parallel_size,
+            device=self.device,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            merge_adapter=self.merge_adapter,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
+        )
+
+
+# Fields that change neither which records a batch holds nor what is generated for them.
+_NOT_IN_FINGERPRINT = {"progress", "state_uri", "device", "batch_size"}
+
+
+def shard_of(index: int, record_id: str, num_shards: int, by: str) -> int:
+    """Which shard a record belongs to: by position, or by a stable hash of its id."""
+    if num_shards == 1:
+        return 0
+    if by == "order":
+        return index % num_shards
+    digest = hashlib.sha256(record_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def shard_file_name(shard_index: int, num_shards: int) -> str:
+    return f"candidates-{shard_index:05d}-of-{num_shards:05d}.jsonl"
+
+
+def batch_seed(seed: int, shard: int, batch: int, trial: int) -> int:
+    """A seed per (shard, batch, trial): a resumed batch samples exactly as the first try did."""
+    blob = f"{seed}/{shard}/{batch}/{trial}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big")
+
+
+def iter_batches(
+    records: Iterator[Record], size: int, shard_index: int, num_shards: int, by: str
+) -> Iterator[list[Record]]:
+    """This shard's records in dataset order, ``size`` at a time (never more in memory)."""
+    mine = (r for i, r in enumerate(records) if shard_of(i, r.id, num_shards, by) == shard_index)
+    while True:
+        batch = list(itertools.islice(mine, size))
+        if not batch:
+            return
+        yield batch
+
+
+@dataclass
+class Tally:
+    """Running figures for the progress bar and the metrics."""
+
+    records: int = 0
+    accepted: int = 0
+    candidates: int = 0
+    candidates_ok: int = 0
+    tokens: int = 0
+    retries: int = 0
+    batches: int = 0
+    batches_resumed: int = 0
+    generate_seconds: float = 0.0
+    started: float = field(default_factory=time.time)
+
+    def add(self, rows: Sequence[dict[str, Any]], generated: bool) -> None:
+        self.batches += 1
+        self.batches_resumed += 0 if generated else 1
+        for row in rows:
+            cands = row["candidates"]
+            self.records += 1
+            self.candidates += len(cands)
+            ok = sum(1 for c in cands if c["answer_ok"])
+            self.candidates_ok += ok
+            self.accepted += 1 if ok else 0
+            if generated:
+                self.tokens += sum(c["num_tokens"] for c in cands)
+                self.retries += sum(1 for c in cands if c["trial"] > 0)
+
+    def postfix(self) -> dict[str, str]:
+        elapsed = max(time.time() - self.started, 1e-9)
+        gen = max(self.generate_seconds, 1e-9)
+        return {
+            "rec/s": f"{self.records / elapsed:.2f}",
+            "tok/s": f"{self.tokens / gen:.1f}",
+            "acc": f"{self.accepted / max(self.records, 1):.1%}",
+        }
+
+
+class RewriteState:
+    """Finished batches under ``<state_uri>/<fingerprint>/shard-i-of-n/`` in the store."""
+
+    def __init__(self, state_uri: str, fingerprint: str, shard: int, shards: int) -> None:
+        from patchgap.store import Store, join_uri
+
+        self.store = Store.from_env() if state_uri.startswith("s3://") else Store()
+        self.prefix = join_uri(state_uri, fingerprint, f"shard-{shard:05d}-of-{shards:05d}")
+        self._join = join_uri
+        self.done = {o.key for o in self.store.list(self.prefix)}
+
+    def uri(self, batch: int) -> str:
+        return self._join(self.prefix, self.key(batch))
+
+    @staticmethod
+    def key(batch: int) -> str:
+        return f"batch-{batch:06d}.jsonl"
+
+    def load(self, batch: int, ids: Sequence[str]) -> list[dict[str, Any]] | None:
+        """The finished rows of ``batch``, or None when absent or not for these records."""
+        if self.key(batch) not in self.done:
+            return None
+        text = self.store.get_bytes(self.uri(batch)).decode("utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if [r.get("id") for r in rows] != list(ids):
+            log.warning("rewrite: state %s holds other records; regenerating", self.uri(batch))
+            return None
+        return rows
+
+    def save(self, batch: int, rows: Sequence[dict[str, Any]]) -> None:
+        # One object per batch, written in one put: a crash leaves it whole or absent.
+        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        self.store.put_bytes(blob, self.uri(batch))
+
+
+def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
+    """What identifies a run's batches: generation settings, dataset bytes, adapter bytes."""
+    from patchgap.stages.base import path_hash
+
+    settings = {
+        k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT
+    }
+    parts = {
+        "format": STATE_FORMAT,
+        "config": settings,
+        "dataset": path_hash(dataset),
+        "adapter": path_hash(adapter) if adapter is not None else None,
+    }
+    blob = json.dumps(parts, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Rewriter:
+    """Generates and answer-checks candidates for one batch of records, with retries."""
+
+    def __init__(self, config: Config, adapter: Path | None) -> None:
+        from patchgap.models import load_tokenizer
+
+        self.config = config
+        self.adapter = adapter
+        self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        self._generator: Any = None
+
+    @property
+    def generator(self) -> Any:
+        # Loaded on first use: a fully resumed shard never loads the model.
+        if self._generator is None:
+            from patchgap.generation import make_generator
+
+            self._generator = make_generator(
+                self.config.model, self.adapter, self.config.generation()
+            )
+        return self._generator
+
+    def prompt(self, rec: Record) -> str:
+        from patchgap.models import apply_chat
+        from patchgap.prompts import rewrite_messages
+
+        messages = rewrite_messages(rec.question, rec.solution, self.config.template)
+        return apply_chat(self.tokenizer, messages)
+
+    def rewrite(
+        self, batch: Sequence[Record], shard: int, batch_index: int
+    ) -> list[dict[str, Any]]:
+        from patchgap.answers import equivalent
+
+        cfg = self.config
+        prompts = [self.prompt(r) for r in batch]
+        cands: list[list[dict[str, Any]]] = [[] for _ in batch]
+        need = {i: cfg.n for i in range(len(batch))}
+        for trial in range(cfg.max_retries + 1):
+            todo = {i: k for i, k in need.items() if k > 0}
+            if not todo:
+                break
+            temp = cfg.temperature if trial == 0 else (cfg.temperature or cfg.retry_temperature)
+            # Group by how many samples each record still needs, one generate call per group.
+            for k, idx in itertools.groupby(sorted(todo, key=lambda i: (todo[i], i)), key=todo.get):
+                rows = list(idx)
+                gens = self.generator.generate(
+                    [prompts[i] for i in rows],
+                    n=k,
+                    seed=batch_seed(cfg.seed, shard, batch_index, trial * 1000 + k),
+                    temperature=temp,
+                )
+                for i, outs in zip(rows, gens, strict=True):
+                    for g in outs:
+                        ok = equivalent(g.text, batch[i].answer)
+                        cands[i].append(
+                            {
+                                "index": len(cands[i]),
+                                "trial": trial,
+                                "text": g.text,
+                                "num_tokens": g.num_tokens,
+                                "finish_reason": g.finish_reason,
+                                "answer_ok": ok,
+                            }
+                        )
+                    # Only the candidates that failed the answer check get new samples.
+                    need[i] = sum(1 for c in outs_dicts(cands[i], trial) if not c["answer_ok"])
+        return [
+            {
+                "id": r.id,
+                "question": r.question,
+                "solution": r.solution,
+                "answer": r.answer,
+                "meta": r.meta,
+                "candidates": c,
+            }
+            for r, c in zip(batch, cands, strict=True)
+        ]
+
+    def close(self) -> None:
+        if self._generator is not None:
+            self._generator.close()
+
+
+def outs_dicts(cands: Sequence[dict[str, Any]], trial: int) -> list[dict[str, Any]]:
+    """The candidates of one trial."""
+    return [c for c in cands if c["trial"] == trial]
+
+
+def _progress(enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        unit="rec",
+        desc="rewrite",
+        disable=not enabled,
+        mininterval=1.0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def run(
+    config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
+) -> dict[str, float]:
+    """Rewrite this shard of ``dataset`` into ``candidates`` (JSONL, one line per record)."""
+    from patchgap.records import Counts, DatasetSpec, RejectSink, iter_records
+
+    dataset = Path(inputs["dataset"])
+    adapter = Path(inputs["adapter"]) if inputs.get("adapter") is not None else None
+    out_dir = Path(outputs["candidates"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(config, dataset, adapter)
+    state_uri = config.state_uri or str(out_dir / "_state")
+    state = RewriteState(state_uri, fp, config.shard_index, config.num_shards)
+    log.info(
+        "rewrite: shard %d/%d, rewriter %s, state %s (%d finished batches)",
+        config.shard_index,
+        config.num_shards,
+        "pi0 + adapter" if adapter is not None else "pi0 prompt-only",
+        state.prefix,
+        len(state.done),
+    )
+    spec = DatasetSpec(source=str(dataset), fields=config.fields, limit=config.limit)
+    counts = Counts()
+    rewriter = Rewriter(config, adapter)
+    tally = Tally()
+    final = out_dir / shard_file_name(config.shard_index, config.num_shards)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    bar = _progress(config.progress)
+    try:
+        with RejectSink(out_dir / "rejects.jsonl") as sink, tmp.open("w", encoding="utf-8") as fh:
+            records = iter_records(spec, sink, counts)
+            batches = iter_batches(
+                records,
+                config.batch_records,
+                config.shard_index,
+                config.num_shards,
+                config.shard_by,
+            )
+            for b, batch in enumerate(batches):
+                rows = state.load(b, [r.id for r in batch])
+                generated = rows is None
+                if rows is None:
+                    t0 = time.time()
+                    rows = rewriter.rewrite(batch, config.shard_index, b)
+                    tally.generate_seconds += time.time() - t0
+                    state.save(b, rows)
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                tally.add(rows, generated)
+                bar.update(len(rows))
+                bar.set_postfix(tally.postfix(), refresh=False)
+            rejected = sink.total
+        os.replace(tmp, final)
+        if config.state_uri is None:
+            # The default state lives inside the output only to survive a local crash; once the
+            # shard is complete it would just duplicate the candidates.
+            import shutil
+
+            shutil.rmtree(out_dir / "_state", ignore_errors=True)
+    finally:
+        bar.close()
+        rewriter.close()
+        tmp.unlink(missing_ok=True)
+    elapsed = max(time.time() - tally.started, 1e-9)
+    metrics = {
+        "records": float(tally.records),
+        "rejected": float(rejected),
+        "candidates": float(tally.candidates),
+        "answer_acceptance": tally.accepted / max(tally.records, 1),
+        "candidate_pass_rate": tally.candidates_ok / max(tally.candidates, 1),
+        "retries": float(tally.retries),
+        "generated_tokens": float(tally.tokens),
+        "tokens_per_s": tally.tokens / max(tally.generate_seconds, 1e-9),
+        "records_per_s": tally.records / elapsed,
+        "batches": float(tally.batches),
+        "batches_resumed": float(tally.batches_resumed),
+        "shard_index": float(config.shard_index),
+        "num_shards": float(config.num_shards),
+    }
+    summary = {
+        "stage": NAME,
+        "rewriter": "pi0+adapter" if adapter is not None else "pi0 (prompt-only baseline)",
+        "state": state.prefix,
+        "fingerprint": fp,
+        "source": counts.source,
+        "fields": counts.fields,
+        "rejects_by_kind": dict(counts.rejected),
+        "metrics": metrics,
+    }
+    (out_dir / f"summary-{config.shard_index:05d}-of-{config.num_shards:05d}.json").write_text(
+        json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    )
+    log.info(
+        "rewrite: %d records (%d rejected), %d candidates, answer acceptance %.1f%%, %.1f tok/s",
+        tally.records,
+        rejected,
+        tally.candidates,
+        100 * metrics["answer_acceptance"],
+        metrics["tokens_per_s"],
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    from patchgap.stages.base import main
+
+    raise SystemExit(main(sys.modules[__name__]))

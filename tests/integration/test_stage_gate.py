@@ -1,0 +1,153 @@
+"""Stage gate: a wrong final answer never enters D_R, every id once, the report, SmolLM2 on real
+GSM8K, and both components under kfp.local."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from patchgap.answers import equivalent
+from patchgap.stages import gate, rewrite
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def gsm8k_records(data_dir: Path) -> list[dict]:
+    lines = (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()[:5]
+    return [json.loads(x) | {"idx": f"g{i}"} for i, x in enumerate(lines)]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _wrong(solution: str) -> str:
+    head, _, answer = solution.rpartition("####")
+    return f"{head}#### {int(answer.strip().replace(',', '')) + 1}"
+
+
+def test_wrong_answers_never_enter_d_r_and_every_id_appears_once(
+    tiny_llama: Path, gsm8k_records: list[dict], tmp_path: Path
+) -> None:
+    import datasets
+
+    data = _write(tmp_path / "d.jsonl", gsm8k_records)
+    cand_rows = []
+    for i, r in enumerate(gsm8k_records[:4]):  # g4 has no candidates at all
+        sol = r["answer"]
+        texts = [_wrong(sol), "", "no final answer here"]
+        if i % 2 == 0:  # even records also get one correct rewrite
+            texts.append(sol.replace("####", "The answer is"))
+        cands = [
+            {"index": k, "trial": k // 2, "text": t, "num_tokens": 5, "finish_reason": "stop"}
+            for k, t in enumerate(texts)
+        ]
+        cand_rows.append({"id": r["idx"], "question": r["question"], "candidates": cands})
+    cdir = tmp_path / "cands"
+    cdir.mkdir()
+    _write(cdir / "candidates-00000-of-00001.jsonl", cand_rows)
+
+    cfg = gate.Config(model=str(tiny_llama), fields="gsm8k", judge=False, batch_records=2)
+    out, rep = tmp_path / "dr", tmp_path / "report"
+    metrics = gate.run(
+        cfg, {"dataset": data, "candidates": cdir}, {"dataset_r": out, "report": rep}
+    )
+
+    rows = [json.loads(x) for x in (out / gate.D_R_FILE).read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"g{i}" for i in range(5)]
+    for r in rows:
+        assert equivalent(r["solution"], r["answer"]), r["id"]
+        prov = r["provenance"]
+        if r["id"] in ("g0", "g2"):
+            assert prov["status"] == "accepted" and prov["candidate_index"] == 3
+            assert prov["gate_reasons"] == ["wrong_answer", "empty", "no_final_answer", "chosen"]
+            assert prov["trial"] == 1 and prov["trials"] == 2
+            assert prov["nll_pi0"] is not None
+        else:
+            assert prov["status"] == "fallback" and prov["candidate_index"] is None
+            assert r["solution"] == gsm8k_records[int(r["id"][1])]["answer"]
+    assert rows[4]["provenance"]["fallback_reason"] == "no_candidates"
+    assert metrics["acceptance_rate"] == pytest.approx(0.4)
+    assert metrics["fallback_count"] == 3
+    assert "nll_gap" in metrics
+
+    accepted = [json.loads(x) for x in (out / gate.ACCEPTED_FILE).read_text().splitlines()]
+    assert [r["id"] for r in accepted] == ["g0", "g2"]
+    js = datasets.load_dataset("json", data_files=str(out / gate.D_R_FILE), split="train")
+    pq = datasets.load_dataset("parquet", data_files=str(out / gate.PARQUET_FILE), split="train")
+    assert js["id"] == pq["id"] == [f"g{i}" for i in range(5)]
+    assert pq[0]["provenance"]["status"] == "accepted"
+
+    report = json.loads((rep / "gate_metrics.json").read_text())
+    assert report["reasons"] == {"wrong_answer": 4, "empty": 4, "no_final_answer": 4}
+    assert (rep / "gate_plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in (rep / "gate_report.html").read_text()
+    assert "acceptance rate | 40.0%" in (rep / "gate_report.md").read_text()
+
+
+def test_smollm2_prompt_only_rewrite_then_gate_on_real_gsm8k(
+    smollm2: Path, gsm8k_records: list[dict], tmp_path: Path
+) -> None:
+    """pi0 alone (the paper's prompt-only baseline) rewrites 2 GSM8K problems; the judge runs."""
+    data = _write(tmp_path / "d.jsonl", gsm8k_records[:2])
+    rcfg = rewrite.Config(
+        model=str(smollm2), fields="gsm8k", max_new_tokens=24, batch_size=2, progress=False
+    )
+    m1 = rewrite.run(rcfg, {"dataset": data}, {"candidates": tmp_path / "c"})
+    assert m1["records"] == 2 and m1["generated_tokens"] > 3
+    rows = [
+        json.loads(x) for x in next((tmp_path / "c").glob("cand*.jsonl")).read_text().splitlines()
+    ]
+    assert all(len(r["candidates"][0]["text"].split()) > 3 for r in rows)  # real words
+
+    gcfg = gate.Config(model=str(smollm2), fields="gsm8k", diversity_sample=8)
+    out = tmp_path / "dr"
+    m2 = gate.run(
+        gcfg,
+        {"dataset": data, "candidates": tmp_path / "c"},
+        {"dataset_r": out, "report": tmp_path / "rep"},
+    )
+    d_r = [json.loads(x) for x in (out / gate.D_R_FILE).read_text().splitlines()]
+    assert sorted(r["id"] for r in d_r) == ["g0", "g1"]
+    assert all(equivalent(r["solution"], r["answer"]) for r in d_r)
+    assert m2["mean_nll_d"] > 0 and m2["records"] == 2
+    assert 0.0 <= m2["diversity_d_r_embedding_distance"] <= 1.0
+
+
+def test_rewrite_and_gate_components_run_under_kfp_local(
+    tiny_llama: Path, gsm8k_records: list[dict], tmp_path: Path
+) -> None:
+    import yaml
+    from kfp import dsl, local
+    from kfp.dsl import Dataset
+
+    from components.gate.component import gate as gate_component
+    from components.rewrite.component import rewrite as rewrite_component
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    _write(data_dir / "d.jsonl", gsm8k_records[:3])
+    common = {"model": str(tiny_llama), "fields": "gsm8k"}
+    rewrite_yaml = yaml.safe_dump(
+        {**common, "template": "{question}\n{solution}", "max_new_tokens": 4, "progress": False}
+    )
+    gate_yaml = yaml.safe_dump({**common, "judge": False, "write_parquet": False})
+
+    @dsl.pipeline
+    def rewrite_and_gate(rewrite_config: str, gate_config: str) -> Dataset:
+        data = dsl.importer(
+            artifact_uri=str(data_dir), artifact_class=Dataset, reimport=False
+        ).output
+        cands = rewrite_component(config_yaml=rewrite_config, dataset=data)
+        gated = gate_component(
+            config_yaml=gate_config, dataset=data, candidates=cands.outputs["candidates"]
+        )
+        return gated.outputs["dataset_r"]
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    result = rewrite_and_gate(rewrite_config=rewrite_yaml, gate_config=gate_yaml)
+    d_r = Path(result.output.path) / gate.D_R_FILE
+    ids = [json.loads(x)["id"] for x in d_r.read_text().splitlines()]
+    assert ids == ["g0", "g1", "g2"]
