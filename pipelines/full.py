@@ -26,6 +26,7 @@ def rewrite_and_gate(
     rewrite_config: str,
     gate_config: str,
     gpu,
+    cpu,
 ):
     """Fan the rewrite out over shards, merge the shard outputs, gate them."""
     # Without an adapter the rewriter is pi0 with the fixed prompt: the prompt-only baseline.
@@ -40,7 +41,7 @@ def rewrite_and_gate(
         ).set_display_name("rewrite shard")
         gpu(rw, cache=True)
     merged = merge_shards(shards=dsl.Collected(rw.outputs["candidates"]))
-    cpu_task(merged.set_display_name("merge shards"))
+    cpu(merged.set_display_name("merge shards"))
     gt = gate(
         config_yaml=gate_config,
         dataset=dataset,
@@ -50,84 +51,100 @@ def rewrite_and_gate(
     return gt
 
 
-@dsl.pipeline(
-    name="patchgap-full",
-    description="Train the RL rewriter, build D_R with Generate-Verify-Fallback, fine-tune on D "
-    "and D_R, and measure downstream gain and forgetting.",
-)
-def full(
-    dataset_uri: str,
-    dataset_fields: str = "auto",
-    train_rewriter_config: str = d.stage_yaml("train_rewriter"),
-    rewrite_config: str = d.stage_yaml("rewrite"),
-    gate_config: str = d.stage_yaml("gate"),
-    sft_config: str = d.stage_yaml("sft"),
-    evaluate_config: str = d.stage_yaml("evaluate"),
-    num_shards: int = 1,
-    min_acceptance_rate: float = 0.0,
-    prompt_only_baseline: bool = False,
-    accelerator_type: str = d.ACCELERATOR_TYPE,
-    gpu_count: int = 1,
-    train_gpu_count: int = 1,
-    node_selector: dict = d.NODE_SELECTOR,
-    tolerations: list = d.TOLERATIONS,
-):
-    def gpu(task, cache, count=gpu_count):
-        return gpu_task(
-            task,
-            accelerator_type=accelerator_type,
-            gpu_count=count,
-            node_selector=node_selector,
-            tolerations=tolerations,
-            cache=cache,
+def build(local: bool = False):
+    """The pipeline; ``local`` builds it for kfp.local (no Kubernetes placement)."""
+
+    @dsl.pipeline(
+        name="patchgap-full",
+        description="Train the RL rewriter, build D_R with Generate-Verify-Fallback, fine-tune on "
+        "D and D_R, and measure downstream gain and forgetting.",
+    )
+    def full(
+        dataset_uri: str,
+        dataset_fields: str = "auto",
+        train_rewriter_config: str = d.stage_yaml("train_rewriter"),
+        rewrite_config: str = d.stage_yaml("rewrite"),
+        gate_config: str = d.stage_yaml("gate"),
+        sft_config: str = d.stage_yaml("sft"),
+        evaluate_config: str = d.stage_yaml("evaluate"),
+        num_shards: int = 1,
+        min_acceptance_rate: float = 0.0,
+        prompt_only_baseline: bool = False,
+        accelerator_type: str = d.ACCELERATOR_TYPE,
+        gpu_count: int = 1,
+        train_gpu_count: int = 1,
+        node_selector: dict = d.NODE_SELECTOR,
+        tolerations: list = d.TOLERATIONS,
+    ):
+        def gpu(task, cache, count=gpu_count):
+            return gpu_task(
+                task,
+                accelerator_type=accelerator_type,
+                gpu_count=count,
+                node_selector=node_selector,
+                tolerations=tolerations,
+                cache=cache,
+                local=local,
+            )
+
+        def cpu(task, cache=True):
+            return cpu_task(task, cache=cache, local=local)
+
+        # The dataset URI's content can change under the same name: never cached.
+        staged = stage_dataset(dataset_uri=dataset_uri, fields=dataset_fields)
+        cpu(staged.set_display_name("stage dataset"), cache=False)
+        dataset = staged.outputs["dataset"]
+
+        trained = train_rewriter(config_yaml=train_rewriter_config, dataset=dataset)
+        gpu(trained.set_display_name("train rewriter"), cache=True, count=train_gpu_count)
+
+        shards = shard_indices(num_shards=num_shards)
+        cpu(shards.set_display_name("shards"))
+        gt = rewrite_and_gate(
+            dataset,
+            trained.outputs["adapter"],
+            shards,
+            num_shards,
+            rewrite_config,
+            gate_config,
+            gpu,
+            cpu,
         )
 
-    # The dataset URI's content can change under the same name: never cached.
-    staged = stage_dataset(dataset_uri=dataset_uri, fields=dataset_fields)
-    cpu_task(staged.set_display_name("stage dataset"), cache=False)
-    dataset = staged.outputs["dataset"]
+        # Baseline: the same SFT on the original D (runs whatever the gate decides).
+        sft_d = sft(config_yaml=sft_config, dataset=dataset).set_display_name("sft on D")
+        gpu(sft_d, cache=True, count=train_gpu_count)
 
-    trained = train_rewriter(config_yaml=train_rewriter_config, dataset=dataset)
-    gpu(trained.set_display_name("train rewriter"), cache=True, count=train_gpu_count)
+        with dsl.If(gt.outputs["Output"] >= min_acceptance_rate, name="gate-accepted-enough"):
+            sft_dr = sft(config_yaml=sft_config, dataset=gt.outputs["dataset_r"])
+            gpu(sft_dr.set_display_name("sft on D_R"), cache=True, count=train_gpu_count)
 
-    shards = shard_indices(num_shards=num_shards)
-    cpu_task(shards.set_display_name("shards"))
-    gt = rewrite_and_gate(
-        dataset, trained.outputs["adapter"], shards, num_shards, rewrite_config, gate_config, gpu
-    )
+            with dsl.If(prompt_only_baseline == True, name="with-prompt-only-baseline"):  # noqa: E712
+                gt_p = rewrite_and_gate(
+                    dataset, None, shards, num_shards, rewrite_config, gate_config, gpu, cpu
+                )
+                sft_p = sft(config_yaml=sft_config, dataset=gt_p.outputs["dataset_r"])
+                gpu(
+                    sft_p.set_display_name("sft on D_R (prompt-only)"),
+                    cache=True,
+                    count=train_gpu_count,
+                )
+                ev4 = evaluate(
+                    config_yaml=evaluate_config,
+                    sft_d=sft_d.outputs["model"],
+                    sft_dr=sft_dr.outputs["model"],
+                    sft_dr_prompt=sft_p.outputs["model"],
+                )
+                gpu(ev4.set_display_name("evaluate (4 models)"), cache=True)
+            with dsl.Else(name="rl-rewriter-only"):
+                ev3 = evaluate(
+                    config_yaml=evaluate_config,
+                    sft_d=sft_d.outputs["model"],
+                    sft_dr=sft_dr.outputs["model"],
+                )
+                gpu(ev3.set_display_name("evaluate"), cache=True)
 
-    # Baseline: the same SFT on the original D (runs whatever the gate decides).
-    sft_d = sft(config_yaml=sft_config, dataset=dataset).set_display_name("sft on D")
-    gpu(sft_d, cache=True, count=train_gpu_count)
-
-    with dsl.If(gt.outputs["acceptance_rate"] >= min_acceptance_rate, name="gate-accepted-enough"):
-        sft_dr = sft(config_yaml=sft_config, dataset=gt.outputs["dataset_r"])
-        gpu(sft_dr.set_display_name("sft on D_R"), cache=True, count=train_gpu_count)
-
-        with dsl.If(prompt_only_baseline == True, name="with-prompt-only-baseline"):  # noqa: E712
-            gt_p = rewrite_and_gate(
-                dataset, None, shards, num_shards, rewrite_config, gate_config, gpu
-            )
-            sft_p = sft(config_yaml=sft_config, dataset=gt_p.outputs["dataset_r"])
-            gpu(
-                sft_p.set_display_name("sft on D_R (prompt-only)"),
-                cache=True,
-                count=train_gpu_count,
-            )
-            ev4 = evaluate(
-                config_yaml=evaluate_config,
-                sft_d=sft_d.outputs["model"],
-                sft_dr=sft_dr.outputs["model"],
-                sft_dr_prompt=sft_p.outputs["model"],
-            )
-            gpu(ev4.set_display_name("evaluate (4 models)"), cache=True)
-        with dsl.Else(name="rl-rewriter-only"):
-            ev3 = evaluate(
-                config_yaml=evaluate_config,
-                sft_d=sft_d.outputs["model"],
-                sft_dr=sft_dr.outputs["model"],
-            )
-            gpu(ev3.set_display_name("evaluate"), cache=True)
+    return full
 
 
-PIPELINE = full
+PIPELINE = build()

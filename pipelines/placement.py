@@ -39,8 +39,14 @@ def with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def cpu_task(task: dsl.PipelineTask, *, cache: bool = True) -> dsl.PipelineTask:
-    """A light step: S3 env, non-root, retries."""
+def cpu_task(
+    task: dsl.PipelineTask, *, cache: bool = True, local: bool = False
+) -> dsl.PipelineTask:
+    """A light step: S3 env, non-root, retries. ``local`` (kfp.local runs) keeps only the
+    caching choice: Kubernetes settings are no-ops there."""
+    task.set_caching_options(cache)
+    if local:
+        return task
     with_s3(task)
     kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
     task.set_retry(
@@ -49,7 +55,6 @@ def cpu_task(task: dsl.PipelineTask, *, cache: bool = True) -> dsl.PipelineTask:
         backoff_factor=BACKOFF_FACTOR,
         backoff_max_duration=BACKOFF_MAX,
     )
-    task.set_caching_options(cache)
     return task
 
 
@@ -62,9 +67,15 @@ def gpu_task(
     tolerations,
     cache: bool,
     memory_limit: str = "64Gi",
+    local: bool = False,
 ) -> dsl.PipelineTask:
-    """A GPU stage on the GPU pool (all placement values may be pipeline parameters)."""
-    cpu_task(task, cache=cache)
+    """A GPU stage on the GPU pool (all placement values may be pipeline parameters).
+
+    ``local`` builds the same graph for kfp.local, which cannot resolve accelerator settings
+    given as pipeline parameters inside a ParallelFor; placement means nothing there anyway."""
+    cpu_task(task, cache=cache, local=local)
+    if local:
+        return task
     task.set_accelerator_type(accelerator_type)
     task.set_accelerator_limit(gpu_count)
     task.set_memory_limit(memory_limit)

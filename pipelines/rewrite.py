@@ -14,62 +14,69 @@ from pipelines.full import rewrite_and_gate
 from pipelines.placement import cpu_task, gpu_task
 
 
-@dsl.pipeline(
-    name="patchgap-rewrite",
-    description="Apply a trained rewriter adapter to a dataset and build D_R; optionally "
-    "fine-tune on D and D_R and evaluate.",
-)
-def rewrite_pipeline(
-    dataset_uri: str,
-    adapter_uri: str,
-    dataset_fields: str = "auto",
-    rewrite_config: str = d.stage_yaml("rewrite"),
-    gate_config: str = d.stage_yaml("gate"),
-    sft_config: str = d.stage_yaml("sft"),
-    evaluate_config: str = d.stage_yaml("evaluate"),
-    num_shards: int = 1,
-    run_sft: bool = False,
-    min_acceptance_rate: float = 0.0,
-    accelerator_type: str = d.ACCELERATOR_TYPE,
-    gpu_count: int = 1,
-    node_selector: dict = d.NODE_SELECTOR,
-    tolerations: list = d.TOLERATIONS,
-):
-    def gpu(task, cache):
-        return gpu_task(
-            task,
-            accelerator_type=accelerator_type,
-            gpu_count=gpu_count,
-            node_selector=node_selector,
-            tolerations=tolerations,
-            cache=cache,
-        )
+def build(local: bool = False):
+    """The pipeline; ``local`` builds it for kfp.local (no Kubernetes placement)."""
 
-    staged = stage_dataset(dataset_uri=dataset_uri, fields=dataset_fields)
-    cpu_task(staged.set_display_name("stage dataset"), cache=False)
-    dataset = staged.outputs["dataset"]
-    adapter = dsl.importer(
-        artifact_uri=adapter_uri, artifact_class=dsl.Model, reimport=False
-    ).set_display_name("rewriter adapter")
-    shards = shard_indices(num_shards=num_shards)
-    cpu_task(shards.set_display_name("shards"))
-    gt = rewrite_and_gate(
-        dataset, adapter.output, shards, num_shards, rewrite_config, gate_config, gpu
+    @dsl.pipeline(
+        name="patchgap-rewrite",
+        description="Apply a trained rewriter adapter to a dataset and build D_R; optionally "
+        "fine-tune on D and D_R and evaluate.",
     )
-    with dsl.If(run_sft == True, name="sft-requested"):  # noqa: E712
-        with dsl.If(
-            gt.outputs["acceptance_rate"] >= min_acceptance_rate, name="gate-accepted-enough"
-        ):
-            sft_d = sft(config_yaml=sft_config, dataset=dataset)
-            gpu(sft_d.set_display_name("sft on D"), cache=True)
-            sft_dr = sft(config_yaml=sft_config, dataset=gt.outputs["dataset_r"])
-            gpu(sft_dr.set_display_name("sft on D_R"), cache=True)
-            ev = evaluate(
-                config_yaml=evaluate_config,
-                sft_d=sft_d.outputs["model"],
-                sft_dr=sft_dr.outputs["model"],
+    def rewrite_pipeline(
+        dataset_uri: str,
+        adapter_uri: str,
+        dataset_fields: str = "auto",
+        rewrite_config: str = d.stage_yaml("rewrite"),
+        gate_config: str = d.stage_yaml("gate"),
+        sft_config: str = d.stage_yaml("sft"),
+        evaluate_config: str = d.stage_yaml("evaluate"),
+        num_shards: int = 1,
+        run_sft: bool = False,
+        min_acceptance_rate: float = 0.0,
+        accelerator_type: str = d.ACCELERATOR_TYPE,
+        gpu_count: int = 1,
+        node_selector: dict = d.NODE_SELECTOR,
+        tolerations: list = d.TOLERATIONS,
+    ):
+        def gpu(task, cache):
+            return gpu_task(
+                task,
+                accelerator_type=accelerator_type,
+                gpu_count=gpu_count,
+                node_selector=node_selector,
+                tolerations=tolerations,
+                cache=cache,
+                local=local,
             )
-            gpu(ev.set_display_name("evaluate"), cache=True)
+
+        def cpu(task, cache=True):
+            return cpu_task(task, cache=cache, local=local)
+
+        staged = stage_dataset(dataset_uri=dataset_uri, fields=dataset_fields)
+        cpu(staged.set_display_name("stage dataset"), cache=False)
+        dataset = staged.outputs["dataset"]
+        adapter = dsl.importer(
+            artifact_uri=adapter_uri, artifact_class=dsl.Model, reimport=False
+        ).set_display_name("rewriter adapter")
+        shards = shard_indices(num_shards=num_shards)
+        cpu(shards.set_display_name("shards"))
+        gt = rewrite_and_gate(
+            dataset, adapter.output, shards, num_shards, rewrite_config, gate_config, gpu, cpu
+        )
+        with dsl.If(run_sft == True, name="sft-requested"):  # noqa: E712
+            with dsl.If(gt.outputs["Output"] >= min_acceptance_rate, name="gate-accepted-enough"):
+                sft_d = sft(config_yaml=sft_config, dataset=dataset)
+                gpu(sft_d.set_display_name("sft on D"), cache=True)
+                sft_dr = sft(config_yaml=sft_config, dataset=gt.outputs["dataset_r"])
+                gpu(sft_dr.set_display_name("sft on D_R"), cache=True)
+                ev = evaluate(
+                    config_yaml=evaluate_config,
+                    sft_d=sft_d.outputs["model"],
+                    sft_dr=sft_dr.outputs["model"],
+                )
+                gpu(ev.set_display_name("evaluate"), cache=True)
+
+    return rewrite_pipeline
 
 
-PIPELINE = rewrite_pipeline
+PIPELINE = build()

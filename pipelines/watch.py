@@ -14,61 +14,70 @@ from pipelines import defaults as d
 from pipelines.placement import cpu_task, gpu_task
 
 
-@dsl.pipeline(
-    name="patchgap-watch",
-    description="Rewrite every new dataset that lands under an S3 prefix, once.",
-)
-def watch(
-    prefix_uri: str,
-    adapter_uri: str,
-    ledger_uri: str = "s3://patchgap/ledger/watch",
-    max_datasets: int = 8,
-    dataset_fields: str = "auto",
-    rewrite_config: str = d.stage_yaml("rewrite"),
-    gate_config: str = d.stage_yaml("gate"),
-    accelerator_type: str = d.ACCELERATOR_TYPE,
-    gpu_count: int = 1,
-    node_selector: dict = d.NODE_SELECTOR,
-    tolerations: list = d.TOLERATIONS,
-):
-    def gpu(task):
-        # A dataset is rewritten once (the ledger says so); KFP caching would only hide reruns.
-        return gpu_task(
-            task,
-            accelerator_type=accelerator_type,
-            gpu_count=gpu_count,
-            node_selector=node_selector,
-            tolerations=tolerations,
-            cache=False,
-        )
+def build(local: bool = False):
+    """The pipeline; ``local`` builds it for kfp.local (no Kubernetes placement)."""
 
-    found = find_new_datasets(
-        prefix_uri=prefix_uri, ledger_uri=ledger_uri, max_datasets=max_datasets
+    @dsl.pipeline(
+        name="patchgap-watch",
+        description="Rewrite every new dataset that lands under an S3 prefix, once.",
     )
-    # The listing must look at the bucket every time.
-    cpu_task(found.set_display_name("find new datasets"), cache=False)
-    adapter = dsl.importer(
-        artifact_uri=adapter_uri, artifact_class=dsl.Model, reimport=False
-    ).set_display_name("rewriter adapter")
-    with dsl.ParallelFor(found.output, parallelism=2) as item:
-        staged = stage_dataset(dataset_uri=item.uri, fields=dataset_fields)
-        cpu_task(staged.set_display_name("stage dataset"), cache=False)
-        rw = rewrite(
-            config_yaml=rewrite_config,
-            dataset=staged.outputs["dataset"],
-            adapter=adapter.output,
+    def watch(
+        prefix_uri: str,
+        adapter_uri: str,
+        ledger_uri: str = "s3://patchgap/ledger/watch",
+        max_datasets: int = 8,
+        dataset_fields: str = "auto",
+        rewrite_config: str = d.stage_yaml("rewrite"),
+        gate_config: str = d.stage_yaml("gate"),
+        accelerator_type: str = d.ACCELERATOR_TYPE,
+        gpu_count: int = 1,
+        node_selector: dict = d.NODE_SELECTOR,
+        tolerations: list = d.TOLERATIONS,
+    ):
+        def gpu(task):
+            # A dataset is rewritten once (the ledger says so); KFP caching would only hide reruns.
+            return gpu_task(
+                task,
+                accelerator_type=accelerator_type,
+                gpu_count=gpu_count,
+                node_selector=node_selector,
+                tolerations=tolerations,
+                cache=False,
+                local=local,
+            )
+
+        def cpu(task, cache=True):
+            return cpu_task(task, cache=cache, local=local)
+
+        found = find_new_datasets(
+            prefix_uri=prefix_uri, ledger_uri=ledger_uri, max_datasets=max_datasets
         )
-        gpu(rw.set_display_name("rewrite"))
-        gt = gate(
-            config_yaml=gate_config,
-            dataset=staged.outputs["dataset"],
-            candidates=rw.outputs["candidates"],
-        )
-        gpu(gt.set_display_name("gate"))
-        rec = record_processed(
-            ledger_uri=ledger_uri, item=item, acceptance_rate=gt.outputs["acceptance_rate"]
-        )
-        cpu_task(rec.set_display_name("record in ledger"), cache=False)
+        # The listing must look at the bucket every time.
+        cpu(found.set_display_name("find new datasets"), cache=False)
+        adapter = dsl.importer(
+            artifact_uri=adapter_uri, artifact_class=dsl.Model, reimport=False
+        ).set_display_name("rewriter adapter")
+        with dsl.ParallelFor(found.output, parallelism=2) as item:
+            staged = stage_dataset(dataset_uri=item.uri, fields=dataset_fields)
+            cpu(staged.set_display_name("stage dataset"), cache=False)
+            rw = rewrite(
+                config_yaml=rewrite_config,
+                dataset=staged.outputs["dataset"],
+                adapter=adapter.output,
+            )
+            gpu(rw.set_display_name("rewrite"))
+            gt = gate(
+                config_yaml=gate_config,
+                dataset=staged.outputs["dataset"],
+                candidates=rw.outputs["candidates"],
+            )
+            gpu(gt.set_display_name("gate"))
+            rec = record_processed(
+                ledger_uri=ledger_uri, item=item, acceptance_rate=gt.outputs["Output"]
+            )
+            cpu(rec.set_display_name("record in ledger"), cache=False)
+
+    return watch
 
 
-PIPELINE = watch
+PIPELINE = build()

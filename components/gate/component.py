@@ -3,8 +3,6 @@
 No ``from __future__ import annotations``: KFP reads these annotations at runtime.
 """
 
-from typing import NamedTuple
-
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Output
 
@@ -21,7 +19,7 @@ def gate(
     metrics: Output[Metrics],
     report_html: Output[HTML],
     report_md: Output[Markdown],
-) -> NamedTuple("GateOutputs", [("acceptance_rate", float)]):
+) -> float:
     """Verify the candidates with r_task, keep the lowest-NLL feasible one per record or fall
     back to the reference solution; write D_R, the accepted-only subset and the gate report.
     Logs acceptance_rate, nll_gap and fallback_count."""
@@ -40,7 +38,6 @@ def gate(
     # The KFP UI renders these two artifacts inline.
     shutil.copyfile(Path(report.path) / "gate_report.html", report_html.path)
     shutil.copyfile(Path(report.path) / "gate_report.md", report_md.path)
-    # Returned as a parameter so a pipeline can branch on it (dsl.If before SFT).
-    from collections import namedtuple
-
-    return namedtuple("GateOutputs", ["acceptance_rate"])(float(result["acceptance_rate"]))
+    # The acceptance rate is returned as the task's plain ``Output`` parameter so a pipeline can
+    # branch on it (dsl.If before SFT); kfp.local resolves only that form in conditions.
+    return float(result["acceptance_rate"])

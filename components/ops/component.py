@@ -39,10 +39,10 @@ def stage_dataset(
     write_records_jsonl(result.records, out / "records.jsonl")
     metrics.log_metric("records_read", float(result.counts.read))
     metrics.log_metric("records_valid", float(result.counts.valid))
-    metrics.log_metric("records_rejected", float(result.counts.rejected))
+    metrics.log_metric("records_rejected", float(result.counts.rejected_total))
     dataset.metadata["source"] = dataset_uri
     Counts = namedtuple("Counts", ["valid", "rejected"])
-    return Counts(result.counts.valid, result.counts.rejected)
+    return Counts(result.counts.valid, result.counts.rejected_total)
 
 
 @dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)

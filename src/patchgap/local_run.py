@@ -102,7 +102,7 @@ def run_local(prepared: PreparedRun, *, say: Any = print) -> dict[str, Any]:
     status = "succeeded"
     error = None
     try:
-        module.PIPELINE(**args)
+        module.build(local=True)(**args)
     except Exception as err:  # record the failure in the manifest, then re-raise
         status, error = "failed", f"{type(err).__name__}: {err}"
         raise

@@ -96,7 +96,7 @@ def prepare_run(
         counts = {
             "read": result.counts.read,
             "valid": result.counts.valid,
-            "rejected": result.counts.rejected,
+            "rejected": result.counts.rejected_total,
         }
         if not result.records:
             raise ConfigError(f"{config_path}: dataset {spec.source} has no valid records")
@@ -105,7 +105,7 @@ def prepare_run(
         write_records_jsonl(result.records, local)
         dataset_uri = f"s3://{settings.bucket}/{name}"
         store.put_file(local, dataset_uri)
-        if result.counts.rejected:
+        if result.counts.rejected_total:
             store.put_file(rejects, dataset_uri + ".rejects.jsonl")
     say(
         f"dataset: {spec.source} -> {dataset_uri} "

@@ -120,7 +120,7 @@ def test_sft_is_skipped_below_the_acceptance_threshold(compiled) -> None:
         for t in _all_tasks(spec).values()
         if "triggerPolicy" in t and "condition" in t["triggerPolicy"]
     ]
-    assert any("acceptance_rate" in c and "min_acceptance_rate" in c for c in conds), conds
+    assert any("gate-Output" in c and "min_acceptance_rate" in c for c in conds), conds
 
 
 def test_rewrite_fans_out_over_shards(compiled) -> None:
