@@ -27,11 +27,15 @@ def rewrite_and_gate(
     gate_config: str,
     gpu,
     cpu,
+    local: bool = False,
 ):
-    """Fan the rewrite out over shards, merge the shard outputs, gate them."""
+    """Fan the rewrite out over shards, merge the shard outputs, gate them.
+
+    Locally the shards run one after another: two CPU-bound shards on one small machine
+    oversubscribe its cores and each runs many times slower than alone."""
     # Without an adapter the rewriter is pi0 with the fixed prompt: the prompt-only baseline.
     wired = {"adapter": adapter} if adapter is not None else {}
-    with dsl.ParallelFor(shards.output) as shard:
+    with dsl.ParallelFor(shards.output, parallelism=1 if local else 0) as shard:
         rw = rewrite(
             config_yaml=rewrite_config,
             dataset=dataset,
@@ -109,6 +113,7 @@ def build(local: bool = False):
             gate_config,
             gpu,
             cpu,
+            local,
         )
 
         # Baseline: the same SFT on the original D (runs whatever the gate decides).
@@ -121,7 +126,7 @@ def build(local: bool = False):
 
             with dsl.If(prompt_only_baseline == True, name="with-prompt-only-baseline"):  # noqa: E712
                 gt_p = rewrite_and_gate(
-                    dataset, None, shards, num_shards, rewrite_config, gate_config, gpu, cpu
+                    dataset, None, shards, num_shards, rewrite_config, gate_config, gpu, cpu, local
                 )
                 sft_p = sft(config_yaml=sft_config, dataset=gt_p.outputs["dataset_r"])
                 gpu(

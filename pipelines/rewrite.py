@@ -61,7 +61,15 @@ def build(local: bool = False):
         shards = shard_indices(num_shards=num_shards)
         cpu(shards.set_display_name("shards"))
         gt = rewrite_and_gate(
-            dataset, adapter.output, shards, num_shards, rewrite_config, gate_config, gpu, cpu
+            dataset,
+            adapter.output,
+            shards,
+            num_shards,
+            rewrite_config,
+            gate_config,
+            gpu,
+            cpu,
+            local,
         )
         with dsl.If(run_sft == True, name="sft-requested"):  # noqa: E712
             with dsl.If(gt.outputs["Output"] >= min_acceptance_rate, name="gate-accepted-enough"):

@@ -96,6 +96,7 @@ def prepare_run(
         counts = {
             "read": result.counts.read,
             "valid": result.counts.valid,
+            "selected": len(result.records),
             "rejected": result.counts.rejected_total,
         }
         if not result.records:
@@ -109,7 +110,8 @@ def prepare_run(
             store.put_file(rejects, dataset_uri + ".rejects.jsonl")
     say(
         f"dataset: {spec.source} -> {dataset_uri} "
-        f"({counts['valid']} valid of {counts['read']} read, {counts['rejected']} rejected)"
+        f"({counts['selected']} selected; {counts['valid']} valid of {counts['read']} read, "
+        f"{counts['rejected']} rejected)"
     )
     model = str(raw.get("model", "smollm2"))
     if model.lower() in ("smollm2", "smollm2-135m-instruct"):
