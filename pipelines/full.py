@@ -15,7 +15,7 @@ from components.rewrite.component import rewrite
 from components.sft.component import sft
 from components.train_rewriter.component import train_rewriter
 from pipelines import defaults as d
-from pipelines.placement import cpu_task, gpu_task
+from pipelines.placement import placers
 
 
 def rewrite_and_gate(
@@ -80,19 +80,13 @@ def build(local: bool = False):
         node_selector: dict = d.NODE_SELECTOR,
         tolerations: list = d.TOLERATIONS,
     ):
-        def gpu(task, cache, count=gpu_count):
-            return gpu_task(
-                task,
-                accelerator_type=accelerator_type,
-                gpu_count=count,
-                node_selector=node_selector,
-                tolerations=tolerations,
-                cache=cache,
-                local=local,
-            )
-
-        def cpu(task, cache=True):
-            return cpu_task(task, cache=cache, local=local)
+        gpu, cpu = placers(
+            local=local,
+            accelerator_type=accelerator_type,
+            gpu_count=gpu_count,
+            node_selector=node_selector,
+            tolerations=tolerations,
+        )
 
         # The dataset URI's content can change under the same name: never cached.
         staged = stage_dataset(dataset_uri=dataset_uri, fields=dataset_fields)

@@ -86,3 +86,24 @@ def gpu_task(
         task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE
     )
     return task
+
+
+def placers(*, local: bool, accelerator_type, gpu_count, node_selector, tolerations):
+    """The two placement functions a pipeline body uses, bound to its GPU-pool parameters:
+    ``gpu(task, cache, count=gpu_count)`` and ``cpu(task, cache=True)``."""
+
+    def gpu(task: dsl.PipelineTask, cache: bool, count=gpu_count) -> dsl.PipelineTask:
+        return gpu_task(
+            task,
+            accelerator_type=accelerator_type,
+            gpu_count=count,
+            node_selector=node_selector,
+            tolerations=tolerations,
+            cache=cache,
+            local=local,
+        )
+
+    def cpu(task: dsl.PipelineTask, cache: bool = True) -> dsl.PipelineTask:
+        return cpu_task(task, cache=cache, local=local)
+
+    return gpu, cpu

@@ -11,7 +11,7 @@ from components.ops.component import shard_indices, stage_dataset
 from components.sft.component import sft
 from pipelines import defaults as d
 from pipelines.full import rewrite_and_gate
-from pipelines.placement import cpu_task, gpu_task
+from pipelines.placement import placers
 
 
 def build(local: bool = False):
@@ -38,19 +38,13 @@ def build(local: bool = False):
         node_selector: dict = d.NODE_SELECTOR,
         tolerations: list = d.TOLERATIONS,
     ):
-        def gpu(task, cache):
-            return gpu_task(
-                task,
-                accelerator_type=accelerator_type,
-                gpu_count=gpu_count,
-                node_selector=node_selector,
-                tolerations=tolerations,
-                cache=cache,
-                local=local,
-            )
-
-        def cpu(task, cache=True):
-            return cpu_task(task, cache=cache, local=local)
+        gpu, cpu = placers(
+            local=local,
+            accelerator_type=accelerator_type,
+            gpu_count=gpu_count,
+            node_selector=node_selector,
+            tolerations=tolerations,
+        )
 
         staged = stage_dataset(dataset_uri=dataset_uri, fields=dataset_fields)
         cpu(staged.set_display_name("stage dataset"), cache=False)

@@ -11,7 +11,7 @@ from components.gate.component import gate
 from components.ops.component import find_new_datasets, record_processed, stage_dataset
 from components.rewrite.component import rewrite
 from pipelines import defaults as d
-from pipelines.placement import cpu_task, gpu_task
+from pipelines.placement import placers
 
 
 def build(local: bool = False):
@@ -34,20 +34,13 @@ def build(local: bool = False):
         node_selector: dict = d.NODE_SELECTOR,
         tolerations: list = d.TOLERATIONS,
     ):
-        def gpu(task):
-            # A dataset is rewritten once (the ledger says so); KFP caching would only hide reruns.
-            return gpu_task(
-                task,
-                accelerator_type=accelerator_type,
-                gpu_count=gpu_count,
-                node_selector=node_selector,
-                tolerations=tolerations,
-                cache=False,
-                local=local,
-            )
-
-        def cpu(task, cache=True):
-            return cpu_task(task, cache=cache, local=local)
+        gpu, cpu = placers(
+            local=local,
+            accelerator_type=accelerator_type,
+            gpu_count=gpu_count,
+            node_selector=node_selector,
+            tolerations=tolerations,
+        )
 
         found = find_new_datasets(
             prefix_uri=prefix_uri, ledger_uri=ledger_uri, max_datasets=max_datasets
@@ -65,13 +58,14 @@ def build(local: bool = False):
                 dataset=staged.outputs["dataset"],
                 adapter=adapter.output,
             )
-            gpu(rw.set_display_name("rewrite"))
+            # A dataset is rewritten once (the ledger says so); KFP caching would only hide reruns.
+            gpu(rw.set_display_name("rewrite"), cache=False)
             gt = gate(
                 config_yaml=gate_config,
                 dataset=staged.outputs["dataset"],
                 candidates=rw.outputs["candidates"],
             )
-            gpu(gt.set_display_name("gate"))
+            gpu(gt.set_display_name("gate"), cache=False)
             rec = record_processed(
                 ledger_uri=ledger_uri, item=item, acceptance_rate=gt.outputs["Output"]
             )
