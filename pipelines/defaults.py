@@ -3,11 +3,10 @@ dumped as the YAML string a component receives) and the GPU pool placement. Comp
 carry these as parameter defaults; ``patchgap run`` and ``patchgap submit`` override them."""
 
 import importlib
-import json
 from pathlib import Path
 
-from patchgap.config import read_yaml, validate
-from patchgap.stages.base import SHARED_KEYS
+from patchgap.config import read_yaml
+from patchgap.stages.base import config_json, section_config
 
 PAPER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "paper.yaml"
 
@@ -20,11 +19,5 @@ def stage_yaml(section: str, raw: dict | None = None) -> str:
     """One stage's validated config as YAML text (shared top-level keys inherited)."""
     data = read_yaml(PAPER_CONFIG) if raw is None else raw
     module = importlib.import_module(f"patchgap.stages.{section}")
-    sub = dict(data.get(section) or {})
-    for key in SHARED_KEYS:
-        if key in data and key in module.Config.model_fields and key not in sub:
-            sub[key] = data[key]
-    cfg = validate(module.Config, sub, f"{PAPER_CONFIG.name} [{section}]")
-    # One line of JSON (valid YAML): a multi-line default would break the comment header KFP
-    # writes at the top of a compiled pipeline.
-    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    source = f"{PAPER_CONFIG.name} [{section}]"
+    return config_json(section_config(module.Config, data, section, source))

@@ -99,6 +99,14 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
+def _temperature(config: GenerationConfig, temperature: float | None, n: int) -> float:
+    """The call's temperature (config unless overridden); n > 1 samples need one above zero."""
+    temp = config.temperature if temperature is None else temperature
+    if n > 1 and temp == 0.0:
+        raise ConfigError(f"generation: n={n} needs temperature > 0 (greedy repeats one text)")
+    return temp
+
+
 def make_generator(
     model_path: str | Path,
     adapter_path: str | Path | None = None,
@@ -241,9 +249,7 @@ class TransformersGenerator:
     ) -> list[list[Generation]]:
         import torch
 
-        temp = self.config.temperature if temperature is None else temperature
-        if n > 1 and temp == 0.0:
-            raise ConfigError(f"generation: n={n} needs temperature > 0 (greedy repeats one text)")
+        temp = _temperature(self.config, temperature, n)
         encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         out: list[list[Generation]] = [[] for _ in prompts]
         base_seed = self.config.seed if seed is None else seed
@@ -364,9 +370,7 @@ class VllmGenerator:
     ) -> list[list[Generation]]:
         from vllm import SamplingParams
 
-        temp = self.config.temperature if temperature is None else temperature
-        if n > 1 and temp == 0.0:
-            raise ConfigError(f"generation: n={n} needs temperature > 0 (greedy repeats one text)")
+        temp = _temperature(self.config, temperature, n)
         params = SamplingParams(
             n=n,
             temperature=temp,

@@ -29,20 +29,11 @@ def stage_config_yaml(raw: dict[str, Any], section: str, model_path: str) -> str
     component receives. pi0 is the prepared local folder, so no stage ever resolves a hub name."""
     import importlib
 
-    from patchgap.config import apply_overrides, validate
-    from patchgap.stages.base import SHARED_KEYS
+    from patchgap.stages.base import config_json, section_config
 
     module = importlib.import_module(f"patchgap.stages.{section}")
-    sub = dict(raw.get(section) or {})
-    for key in SHARED_KEYS:
-        if key in raw and key in module.Config.model_fields and key not in sub:
-            sub[key] = raw[key]
-    if "model" in module.Config.model_fields:
-        sub["model"] = model_path
-    cfg = validate(module.Config, apply_overrides(sub, None), f"[{section}]")
-    # One line of JSON (valid YAML): a multi-line default would break the comment header KFP
-    # writes at the top of a compiled pipeline.
-    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    overrides = [f"model={model_path}"] if "model" in module.Config.model_fields else None
+    return config_json(section_config(module.Config, raw, section, f"[{section}]", overrides))
 
 
 def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:

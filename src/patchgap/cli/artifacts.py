@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -77,6 +77,18 @@ def _covered(manifests: dict[str, Manifest]) -> dict[str, int]:
     return out
 
 
+def _run_objects(run: str, bucket: str | None, root: str | None) -> tuple[str, Any, list, dict]:
+    """A run's prefix, a store, its objects and the manifests of its outputs."""
+    from patchgap.store import Store
+
+    prefix = run_prefix(run, bucket, root)
+    store = Store.from_env()
+    objects = store.list(prefix)
+    if not objects:
+        raise StoreError(f"{prefix}: no objects; check the run id and --bucket")
+    return prefix, store, objects, _outputs(store, prefix, [o.key for o in objects])
+
+
 @app.command("ls")
 def ls(
     run: Annotated[str, typer.Argument(help="Run id.")],
@@ -84,14 +96,9 @@ def ls(
     root: str | None = _ROOT,
 ) -> None:
     """List a run's objects with their sizes and whether a manifest covers them."""
-    from patchgap.store import MANIFEST_NAME, Store
+    from patchgap.store import MANIFEST_NAME
 
-    prefix = run_prefix(run, bucket, root)
-    store = Store.from_env()
-    objects = store.list(prefix)
-    if not objects:
-        raise StoreError(f"{prefix}: no objects; check the run id and --bucket")
-    manifests = _outputs(store, prefix, [o.key for o in objects])
+    prefix, store, objects, manifests = _run_objects(run, bucket, root)
     covered = _covered(manifests)
     table = Table(title=prefix)
     table.add_column("key")
@@ -122,14 +129,9 @@ def get(
     root: str | None = _ROOT,
 ) -> None:
     """Download a run's complete outputs, verifying every sha256 against its manifest."""
-    from patchgap.store import MANIFEST_NAME, Store, join_uri, safe_target
+    from patchgap.store import MANIFEST_NAME, join_uri, safe_target
 
-    prefix = run_prefix(run, bucket, root)
-    store = Store.from_env()
-    objects = store.list(prefix)
-    if not objects:
-        raise StoreError(f"{prefix}: no objects; check the run id and --bucket")
-    manifests = _outputs(store, prefix, [o.key for o in objects])
+    prefix, store, objects, manifests = _run_objects(run, bucket, root)
     if not manifests:
         raise StoreError(f"{prefix}: no manifest, so no output of this run is complete yet")
 

@@ -79,6 +79,17 @@ def load_stage_config(
     """
     data = read_yaml(path) if path is not None else {}
     source = f"{path} [{section}]" if path is not None else f"[{section}]"
+    return section_config(model, data, section, source, overrides)
+
+
+def section_config(
+    model: type[C],
+    data: dict[str, Any],
+    section: str,
+    source: str,
+    overrides: list[str] | None = None,
+) -> C:
+    """Validate one section of an already-read run YAML, inheriting :data:`SHARED_KEYS`."""
     sub = data.get(section, {}) or {}
     if not isinstance(sub, dict):
         raise ConfigError(f"{source}: expected a mapping")
@@ -87,6 +98,13 @@ def load_stage_config(
         if key in data and key in model.model_fields and key not in merged:
             merged[key] = data[key]
     return validate(model, apply_overrides(merged, overrides), source)
+
+
+def config_json(config: BaseModel) -> str:
+    """A config as one line of JSON (valid YAML): what a KFP component receives. One line
+    because KFP copies parameter defaults into a comment header of the compiled YAML, and a
+    multi-line default breaks that file."""
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
 
 def config_hash(config: BaseModel) -> str:
