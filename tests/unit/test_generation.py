@@ -127,3 +127,87 @@ def test_a_folder_without_adapter_config_is_refused(tiny: Path, tmp_path: Path) 
 def test_vllm_backend_without_vllm_says_how_to_fix(tiny: Path) -> None:
     with pytest.raises(ConfigError, match="vllm.*backend: transformers"):
         make_generator(tiny, config=GenerationConfig(backend="vllm"))
+
+
+def _hf_greedy(gen, prompt: str, max_new: int) -> list[int]:  # noqa: ANN001
+    """Reference: ``model.generate`` on one unpadded prompt."""
+    import torch
+
+    ids = gen.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        seqs = gen.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=gen.pad_id,
+            eos_token_id=gen.eos_ids,
+        )
+    new = seqs[0, ids.shape[1] :].tolist()
+    stop = next((k for k, t in enumerate(new) if t in gen.eos_ids), None)
+    return new if stop is None else new[: stop + 1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_ragged_prefill_decode_matches_model_generate(
+    arch: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Merged per-prompt caches with left padding and dropped rows decode what HF decodes alone."""
+    from patchgap.testing.tiny_models import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("ragged") / arch, arch, seed=11)
+    gen = make_generator(path, config=GenerationConfig(max_new_tokens=12, batch_size=8))
+    texts = ["a", "Compute 3 + 4 and then 5 * 6.", "x " * 40, "What is 12 * 12?", "Hi there"]
+    prompts = [
+        gen.tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+        )
+        for t in texts
+    ]
+    ids = [gen.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = gen._ragged_decode(ids, 1, 0.0)
+    assert gen._ragged is True  # the plain dynamic cache was merged, no fallback
+    for prompt, row in zip(prompts, rows, strict=True):
+        assert row == _hf_greedy(gen, prompt, 12)
+    # The same texts through the public call and through the fallback path.
+    out = gen.generate(prompts)
+    gen._ragged = False
+    assert gen.generate(prompts) == out
+
+
+def test_prefill_groups_hold_little_padding_and_every_prompt_once(tiny: Path) -> None:
+    gen = make_generator(tiny, config=GenerationConfig(max_new_tokens=2))
+    lengths = [220, 556, 300, 306, 224, 353, 272, 344, 372, 230, 408, 281]
+    groups = gen._prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        width = lengths[g[0]]
+        assert width == max(lengths[i] for i in g)  # longest first: the group's width
+        assert width * len(g) <= 1.10 * sum(lengths[i] for i in g)
+    assert len(groups) < len(lengths)  # near-equal lengths do share a forward pass
+
+
+def test_rows_stop_at_eos_and_samples_are_independent_rows(tiny: Path, prompts: list[str]) -> None:
+    """Each row leaves the batch at its first eos; the others run on to max_new_tokens."""
+    cfg = GenerationConfig(max_new_tokens=20, temperature=1.5, n=4, batch_size=4, seed=1)
+    gen = make_generator(tiny, config=cfg)
+    ids = [gen.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    import torch
+
+    torch.manual_seed(1)
+    rows = gen._ragged_decode(ids, 4, 1.5)
+    assert len(rows) == 4 * len(prompts)
+    eos = set(gen.eos_ids)
+    for row in rows:
+        hits = [k for k, t in enumerate(row) if t in eos]
+        assert hits in ([], [len(row) - 1])  # nothing after the first eos
+        if not hits:
+            assert len(row) == 20
+    assert any(r and r[-1] in eos and len(r) < 20 for r in rows)  # some rows did stop early
+    out = gen.generate(prompts, n=4)
+    assert all(len(g) == 4 for g in out)
+    # Four samples of one prompt are not four copies of one sample.
+    assert any(len({g.text for g in gens}) > 1 for gens in out)
