@@ -67,6 +67,58 @@ def forgetting_rows(table: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+ALPHA = 0.05
+VERDICT_TEST = (
+    "paired bootstrap over items (2,000 resamples within each general benchmark, so each keeps "
+    "its weight) of the mean over benchmarks of acc(SFT on D_R) - acc(SFT on D) = F_D - F_R, "
+    f"two-sided, alpha = {ALPHA}"
+)
+
+
+def forgetting_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """For every rewritten model: does SFT on D_R forget less than SFT on D, by the paired test?
+
+    ``holds`` is True only when the mean forgetting difference favours D_R and its two-sided
+    paired-bootstrap p is below ``ALPHA``; ``direction`` says which way the point estimate leans.
+    """
+    out = []
+    for label in table.get("rewritten", []):
+        row = table["models"].get(label) or {}
+        test = row.get("forgetting_diff_test")
+        if not test:
+            continue
+        diff = float(test["diff"])  # F_D - F_R: positive when D_R forgets less
+        p = float(test["p_bootstrap"])
+        out.append(
+            {
+                "model": label,
+                "baseline": table["baseline"],
+                "f_d_minus_f_r": diff,
+                "low": float(test["low"]),
+                "high": float(test["high"]),
+                "p": p,
+                "holds": diff > 0 and p < ALPHA,
+                "direction": "less" if diff > 0 else ("more" if diff < 0 else "equal"),
+            }
+        )
+    return out
+
+
+def verdict_sentences(table: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for v in forgetting_verdicts(table):
+        claim = f"forgetting({v['model']}) < forgetting({v['baseline']})"
+        status = "holds" if v["holds"] else "is not shown"
+        lines.append(
+            f"{claim} {status} at this size: F_D - F_R = {v['f_d_minus_f_r']:+.1%} "
+            f"[95% CI {v['low']:+.1%}, {v['high']:+.1%}], p = {_p(v['p'])}; the point estimate "
+            f"says {v['model']} forgets {v['direction']}"
+            + (" than" if v["direction"] != "equal" else " as much as")
+            + f" {v['baseline']}."
+        )
+    return lines
+
+
 def _md_table(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -155,6 +207,10 @@ def render_markdown(table: Mapping[str, Any], extra: Mapping[str, Any] | None = 
         _md_table(forgetting_rows(table)),
         "",
     ]
+    verdicts = verdict_sentences(table)
+    if verdicts:
+        lines += ["### Does SFT on D_R forget less than SFT on D?", ""]
+        lines += [f"- {v}" for v in verdicts] + ["", f"Test: {VERDICT_TEST}.", ""]
     if table["caveats"]:
         lines += ["### Caveats", ""] + [f"- {c}" for c in table["caveats"]] + [""]
     lines += ["![accuracy per benchmark](bars.png)", "", "![gain vs forgetting](scatter.png)", ""]
@@ -183,6 +239,13 @@ def render_html(
         f"<h2>Accuracy (95% Wilson interval)</h2>{_html_table(accuracy_rows(table))}"
         f"<h2>Forgetting</h2><p>F = acc_base - acc; reduction = 1 - F_R / F_D against "
         f"{html.escape(str(table['baseline']))}.</p>{_html_table(forgetting_rows(table))}"
+        + (
+            "<h3>Does SFT on D_R forget less than SFT on D?</h3><ul>"
+            + "".join(f"<li>{html.escape(v)}</li>" for v in verdict_sentences(table))
+            + f"</ul><p>Test: {html.escape(VERDICT_TEST)}.</p>"
+            if table.get("rewritten")
+            else ""
+        )
         + (f"<h3>Caveats</h3><ul>{caveats}</ul>" if caveats else "")
         + f"<h2>Plots</h2>{_img(bars)}{_img(scatter)}</body></html>"
     )
@@ -204,6 +267,11 @@ def write_report(
     page = out_dir / "report.html"
     page.write_text(render_html(table, bars, scatter, extra), encoding="utf-8")
     res = out_dir / "results.json"
-    payload = {"forgetting_table": table, **(numbers or {}), "info": dict(extra or {})}
+    payload = {
+        "forgetting_table": table,
+        "verdicts": forgetting_verdicts(table),
+        **(numbers or {}),
+        "info": dict(extra or {}),
+    }
     res.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), encoding="utf-8")
     return {"markdown": md, "html": page, "json": res, "bars": bars, "scatter": scatter}

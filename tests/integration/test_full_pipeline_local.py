@@ -89,3 +89,28 @@ def test_full_pipeline_runs_and_publishes_the_run(
     for label in ("base", "sft_d", "sft_dr", "sft_dr_prompt"):
         assert label in text, label
     assert any("forgetting" in ln.lower() or "accuracy" in ln.lower() for ln in lines)
+
+    # The reproduction report, rendered from the published run alone, keeps hand-written text
+    # around its markers: both gates (RL rewriter and prompt-only), four rows, the verdicts.
+    from typer.testing import CliRunner
+
+    from patchgap.cli.main import cli
+    from patchgap.results import BEGIN, END
+
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# Results\n\nintro kept\n\n{BEGIN}\nold table\n{END}\n\nclosing kept\n")
+    res = CliRunner().invoke(
+        cli, ["artifacts", "report", prepared.run_id, "--bucket", s3_bucket, "--out", str(doc)]
+    )
+    assert res.exit_code == 0, (res.output, res.exception)
+    report = doc.read_text()
+    assert report.startswith("# Results\n\nintro kept\n") and report.endswith("closing kept\n")
+    assert "old table" not in report and f"## Run `{prepared.run_id}`" in report
+    assert "| figure (under pi0) | prompt-only | RL rewriter |" in report
+    assert "| acceptance rate |" in report and "| mean NLL of D_R |" in report
+    for label in ("sft_d", "sft_dr", "sft_dr_prompt"):
+        assert f"| {label} |" in report, label
+    assert "forgetting(sft_dr) < forgetting(sft_d)" in report
+    assert "forgetting(sft_dr_prompt) < forgetting(sft_d)" in report
+    assert (doc.parent / "results-scatter.png").read_bytes()[:4] == b"\x89PNG"

@@ -64,3 +64,35 @@ def test_items_are_paired_by_id() -> None:
     scores["sft_d"]["arc"] = {k: v for k, v in list(scores["sft_d"]["arc"].items())[:30]}
     t = forgetting_table(scores, ["math"], ["arc"], bootstrap_reps=50)
     assert t["models"]["sft_d"]["vs_base"]["arc"]["n"] == 30
+
+
+def test_verdict_holds_only_when_the_paired_test_favours_d_r(tmp_path) -> None:  # noqa: ANN001
+    from patchgap.eval_report import forgetting_verdicts, render_markdown, write_report
+
+    scores = _scores()
+    # D_R forgets 2 points less on arc and 4 less on mmlu than D (of 100 items): not significant.
+    weak = forgetting_table(scores, ["math"], ["arc", "mmlu"], bootstrap_reps=500)
+    (v,) = forgetting_verdicts(weak)
+    assert v["model"] == "sft_dr" and v["baseline"] == "sft_d"
+    assert v["f_d_minus_f_r"] == pytest.approx(0.055)
+    assert v["direction"] == "less"
+    assert v["holds"] is (v["p"] < 0.05)
+
+    # Many more items with the same gap: now the paired test resolves it.
+    def times8(items: dict[str, bool]) -> dict[str, bool]:
+        return {f"{k}{j}": x for j in range(8) for k, x in items.items()}
+
+    many = {m: {b: times8(items) for b, items in bs.items()} for m, bs in scores.items()}
+    strong = forgetting_table(many, ["math"], ["arc", "mmlu"], bootstrap_reps=500)
+    (v2,) = forgetting_verdicts(strong)
+    assert v2["holds"] is True and v2["p"] < 0.05 and v2["low"] > 0
+    # D_R forgetting more is reported as such, never as holding.
+    worse = dict(scores, sft_dr=scores["sft_d"] | {"arc": _items(45)})
+    (v3,) = forgetting_verdicts(forgetting_table(worse, ["math"], ["arc"], bootstrap_reps=200))
+    assert v3["direction"] == "more" and v3["holds"] is False
+    md = render_markdown(strong)
+    assert "forgetting(sft_dr) < forgetting(sft_d) holds" in md and "paired bootstrap" in md
+    paths = write_report(strong, tmp_path)
+    import json
+
+    assert json.loads(paths["json"].read_text())["verdicts"][0]["holds"] is True

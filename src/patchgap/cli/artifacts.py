@@ -151,3 +151,29 @@ def get(
     for key in skipped:
         console.print(f"[yellow]skipped {key}: no manifest lists it (incomplete output)[/yellow]")
     console.print(f"downloaded {count} files ({human_size(size)}) to {dest}, all checksums match")
+
+
+@app.command("report")
+def report(
+    run: Annotated[str, typer.Argument(help="Run id.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Markdown file to write (e.g. docs/results.md); text between its "
+            "'patchgap report' marker comments is replaced, the rest kept. Default: print.",
+        ),
+    ] = None,
+    bucket: str | None = _BUCKET,
+    root: str | None = _ROOT,
+) -> None:
+    """Render a run's reproduction report: gate figures, accuracies, forgetting and verdict."""
+    from patchgap import results
+
+    prefix, store, objects, _ = _run_objects(run, bucket, root)
+    found = results.collect(store, prefix, [o.key for o in objects])
+    if out is None:
+        console.print(results.render(found), markup=False, highlight=False)
+        return
+    results.write(found, out)
+    console.print(f"wrote {out}")
