@@ -353,14 +353,21 @@ class TransformersGenerator:
         return cache if cache is not None else out.past_key_values
 
     def _prefill_groups(self, lengths: list[int]) -> list[list[int]]:
+        """Longest first; a group takes the next prompt while its padding stays within the slack.
+
+        On a GPU the padding is nearly free and each extra forward pass costs launch latency
+        (measured on an H200: 129 ms for the grouped prefill of 32 prompts against 38 ms for one
+        padded pass), so there the whole batch is one group.
+        """
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        slack = self._PREFILL_PAD_SLACK if str(self.device) == "cpu" else float("inf")
         groups: list[list[int]] = []
         for i in order:
             g = groups[-1] if groups else None
             if g is not None:
                 top = lengths[g[0]]
                 total = sum(lengths[j] for j in g) + lengths[i]
-                if top * (len(g) + 1) <= self._PREFILL_PAD_SLACK * total:
+                if top * (len(g) + 1) <= slack * total:
                     g.append(i)
                     continue
             groups.append([i])

@@ -289,7 +289,7 @@ def _train(
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         use_cpu=device == "cpu",
-        activation_checkpointing=config.gradient_checkpointing,
+        **_checkpointing_arg(SFTConfig, config.gradient_checkpointing),
         disable_tqdm=True,
     )
     callbacks: list[Any] = []
@@ -334,6 +334,16 @@ def _train(
     }
     (metrics_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _checkpointing_arg(config_cls: Any, on: bool) -> dict[str, bool]:
+    """Newer transformers 5 releases (5.24) name it ``activation_checkpointing`` and keep
+    ``gradient_checkpointing`` as a deprecated alias; older ones (5.17) know only the latter."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    new = "activation_checkpointing" in names
+    return {"activation_checkpointing" if new else "gradient_checkpointing": on}
 
 
 def _step_of(path: Path | None) -> int:
