@@ -7,6 +7,7 @@ No ``from __future__ import annotations``: KFP reads the pipeline's annotations 
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,6 +252,21 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(
     assert len(calls.read_text().splitlines()) == 4
     rows = [json.loads(x) for x in (out / "m" / tr.METRICS_JSONL).read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+    # A pod that dies after the last checkpoint but before its outputs are kept: the rerun takes
+    # checkpoint-4's adapter as it is, with no step past max_steps.
+    adapter = (out / "a" / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(out)
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    metrics = json.loads(third.stdout[third.stdout.index("{") :])
+    assert metrics["resumed_from_step"] == 4.0 and metrics["global_step"] == 4.0
+    assert len(calls.read_text().splitlines()) == 4  # nothing generated or scored again
+    from safetensors.torch import load
+
+    first_w, again_w = load(adapter), load((out / "a" / "adapter_model.safetensors").read_bytes())
+    assert first_w.keys() == again_w.keys()
+    assert all(first_w[k].equal(again_w[k]) for k in first_w)
 
 
 def test_one_grpo_step_on_smollm2_with_the_real_reward(

@@ -501,7 +501,20 @@ def _train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    if resume_dir is not None and config.max_steps is not None and resume_step >= config.max_steps:
+        # The run had finished training before it stopped: take the last checkpoint's adapter as
+        # it is (Trainer.train would run one step past max_steps when resumed at the end).
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        log.info("train-rewriter: checkpoint %d reaches max_steps; no training", resume_step)
+        weights = load_file(str(resume_dir / "adapter_model.safetensors"))
+        set_peft_model_state_dict(trainer.model, weights)
+        trainer.state.global_step = resume_step
+        result_metrics: dict[str, float] = {}
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        result_metrics = dict(result.metrics)
 
     # Every process takes part: under FSDP gathering the adapter's state dict is collective.
     trainer.save_model(str(outputs["adapter"]))
@@ -513,7 +526,7 @@ def _train(
         summary.update(
             {
                 "resumed_from_step": float(resume_step),
-                "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+                "train_seconds": float(result_metrics.get("train_runtime", 0.0)),
             }
         )
         summary.update(_scorer_figures(scorer, outputs["metrics"] / REWARD_JSON))
