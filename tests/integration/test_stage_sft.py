@@ -83,7 +83,8 @@ def test_saved_model_reloads_and_generates(trained: dict) -> None:
 
 
 def test_restart_resumes_from_stored_checkpoint(trained: dict) -> None:
-    steps = sorted(p.name for p in trained["ckpt"].iterdir())
+    (run_dir,) = trained["ckpt"].iterdir()  # one folder per run fingerprint
+    steps = sorted(p.name for p in run_dir.iterdir())
     assert steps == ["checkpoint-3", "checkpoint-6"]
     cfg = trained["cfg"].model_copy(update={"max_steps": 8})
     outs = _outs(trained["root"] / "run2")
@@ -91,6 +92,18 @@ def test_restart_resumes_from_stored_checkpoint(trained: dict) -> None:
     assert m["resumed_from_step"] == 6 and m["steps"] == 8
     curve = json.loads((outs["metrics"] / sft.LOSS_JSON).read_text())
     assert [c["step"] for c in curve][:2] == [1, 2]  # the curve before the restart is kept
+
+
+def test_sft_runs_on_other_data_share_the_checkpoint_uri(trained: dict) -> None:
+    """SFT on D and on D_R take the same sft config in the pipeline: neither resumes from, nor
+    refuses, the other's checkpoints."""
+    other = trained["root"] / "d_other.jsonl"
+    rows = [json.loads(x) for x in trained["data"].read_text().splitlines()]
+    other.write_text("".join(json.dumps({**r, "id": r["id"] + "-b"}) + "\n" for r in rows))
+    cfg = trained["cfg"].model_copy(update={"max_steps": 3})
+    m = sft.run(cfg, {"dataset": other}, _outs(trained["root"] / "run-other"))
+    assert m["resumed_from_step"] == 0 and m["steps"] == 3
+    assert len(list(trained["ckpt"].iterdir())) == 2
 
 
 def test_lora_is_merged_into_plain_weights(tiny_llama: Path, tmp_path: Path) -> None:

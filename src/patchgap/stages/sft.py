@@ -75,7 +75,9 @@ class Config(StrictModel):
     )
     trust_remote_code: bool = Field(False, description="allow model code from the model folder")
     checkpoint_uri: str | None = Field(
-        None, description="s3:// prefix or folder for resumable checkpoints; None = none"
+        None,
+        description="s3:// prefix or folder for resumable checkpoints, one subfolder per run "
+        "fingerprint (config + data), so the pipeline's SFT runs can share it; None = none",
     )
     checkpoint_every: int = Field(50, ge=1, description="checkpoint every N optimizer steps")
     keep_checkpoints: int = Field(2, ge=0, description="complete checkpoints kept (0 = all)")
@@ -298,8 +300,12 @@ def _train(
         from accelerate import PartialState
 
         from patchgap.rl.checkpoints import CheckpointStore
+        from patchgap.store import join_uri
 
-        checkpoints = CheckpointStore(config.checkpoint_uri, fingerprint(config, inputs["dataset"]))
+        # One folder per fingerprint: SFT on D and on each D_R share the pipeline's sft config
+        # (and so its checkpoint_uri), and must neither resume from nor refuse each other.
+        fp = fingerprint(config, inputs["dataset"])
+        checkpoints = CheckpointStore(join_uri(config.checkpoint_uri, fp[:16]), fp)
         with PartialState().local_main_process_first():
             resume_dir = checkpoints.restore_latest(work / "restored")
         callbacks.append(_checkpoint_callback(checkpoints, config.keep_checkpoints or None))
