@@ -156,7 +156,7 @@ def render(results: RunResults, scatter_name: str | None = None) -> str:
         f"{_num((man.get('timings') or {}).get('pipeline_seconds'), '.0f')} s "
         f"(`{man.get('pipeline')}` pipeline)",
         f"- config: `{man.get('config_file')}`; git commit `{env.get('git_commit')}`",
-        f"- D: `{inputs.get('dataset_uri')}` ({counts.get('records', counts) or 'n/a'} records), "
+        f"- D: `{inputs.get('dataset_uri')}` ({counts.get('selected', 'n/a')} records), "
         f"sha256 `{inputs.get('dataset_sha256')}`",
         f"- outputs: `{man.get('uri')}`",
         "",
