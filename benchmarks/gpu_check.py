@@ -175,23 +175,10 @@ def _chat_prompts(tok: Any, texts: list[str]) -> list[str]:
 
 
 def _hf_greedy(gen: Any, ids: list[int], max_new: int) -> list[int]:
-    """Reference: ``model.generate`` on one unpadded prompt, cut after the first eos."""
-    import torch
-
-    x = torch.tensor([ids], device=gen.device)
-    with torch.inference_mode():
-        seqs = gen.model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=max_new,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=gen.pad_id,
-            eos_token_id=gen.eos_ids,
-        )
-    new = seqs[0, len(ids) :].tolist()
+    """Reference: ``model.generate`` on one unpadded prompt (the backend's fallback path, which
+    with one prompt pads nothing), cut after the first eos."""
+    gen.config = gen.config.model_copy(update={"max_new_tokens": max_new})
+    (new,) = gen._hf_generate([ids], 1, 0.0)
     stop = next((k for k, t in enumerate(new) if t in gen.eos_ids), None)
     return new if stop is None else new[: stop + 1]
 

@@ -192,27 +192,36 @@ def plot_scatter(table: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def render_markdown(table: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
-    lines = ["# patchgap evaluation", ""]
-    if extra:
-        lines += [f"- {k}: {v}" for k, v in extra.items()] + [""]
-    lines += ["## Accuracy (95% Wilson interval)", "", _md_table(accuracy_rows(table)), ""]
+def table_sections(table: Mapping[str, Any], level: str, note: str) -> list[str]:
+    """Markdown lines: accuracy table, forgetting table (after ``note``), verdicts, caveats."""
+    lines = [f"{level} Accuracy (95% Wilson interval)", "", _md_table(accuracy_rows(table)), ""]
     lines += [
-        "## Forgetting",
+        f"{level} Forgetting",
         "",
-        f"Base: `{table['base']}`; SFT on D: `{table['baseline']}`. Forgetting F = acc_base - "
-        "acc on each general benchmark; reduction = 1 - F_R / F_D. p-values: paired bootstrap "
-        "over items (per-benchmark McNemar tests are in results.json).",
+        f"Base: `{table['base']}`; SFT on D: `{table['baseline']}`. {note}",
         "",
         _md_table(forgetting_rows(table)),
         "",
     ]
     verdicts = verdict_sentences(table)
     if verdicts:
-        lines += ["### Does SFT on D_R forget less than SFT on D?", ""]
+        lines += [f"{level}# Does SFT on D_R forget less than SFT on D?", ""]
         lines += [f"- {v}" for v in verdicts] + ["", f"Test: {VERDICT_TEST}.", ""]
-    if table["caveats"]:
-        lines += ["### Caveats", ""] + [f"- {c}" for c in table["caveats"]] + [""]
+    if table.get("caveats"):
+        lines += [f"{level}# Caveats", ""] + [f"- {c}" for c in table["caveats"]] + [""]
+    return lines
+
+
+def render_markdown(table: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+    lines = ["# patchgap evaluation", ""]
+    if extra:
+        lines += [f"- {k}: {v}" for k, v in extra.items()] + [""]
+    lines += table_sections(
+        table,
+        "##",
+        "Forgetting F = acc_base - acc on each general benchmark; reduction = 1 - F_R / F_D. "
+        "p-values: paired bootstrap over items (per-benchmark McNemar tests are in results.json).",
+    )
     lines += ["![accuracy per benchmark](bars.png)", "", "![gain vs forgetting](scatter.png)", ""]
     return "\n".join(lines)
 

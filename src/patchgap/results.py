@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,12 +138,7 @@ def _md(rows: list[list[str]]) -> str:
 
 def render(results: RunResults, scatter_name: str | None = None) -> str:
     """The report as Markdown (no interpretation: that is the reader's, beside it)."""
-    from patchgap.eval_report import (
-        VERDICT_TEST,
-        accuracy_rows,
-        forgetting_rows,
-        verdict_sentences,
-    )
+    from patchgap.eval_report import table_sections
 
     man = results.manifest
     env = man.get("environment") or {}
@@ -167,26 +162,13 @@ def render(results: RunResults, scatter_name: str | None = None) -> str:
     if ev is None:
         lines += ["No evaluation results in this run.", ""]
         return "\n".join(lines)
-    table: Mapping[str, Any] = ev["forgetting_table"]
-    lines += ["### Accuracy (95% Wilson interval)", "", _md(accuracy_rows(table)), ""]
-    lines += [
-        "### Forgetting",
-        "",
-        f"Base: `{table['base']}`; SFT on D: `{table['baseline']}`. F = acc_base - acc on each "
-        "general benchmark (percentage points); reduction = 1 - F_R / F_D; p (F>0): paired "
-        "bootstrap of the mean forgetting against the base; p (F_R vs F_D): paired bootstrap of "
-        "the mean difference against SFT on D.",
-        "",
-        _md(forgetting_rows(table)),
-        "",
-    ]
-    verdicts = verdict_sentences(table)
-    if verdicts:
-        lines += ["### Does SFT on D_R forget less than SFT on D?", ""]
-        lines += [f"- {v}" for v in verdicts] + ["", f"Test: {VERDICT_TEST}.", ""]
-    if table.get("caveats"):
-        lines += ["### Caveats from the report", ""] + [f"- {c}" for c in table["caveats"]]
-        lines += [""]
+    lines += table_sections(
+        ev["forgetting_table"],
+        "###",
+        "F = acc_base - acc on each general benchmark (percentage points); reduction = "
+        "1 - F_R / F_D; p (F>0): paired bootstrap of the mean forgetting against the base; "
+        "p (F_R vs F_D): paired bootstrap of the mean difference against SFT on D.",
+    )
     if scatter_name:
         lines += [f"![gain vs forgetting]({scatter_name})", ""]
     return "\n".join(lines)

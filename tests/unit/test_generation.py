@@ -130,23 +130,11 @@ def test_vllm_backend_without_vllm_says_how_to_fix(tiny: Path) -> None:
 
 
 def _hf_greedy(gen, prompt: str, max_new: int) -> list[int]:  # noqa: ANN001
-    """Reference: ``model.generate`` on one unpadded prompt."""
-    import torch
-
-    ids = gen.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        seqs = gen.model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=gen.pad_id,
-            eos_token_id=gen.eos_ids,
-        )
-    new = seqs[0, ids.shape[1] :].tolist()
+    """Reference: ``model.generate`` on one unpadded prompt (the fallback path pads nothing
+    for a single prompt), cut after the first eos."""
+    ids = gen.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    gen.config = gen.config.model_copy(update={"max_new_tokens": max_new})
+    (new,) = gen._hf_generate([ids], 1, 0.0)
     stop = next((k for k, t in enumerate(new) if t in gen.eos_ids), None)
     return new if stop is None else new[: stop + 1]
 
