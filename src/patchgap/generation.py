@@ -159,6 +159,49 @@ def adapter_rank(adapter_path: str | Path) -> int:
     return rank
 
 
+# adapter_config.json fields that name where or with what an adapter was saved, not what it does.
+_ADAPTER_CONFIG_PROVENANCE = ("base_model_name_or_path", "revision", "peft_version", "auto_mapping")
+
+
+def adapter_fingerprint(adapter_path: str | Path) -> str:
+    """sha256 over what decides an adapter's outputs: its LoRA settings and its tensors.
+
+    An adapter folder also holds a model card, tokenizer copies, our metadata and perhaps a
+    merged model; those differ between the save at the end of training and a save from a
+    resumed checkpoint while no generated token does. Tensors are hashed by name, dtype, shape
+    and raw bytes, read from the safetensors layout, so the file's free-form metadata is left out.
+    """
+    import hashlib
+
+    folder = Path(adapter_path)
+    cfg_file = folder / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"adapter {cfg_file}: cannot read: {err}") from None
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ConfigError(f"adapter {folder}: no .safetensors weights (only safetensors load)")
+    h = hashlib.sha256()
+    kept = {k: v for k, v in cfg.items() if k not in _ADAPTER_CONFIG_PROVENANCE}
+    h.update(json.dumps(kept, sort_keys=True).encode())
+    for f in weights:
+        with f.open("rb") as fh:
+            try:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ConfigError(f"adapter {f}: not a safetensors file: {err}") from None
+            header.pop("__metadata__", None)
+            for name in sorted(header):
+                meta = header[name]
+                start, end = meta["data_offsets"]
+                h.update(json.dumps([name, meta["dtype"], meta["shape"]]).encode())
+                fh.seek(8 + size + start)
+                h.update(fh.read(end - start))
+    return h.hexdigest()
+
+
 def vllm_max_lora_rank(rank: int) -> int:
     """The smallest rank vLLM accepts that holds ``rank``."""
     for allowed in VLLM_LORA_RANKS:
@@ -283,7 +326,12 @@ def _in_place_layer_class() -> type:
 
 
 class TransformersGenerator:
-    """Batched ``model.generate``: length-sorted batches, left padding, greedy or seeded samples."""
+    """Batched generation with transformers: length-sorted batches, greedy or seeded samples.
+
+    Each batch is prefilled without padding waste, decoded from one left-padded cache written in
+    place, and loses its rows as they stop (``_ragged_decode``); ``model.generate`` on a padded
+    batch is the fallback. README "How the transformers backend batches" has the measurements.
+    """
 
     def __init__(
         self,
@@ -327,7 +375,10 @@ class TransformersGenerator:
         if self.pad_id is None:  # many instruct tokenizers have no pad token; eos is safe here
             self.pad_id = self.eos_ids[0]
         self._ragged: bool | None = None  # decided on the first batch (see _ragged_ok)
+        # Two CPU techniques that can be switched off one by one, for
+        # benchmarks/rewrite_throughput.py --ablation; both keep the greedy texts.
         self._weights_first = str(self.device) == "cpu"  # see _weights_first_linear
+        self._in_place_cache = True  # see _in_place_layer_class
 
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []
@@ -416,16 +467,11 @@ class TransformersGenerator:
     # ``model.generate`` on a left-padded batch spends prefill compute on padding (GSM8K rewrite
     # prompts run from ~220 to ~560 tokens, so a batch of 16 is ~75% padding) and keeps decoding
     # rows that already stopped. On a compute-bound CPU the prefill is most of the cost, so here
-    # prompts are prefilled alone or in groups of near-equal length, their key/value caches are
-    # merged into one left-padded batch cache (with room for the whole decode), and decoding drops
-    # each row as soon as it stops.
+    # prompts are prefilled in groups of near-equal length, their key/value caches are merged into
+    # one left-padded batch cache (with room for the whole decode), and decoding drops each row as
+    # soon as it stops.
 
     _PREFILL_PAD_SLACK = 1.10  # a prefill group may hold at most 10% padding
-    # On a CPU a prompt this long is prefilled alone: its forward pass is compute-bound already,
-    # and a shared pass was slower (SmolLM2-135M, 2 cores: 4 prompts of 400 tokens 4.39 s
-    # together vs 3.54 s one by one; 2 of 560: 2.95 vs 2.68 s). Short prompts do gain from sharing
-    # (16 of 100 tokens: 3.81 vs 5.77 s; 16 of 60: 1.96 vs 3.52 s).
-    _CPU_SOLO_PREFILL_TOKENS = 256
 
     def _ragged_ok(self) -> bool:
         """True when the model keeps a plain per-layer key/value cache we can merge and slice."""
@@ -462,19 +508,16 @@ class TransformersGenerator:
     def _prefill_groups(self, lengths: list[int]) -> list[list[int]]:
         """Longest first; a group takes the next prompt while its padding stays within the slack.
 
-        On a CPU a prompt of ``_CPU_SOLO_PREFILL_TOKENS`` or more is a group of its own. On a GPU
-        the padding is nearly free and each extra forward pass costs launch latency (measured on
-        an H200: 129 ms for the grouped prefill of 32 prompts against 38 ms for one padded pass),
-        so there the whole batch is one group.
+        On a GPU the padding is nearly free and each extra forward pass costs launch latency
+        (measured on an H200: 129 ms for the grouped prefill of 32 prompts against 38 ms for one
+        padded pass), so there the whole batch is one group.
         """
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-        cpu = str(self.device) == "cpu"
-        slack = self._PREFILL_PAD_SLACK if cpu else float("inf")
-        solo = self._CPU_SOLO_PREFILL_TOKENS if cpu else float("inf")
+        slack = self._PREFILL_PAD_SLACK if str(self.device) == "cpu" else float("inf")
         groups: list[list[int]] = []
         for i in order:
             g = groups[-1] if groups else None
-            if g is not None and lengths[g[0]] < solo:
+            if g is not None:
                 top = lengths[g[0]]
                 total = sum(lengths[j] for j in g) + lengths[i]
                 if top * (len(g) + 1) <= slack * total:
@@ -525,8 +568,8 @@ class TransformersGenerator:
             # One left-padded batch cache; each prompt repeated n times (prompt-major). Its
             # buffers hold the whole decode, so each step writes one column in place.
             rows = [i for i in range(len(ids)) for _ in range(n)]
-            capacity = width + self.config.max_new_tokens
-            in_place = _in_place_layer_class()
+            in_place = _in_place_layer_class() if self._in_place_cache else None
+            capacity = width + (self.config.max_new_tokens if in_place else 0)
             for li in range(len(cache_template.layers)):
                 k0, v0 = per_row_kv[0][li]
                 keys = k0.new_zeros((len(rows), k0.shape[0], capacity, k0.shape[-1]))
@@ -535,7 +578,11 @@ class TransformersGenerator:
                     k, v = per_row_kv[i][li]
                     keys[b, :, width - lengths[i] : width] = k
                     values[b, :, width - lengths[i] : width] = v
-                cache_template.layers[li] = in_place(keys, values, width)
+                if in_place is not None:
+                    cache_template.layers[li] = in_place(keys, values, width)
+                else:  # the plain DynamicLayer, concatenating (kept to measure against)
+                    cache_template.layers[li].keys = keys
+                    cache_template.layers[li].values = values
             per_row_kv = []  # free the per-prompt copies before decoding
             cache = cache_template
             mask = torch.zeros((len(rows), width), dtype=torch.long, device=dev)

@@ -29,7 +29,7 @@ OPTIONAL_INPUTS = ("adapter",)
 OUTPUTS = ("candidates",)
 
 #: Bumped when the layout of a finished batch changes, so old state is not reused.
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the adapter enters by content (adapter_fingerprint)
 
 
 class Config(StrictModel):
@@ -224,7 +224,8 @@ class RewriteState:
 
 
 def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
-    """What identifies a run's batches: generation settings, dataset bytes, adapter bytes."""
+    """What identifies a run's batches: generation settings, dataset bytes, adapter content."""
+    from patchgap.generation import adapter_fingerprint
     from patchgap.stages.base import path_hash
 
     settings = {
@@ -234,7 +235,7 @@ def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
         "format": STATE_FORMAT,
         "config": settings,
         "dataset": path_hash(dataset),
-        "adapter": path_hash(adapter) if adapter is not None else None,
+        "adapter": adapter_fingerprint(adapter) if adapter is not None else None,
     }
     blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
