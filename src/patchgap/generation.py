@@ -145,13 +145,18 @@ def resolve_model_path(model_path: str | Path) -> Path:
     return Path(resolved)
 
 
-def adapter_rank(adapter_path: str | Path) -> int:
-    """The largest LoRA rank in an adapter's ``adapter_config.json`` (``r`` or ``rank_pattern``)."""
+def _adapter_config(adapter_path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """An adapter's ``adapter_config.json``: its path and its parsed content."""
     cfg_file = Path(adapter_path) / "adapter_config.json"
     try:
-        data = json.loads(cfg_file.read_text())
+        return cfg_file, json.loads(cfg_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"adapter {cfg_file}: cannot read: {err}") from None
+
+
+def adapter_rank(adapter_path: str | Path) -> int:
+    """The largest LoRA rank in an adapter's ``adapter_config.json`` (``r`` or ``rank_pattern``)."""
+    cfg_file, data = _adapter_config(adapter_path)
     ranks = [int(data.get("r") or 0), *(int(v) for v in (data.get("rank_pattern") or {}).values())]
     rank = max(ranks)
     if rank <= 0:
@@ -174,11 +179,7 @@ def adapter_fingerprint(adapter_path: str | Path) -> str:
     import hashlib
 
     folder = Path(adapter_path)
-    cfg_file = folder / "adapter_config.json"
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"adapter {cfg_file}: cannot read: {err}") from None
+    _, cfg = _adapter_config(folder)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise ConfigError(f"adapter {folder}: no .safetensors weights (only safetensors load)")

@@ -29,7 +29,7 @@ OPTIONAL_INPUTS = ("adapter",)
 OUTPUTS = ("candidates",)
 
 #: Bumped when the layout of a finished batch changes, so old state is not reused.
-STATE_FORMAT = 2  # 2: the adapter enters by content (adapter_fingerprint)
+STATE_FORMAT = 1
 
 
 class Config(StrictModel):
