@@ -158,7 +158,7 @@ def _peak_mib(ctx: Ctx) -> float | None:
 
 
 def _free(ctx: Ctx) -> None:
-    from patchgap.models import clear_shared_models
+    from patchgap.lm.models import clear_shared_models
 
     clear_shared_models()
     gc.collect()
@@ -169,7 +169,7 @@ def _free(ctx: Ctx) -> None:
 
 
 def _chat_prompts(tok: Any, texts: list[str]) -> list[str]:
-    from patchgap.models import apply_chat
+    from patchgap.lm.models import apply_chat
 
     return [apply_chat(tok, [{"role": "user", "content": t}]) for t in texts]
 
@@ -202,7 +202,7 @@ class IdTokenizer:
 
 
 def check_generation(ctx: Ctx) -> dict[str, Any]:
-    from patchgap.generation import GenerationConfig, make_generator
+    from patchgap.lm.generation import GenerationConfig, make_generator
 
     max_new = 16
     texts = [
@@ -253,7 +253,7 @@ def _generation_throughput(ctx: Ctx) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from patchgap.generation import GenerationConfig, TransformersGenerator
+    from patchgap.lm.generation import GenerationConfig, TransformersGenerator
 
     layers, n_prompts, n_single, max_new = (2, 8, 4, 16) if ctx.quick else (30, 64, 8, 128)
     eos_id = 2
@@ -359,8 +359,8 @@ def _generation_throughput(ctx: Ctx) -> dict[str, Any]:
 
 
 def check_scoring_bf16(ctx: Ctx) -> dict[str, Any]:
-    from patchgap.models import load_causal_lm, load_tokenizer
-    from patchgap.scoring import NLLScorer
+    from patchgap.lm.models import load_causal_lm, load_tokenizer
+    from patchgap.reward.scoring import NLLScorer
 
     tok = load_tokenizer(ctx.tiny)
     groups = [[a + f" ({q_i})" for a in ANSWERS] for q_i in range(len(QUESTIONS))]
@@ -434,9 +434,9 @@ def check_grpo_step(ctx: Ctx) -> dict[str, Any]:
     import torch
 
     import patchgap.answers as answers
-    from patchgap.rl.callbacks import StepMetricsCallback
     from patchgap.stages import train_rewriter as tr
     from patchgap.stages.base import execute
+    from patchgap.training.callbacks import StepMetricsCallback
 
     work = ctx.work / "grpo"
     work.mkdir(parents=True, exist_ok=True)
@@ -616,7 +616,7 @@ def check_vllm(ctx: Ctx) -> dict[str, Any]:
         raise Skipped("vllm not installed") from None
     if not ctx.cuda:
         raise Skipped("vllm needs CUDA")
-    from patchgap.generation import GenerationConfig, make_generator
+    from patchgap.lm.generation import GenerationConfig, make_generator
 
     cfg = GenerationConfig(
         backend="vllm",
@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="patchgap-gpu-check-") as tmp:
         os.environ.setdefault("PATCHGAP_HOME", str(Path(tmp) / "home"))
-        from patchgap.testing.tiny_models import build_tiny_model
+        from patchgap.lm.tiny import build_tiny_model
 
         tiny = build_tiny_model(Path(tmp) / "tiny-llama", "llama", seed=0)
         ctx = Ctx(device=args.device, quick=args.quick, work=Path(tmp), tiny=tiny)

@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from patchgap.models import prepare_smollm2, shared_model
-    from patchgap.scoring import Embedder, Judge, NLLScorer
+    from patchgap.lm.models import prepare_smollm2, shared_model
+    from patchgap.reward.scoring import Embedder, Judge, NLLScorer
     from patchgap.settings import data_dir
 
     folder = prepare_smollm2()

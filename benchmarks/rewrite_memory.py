@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, Path(args.work), Path(args.model))))
         return 0
 
-    from patchgap.testing.tiny_models import build_tiny_model
+    from patchgap.lm.tiny import build_tiny_model
 
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []

@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    from patchgap.generation import GenerationConfig, make_generator
-    from patchgap.models import apply_chat, prepare_smollm2
+    from patchgap.lm.generation import GenerationConfig, make_generator
+    from patchgap.lm.models import apply_chat, prepare_smollm2
     from patchgap.prompts import rewrite_messages
 
     model = prepare_smollm2()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build every stage image with docker or podman (whichever is present; CONTAINER_ENGINE overrides).
-# Tags come from patchgap.images (registry and tag tied to the package version).
+# Tags come from patchgap.kfp.images (registry and tag tied to the package version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 engine="${CONTAINER_ENGINE:-}"
@@ -10,7 +10,7 @@ if [[ -z "$engine" ]]; then
   else echo "error: neither docker nor podman found; set CONTAINER_ENGINE" >&2; exit 2; fi
 fi
 py="${PYTHON:-.venv/bin/python}"
-ref() { "$py" -c "from patchgap.images import image_for; print(image_for('$1'))"; }
+ref() { "$py" -c "from patchgap.kfp.images import image_for; print(image_for('$1'))"; }
 base="$(ref base)"
 echo "building $base"
 "$engine" build -f images/base/Dockerfile -t "$base" .

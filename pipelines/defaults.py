@@ -3,12 +3,12 @@ dumped as the YAML string a component receives) and the GPU pool placement. Comp
 carry these as parameter defaults; ``patchgap run`` and ``patchgap submit`` override them."""
 
 import importlib
-from pathlib import Path
 
 from patchgap.config import read_yaml
+from patchgap.settings import configs_dir
 from patchgap.stages.base import config_json, section_config
 
-PAPER_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "paper.yaml"
+PAPER_CONFIG = configs_dir() / "paper.yaml"
 
 ACCELERATOR_TYPE = "nvidia.com/gpu"
 NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}

@@ -8,14 +8,14 @@ No ``from __future__ import annotations``: KFP reads these annotations at runtim
 
 from kfp import dsl
 
-from components.evaluate.component import evaluate
-from components.gate.component import gate
-from components.ops.component import merge_shards, shard_indices, stage_dataset
-from components.rewrite.component import rewrite
-from components.sft.component import sft
-from components.train_rewriter.component import train_rewriter
-from pipelines import defaults as d
-from pipelines.placement import placers
+from patchgap.components.evaluate.component import evaluate
+from patchgap.components.gate.component import gate
+from patchgap.components.ops.component import merge_shards, shard_indices, stage_dataset
+from patchgap.components.rewrite.component import rewrite
+from patchgap.components.sft.component import sft
+from patchgap.components.train_rewriter.component import train_rewriter
+from patchgap.pipelines import defaults as d
+from patchgap.pipelines.placement import placers
 
 
 def rewrite_and_gate(

@@ -6,12 +6,12 @@ No ``from __future__ import annotations``: KFP reads these annotations at runtim
 
 from kfp import dsl
 
-from components.evaluate.component import evaluate
-from components.ops.component import shard_indices, stage_dataset
-from components.sft.component import sft
-from pipelines import defaults as d
-from pipelines.full import rewrite_and_gate
-from pipelines.placement import placers
+from patchgap.components.evaluate.component import evaluate
+from patchgap.components.ops.component import shard_indices, stage_dataset
+from patchgap.components.sft.component import sft
+from patchgap.pipelines import defaults as d
+from patchgap.pipelines.full import rewrite_and_gate
+from patchgap.pipelines.placement import placers
 
 
 def build(local: bool = False):

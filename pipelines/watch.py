@@ -7,11 +7,11 @@ No ``from __future__ import annotations``: KFP reads these annotations at runtim
 
 from kfp import dsl
 
-from components.gate.component import gate
-from components.ops.component import find_new_datasets, record_processed, stage_dataset
-from components.rewrite.component import rewrite
-from pipelines import defaults as d
-from pipelines.placement import placers
+from patchgap.components.gate.component import gate
+from patchgap.components.ops.component import find_new_datasets, record_processed, stage_dataset
+from patchgap.components.rewrite.component import rewrite
+from patchgap.pipelines import defaults as d
+from patchgap.pipelines.placement import placers
 
 
 def build(local: bool = False):

@@ -6,7 +6,7 @@ No ``from __future__ import annotations``: KFP reads these annotations at runtim
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Output
 
-from patchgap.images import image_for
+from patchgap.kfp.images import image_for
 
 
 @dsl.component(base_image=image_for("gate"), install_kfp_package=False)

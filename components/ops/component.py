@@ -9,7 +9,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
 
-from patchgap.images import image_for
+from patchgap.kfp.images import image_for
 
 OPS_IMAGE = image_for("ops")
 
@@ -28,7 +28,7 @@ def stage_dataset(
     from collections import namedtuple
     from pathlib import Path
 
-    from patchgap.records import DatasetSpec, load_records, write_records_jsonl
+    from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
 
     out = Path(dataset.path)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,8 +69,8 @@ def merge_shards(shards: Input[list[Dataset]], merged: Output[Dataset]) -> int:
 @dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
 def find_new_datasets(prefix_uri: str, ledger_uri: str, max_datasets: int) -> list[dict]:
     """Dataset objects under ``prefix_uri`` whose content hash is not in the ledger yet."""
-    from patchgap.ledger import Ledger, find_datasets
-    from patchgap.store import Store
+    from patchgap.data.ledger import Ledger, find_datasets
+    from patchgap.storage.store import Store
 
     store = Store.from_env()
     pending = Ledger(store, ledger_uri).pending(find_datasets(store, prefix_uri))
@@ -82,8 +82,8 @@ def find_new_datasets(prefix_uri: str, ledger_uri: str, max_datasets: int) -> li
 @dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
 def record_processed(ledger_uri: str, item: dict, acceptance_rate: float) -> str:
     """Record one dataset as processed; runs only after its rewrite and gate succeeded."""
-    from patchgap.ledger import DatasetObject, Ledger
-    from patchgap.store import Store
+    from patchgap.data.ledger import DatasetObject, Ledger
+    from patchgap.storage.store import Store
 
     obj = DatasetObject(uri=item["uri"], sha256=item["sha256"], size=int(item["size"]))
     return Ledger(Store.from_env(), ledger_uri).record(obj, acceptance_rate=acceptance_rate)

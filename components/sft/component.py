@@ -6,7 +6,7 @@ No ``from __future__ import annotations``: KFP reads these annotations at runtim
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from patchgap.images import image_for
+from patchgap.kfp.images import image_for
 
 
 @dsl.component(base_image=image_for("sft"), install_kfp_package=False)

@@ -7,7 +7,7 @@ No ``from __future__ import annotations``: KFP reads these annotations at runtim
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from patchgap.images import image_for
+from patchgap.kfp.images import image_for
 
 
 @dsl.component(base_image=image_for("train_rewriter"), install_kfp_package=False)

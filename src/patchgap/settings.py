@@ -23,6 +23,15 @@ def project_root() -> Path | None:
     return None
 
 
+def configs_dir() -> Path:
+    """The shipped run and accelerate configs: ``configs/`` of a checkout, else the copy that
+    the wheel installs as package data (``patchgap/configs``)."""
+    root = project_root()
+    if root is not None:
+        return root / "configs"
+    return Path(__file__).resolve().parent / "configs"
+
+
 def data_dir() -> Path | None:
     """The folder laid out like the project's shared data (gsm8k/, math500/, arc/, ...).
 

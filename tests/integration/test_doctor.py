@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from patchgap import cluster
 from patchgap.cli.main import cli
+from patchgap.kfp import client as cluster
 
 pytestmark = pytest.mark.integration
 

@@ -57,7 +57,8 @@ def _config(tmp: Path, model: Path, bucket: str, *, prompt_only: bool) -> Path:
 def test_full_pipeline_runs_and_publishes_the_run(
     tmp_path: Path, tiny_llama: Path, s3_server, s3_bucket: str, data_dir: Path, monkeypatch
 ) -> None:
-    from patchgap.runner import prepare_run, run_pipeline
+    from patchgap.run.execute import run_pipeline
+    from patchgap.run.prepare import prepare_run
 
     monkeypatch.setenv("PATCHGAP_HOME", str(tmp_path / "home"))
     cfg = _config(tmp_path, tiny_llama, s3_bucket, prompt_only=True)
@@ -95,7 +96,7 @@ def test_full_pipeline_runs_and_publishes_the_run(
     from typer.testing import CliRunner
 
     from patchgap.cli.main import cli
-    from patchgap.results import BEGIN, END
+    from patchgap.reports.results import BEGIN, END
 
     doc = tmp_path / "docs" / "results.md"
     doc.parent.mkdir()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from patchgap import benchmarks as bm
+from patchgap.data import evalsets as bm
 
 pytestmark = pytest.mark.integration
 

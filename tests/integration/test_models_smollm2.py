@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from patchgap import models
+from patchgap.lm import models
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ GPU_STAGES = ("train-rewriter", "rewrite", "gate", "sft", "evaluate")
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, dict]]:
     mp = pytest.MonkeyPatch()
-    # Image references come from patchgap.images; make the compiled output independent of env.
+    # Image references come from patchgap.kfp.images; make the compiled output independent of env.
     mp.delenv("PATCHGAP_IMAGE_REGISTRY", raising=False)
     mp.delenv("PATCHGAP_IMAGE_TAG", raising=False)
-    from patchgap.compile import compile_all
+    from patchgap.pipelines.compile import compile_all
 
     out = tmp_path_factory.mktemp("compiled")
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from patchgap.records import NAMED_SETS, DatasetSpec, LoadResult, load_records
+from patchgap.data.records import NAMED_SETS, DatasetSpec, LoadResult, load_records
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from patchgap.errors import ConfigError
-from patchgap.scoring import (
+from patchgap.reward.scoring import (
     Embedder,
     GroupRewardScorer,
     Judge,
@@ -38,7 +38,7 @@ GROUPS = [
 
 
 def _lm(folder: Path) -> tuple:
-    from patchgap.models import shared_model
+    from patchgap.lm.models import shared_model
 
     loaded = shared_model(folder, "float32", "cpu")
     return loaded[0], loaded[1]
@@ -191,7 +191,7 @@ def test_smollm2_prefers_fluent_text(smollm2: Path) -> None:
 @pytest.mark.slow
 def test_pi0_greedy_answers_beat_gsm8k_references_in_nll(smollm2: Path, data_dir: Path) -> None:
     """The gap the method exists to close: pi0's own answers are likelier than GSM8K's style."""
-    from patchgap.models import generate_text
+    from patchgap.lm.models import generate_text
 
     model, tok = _lm(smollm2)
     lines = (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()[:20]

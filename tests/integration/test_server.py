@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from patchgap.errors import StoreError
-from patchgap.server import EmbeddedS3, Ports, find_weed, free_s3_port, read_env_file
+from patchgap.storage.server import EmbeddedS3, Ports, find_weed, free_s3_port, read_env_file
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def test_store_up_status_env_down(home: Path) -> None:
     assert f"export AWS_SECRET_ACCESS_KEY={creds['AWS_SECRET_ACCESS_KEY']}" in exported.output
 
     # The default bucket exists and the exported credentials work.
-    from patchgap.store import S3Settings, Store
+    from patchgap.storage.store import S3Settings, Store
 
     store = Store(
         S3Settings(

@@ -116,7 +116,7 @@ def test_component_writes_report_artifacts(
 ) -> None:
     import yaml
 
-    from components.evaluate.component import evaluate as component
+    from patchgap.components.evaluate.component import evaluate as component
 
     class Art:
         def __init__(self, path: Path) -> None:

@@ -123,8 +123,8 @@ def test_rewrite_and_gate_components_run_under_kfp_local(
     from kfp import dsl, local
     from kfp.dsl import Dataset
 
-    from components.gate.component import gate as gate_component
-    from components.rewrite.component import rewrite as rewrite_component
+    from patchgap.components.gate.component import gate as gate_component
+    from patchgap.components.rewrite.component import rewrite as rewrite_component
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()

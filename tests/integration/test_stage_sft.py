@@ -70,8 +70,8 @@ def test_loss_falls_and_curve_is_written(trained: dict) -> None:
 
 
 def test_saved_model_reloads_and_generates(trained: dict) -> None:
-    from patchgap.generation import GenerationConfig, make_generator
-    from patchgap.models import apply_chat
+    from patchgap.lm.generation import GenerationConfig, make_generator
+    from patchgap.lm.models import apply_chat
 
     folder = trained["outs"]["model"]
     assert (folder / "model.safetensors").is_file()
@@ -118,7 +118,7 @@ def test_lora_is_merged_into_plain_weights(tiny_llama: Path, tmp_path: Path) -> 
 def test_component_runs_the_stage(tiny_llama: Path, tmp_path: Path) -> None:
     import yaml
 
-    from components.sft.component import sft as component
+    from patchgap.components.sft.component import sft as component
 
     class Art:
         def __init__(self, path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from patchgap.rewards import RewardTerms, group_rewards
+from patchgap.reward.rewards import RewardTerms, group_rewards
 from patchgap.stages import train_rewriter as tr
 from patchgap.stages.base import execute
 
@@ -93,7 +93,7 @@ def _config(model: Path, data: Path, **extra: Any) -> tr.Config:
 
 def _capture_params(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
     """Snapshot the policy's parameters when training begins and ends."""
-    from patchgap.rl.callbacks import StepMetricsCallback
+    from patchgap.training.callbacks import StepMetricsCallback
 
     snaps: dict[str, dict[str, Any]] = {}
 
@@ -132,7 +132,7 @@ def test_tiny_model_grpo_steps_train_only_the_lora_on_whole_groups(
     monkeypatch: pytest.MonkeyPatch,
     one_thread: None,
 ) -> None:
-    from patchgap.store import Store
+    from patchgap.storage.store import Store
 
     scorer = FakeScorer()
     monkeypatch.setattr(tr, "_build_scorer", lambda config, model_src, device: scorer)
@@ -177,7 +177,7 @@ _CHILD = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from test_stage_train_rewriter import FakeScorer
-    from patchgap.rl.callbacks import CheckpointSyncCallback
+    from patchgap.training.callbacks import CheckpointSyncCallback
     from patchgap.stages import train_rewriter as tr
     from patchgap.stages.base import main
 
@@ -206,7 +206,7 @@ _CHILD = textwrap.dedent(
 def test_killed_run_resumes_from_its_last_complete_checkpoint(
     tiny_llama: Path, tmp_path: Path, s3_bucket: str, s3_server: Any
 ) -> None:
-    from patchgap.store import Store
+    from patchgap.storage.store import Store
 
     data = write_dataset(tmp_path / "data.jsonl")
     uri = f"s3://{s3_bucket}/ckpt"
@@ -276,7 +276,7 @@ def test_one_grpo_step_on_smollm2_with_the_real_reward(
     monkeypatch: pytest.MonkeyPatch,
     one_thread: None,
 ) -> None:
-    from patchgap.store import Store
+    from patchgap.storage.store import Store
 
     groups: list[list[str]] = []
     real = tr._build_scorer
@@ -341,7 +341,7 @@ def test_component_runs_under_kfp_local(
     from kfp import dsl, local
     from kfp.dsl import Model
 
-    from components.train_rewriter.component import train_rewriter
+    from patchgap.components.train_rewriter.component import train_rewriter
 
     data = write_dataset(tmp_path / "data.jsonl")
     section = _config(tiny_llama, data, max_steps=1, reward={"judge": False}, merge_adapter=True)

@@ -12,7 +12,7 @@ from fixtures.s3 import S3Server
 from typer.testing import CliRunner
 
 from patchgap.errors import ChecksumError, StoreError
-from patchgap.store import MANIFEST_NAME, S3Settings, Store, fetch_to_local, sha256_file
+from patchgap.storage.store import MANIFEST_NAME, S3Settings, Store, fetch_to_local, sha256_file
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from patchgap import benchmarks as bm
+from patchgap.data import evalsets as bm
 from patchgap.errors import DataError
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from patchgap import cluster
 from patchgap.cli.main import cli
 from patchgap.errors import ConfigError
+from patchgap.kfp import client as cluster
+from patchgap.pipelines.compile import pipeline_package
 
 
 @pytest.fixture(scope="module")
@@ -138,4 +139,4 @@ def test_missing_host_is_config_error(monkeypatch: pytest.MonkeyPatch, package: 
 
 def test_unknown_pipeline_name_is_config_error() -> None:
     with pytest.raises(ConfigError, match="not a file"):
-        cluster.pipeline_package("no-such-pipeline")
+        pipeline_package("no-such-pipeline")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from patchgap.errors import ConfigError
-from patchgap.forgetting import forgetting_table, reduction
+from patchgap.reports.forgetting import forgetting_table, reduction
 
 
 def _items(n_correct: int, n: int = 100) -> dict[str, bool]:
@@ -67,7 +67,7 @@ def test_items_are_paired_by_id() -> None:
 
 
 def test_verdict_holds_only_when_the_paired_test_favours_d_r(tmp_path) -> None:  # noqa: ANN001
-    from patchgap.eval_report import forgetting_verdicts, render_markdown, write_report
+    from patchgap.reports.evaluation import forgetting_verdicts, render_markdown, write_report
 
     scores = _scores()
     # D_R forgets 2 points less on arc and 4 less on mmlu than D (of 100 items): not significant.

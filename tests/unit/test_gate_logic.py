@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchgap.gate_report import GateStats, distinct_n, mean_pairwise_distance, write_report
-from patchgap.records import Record
-from patchgap.rewards import RewardTerms
+from patchgap.data.records import Record
+from patchgap.reports.gate import GateStats, distinct_n, mean_pairwise_distance, write_report
+from patchgap.reward.rewards import RewardTerms
 from patchgap.stages import gate, rewrite
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from patchgap.config import validate
 from patchgap.errors import ConfigError
-from patchgap.generation import (
+from patchgap.lm.generation import (
     GenerationConfig,
     adapter_rank,
     length_sorted_batches,
@@ -21,7 +21,7 @@ from patchgap.generation import (
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from patchgap.testing.tiny_models import build_tiny_model
+    from patchgap.lm.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("gen") / "tiny", "llama", seed=3)
 
@@ -144,7 +144,7 @@ def test_ragged_prefill_decode_matches_model_generate(
     arch: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Merged per-prompt caches with left padding and dropped rows decode what HF decodes alone."""
-    from patchgap.testing.tiny_models import build_tiny_model
+    from patchgap.lm.tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("ragged") / arch, arch, seed=11)
     gen = make_generator(path, config=GenerationConfig(max_new_tokens=12, batch_size=8))
@@ -204,7 +204,7 @@ def test_rows_stop_at_eos_and_samples_are_independent_rows(tiny: Path, prompts: 
 def test_in_place_cache_layer_writes_columns_without_copying_the_cache() -> None:
     import torch
 
-    from patchgap.generation import _in_place_layer_class
+    from patchgap.lm.generation import _in_place_layer_class
 
     keys, values = torch.zeros(3, 2, 6, 4), torch.zeros(3, 2, 6, 4)
     keys[:, :, :2], values[:, :, :2] = 1.0, 2.0
@@ -230,7 +230,7 @@ def test_weights_first_linear_keeps_outputs_and_restores_the_modules(
 ) -> None:
     import torch
 
-    from patchgap.generation import _weights_first_linear
+    from patchgap.lm.generation import _weights_first_linear
 
     gen = make_generator(tiny, config=GenerationConfig(max_new_tokens=10, batch_size=4))
     model = gen.model
@@ -266,7 +266,7 @@ def test_adapter_fingerprint_follows_weights_and_settings_not_folder_bytes(
 
     from safetensors.torch import load_file, save_file
 
-    from patchgap.generation import adapter_fingerprint
+    from patchgap.lm.generation import adapter_fingerprint
 
     ref = adapter_fingerprint(lora)
     same = tmp_path / "same"

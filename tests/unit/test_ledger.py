@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from patchgap.data.ledger import Ledger, find_datasets
 from patchgap.errors import PatchgapError
-from patchgap.ledger import Ledger, find_datasets
-from patchgap.store import Store
+from patchgap.storage.store import Store
 
 
 def _write(folder: Path, name: str, text: str) -> Path:

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from patchgap import records as R
 from patchgap.config import validate
-from patchgap.errors import ConfigError, DataError
-from patchgap.records import (
+from patchgap.data import records as R
+from patchgap.data.records import (
     Counts,
     DatasetSpec,
     FieldMap,
@@ -24,6 +23,7 @@ from patchgap.records import (
     write_records_jsonl,
     write_records_parquet,
 )
+from patchgap.errors import ConfigError, DataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "records"
 
@@ -181,7 +181,7 @@ def test_reject_sink_replaces_a_stale_file_and_writes_nothing_when_clean(tmp_pat
 
 
 def test_iter_records_without_sink_logs_each_reject(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="patchgap.records"):
+    with caplog.at_level(logging.WARNING, logger="patchgap.data.records"):
         ids = [r.id for r in iter_records(ASSETS / "bad_lines.jsonl")]
     assert ids == ["a", "g"]
     assert "bad_lines.jsonl:3" in caplog.text and "bad_lines.jsonl:9" in caplog.text
@@ -444,7 +444,7 @@ def test_hub_source_and_unknown_sources(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_s3_source_goes_through_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import patchgap.store
+    import patchgap.storage.store
 
     seen: list[tuple[str, Path]] = []
 
@@ -454,7 +454,7 @@ def test_s3_source_goes_through_the_store(tmp_path: Path, monkeypatch: pytest.Mo
         return Path(shutil.copy(ASSETS / "bad_lines.jsonl", Path(dest_dir) / "bad_lines.jsonl"))
 
     monkeypatch.setenv("PATCHGAP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(patchgap.store, "fetch_to_local", fetch)
+    monkeypatch.setattr(patchgap.storage.store, "fetch_to_local", fetch)
     res = load_records("s3://bucket/sets/bad_lines.jsonl")
     assert [r.id for r in res.records] == ["a", "g"]
     assert seen[0][0] == "s3://bucket/sets/bad_lines.jsonl"

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from patchgap import rewards
-from patchgap.rewards import (
+from patchgap.reward import rewards
+from patchgap.reward.rewards import (
     dist_rewards,
     div_rewards,
     gated_total,
@@ -179,7 +179,7 @@ class _SpyJudge:
         self.shown: list[str] = []
 
     def verdicts(self, questions, references, groups):
-        from patchgap.scoring import JudgeVerdict
+        from patchgap.reward.scoring import JudgeVerdict
 
         out = []
         for g in groups:
@@ -194,7 +194,7 @@ class _SpyJudge:
 
 
 def _scorer(judge=None):
-    from patchgap.scoring import GroupRewardScorer, RewardConfig
+    from patchgap.reward.scoring import GroupRewardScorer, RewardConfig
 
     config = RewardConfig(k=3, judge=judge is not None)
     return GroupRewardScorer(
@@ -247,7 +247,7 @@ def test_identical_rewrites_get_zero_diversity_through_the_scorer() -> None:
 def test_reward_config_is_strict() -> None:
     from patchgap.config import validate
     from patchgap.errors import ConfigError
-    from patchgap.scoring import RewardConfig
+    from patchgap.reward.scoring import RewardConfig
 
     cfg = validate(RewardConfig, {"k": 8, "nll_context": "plain"})
     assert (cfg.k, cfg.lambda_dist, cfg.lambda_div, cfg.nll_context) == (8, 0.35, 0.5, "plain")
@@ -258,7 +258,7 @@ def test_reward_config_is_strict() -> None:
 
 
 def test_length_buckets_keep_padding_low() -> None:
-    from patchgap.scoring import plan_buckets
+    from patchgap.reward.scoring import plan_buckets
 
     lengths = [120, 40, 118, 45, 300, 41, 119]
     buckets = plan_buckets(lengths, max_batch_tokens=10_000, max_padding_fraction=0.1)

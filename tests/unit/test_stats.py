@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from patchgap.stats import (
+from patchgap.reports.stats import (
     accuracy,
     bootstrap_ci,
     mcnemar_exact,

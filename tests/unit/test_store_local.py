@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from patchgap.errors import ChecksumError, StoreError
-from patchgap.store import (
+from patchgap.storage.store import (
     MANIFEST_NAME,
     S3Settings,
     S3Url,
@@ -248,7 +248,7 @@ def test_settings_from_env() -> None:
 
 
 def test_unreachable_endpoint_is_one_clear_error() -> None:
-    from patchgap.server import free_s3_port
+    from patchgap.storage.server import free_s3_port
 
     port = free_s3_port()  # nothing listens there
     store = Store(
@@ -293,7 +293,7 @@ def test_artifacts_cli_on_a_local_runs_root(store: Store, tree: Path, tmp_path: 
 
 
 def test_ports_and_env_file_helpers(tmp_path: Path) -> None:
-    from patchgap.server import EmbeddedS3, Ports, read_env_file
+    from patchgap.storage.server import EmbeddedS3, Ports, read_env_file
 
     ports = [p for _, p in Ports(8333).all()]
     assert len(set(ports)) == 10 and 8888 not in ports and 9333 not in ports

@@ -1,4 +1,4 @@
-"""Tiny random models and the loading helpers in patchgap.models (no hub, seconds)."""
+"""Tiny random models and the loading helpers in patchgap.lm.models (no hub, seconds)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from patchgap import models
 from patchgap.errors import ConfigError
-from patchgap.testing import build_tiny_model
+from patchgap.lm import models
+from patchgap.lm.tiny import build_tiny_model
 
 
 def _digest(path: Path) -> str:

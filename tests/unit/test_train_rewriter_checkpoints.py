@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from patchgap.errors import ConfigError
-from patchgap.rl.checkpoints import METRICS_FILE, CheckpointStore
-from patchgap.rl.metrics import MetricsLog, plot_reward_curves, row_from_logs, summarize
-from patchgap.store import MANIFEST_NAME, Store
+from patchgap.storage.store import MANIFEST_NAME, Store
+from patchgap.training.checkpoints import METRICS_FILE, CheckpointStore
+from patchgap.training.metrics import MetricsLog, plot_reward_curves, row_from_logs, summarize
 
 
 def _local_checkpoint(root: Path, step: int) -> Path:

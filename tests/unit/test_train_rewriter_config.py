@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from patchgap.config import validate
+from patchgap.data.records import Record
 from patchgap.errors import ConfigError
-from patchgap.records import Record
 from patchgap.stages import train_rewriter as tr
 
 
@@ -69,7 +69,7 @@ def test_fingerprint_ignores_how_long_and_where_but_not_what() -> None:
 
 
 def test_prompt_rows_carry_the_reward_columns_and_drop_long_prompts() -> None:
-    from patchgap.testing.tiny_models import train_tokenizer
+    from patchgap.lm.tiny import train_tokenizer
 
     tok = train_tokenizer()
     records = [
@@ -102,7 +102,7 @@ def test_several_gpus_relaunch_under_accelerate(
     import json
     import subprocess
 
-    from patchgap.rl import launch
+    from patchgap.training import launch
 
     for var in ("WORLD_SIZE", "LOCAL_RANK", launch.CHILD_ENV):
         monkeypatch.delenv(var, raising=False)
@@ -137,7 +137,7 @@ def test_several_gpus_relaunch_under_accelerate(
 
 
 def test_missing_accelerate_config_is_named(tmp_path: Path) -> None:
-    from patchgap.rl.launch import accelerate_config
+    from patchgap.training.launch import accelerate_config
 
     with pytest.raises(ConfigError, match="nowhere.yaml not found"):
         accelerate_config("zero2", f"{tmp_path}/nowhere.yaml")

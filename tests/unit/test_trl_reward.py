@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from patchgap.errors import ConfigError
-from patchgap.rewards import RewardTerms, group_rewards
-from patchgap.trl_reward import (
+from patchgap.reward.rewards import RewardTerms, group_rewards
+from patchgap.reward.trl_adapter import (
     GroupAlignmentError,
     GroupRewardFunction,
     check_group_alignment,

@@ -1,1 +1,4 @@
-"""The ``patchgap`` command line."""
+"""The ``patchgap`` command (typer): thin, each command calls the packages below.
+
+May import: everything.
+"""

@@ -14,7 +14,7 @@ from rich.table import Table
 from patchgap.errors import StoreError
 
 if TYPE_CHECKING:
-    from patchgap.store import Manifest, Store
+    from patchgap.storage.store import Manifest, Store
 
 app = typer.Typer(help="List and download a run's outputs, verified by their manifests.")
 console = Console()
@@ -36,7 +36,7 @@ def run_prefix(run: str, bucket: str | None = None, root: str | None = None) -> 
         raise StoreError(
             f"run id {run!r} is not valid: use letters, digits, '.', '_' and '-' (no '/')"
         )
-    from patchgap.store import join_uri
+    from patchgap.storage.store import join_uri
 
     if root is None:
         bucket = bucket or os.environ.get("PATCHGAP_BUCKET") or "patchgap"
@@ -55,7 +55,7 @@ def human_size(size: int) -> str:
 
 def _outputs(store: Store, prefix: str, keys: list[str]) -> dict[str, Manifest]:
     """Manifests under the run, by the folder (relative to the run) they cover."""
-    from patchgap.store import MANIFEST_NAME, join_uri
+    from patchgap.storage.store import MANIFEST_NAME, join_uri
 
     found = {}
     for key in keys:
@@ -79,7 +79,7 @@ def _covered(manifests: dict[str, Manifest]) -> dict[str, int]:
 
 def _run_objects(run: str, bucket: str | None, root: str | None) -> tuple[str, Any, list, dict]:
     """A run's prefix, a store, its objects and the manifests of its outputs."""
-    from patchgap.store import Store
+    from patchgap.storage.store import Store
 
     prefix = run_prefix(run, bucket, root)
     store = Store.from_env()
@@ -96,7 +96,7 @@ def ls(
     root: str | None = _ROOT,
 ) -> None:
     """List a run's objects with their sizes and whether a manifest covers them."""
-    from patchgap.store import MANIFEST_NAME
+    from patchgap.storage.store import MANIFEST_NAME
 
     prefix, store, objects, manifests = _run_objects(run, bucket, root)
     covered = _covered(manifests)
@@ -129,7 +129,7 @@ def get(
     root: str | None = _ROOT,
 ) -> None:
     """Download a run's complete outputs, verifying every sha256 against its manifest."""
-    from patchgap.store import MANIFEST_NAME, join_uri, safe_target
+    from patchgap.storage.store import MANIFEST_NAME, join_uri, safe_target
 
     prefix, store, objects, manifests = _run_objects(run, bucket, root)
     if not manifests:
@@ -168,7 +168,7 @@ def report(
     root: str | None = _ROOT,
 ) -> None:
     """Render a run's reproduction report: gate figures, accuracies, forgetting and verdict."""
-    from patchgap import results
+    from patchgap.reports import results
 
     prefix, store, objects, _ = _run_objects(run, bucket, root)
     found = results.collect(store, prefix, [o.key for o in objects])

@@ -6,7 +6,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from patchgap import cluster as ops
+from patchgap.kfp import client as ops
+from patchgap.pipelines.compile import pipeline_package
 
 console = Console()
 
@@ -33,7 +34,7 @@ def submit(
     """Submit one run of a compiled pipeline to KFP; prints the run id and its UI link."""
     res = ops.submit(
         ops.KfpTarget(host=host, namespace=namespace),
-        pipeline,
+        pipeline_package(pipeline),
         params=ops.parse_params(params),
         experiment=experiment,
         run_name=run_name,
@@ -67,7 +68,7 @@ def schedule_create(
         ops.KfpTarget(host=host, namespace=namespace),
         ops.Schedule(
             name=name,
-            pipeline=pipeline,
+            pipeline=str(pipeline_package(pipeline)),
             cron=cron,
             interval_seconds=interval,
             max_concurrency=max_concurrency,

@@ -22,7 +22,7 @@ err_console = Console(stderr=True)
 def _fields(value: str) -> object:
     """A preset name, or a YAML/JSON file holding a FieldMap."""
     from patchgap.config import read_yaml, validate
-    from patchgap.records import FieldMap
+    from patchgap.data.records import FieldMap
 
     if value.endswith((".yaml", ".yml", ".json")) or Path(value).is_file():
         return validate(FieldMap, read_yaml(value), value)
@@ -60,7 +60,7 @@ def validate(
 ) -> None:
     """Read a dataset, count valid and rejected records; exit 0 when it could be read."""
     from patchgap.config import validate as validate_config
-    from patchgap.records import DatasetSpec, load_records
+    from patchgap.data.records import DatasetSpec, load_records
 
     target = rejects or _default_rejects(source)
     try:
@@ -103,7 +103,7 @@ def validate(
 @app.command("ls")
 def list_sets() -> None:
     """List the named public sets and whether each resolves in the data directory."""
-    from patchgap.records import NAMED_SETS
+    from patchgap.data.records import NAMED_SETS
     from patchgap.settings import DATA_DIR_ENV, data_dir
 
     root = data_dir()

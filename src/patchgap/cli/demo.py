@@ -12,14 +12,12 @@ console = Console()
 
 
 def default_demo_config() -> Path:
-    from patchgap.settings import project_root
+    from patchgap.settings import configs_dir
 
-    root = project_root()
-    candidates = [root / "configs" / "demo.yaml"] if root else []
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise typer.BadParameter("configs/demo.yaml not found; pass --config")
+    path = configs_dir() / "demo.yaml"
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} not found; pass --config")
+    return path
 
 
 def demo(
@@ -30,7 +28,8 @@ def demo(
 ) -> None:
     """Run all five stages on a small real model with local S3 (what `make demo` calls)."""
     from patchgap.logs import setup_logging
-    from patchgap.runner import prepare_run, run_pipeline
+    from patchgap.run.execute import run_pipeline
+    from patchgap.run.prepare import prepare_run
 
     setup_logging()
     cfg_path = config or default_demo_config()

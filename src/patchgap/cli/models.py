@@ -38,7 +38,7 @@ def prepare(
     cache_dir: Path | None = _CACHE,
 ) -> None:
     """Convert a known model into a safetensors folder with tokenizer and chat template."""
-    from patchgap import models
+    from patchgap.lm import models
 
     spec = models.known_model(name)
     if spec is None:
@@ -67,7 +67,7 @@ def prepare(
 @app.command("ls")
 def list_models(cache_dir: Path | None = _CACHE) -> None:
     """List known model aliases, whether each is prepared, and where."""
-    from patchgap import models
+    from patchgap.lm import models
 
     table = Table("alias", "prepared", "description")
     table.add_column("path", overflow="fold")
@@ -83,7 +83,7 @@ def info(
     path: Path = _INFO_PATH,
 ) -> None:
     """Show architecture, parameter count, vocabulary and chat template of a model folder."""
-    from patchgap import models
+    from patchgap.lm import models
 
     folder = path
     spec = models.known_model(str(path)) if not path.exists() else None

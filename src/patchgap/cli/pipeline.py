@@ -16,7 +16,7 @@ def compile_pipelines(
     ),
 ) -> None:
     """Compile every pipeline (full, rewrite, watch) to YAML for KFP."""
-    from patchgap.compile import compile_all
+    from patchgap.pipelines.compile import compile_all
 
     for path in compile_all(out_dir):
         typer.echo(str(path))
@@ -35,7 +35,8 @@ def run(
 ) -> None:
     """Run a pipeline on this machine: stage data and model in S3, run, publish the run."""
     from patchgap.logs import setup_logging
-    from patchgap.runner import prepare_run, run_pipeline
+    from patchgap.run.execute import run_pipeline
+    from patchgap.run.prepare import prepare_run
 
     setup_logging()
     prepared = prepare_run(config, start_embedded_s3=embedded_s3, say=console.print)

@@ -29,7 +29,7 @@ _PORT = typer.Option(
 
 
 def _server(home: Path | None, port: int | None = None, bucket: str | None = None):  # noqa: ANN202
-    from patchgap.server import EmbeddedS3
+    from patchgap.storage.server import EmbeddedS3
 
     return EmbeddedS3(home, port, bucket=bucket)
 

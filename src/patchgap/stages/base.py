@@ -208,7 +208,7 @@ def execute(
         local_in: dict[str, Path] = {}
         for name, uri in inputs.items():
             if _is_remote(uri):
-                from patchgap.store import fetch_to_local
+                from patchgap.storage.store import fetch_to_local
 
                 say(f"{stage.NAME}: fetching input {name} from {uri}")
                 local_in[name] = fetch_to_local(uri, root / "in" / name)
@@ -253,7 +253,7 @@ def execute(
         for p in local_out.values():
             (p / "_stage.json").write_text(json.dumps(record, indent=2, sort_keys=True))
         if remote_out:
-            from patchgap.store import Store
+            from patchgap.storage.store import Store
 
             store = Store.from_env()
             for name, uri in remote_out.items():
@@ -271,7 +271,7 @@ def _optional(stage: StageModule, name: str) -> bool:
 def _finished_metrics(
     remote_out: Mapping[str, str], chash: str, input_hashes: Mapping[str, str]
 ) -> dict[str, float] | None:
-    from patchgap.store import Store
+    from patchgap.storage.store import Store
 
     store = Store.from_env()
     metrics: dict[str, float] | None = None

@@ -171,12 +171,12 @@ def resolve_models(config: Config, models_input: Path | None, workdir: Path) -> 
 
 def _model_folder(path: str, models_input: Path | None, dest: Path) -> Path:
     if path.startswith("s3://"):
-        from patchgap.store import fetch_to_local
+        from patchgap.storage.store import fetch_to_local
 
         return Path(fetch_to_local(path, dest))
     if models_input is not None and (models_input / path).is_dir():
         return models_input / path
-    from patchgap.generation import resolve_model_path
+    from patchgap.lm.generation import resolve_model_path
 
     return resolve_model_path(path)
 
@@ -185,7 +185,7 @@ def _model_folder(path: str, models_input: Path | None, dest: Path) -> Path:
 
 
 def _math_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
-    from patchgap import benchmarks as bm
+    from patchgap.data import evalsets as bm
 
     sets: dict[str, list[Any]] = {}
     for ms in config.math:
@@ -201,7 +201,7 @@ def _math_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
 
 
 def _choice_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
-    from patchgap import benchmarks as bm
+    from patchgap.data import evalsets as bm
 
     sets = {}
     for name in config.choice:
@@ -218,8 +218,8 @@ def generative_eval(
 ) -> dict[str, list[ItemResult]]:
     """Greedy answers of one model to every math and boxed-letter item, scored per item."""
     from patchgap.answers import equivalent, extract_answer, extract_choice
-    from patchgap.generation import GenerationConfig, make_generator
-    from patchgap.models import apply_chat
+    from patchgap.lm.generation import GenerationConfig, make_generator
+    from patchgap.lm.models import apply_chat
     from patchgap.prompts import choice_eval_messages, math_eval_messages
 
     if not math_sets and not choice_sets:
@@ -304,8 +304,8 @@ def lm_eval_general(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from patchgap import benchmarks as bm
-    from patchgap.models import device_for
+    from patchgap.data import evalsets as bm
+    from patchgap.lm.models import device_for
 
     ours = [b for b in config.general if b in bm.LM_EVAL_TASKS]
     external = [b for b in config.general if b not in bm.LM_EVAL_TASKS]
@@ -406,8 +406,8 @@ def _clean(d: Mapping[str, Any]) -> dict[str, Any]:
 def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
-    from patchgap.eval_report import write_report
-    from patchgap.forgetting import forgetting_table
+    from patchgap.reports.evaluation import write_report
+    from patchgap.reports.forgetting import forgetting_table
     from patchgap.settings import data_dir as default_data_dir
 
     out = outputs["report"]
@@ -420,7 +420,7 @@ def run(
         choice_sets = _choice_items(config, data_dir)
         tasks_dir = None
         if config.general:
-            from patchgap.benchmarks import render_lm_eval_tasks
+            from patchgap.data.evalsets import render_lm_eval_tasks
 
             tasks_dir = render_lm_eval_tasks(work / "tasks", data_dir, config.benchmark_paths)
         scores: dict[str, dict[str, dict[str, bool]]] = {}

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from patchgap.config import StrictModel
-from patchgap.records import FieldMap, Record
+from patchgap.data.records import FieldMap, Record
 
 log = logging.getLogger("patchgap.stages.gate")
 
@@ -26,7 +26,7 @@ INPUTS = ("dataset", "candidates")
 OUTPUTS = ("dataset_r", "report")
 
 D_R_FILE = "d_r.jsonl"
-# Everything but the main JSONL sits under "_" folders: patchgap.records skips them, so a stage
+# Everything but the main JSONL sits under "_" folders: patchgap.data.records skips them, so a stage
 # reading the dataset_r folder sees each record exactly once.
 PARQUET_FILE = "_parquet/d_r.parquet"
 ACCEPTED_FILE = "_accepted/accepted.jsonl"
@@ -118,7 +118,7 @@ def decide(
     """Pick the feasible candidate (r_task = 1) with the lowest NLL under pi0, else fall back.
 
     ``candidates`` are the rewrite stage's dicts (``text``, ``index``, ``trial``); ``terms`` the
-    matching :class:`patchgap.rewards.RewardTerms`. A feasible candidate without a finite NLL
+    matching :class:`patchgap.reward.rewards.RewardTerms`. A feasible candidate without a finite NLL
     ranks after every scored one; ties go to the earlier candidate.
     """
     reasons = [
@@ -259,7 +259,7 @@ class _Writers:
 
 
 def _scorer(config: Config) -> Any:
-    from patchgap.scoring import GroupRewardScorer, RewardConfig
+    from patchgap.reward.scoring import GroupRewardScorer, RewardConfig
 
     reward = RewardConfig(
         judge=config.judge,
@@ -280,8 +280,8 @@ def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
     """Gate ``candidates`` against ``dataset`` into ``dataset_r`` and a ``report``."""
-    from patchgap.gate_report import GateStats, write_report
-    from patchgap.records import Counts, DatasetSpec, RejectSink, iter_records
+    from patchgap.data.records import Counts, DatasetSpec, RejectSink, iter_records
+    from patchgap.reports.gate import GateStats, write_report
 
     out = Path(outputs["dataset_r"])
     report_dir = Path(outputs["report"])

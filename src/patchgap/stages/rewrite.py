@@ -18,8 +18,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from patchgap.config import StrictModel
+from patchgap.data.records import FieldMap, Record
 from patchgap.prompts import REWRITE_TEMPLATE
-from patchgap.records import FieldMap, Record
 
 log = logging.getLogger("patchgap.stages.rewrite")
 
@@ -37,7 +37,7 @@ class Config(StrictModel):
 
     model: str = Field("smollm2", description="pi0: a model folder or a known name (smollm2)")
     fields: str | FieldMap = Field(
-        "auto", description="field preset or mapping of the dataset (see patchgap.records)"
+        "auto", description="field preset or mapping of the dataset (see patchgap.data.records)"
     )
     limit: int | None = Field(None, ge=1, description="use at most this many records")
     template: str = Field(REWRITE_TEMPLATE, description="rewriting prompt ({question}, {solution})")
@@ -93,7 +93,7 @@ class Config(StrictModel):
         return self
 
     def generation(self) -> Any:
-        from patchgap.generation import GenerationConfig
+        from patchgap.lm.generation import GenerationConfig
 
         return GenerationConfig(
             backend=self.backend,
@@ -192,7 +192,7 @@ class RewriteState:
     """Finished batches under ``<state_uri>/<fingerprint>/shard-i-of-n/`` in the store."""
 
     def __init__(self, state_uri: str, fingerprint: str, shard: int, shards: int) -> None:
-        from patchgap.store import Store, join_uri
+        from patchgap.storage.store import Store, join_uri
 
         self.store = Store.from_env() if state_uri.startswith("s3://") else Store()
         self.prefix = join_uri(state_uri, fingerprint, f"shard-{shard:05d}-of-{shards:05d}")
@@ -225,7 +225,7 @@ class RewriteState:
 
 def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
     """What identifies a run's batches: generation settings, dataset bytes, adapter content."""
-    from patchgap.generation import adapter_fingerprint
+    from patchgap.lm.generation import adapter_fingerprint
     from patchgap.stages.base import path_hash
 
     settings = {
@@ -245,7 +245,7 @@ class Rewriter:
     """Generates and answer-checks candidates for one batch of records, with retries."""
 
     def __init__(self, config: Config, adapter: Path | None) -> None:
-        from patchgap.models import load_tokenizer
+        from patchgap.lm.models import load_tokenizer
 
         self.config = config
         self.adapter = adapter
@@ -256,7 +256,7 @@ class Rewriter:
     def generator(self) -> Any:
         # Loaded on first use: a fully resumed shard never loads the model.
         if self._generator is None:
-            from patchgap.generation import make_generator
+            from patchgap.lm.generation import make_generator
 
             self._generator = make_generator(
                 self.config.model, self.adapter, self.config.generation()
@@ -264,7 +264,7 @@ class Rewriter:
         return self._generator
 
     def prompt(self, rec: Record) -> str:
-        from patchgap.models import apply_chat
+        from patchgap.lm.models import apply_chat
         from patchgap.prompts import rewrite_messages
 
         messages = rewrite_messages(rec.question, rec.solution, self.config.template)
@@ -347,7 +347,7 @@ def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
     """Rewrite this shard of ``dataset`` into ``candidates`` (JSONL, one line per record)."""
-    from patchgap.records import Counts, DatasetSpec, RejectSink, iter_records
+    from patchgap.data.records import Counts, DatasetSpec, RejectSink, iter_records
 
     dataset = Path(inputs["dataset"])
     adapter = Path(inputs["adapter"]) if inputs.get("adapter") is not None else None

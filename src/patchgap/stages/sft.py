@@ -18,8 +18,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from patchgap.config import StrictModel
+from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, PatchgapError
-from patchgap.records import FieldMap
 from patchgap.stages.base import main
 
 log = logging.getLogger("patchgap.stages.sft")
@@ -110,8 +110,8 @@ def fingerprint(config: Config, dataset: Path) -> str:
 
 def build_rows(config: Config, dataset: Path, rejects: Path) -> tuple[list[dict[str, Any]], int]:
     """Conversational prompt-completion rows (TRL masks the prompt out of the loss)."""
+    from patchgap.data.records import DatasetSpec, load_records
     from patchgap.prompts import render
-    from patchgap.records import DatasetSpec, load_records
 
     spec = DatasetSpec(
         source=str(dataset), fields=config.fields, limit=config.limit, seed=config.seed
@@ -150,7 +150,7 @@ def maybe_relaunch(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float] | None:
     """Re-run under ``accelerate launch`` (one process per GPU) when several GPUs are visible."""
-    from patchgap.rl.launch import (
+    from patchgap.training.launch import (
         CHILD_ENV,
         accelerate_config,
         in_distributed_process,
@@ -210,7 +210,7 @@ def _checkpoint_callback(checkpoints: Any, keep: int | None) -> Any:
 
 
 def _device_and_dtype(config: Config) -> tuple[str, str]:
-    from patchgap.models import device_for
+    from patchgap.lm.models import device_for
 
     device = device_for(config.device)
     if config.dtype != "auto":
@@ -238,8 +238,8 @@ def _train(
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from patchgap.generation import resolve_model_path
-    from patchgap.models import has_chat_template, load_tokenizer
+    from patchgap.lm.generation import resolve_model_path
+    from patchgap.lm.models import has_chat_template, load_tokenizer
 
     t0 = time.time()
     model_dir = resolve_model_path(config.model)
@@ -299,8 +299,8 @@ def _train(
     if config.checkpoint_uri:
         from accelerate import PartialState
 
-        from patchgap.rl.checkpoints import CheckpointStore
-        from patchgap.store import join_uri
+        from patchgap.storage.store import join_uri
+        from patchgap.training.checkpoints import CheckpointStore
 
         # One folder per fingerprint: SFT on D and on each D_R share the pipeline's sft config
         # (and so its checkpoint_uri), and must neither resume from nor refuse each other.

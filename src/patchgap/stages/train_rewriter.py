@@ -17,10 +17,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from patchgap.config import StrictModel
+from patchgap.data.records import DatasetSpec
 from patchgap.errors import ConfigError, DataError
 from patchgap.prompts import REWRITE_TEMPLATE
-from patchgap.records import DatasetSpec
-from patchgap.scoring import RewardConfig
+from patchgap.reward.scoring import RewardConfig
 from patchgap.stages.base import main
 
 NAME = "train_rewriter"
@@ -136,7 +136,7 @@ class Config(StrictModel):
     lora: LoraSettings = Field(LoraSettings(), description="the LoRA patch")
     rollout: RolloutSettings = Field(RolloutSettings(), description="rollout generation")
     reward: RewardConfig = Field(
-        RewardConfig(), description="the gated group reward (patchgap.scoring)"
+        RewardConfig(), description="the gated group reward (patchgap.reward.scoring)"
     )
     checkpoint_uri: str | None = Field(
         None,
@@ -275,7 +275,7 @@ def build_prompt_rows(
 
 
 def _load_dataset(config: Config, dataset_input: Path | None, work: Path) -> tuple[list[Any], str]:
-    from patchgap.records import load_records
+    from patchgap.data.records import load_records
 
     spec = config.dataset
     if dataset_input is not None:
@@ -303,7 +303,7 @@ def _is_distributed_child() -> bool:
 
 
 def _resolve_device(config: Config) -> str:
-    from patchgap.models import device_for
+    from patchgap.lm.models import device_for
 
     return "cpu" if device_for(config.device).startswith("cpu") else "cuda"
 
@@ -343,7 +343,7 @@ def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
     """Train the rewriter; write the adapter and the metrics; return summary figures."""
-    from patchgap.rl.launch import maybe_relaunch
+    from patchgap.training.launch import maybe_relaunch
 
     relaunched = maybe_relaunch(config, inputs, outputs, SUMMARY_JSON)
     if relaunched is not None:
@@ -365,11 +365,11 @@ def _train(
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from patchgap.models import load_tokenizer, resolve_model
-    from patchgap.rl.callbacks import CheckpointSyncCallback, StepMetricsCallback
-    from patchgap.rl.checkpoints import METRICS_FILE, CheckpointStore
-    from patchgap.rl.metrics import MetricsLog, plot_reward_curves
-    from patchgap.trl_reward import GroupRewardFunction, check_grpo_args
+    from patchgap.lm.models import load_tokenizer, resolve_model
+    from patchgap.reward.trl_adapter import GroupRewardFunction, check_grpo_args
+    from patchgap.training.callbacks import CheckpointSyncCallback, StepMetricsCallback
+    from patchgap.training.checkpoints import METRICS_FILE, CheckpointStore
+    from patchgap.training.metrics import MetricsLog, plot_reward_curves
 
     device = _resolve_device(config)
     dtype = _dtype(config, device)
@@ -469,7 +469,7 @@ def _train(
     resume_dir: Path | None = None
     fp = fingerprint(config, _dataset_identity(config, inputs.get("dataset")))
     if config.checkpoint_uri:
-        from patchgap.store import join_uri
+        from patchgap.storage.store import join_uri
 
         # One folder per run fingerprint: a changed config starts fresh beside the old run
         # instead of resuming from checkpoints that belong to other settings.
@@ -581,7 +581,7 @@ def _checkpoint_step(path: Path | None) -> int:
 
 def _build_scorer(config: Config, model_src: str, device: str) -> Any:
     """The group reward scorer on frozen pi0 (its own copy: the policy carries the LoRA)."""
-    from patchgap.scoring import GroupRewardScorer
+    from patchgap.reward.scoring import GroupRewardScorer
 
     reward = config.reward
     if reward.device is None:
@@ -601,7 +601,7 @@ def merge_adapter(
     """
     from peft import PeftModel
 
-    from patchgap.models import load_causal_lm
+    from patchgap.lm.models import load_causal_lm
 
     model = load_causal_lm(base, device="cpu", trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
@@ -620,7 +620,7 @@ def _write_outputs(
     rows: Sequence[Mapping[str, Any]],
     too_long: Sequence[str],
 ) -> dict[str, float]:
-    from patchgap.rl.metrics import summarize
+    from patchgap.training.metrics import summarize
 
     adapter_dir = outputs["adapter"]
     tokenizer.save_pretrained(str(adapter_dir))

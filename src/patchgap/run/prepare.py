@@ -1,0 +1,139 @@
+"""Prepare the main job (``patchgap run`` / ``patchgap demo``): read and validate a run YAML,
+start the embedded S3 when asked, stage the dataset in the store and resolve the model, so that
+:mod:`patchgap.run.execute` only has to run the pipeline."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from patchgap.config import StrictModel, read_yaml, validate
+from patchgap.errors import ConfigError
+
+Say = Callable[[str], None]
+
+
+class RunSettings(StrictModel):
+    """The ``run:`` section of a run YAML: what to process and where results go."""
+
+    pipeline: Literal["full", "rewrite"] = Field("full", description="which pipeline to run")
+    bucket: str = Field("patchgap", description="S3 bucket for datasets, artifacts and runs")
+    dataset: dict[str, Any] = Field(
+        description="the downstream dataset D: a patchgap.data.records DatasetSpec mapping"
+    )
+    dataset_key: str | None = Field(
+        None, description="object key D is staged under (default datasets/<name>.jsonl)"
+    )
+    num_shards: int = Field(1, ge=1, description="rewrite shards (ParallelFor fan-out)")
+    min_acceptance_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="skip SFT when the gate accepts less than this"
+    )
+    prompt_only_baseline: bool = Field(
+        False, description="also rewrite with pi0 and the fixed prompt (no RL), as a 4th row"
+    )
+    adapter_uri: str | None = Field(
+        None, description="rewrite pipeline: an existing rewriter adapter (s3:// or path)"
+    )
+    runner: Literal["subprocess", "docker"] = Field("subprocess", description="kfp.local runner")
+
+
+@dataclass
+class PreparedRun:
+    config_path: Path
+    raw: dict[str, Any]
+    settings: RunSettings
+    run_id: str
+    dataset_uri: str
+    model_path: str
+    dataset_counts: dict[str, int] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def load_run_settings(path: Path) -> tuple[dict[str, Any], RunSettings]:
+    raw = read_yaml(path)
+    if "run" not in raw:
+        raise ConfigError(f"{path}: missing the `run:` section (dataset, bucket, pipeline)")
+    return raw, validate(RunSettings, raw["run"] or {}, f"{path} [run]")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def prepare_run(
+    config_path: Path, *, start_embedded_s3: bool = True, say: Say = print
+) -> PreparedRun:
+    """Start (or reuse) the embedded S3, validate and stage D, and prepare pi0."""
+    import os
+    import tempfile
+
+    from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
+    from patchgap.lm.models import resolve_model
+    from patchgap.storage.store import Store
+
+    raw, settings = load_run_settings(config_path)
+    if start_embedded_s3 and not os.environ.get("AWS_ENDPOINT_URL_S3"):
+        from patchgap.storage.server import EmbeddedS3
+
+        server = EmbeddedS3(bucket=settings.bucket)
+        status = server.start()
+        os.environ.update(server.env())
+        say(f"S3: embedded SeaweedFS at {server.endpoint} (pid {status.pid}); {server.env_file}")
+    store = Store.from_env()
+    store.ensure_bucket(settings.bucket)
+
+    spec = validate(DatasetSpec, settings.dataset, f"{config_path} [run.dataset]")
+    with tempfile.TemporaryDirectory(prefix="patchgap-stage-") as tmp:
+        rejects = Path(tmp) / "rejects.jsonl"
+        result = load_records(spec, rejects_path=rejects)
+        counts = {
+            "read": result.counts.read,
+            "valid": result.counts.valid,
+            "selected": len(result.records),
+            "rejected": result.counts.rejected_total,
+        }
+        if not result.records:
+            raise ConfigError(f"{config_path}: dataset {spec.source} has no valid records")
+        name = settings.dataset_key or f"datasets/{_slug(spec.source)}-{len(result.records)}.jsonl"
+        local = Path(tmp) / "dataset.jsonl"
+        write_records_jsonl(result.records, local)
+        dataset_uri = f"s3://{settings.bucket}/{name}"
+        store.put_file(local, dataset_uri)
+        if result.counts.rejected_total:
+            store.put_file(rejects, dataset_uri + ".rejects.jsonl")
+    say(
+        f"dataset: {spec.source} -> {dataset_uri} "
+        f"({counts['selected']} selected; {counts['valid']} valid of {counts['read']} read, "
+        f"{counts['rejected']} rejected)"
+    )
+    model = str(raw.get("model", "smollm2"))
+    if model.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from patchgap.lm.models import prepare_smollm2
+
+        model_path = str(prepare_smollm2())
+    else:
+        model_path = str(resolve_model(model))
+    say(f"model: {model} -> {model_path}")
+    run_id = new_run_id()
+    say(f"run id: {run_id}; results will be under s3://{settings.bucket}/runs/{run_id}/")
+    return PreparedRun(
+        config_path=Path(config_path),
+        raw=raw,
+        settings=settings,
+        run_id=run_id,
+        dataset_uri=dataset_uri,
+        model_path=model_path,
+        dataset_counts=counts,
+        env={k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PATCHGAP_"))},
+    )
+
+
+def _slug(text: str) -> str:
+    keep = [c if c.isalnum() or c in "-_" else "-" for c in text.rsplit("/", 1)[-1]]
+    return "".join(keep).strip("-").lower() or "dataset"

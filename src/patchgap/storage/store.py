@@ -1,0 +1,729 @@
+"""Object storage: one API over ``s3://`` URIs, ``file://`` URIs and local paths, with sha256
+manifests written last so a reader trusts an output only when it is complete and intact."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import unquote
+
+from patchgap.errors import ChecksumError, StoreError
+from patchgap.storage.credentials import embedded_env, env_file_path
+
+MANIFEST_NAME = "_manifest.json"
+MANIFEST_FORMAT = 1
+_MiB = 1024 * 1024
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def _env_int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise StoreError(f"environment variable {name}={raw!r} must be an integer") from None
+    if value < 1:
+        raise StoreError(f"environment variable {name}={raw!r} must be at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3. Built from the environment (:meth:`from_env`), never from code or YAML.
+
+    ``source`` says where the values came from, for error messages.
+    """
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    addressing_style: str = "auto"
+    retry_mode: str = "standard"
+    max_attempts: int = 5
+    connect_timeout: float = 10.0
+    read_timeout: float = 120.0
+    multipart_threshold: int = 16 * _MiB
+    multipart_chunksize: int = 16 * _MiB
+    max_concurrency: int = 4
+    source: str = "environment"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> S3Settings:
+        """Read the standard ``AWS_*`` variables plus ``PATCHGAP_S3_*`` tuning.
+
+        Endpoint: ``PATCHGAP_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL_S3``, else
+        ``AWS_ENDPOINT_URL``. With no credentials and no profile in the environment, the
+        embedded server's env file is used while that server runs (``patchgap store up``).
+        Tuning: ``PATCHGAP_S3_ADDRESSING_STYLE`` (path|virtual|auto), ``AWS_RETRY_MODE``
+        (standard|adaptive), ``AWS_MAX_ATTEMPTS``, ``PATCHGAP_S3_MULTIPART_THRESHOLD_MB``,
+        ``PATCHGAP_S3_MULTIPART_CHUNK_MB``, ``PATCHGAP_S3_MAX_CONCURRENCY``.
+        """
+        env = dict(os.environ if environ is None else environ)
+        source = "environment"
+        endpoint = (
+            env.get("PATCHGAP_S3_ENDPOINT")
+            or env.get("AWS_ENDPOINT_URL_S3")
+            or env.get("AWS_ENDPOINT_URL")
+            or None
+        )
+        if not env.get("AWS_ACCESS_KEY_ID") and not env.get("AWS_PROFILE"):
+            embedded = embedded_env()
+            local = embedded.get("AWS_ENDPOINT_URL_S3") if embedded else None
+            # Only borrow the local keys for the local endpoint, never for a remote one.
+            if embedded and (endpoint is None or endpoint.rstrip("/") == (local or "")):
+                env = {**embedded, **env}  # what the environment does set still wins
+                endpoint = endpoint or local
+                source = f"embedded server env file ({env_file_path()})"
+        style = env.get("PATCHGAP_S3_ADDRESSING_STYLE") or ("path" if endpoint else "auto")
+        if style not in ("path", "virtual", "auto"):
+            raise StoreError(f"PATCHGAP_S3_ADDRESSING_STYLE={style!r}: use path, virtual or auto")
+        mode = env.get("AWS_RETRY_MODE") or "standard"
+        if mode not in ("standard", "adaptive", "legacy"):
+            raise StoreError(f"AWS_RETRY_MODE={mode!r}: use standard or adaptive")
+        return cls(
+            endpoint_url=endpoint,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+            addressing_style=style,
+            retry_mode=mode,
+            max_attempts=_env_int(env, "AWS_MAX_ATTEMPTS", 5),
+            multipart_threshold=_env_int(env, "PATCHGAP_S3_MULTIPART_THRESHOLD_MB", 16) * _MiB,
+            multipart_chunksize=_env_int(env, "PATCHGAP_S3_MULTIPART_CHUNK_MB", 16) * _MiB,
+            max_concurrency=_env_int(env, "PATCHGAP_S3_MAX_CONCURRENCY", 4),
+            source=source,
+        )
+
+
+# -- URIs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Url:
+    """A parsed ``s3://bucket/key`` (key may be empty or a prefix)."""
+
+    bucket: str
+    key: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def child(self, rel: str) -> S3Url:
+        base = self.key.rstrip("/")
+        return S3Url(self.bucket, f"{base}/{rel}" if base else rel)
+
+    def as_prefix(self) -> str:
+        """The key as a folder prefix: '' or ending in '/'."""
+        return self.key if not self.key or self.key.endswith("/") else self.key + "/"
+
+
+def parse_uri(uri: str | os.PathLike[str]) -> S3Url | Path:
+    """``s3://bucket/key`` to :class:`S3Url`; ``file://`` URIs and plain paths to :class:`Path`."""
+    if isinstance(uri, os.PathLike):
+        return Path(uri)
+    text = str(uri)
+    match = _SCHEME.match(text)
+    if match is None:
+        return Path(text).expanduser()
+    scheme = match.group(1).lower()
+    rest = text[match.end() :]
+    if scheme == "s3":
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise StoreError(f"{text}: an s3:// URI needs a bucket, e.g. s3://patchgap/runs/")
+        return S3Url(bucket, key)
+    if scheme == "file":
+        rest = rest.removeprefix("localhost")
+        if not rest.startswith("/"):
+            raise StoreError(f"{text}: a file:// URI needs an absolute path, e.g. file:///data/x")
+        return Path(unquote(rest))
+    raise StoreError(f"{text}: unsupported URI scheme {scheme!r}; use s3://, file:// or a path")
+
+
+def join_uri(prefix_uri: str | os.PathLike[str], *parts: str) -> str:
+    """Append '/'-separated parts to a URI or path, keeping its kind."""
+    loc = parse_uri(prefix_uri)
+    rel = "/".join(p.strip("/") for p in parts if p.strip("/"))
+    if isinstance(loc, S3Url):
+        return loc.child(rel).uri if rel else loc.uri
+    return str(loc / rel) if rel else str(loc)
+
+
+def safe_target(local_dir: Path, key: str) -> Path:
+    """Where ``key`` lands under ``local_dir``; a key that would escape it is refused."""
+    pure = PurePosixPath(key)
+    bad = (
+        not key
+        or "\0" in key
+        or "\\" in key
+        or pure.is_absolute()
+        or any(part in ("..", ".", "") for part in key.split("/"))
+    )
+    root = local_dir.resolve()
+    target = (root / pure).resolve() if not bad else root
+    if bad or not target.is_relative_to(root) or target == root:
+        raise StoreError(f"refusing key {key!r}: it would escape the target folder {local_dir}")
+    return target
+
+
+# -- manifests ---------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = _MiB) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """sha256 and size of every object of one output, plus its metadata (config, versions,
+    input hashes). Written last: its presence means the output is complete."""
+
+    files: dict[str, ManifestEntry]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    patchgap_version: str = ""
+    format: int = MANIFEST_FORMAT
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.files.values())
+
+    def to_json(self) -> str:
+        data = {
+            "format": self.format,
+            "created_at": self.created_at,
+            "patchgap_version": self.patchgap_version,
+            "files": {k: {"sha256": e.sha256, "size": e.size} for k, e in self.files.items()},
+            "metadata": self.metadata,
+        }
+        return json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str) -> Manifest:
+        try:
+            data = json.loads(text)
+            files = {
+                str(k): ManifestEntry(str(v["sha256"]), int(v["size"]))
+                for k, v in data["files"].items()
+            }
+            return cls(
+                files=files,
+                metadata=dict(data.get("metadata") or {}),
+                created_at=str(data.get("created_at", "")),
+                patchgap_version=str(data.get("patchgap_version", "")),
+                format=int(data.get("format", MANIFEST_FORMAT)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StoreError(f"{source}: not a valid manifest ({err})") from None
+
+
+def _json_default(obj: Any) -> Any:
+    # Configs are pydantic models and paths are common in metadata; store them readably.
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
+
+
+def _local_files(local_dir: Path, skip_manifest: bool = True) -> list[tuple[str, Path]]:
+    """(key, path) for every file under local_dir, sorted; the top-level manifest is left out
+    by default because upload_dir writes its own."""
+    out = []
+    for path in sorted(local_dir.rglob("*")):
+        if path.is_file():
+            key = path.relative_to(local_dir).as_posix()
+            if not (skip_manifest and key == MANIFEST_NAME):
+                out.append((key, path))
+    return out
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: ``key`` is relative to the listed prefix ('/'-separated)."""
+
+    uri: str
+    key: str
+    size: int
+
+
+_MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_AUTH_CODES = {
+    "403",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "InvalidClientTokenId",
+}
+
+
+class Store:
+    """Reads and writes objects by URI. The boto3 client is created on first S3 use, so a
+    store used only with local paths needs no S3 configuration."""
+
+    def __init__(self, settings: S3Settings | None = None) -> None:
+        self._settings = settings
+        self._client: Any = None
+
+    @classmethod
+    def from_env(cls) -> Store:
+        return cls(S3Settings.from_env())
+
+    @property
+    def settings(self) -> S3Settings:
+        if self._settings is None:
+            self._settings = S3Settings.from_env()
+        return self._settings
+
+    @property
+    def client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        import boto3
+        from botocore.config import Config
+
+        s = self.settings
+        # Sessions are not thread-safe and workers of _parallel may get here together.
+        with _SESSION_LOCK:
+            if self._client is not None:
+                return self._client
+            self._client = _session(boto3).client(
+                "s3",
+                endpoint_url=s.endpoint_url,
+                region_name=s.region,
+                aws_access_key_id=s.access_key_id,
+                aws_secret_access_key=s.secret_access_key,
+                aws_session_token=s.session_token,
+                config=Config(
+                    s3={"addressing_style": s.addressing_style},
+                    retries={"mode": s.retry_mode, "total_max_attempts": s.max_attempts},
+                    connect_timeout=s.connect_timeout,
+                    read_timeout=s.read_timeout,
+                    max_pool_connections=max(10, 2 * s.max_concurrency),
+                ),
+            )
+        return self._client
+
+    def _transfer(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        s = self.settings
+        return TransferConfig(
+            multipart_threshold=s.multipart_threshold,
+            multipart_chunksize=s.multipart_chunksize,
+            max_concurrency=s.max_concurrency,
+            use_threads=s.max_concurrency > 1,
+        )
+
+    # -- error translation ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _errors(self, url: S3Url, action: str) -> Iterator[None]:
+        """Turn botocore failures into one StoreError line naming the URI and what to do."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        try:
+            yield
+        except (NoCredentialsError, PartialCredentialsError):
+            raise StoreError(
+                f"{url.uri}: no S3 credentials ({self.settings.source}); set AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY, or start the embedded server: patchgap store up"
+            ) from None
+        except (EndpointConnectionError, ConnectionError) as err:
+            endpoint = self.settings.endpoint_url or "the AWS S3 endpoint"
+            raise StoreError(
+                f"{url.uri}: cannot reach S3 at {endpoint} ({type(err).__name__}); is the server "
+                "running (patchgap store status) and AWS_ENDPOINT_URL_S3 right?"
+            ) from None
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            raise self._client_error(url, action, code, str(err)) from None
+        except S3UploadFailedError as err:
+            text = str(err)
+            code = next((c for c in _MISSING_CODES | _AUTH_CODES if f"({c})" in text), "")
+            raise self._client_error(url, action, code, text) from None
+
+    def _client_error(self, url: S3Url, action: str, code: str, text: str) -> StoreError:
+        if code in _AUTH_CODES:
+            return StoreError(
+                f"{url.uri}: access denied ({code}) with credentials from {self.settings.source};"
+                " check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            )
+        if code in _MISSING_CODES:
+            if code == "NoSuchBucket" or not self._bucket_exists(url.bucket):
+                return StoreError(
+                    f"{url.uri}: bucket {url.bucket!r} does not exist at "
+                    f"{self.settings.endpoint_url or 'AWS'}; create it or pick another bucket"
+                )
+            return StoreError(f"{url.uri}: no such object")
+        return StoreError(f"{url.uri}: S3 {action} failed: {text}")
+
+    def _bucket_exists(self, bucket: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except ClientError:
+            return False
+        except BotoCoreError:
+            return True  # unknown: do not claim it is missing
+        return True
+
+    # -- single objects ------------------------------------------------------------------------
+
+    def put_file(self, local: str | os.PathLike[str], uri: str | os.PathLike[str]) -> None:
+        """Upload (or copy) one file; large files go up in parallel multipart chunks."""
+        src = Path(local)
+        if not src.is_file():
+            raise StoreError(f"{src}: no such local file to upload")
+        loc = parse_uri(uri)
+        if isinstance(loc, S3Url):
+            _require_key(loc)
+            with self._errors(loc, "upload"):
+                self.client.upload_file(str(src), loc.bucket, loc.key, Config=self._transfer())
+        else:
+            _atomic_local_write(loc, lambda tmp: shutil.copyfile(src, tmp))
+
+    def get_file(self, uri: str | os.PathLike[str], local: str | os.PathLike[str]) -> Path:
+        """Download (or copy) one object to ``local``; parents are created."""
+        dest = Path(local)
+        loc = parse_uri(uri)
+        if isinstance(loc, S3Url):
+            _require_key(loc)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+
+            def fetch(tmp: Path) -> None:
+                with self._errors(loc, "download"):
+                    self.client.download_file(
+                        loc.bucket, loc.key, str(tmp), Config=self._transfer()
+                    )
+
+            _atomic_local_write(dest, fetch)
+        else:
+            if not loc.is_file():
+                raise StoreError(f"{loc}: no such file")
+            _atomic_local_write(dest, lambda tmp: shutil.copyfile(loc, tmp))
+        return dest
+
+    def put_bytes(self, data: bytes, uri: str | os.PathLike[str]) -> None:
+        loc = parse_uri(uri)
+        if isinstance(loc, S3Url):
+            _require_key(loc)
+            with self._errors(loc, "upload"):
+                self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        else:
+            _atomic_local_write(loc, lambda tmp: tmp.write_bytes(data))
+
+    def get_bytes(self, uri: str | os.PathLike[str]) -> bytes:
+        data = self._get_bytes_or_none(uri)
+        if data is None:
+            raise StoreError(f"{uri}: no such object")
+        return data
+
+    def _get_bytes_or_none(self, uri: str | os.PathLike[str]) -> bytes | None:
+        loc = parse_uri(uri)
+        if isinstance(loc, S3Url):
+            _require_key(loc)
+            from botocore.exceptions import ClientError
+
+            with self._errors(loc, "download"):
+                try:
+                    return self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+                except ClientError as err:
+                    if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                        return None
+                    raise
+        return loc.read_bytes() if loc.is_file() else None
+
+    def exists(self, uri: str | os.PathLike[str]) -> bool:
+        """Whether an object (or local file) is there; a missing bucket is an error."""
+        loc = parse_uri(uri)
+        if isinstance(loc, S3Url):
+            _require_key(loc)
+            from botocore.exceptions import ClientError
+
+            with self._errors(loc, "head"):
+                try:
+                    self.client.head_object(Bucket=loc.bucket, Key=loc.key)
+                except ClientError as err:
+                    if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey"):
+                        raise
+                    if not self._bucket_exists(loc.bucket):
+                        raise
+                    return False
+            return True
+        return loc.is_file()
+
+    def list(self, prefix_uri: str | os.PathLike[str]) -> list[ObjectInfo]:
+        """Every object under a folder-like prefix, sorted by key (recursive)."""
+        loc = parse_uri(prefix_uri)
+        if isinstance(loc, S3Url):
+            prefix = loc.as_prefix()
+            out = []
+            with self._errors(loc, "list"):
+                pages = self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=loc.bucket, Prefix=prefix
+                )
+                for page in pages:
+                    for obj in page.get("Contents", []):
+                        key = obj["Key"]
+                        if key.endswith("/"):
+                            continue  # folder markers made by some tools
+                        out.append(
+                            ObjectInfo(
+                                uri=f"s3://{loc.bucket}/{key}",
+                                key=key[len(prefix) :],
+                                size=int(obj["Size"]),
+                            )
+                        )
+            return sorted(out, key=lambda o: o.key)
+        if not loc.is_dir():
+            return []
+        return [
+            ObjectInfo(uri=str(path), key=key, size=path.stat().st_size)
+            for key, path in _local_files(loc, skip_manifest=False)
+        ]
+
+    def delete(self, uri: str | os.PathLike[str]) -> None:
+        """Delete one object; deleting a missing one is not an error."""
+        loc = parse_uri(uri)
+        if isinstance(loc, S3Url):
+            _require_key(loc)
+            with self._errors(loc, "delete"):
+                self.client.delete_object(Bucket=loc.bucket, Key=loc.key)
+        else:
+            loc.unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix_uri: str | os.PathLike[str]) -> int:
+        """Delete every object under a prefix; returns how many."""
+        objects = self.list(prefix_uri)
+        for obj in objects:
+            self.delete(obj.uri)
+        return len(objects)
+
+    def ensure_bucket(self, bucket: str) -> None:
+        """Create the bucket unless it exists (and is ours)."""
+        url = S3Url(bucket, "")
+        from botocore.exceptions import ClientError
+
+        with self._errors(url, "create bucket"):
+            try:
+                self.client.head_bucket(Bucket=bucket)
+                return
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+                    raise
+            kwargs: dict[str, Any] = {"Bucket": bucket}
+            if self.settings.endpoint_url is None and self.settings.region != "us-east-1":
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
+            try:
+                self.client.create_bucket(**kwargs)
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+                    raise
+
+    # -- folders with manifests ----------------------------------------------------------------
+
+    def read_manifest(self, prefix_uri: str | os.PathLike[str]) -> Manifest | None:
+        """The manifest of the output at ``prefix_uri``; None means the output is not complete."""
+        uri = join_uri(prefix_uri, MANIFEST_NAME)
+        data = self._get_bytes_or_none(uri)
+        return None if data is None else Manifest.from_json(data, uri)
+
+    def upload_dir(
+        self,
+        local_dir: str | os.PathLike[str],
+        prefix_uri: str | os.PathLike[str],
+        metadata: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Upload every file of ``local_dir`` under ``prefix_uri``, then the manifest LAST.
+
+        An older manifest there is removed first, so readers never trust a half-replaced output.
+        """
+        src = Path(local_dir)
+        if not src.is_dir():
+            raise StoreError(f"{src}: no such local folder to upload")
+        files = _local_files(src)
+        entries = {key: ManifestEntry(sha256_file(p), p.stat().st_size) for key, p in files}
+        from patchgap import __version__
+
+        manifest = Manifest(
+            files=entries,
+            metadata=dict(metadata or {}),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            patchgap_version=__version__,
+        )
+        try:
+            body = manifest.to_json().encode()
+        except TypeError as err:
+            raise StoreError(f"{prefix_uri}: manifest metadata is not JSON ({err})") from None
+        self.delete(join_uri(prefix_uri, MANIFEST_NAME))
+        self._parallel(
+            [(path, join_uri(prefix_uri, key)) for key, path in files],
+            lambda item: self.put_file(item[0], item[1]),
+        )
+        self.put_bytes(body, join_uri(prefix_uri, MANIFEST_NAME))
+        return manifest
+
+    def download_dir(
+        self, prefix_uri: str | os.PathLike[str], local_dir: str | os.PathLike[str]
+    ) -> Manifest:
+        """Download the output at ``prefix_uri`` into ``local_dir`` and verify every sha256.
+
+        Refuses (before downloading anything) keys that would escape ``local_dir``; raises
+        :class:`ChecksumError` naming the object on a mismatch. Files already present with the
+        right checksum are kept, so an interrupted download resumes.
+        """
+        manifest = self.read_manifest(prefix_uri)
+        if manifest is None:
+            raise StoreError(
+                f"{join_uri(prefix_uri, MANIFEST_NAME)}: no manifest, so the output at "
+                f"{prefix_uri} is not complete (or was never written)"
+            )
+        dest = Path(local_dir)
+        targets = [(key, entry, safe_target(dest, key)) for key, entry in manifest.files.items()]
+        dest.mkdir(parents=True, exist_ok=True)
+
+        def fetch(item: tuple[str, ManifestEntry, Path]) -> None:
+            key, entry, target = item
+            if _matches(target, entry):
+                return
+            uri = join_uri(prefix_uri, key)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+            try:
+                self.get_file(uri, tmp)
+                size, digest = tmp.stat().st_size, sha256_file(tmp)
+                if size != entry.size or digest != entry.sha256:
+                    raise ChecksumError(
+                        f"{uri}: checksum mismatch: manifest says sha256 {entry.sha256[:16]}... "
+                        f"({entry.size} bytes), downloaded {digest[:16]}... ({size} bytes); "
+                        "the object was changed or corrupted after its manifest was written"
+                    )
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+        self._parallel(targets, fetch)
+        (dest / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        return manifest
+
+    def _parallel(self, items: list[Any], fn: Callable[[Any], None]) -> None:
+        workers = min(self.settings.max_concurrency, len(items))
+        if workers <= 1:
+            for item in items:
+                fn(item)
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # list() re-raises the first failure in submission order.
+            list(pool.map(fn, items))
+
+
+_SESSION: Any = None
+_SESSION_LOCK = threading.Lock()
+
+
+def _session(boto3: Any) -> Any:
+    """One shared boto3 session (call with _SESSION_LOCK held): loading the S3 service model is
+    the slow part of making a client, and a session caches it for every later client."""
+    global _SESSION
+    if _SESSION is None:
+        _SESSION = boto3.session.Session()
+    return _SESSION
+
+
+def _require_key(loc: S3Url) -> None:
+    if not loc.key or loc.key.endswith("/"):
+        raise StoreError(f"{loc.uri}: needs an object key, not a bucket or folder")
+
+
+def _matches(path: Path, entry: ManifestEntry) -> bool:
+    return (
+        path.is_file() and path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
+    )
+
+
+def _atomic_local_write(dest: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temp file beside ``dest`` so readers never see a partial file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch_to_local(
+    uri: str | os.PathLike[str], dest_dir: str | os.PathLike[str], store: Store | None = None
+) -> Path:
+    """Make ``uri`` available locally: local paths are returned as they are; an S3 object is
+    downloaded into ``dest_dir``; an S3 prefix becomes ``dest_dir/<last part>/``, verified
+    against its manifest when it has one."""
+    loc = parse_uri(uri)
+    if not isinstance(loc, S3Url):
+        if not loc.exists():
+            raise StoreError(f"{loc}: no such file or folder")
+        return loc
+    store = store or Store.from_env()
+    dest = Path(dest_dir)
+    if loc.key and not loc.key.endswith("/") and store.exists(uri):
+        return store.get_file(uri, safe_target(dest, PurePosixPath(loc.key).name))
+    name = PurePosixPath(loc.key.rstrip("/")).name or loc.bucket
+    target = safe_target(dest, name)
+    if store.read_manifest(uri) is not None:
+        store.download_dir(uri, target)
+        return target
+    objects = store.list(uri)
+    if not objects:
+        raise StoreError(f"{loc.uri}: no such object or prefix")
+    # No manifest (e.g. a dataset uploaded with another tool): copy, still refusing escapes.
+    for obj in objects:
+        store.get_file(obj.uri, safe_target(target, obj.key))
+    return target

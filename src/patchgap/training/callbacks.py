@@ -1,0 +1,114 @@
+"""TrainerCallbacks of the train-rewriter stage: per-step metrics rows with the reward's share of
+the step, a progress bar (steps, reward, s/step), and checkpoint upload to the store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from patchgap.training.checkpoints import CHECKPOINT_PREFIX, METRICS_FILE, CheckpointStore
+from patchgap.training.metrics import MetricsLog, row_from_logs
+
+log = logging.getLogger("patchgap.training")
+
+
+class StepMetricsCallback(TrainerCallback):
+    """Times each optimizer step and the reward calls inside it, writes one row per logged step.
+
+    ``reward_seconds`` is a callable returning the reward function's cumulative scoring time
+    (``GroupRewardFunction.seconds``); the difference over a step is that step's reward time.
+    Only the main process writes.
+    """
+
+    def __init__(
+        self, metrics: MetricsLog, reward_seconds: Any, progress: bool = True, total: int = 0
+    ) -> None:
+        self.metrics = metrics
+        self.reward_seconds = reward_seconds
+        self.progress = progress
+        self.total = total
+        self._bar: Any = None
+        self._t0 = 0.0
+        self._r0 = 0.0
+        self._last: tuple[float | None, float | None] = (None, None)
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self.progress and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            total = state.max_steps or self.total or None
+            self._bar = tqdm(total=total, initial=state.global_step, desc="GRPO", unit="step")
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self._t0 = time.perf_counter()
+        self._r0 = float(self.reward_seconds())
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        step_s = time.perf_counter() - self._t0
+        self._last = (step_s, float(self.reward_seconds()) - self._r0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return  # the end-of-training summary log has no loss; it is not a step
+        step_s, reward_s = self._last
+        row = row_from_logs(logs, state.global_step, step_s, reward_s)
+        self.metrics.append(row)
+        if self._bar is not None:
+            self._bar.n = state.global_step
+            self._bar.set_postfix(
+                reward=f"{row['reward']:.3f}" if row["reward"] is not None else "-",
+                r_task=f"{row['r_task']:.2f}" if row["r_task"] is not None else "-",
+                s_step=f"{step_s:.1f}" if step_s is not None else "-",
+                refresh=False,
+            )
+            self._bar.refresh()
+        else:
+            log.info(
+                "step %d: reward %s, r_task %s, %.1f s/step",
+                state.global_step,
+                row["reward"],
+                row["r_task"],
+                step_s or 0.0,
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class CheckpointSyncCallback(TrainerCallback):
+    """After the Trainer writes ``checkpoint-<step>`` locally, upload it (manifest last).
+
+    The metrics rows so far go into the checkpoint, so a resumed run keeps the whole curve. The
+    upload is synchronous: the next step starts only once the checkpoint is complete in the
+    store, which is what bounds the loss on preemption to one checkpoint interval.
+    """
+
+    def __init__(self, checkpoints: CheckpointStore, metrics: MetricsLog, keep: int | None) -> None:
+        self.checkpoints = checkpoints
+        self.metrics = metrics
+        self.keep = keep
+        self.uploaded: list[int] = []
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if not state.is_world_process_zero:
+            return
+        step = state.global_step
+        local = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+        if not local.is_dir():
+            log.warning("checkpoint folder %s missing after save; not uploaded", local)
+            return
+        self.metrics.save_copy(local / METRICS_FILE)
+        t0 = time.perf_counter()
+        uri = self.checkpoints.upload(local, step)
+        self.uploaded.append(step)
+        log.info("checkpoint step %d uploaded to %s in %.1f s", step, uri, time.perf_counter() - t0)
+        if self.keep:
+            removed = self.checkpoints.prune(self.keep)
+            if removed:
+                log.info("pruned checkpoints of steps %s", removed)

@@ -1,0 +1,137 @@
+"""More than one GPU in the pod: re-run the stage under ``accelerate launch`` with a DeepSpeed
+ZeRO-2 or FSDP config from configs/accelerate/, one process per GPU. We write no distributed
+runtime: accelerate starts the processes, TRL/transformers do the rest. Past one node, Kubeflow
+Trainer (TrainJob / PyTorchJob) starts the same entrypoint on every node instead."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from patchgap.errors import ConfigError, PatchgapError
+
+log = logging.getLogger("patchgap.training.launch")
+
+#: Set in the children so they never re-launch again.
+CHILD_ENV = "PATCHGAP_DISTRIBUTED_CHILD"
+#: Where the accelerate configs are when the package runs outside a checkout (images copy them).
+CONFIG_DIR_ENV = "PATCHGAP_ACCELERATE_CONFIG_DIR"
+
+
+def in_distributed_process() -> bool:
+    """True inside a process started by accelerate/torchrun (or one of our children)."""
+    return (
+        os.environ.get(CHILD_ENV) == "1"
+        or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        or "LOCAL_RANK" in os.environ
+    )
+
+
+def visible_gpus() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def accelerate_config_dir() -> Path:
+    env = os.environ.get(CONFIG_DIR_ENV)
+    if env:
+        return Path(env)
+    from patchgap.settings import configs_dir
+
+    return configs_dir() / "accelerate"
+
+
+def accelerate_config(strategy: str, explicit: str | None = None) -> Path:
+    """The accelerate config file for ``zero2`` or ``fsdp`` (or the explicit one)."""
+    path = Path(explicit) if explicit else accelerate_config_dir() / f"{strategy}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"train_rewriter: accelerate config {path} not found; set accelerate_config or "
+            f"{CONFIG_DIR_ENV} to the folder holding zero2.yaml / fsdp.yaml"
+        )
+    return path
+
+
+def launch_command(
+    config_file: Path,
+    num_processes: int,
+    run_yaml: Path,
+    section: str,
+    inputs: Mapping[str, Path],
+    outputs: Mapping[str, Path],
+    module: str = "patchgap.stages.train_rewriter",
+) -> list[str]:
+    """``python -m accelerate.commands.launch ... -m <stage module> --config ...``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--num_processes",
+        str(num_processes),
+        "-m",
+        module,
+        "--config",
+        str(run_yaml),
+        "--section",
+        section,
+    ]
+    for name, path in sorted(inputs.items()):
+        cmd += ["--input", f"{name}={path}"]
+    for name, path in sorted(outputs.items()):
+        cmd += ["--output", f"{name}={path}"]
+    return cmd
+
+
+def maybe_relaunch(
+    config: Any,
+    inputs: Mapping[str, Path],
+    outputs: Mapping[str, Path],
+    summary_name: str = "summary.json",
+) -> dict[str, float] | None:
+    """Run the stage under accelerate when more than one GPU is visible; None = run here.
+
+    The children get the same config (with a shared ``work_dir``, so they see one checkpoint
+    folder) and write into the same local output folders; the main one writes the summary
+    (``summary_name`` in the ``metrics`` output), which is what this returns.
+    """
+    strategy = config.distributed
+    if strategy == "none" or in_distributed_process():
+        return None
+    n = visible_gpus()
+    if n <= 1:
+        return None
+    strategy = "zero2" if strategy == "auto" else strategy
+    config_file = accelerate_config(strategy, config.accelerate_config)
+    with tempfile.TemporaryDirectory(prefix="patchgap-launch-") as tmp:
+        work = Path(config.work_dir) if config.work_dir else Path(tmp) / "work"
+        child = config.model_copy(update={"work_dir": str(work)})
+        run_yaml = Path(tmp) / "run.yaml"
+        section = "train_rewriter"
+        run_yaml.write_text(yaml.safe_dump({section: child.model_dump(mode="json")}))
+        cmd = launch_command(config_file, n, run_yaml, section, inputs, outputs)
+        log.info("%d GPUs visible: re-launching under accelerate (%s)", n, config_file.name)
+        env = {**os.environ, CHILD_ENV: "1"}
+        proc = subprocess.run(cmd, env=env, check=False)
+        if proc.returncode != 0:
+            raise PatchgapError(
+                f"train_rewriter: `accelerate launch` with {config_file} on {n} GPUs exited "
+                f"with status {proc.returncode} (see the log above)"
+            )
+        summary = Path(outputs["metrics"]) / summary_name
+        if not summary.is_file():
+            raise PatchgapError(f"train_rewriter: distributed run wrote no {summary}")
+        return {k: float(v) for k, v in json.loads(summary.read_text()).items()}
