@@ -51,9 +51,8 @@ def child(n: int, work: Path, model: Path) -> dict[str, float]:
         model=str(model),
         fields="records",
         template="{question}\n{solution}",
-        max_new_tokens=1,
+        generation={"max_new_tokens": 1, "batch_size": 256},
         batch_records=256,
-        batch_size=256,
         progress=False,
     )
     rm = rewrite.run(rcfg, {"dataset": data}, {"candidates": work / f"cands-{n}"})
@@ -61,10 +60,9 @@ def child(n: int, work: Path, model: Path) -> dict[str, float]:
     gcfg = gate.Config(
         model=str(model),
         fields="records",
-        judge=False,
+        reward={"judge": False, "max_batch_tokens": 16384},
         batch_records=256,
         diversity_sample=200,
-        max_batch_tokens=16384,
     )
     gm = gate.run(
         gcfg,

@@ -37,7 +37,7 @@ def rewrite_and_gate(
     wired = {"adapter": adapter} if adapter is not None else {}
     with dsl.ParallelFor(shards.output, parallelism=1 if local else 0) as shard:
         rw = rewrite(
-            config_yaml=rewrite_config,
+            config=rewrite_config,
             dataset=dataset,
             shard_index=shard,
             num_shards=num_shards,
@@ -47,7 +47,7 @@ def rewrite_and_gate(
     merged = merge_shards(shards=dsl.Collected(rw.outputs["candidates"]))
     cpu(merged.set_display_name("merge shards"))
     gt = gate(
-        config_yaml=gate_config,
+        config=gate_config,
         dataset=dataset,
         candidates=merged.outputs["merged"],
     )
@@ -66,11 +66,11 @@ def build(local: bool = False):
     def full(
         dataset_uri: str,
         dataset_fields: str = "auto",
-        train_rewriter_config: str = d.stage_yaml("train_rewriter"),
-        rewrite_config: str = d.stage_yaml("rewrite"),
-        gate_config: str = d.stage_yaml("gate"),
-        sft_config: str = d.stage_yaml("sft"),
-        evaluate_config: str = d.stage_yaml("evaluate"),
+        train_rewriter_config: str = d.paper_section("train_rewriter"),
+        rewrite_config: str = d.paper_section("rewrite"),
+        gate_config: str = d.paper_section("gate"),
+        sft_config: str = d.paper_section("sft"),
+        evaluate_config: str = d.paper_section("evaluate"),
         num_shards: int = 1,
         min_acceptance_rate: float = 0.0,
         prompt_only_baseline: bool = False,
@@ -93,7 +93,7 @@ def build(local: bool = False):
         cpu(staged.set_display_name("stage dataset"), cache=False)
         dataset = staged.outputs["dataset"]
 
-        trained = train_rewriter(config_yaml=train_rewriter_config, dataset=dataset)
+        trained = train_rewriter(config=train_rewriter_config, dataset=dataset)
         gpu(trained.set_display_name("train rewriter"), cache=True, count=train_gpu_count)
 
         shards = shard_indices(num_shards=num_shards)
@@ -111,25 +111,25 @@ def build(local: bool = False):
         )
 
         # Baseline: the same SFT on the original D (runs whatever the gate decides).
-        sft_d = sft(config_yaml=sft_config, dataset=dataset).set_display_name("sft on D")
+        sft_d = sft(config=sft_config, dataset=dataset).set_display_name("sft on D")
         gpu(sft_d, cache=True, count=train_gpu_count)
 
         with dsl.If(gt.outputs["Output"] >= min_acceptance_rate, name="gate-accepted-enough"):
-            sft_dr = sft(config_yaml=sft_config, dataset=gt.outputs["dataset_r"])
+            sft_dr = sft(config=sft_config, dataset=gt.outputs["dataset_r"])
             gpu(sft_dr.set_display_name("sft on D_R"), cache=True, count=train_gpu_count)
 
             with dsl.If(prompt_only_baseline == True, name="with-prompt-only-baseline"):  # noqa: E712
                 gt_p = rewrite_and_gate(
                     dataset, None, shards, num_shards, rewrite_config, gate_config, gpu, cpu, local
                 )
-                sft_p = sft(config_yaml=sft_config, dataset=gt_p.outputs["dataset_r"])
+                sft_p = sft(config=sft_config, dataset=gt_p.outputs["dataset_r"])
                 gpu(
                     sft_p.set_display_name("sft on D_R (prompt-only)"),
                     cache=True,
                     count=train_gpu_count,
                 )
                 ev4 = evaluate(
-                    config_yaml=evaluate_config,
+                    config=evaluate_config,
                     sft_d=sft_d.outputs["model"],
                     sft_dr=sft_dr.outputs["model"],
                     sft_dr_prompt=sft_p.outputs["model"],
@@ -137,7 +137,7 @@ def build(local: bool = False):
                 gpu(ev4.set_display_name("evaluate (4 models)"), cache=True)
             with dsl.Else(name="rl-rewriter-only"):
                 ev3 = evaluate(
-                    config_yaml=evaluate_config,
+                    config=evaluate_config,
                     sft_d=sft_d.outputs["model"],
                     sft_dr=sft_dr.outputs["model"],
                 )

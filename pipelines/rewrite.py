@@ -26,10 +26,10 @@ def build(local: bool = False):
         dataset_uri: str,
         adapter_uri: str,
         dataset_fields: str = "auto",
-        rewrite_config: str = d.stage_yaml("rewrite"),
-        gate_config: str = d.stage_yaml("gate"),
-        sft_config: str = d.stage_yaml("sft"),
-        evaluate_config: str = d.stage_yaml("evaluate"),
+        rewrite_config: str = d.paper_section("rewrite"),
+        gate_config: str = d.paper_section("gate"),
+        sft_config: str = d.paper_section("sft"),
+        evaluate_config: str = d.paper_section("evaluate"),
         num_shards: int = 1,
         run_sft: bool = False,
         min_acceptance_rate: float = 0.0,
@@ -67,12 +67,12 @@ def build(local: bool = False):
         )
         with dsl.If(run_sft == True, name="sft-requested"):  # noqa: E712
             with dsl.If(gt.outputs["Output"] >= min_acceptance_rate, name="gate-accepted-enough"):
-                sft_d = sft(config_yaml=sft_config, dataset=dataset)
+                sft_d = sft(config=sft_config, dataset=dataset)
                 gpu(sft_d.set_display_name("sft on D"), cache=True)
-                sft_dr = sft(config_yaml=sft_config, dataset=gt.outputs["dataset_r"])
+                sft_dr = sft(config=sft_config, dataset=gt.outputs["dataset_r"])
                 gpu(sft_dr.set_display_name("sft on D_R"), cache=True)
                 ev = evaluate(
-                    config_yaml=evaluate_config,
+                    config=evaluate_config,
                     sft_d=sft_d.outputs["model"],
                     sft_dr=sft_dr.outputs["model"],
                 )

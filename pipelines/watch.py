@@ -27,8 +27,8 @@ def build(local: bool = False):
         ledger_uri: str = "s3://patchgap/ledger/watch",
         max_datasets: int = 8,
         dataset_fields: str = "auto",
-        rewrite_config: str = d.stage_yaml("rewrite"),
-        gate_config: str = d.stage_yaml("gate"),
+        rewrite_config: str = d.paper_section("rewrite"),
+        gate_config: str = d.paper_section("gate"),
         accelerator_type: str = d.ACCELERATOR_TYPE,
         gpu_count: int = 1,
         node_selector: dict = d.NODE_SELECTOR,
@@ -54,14 +54,14 @@ def build(local: bool = False):
             staged = stage_dataset(dataset_uri=item.uri, fields=dataset_fields)
             cpu(staged.set_display_name("stage dataset"), cache=False)
             rw = rewrite(
-                config_yaml=rewrite_config,
+                config=rewrite_config,
                 dataset=staged.outputs["dataset"],
                 adapter=adapter.output,
             )
             # A dataset is rewritten once (the ledger says so); KFP caching would only hide reruns.
             gpu(rw.set_display_name("rewrite"), cache=False)
             gt = gate(
-                config_yaml=gate_config,
+                config=gate_config,
                 dataset=staged.outputs["dataset"],
                 candidates=rw.outputs["candidates"],
             )

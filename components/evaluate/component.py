@@ -11,7 +11,7 @@ from patchgap.kfp.images import image_for
 
 @dsl.component(base_image=image_for("evaluate"), install_kfp_package=False)
 def evaluate(
-    config_yaml: str,
+    config: str,
     report: Output[dsl.Artifact],
     metrics: Output[Metrics],
     report_html: Output[HTML],
@@ -30,7 +30,7 @@ def evaluate(
     import tempfile
     from pathlib import Path
 
-    from patchgap.stages.component_glue import run_component
+    from patchgap.stages.base import run_component
 
     # The stage reads a folder whose subfolders are the models, named by their label.
     wired = {
@@ -52,7 +52,7 @@ def evaluate(
 
     run_component(
         "evaluate",
-        config_yaml,
+        config,
         {"models": _Folder() if folder is not None else None},
         {"report": report},
         metrics,

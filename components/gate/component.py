@@ -11,7 +11,7 @@ from patchgap.kfp.images import image_for
 
 @dsl.component(base_image=image_for("gate"), install_kfp_package=False)
 def gate(
-    config_yaml: str,
+    config: str,
     dataset: Input[Dataset],
     candidates: Input[Dataset],
     dataset_r: Output[Dataset],
@@ -26,11 +26,11 @@ def gate(
     import shutil
     from pathlib import Path
 
-    from patchgap.stages.component_glue import run_component
+    from patchgap.stages.base import run_component
 
     result = run_component(
         "gate",
-        config_yaml,
+        config,
         {"dataset": dataset, "candidates": candidates},
         {"dataset_r": dataset_r, "report": report},
         metrics,

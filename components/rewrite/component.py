@@ -11,7 +11,7 @@ from patchgap.kfp.images import image_for
 
 @dsl.component(base_image=image_for("rewrite"), install_kfp_package=False)
 def rewrite(
-    config_yaml: str,
+    config: str,
     dataset: Input[Dataset],
     candidates: Output[Dataset],
     metrics: Output[Metrics],
@@ -22,11 +22,11 @@ def rewrite(
     """Generate candidate rewrites of one shard of ``dataset`` with pi0 (+ ``adapter``; without
     it, the prompt-only baseline). ``shard_index``/``num_shards`` override the config so a
     ParallelFor can fan out over GPUs."""
-    from patchgap.stages.component_glue import run_component
+    from patchgap.stages.base import run_component
 
     run_component(
         "rewrite",
-        config_yaml,
+        config,
         {"dataset": dataset, "adapter": adapter},
         {"candidates": candidates},
         metrics,

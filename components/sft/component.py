@@ -11,7 +11,7 @@ from patchgap.kfp.images import image_for
 
 @dsl.component(base_image=image_for("sft"), install_kfp_package=False)
 def sft(
-    config_yaml: str,
+    config: str,
     dataset: Input[Dataset],
     model: Output[Model],
     training: Output[Dataset],
@@ -20,8 +20,8 @@ def sft(
     """Fine-tune pi0 on D_R (or on D for the baseline) with the loss on the answer only; write
     the model (safetensors + tokenizer, LoRA merged) and the loss curve (JSON + PNG) into
     ``training``. Logs loss_first, loss_last, steps and resumed_from_step."""
-    from patchgap.stages.component_glue import run_component
+    from patchgap.stages.base import run_component
 
     run_component(
-        "sft", config_yaml, {"dataset": dataset}, {"model": model, "metrics": training}, metrics
+        "sft", config, {"dataset": dataset}, {"model": model, "metrics": training}, metrics
     )

@@ -12,7 +12,7 @@ from patchgap.kfp.images import image_for
 
 @dsl.component(base_image=image_for("train_rewriter"), install_kfp_package=False)
 def train_rewriter(
-    config_yaml: str,
+    config: str,
     adapter: Output[Model],
     training: Output[Artifact],
     metrics: Output[Metrics],
@@ -28,11 +28,11 @@ def train_rewriter(
     import base64
     from pathlib import Path
 
-    from patchgap.stages.component_glue import run_component
+    from patchgap.stages.base import run_component
 
     run_component(
         "train_rewriter",
-        config_yaml,
+        config,
         {"dataset": dataset, "model": base_model},
         {"adapter": adapter, "metrics": training},
         metrics,

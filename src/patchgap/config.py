@@ -1,16 +1,17 @@
 """Config models: strict (unknown keys are errors), frozen after load, loadable from YAML.
 
-Every stage has one ``Config`` subclass of :class:`StageConfig`; the same schema serves YAML files,
+Every stage has one ``Config`` subclass of :class:`StrictModel`; the same schema serves YAML files,
 CLI flags (``key=value`` overrides) and KFP component parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from patchgap.errors import ConfigError
 
@@ -21,6 +22,27 @@ class StrictModel(BaseModel):
     """Base for every config: no unknown keys, no mutation after validation."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    #: Keys this model once had at its top level and where they live now
+    #: (``max_new_tokens`` -> ``generation.max_new_tokens``); :func:`validate` names the new place.
+    moved_keys: ClassVar[Mapping[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_start_from_their_defaults(cls, data: Any) -> Any:
+        # A nested section built by a default_factory carries the model's own defaults for it
+        # (evaluate: generation.max_new_tokens 512); a section given in part is laid over them,
+        # not over the section type's defaults.
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            given = data.get(name)
+            if field.default_factory is not None and isinstance(given, dict):
+                default = field.get_default(call_default_factory=True)
+                if isinstance(default, BaseModel):
+                    out[name] = {**default.model_dump(exclude_unset=True), **given}
+        return out
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -37,6 +59,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 def validate(model: type[T], data: dict[str, Any], source: str = "config") -> T:
     """Validate ``data`` against ``model``; raise :class:`ConfigError` naming every bad key."""
+    moved = [f"{source}: {k}: moved to {to}" for k, to in model.moved_keys.items() if k in data]
+    if moved:
+        raise ConfigError("; ".join(moved))
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -79,24 +104,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             node = nxt
         node[parts[-1]] = value
     return out
-
-
-def load(
-    model: type[T],
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    section: str | None = None,
-) -> T:
-    """Load ``model`` from a YAML file (optionally one top-level ``section``) plus overrides."""
-    data: dict[str, Any] = read_yaml(path) if path is not None else {}
-    source = str(path) if path is not None else "config"
-    if section is not None:
-        sub = data.get(section, {})
-        if not isinstance(sub, dict):
-            raise ConfigError(f"{source}: {section}: expected a mapping")
-        data = sub
-        source = f"{source} [{section}]"
-    return validate(model, apply_overrides(data, overrides), source)
 
 
 def _deepcopy(data: Any) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from patchgap.errors import ConfigError
 
 #: The rewriter's instruction. It asks for the same reasoning and final answer in the model's own
-#: words and must not let the rewrite mention that it is a rewrite (PAPER.md, "Actors").
+#: words and must not let the rewrite mention that it is a rewrite (arXiv 2602.11220).
 REWRITE_TEMPLATE = (
     "Here is a problem and a worked solution written by an expert.\n\n"
     "Problem:\n{question}\n\n"
@@ -17,7 +17,7 @@ REWRITE_TEMPLATE = (
     "End with the final answer in the form \\boxed{{answer}}."
 )
 
-#: Downstream math evaluation: step by step, final answer boxed (PAPER.md, evaluation).
+#: Downstream math evaluation: step by step, final answer boxed (arXiv 2602.11220).
 MATH_EVAL_TEMPLATE = (
     "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 )

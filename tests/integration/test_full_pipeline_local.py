@@ -38,14 +38,17 @@ def _config(tmp: Path, model: Path, bucket: str, *, prompt_only: bool) -> Path:
             "checkpoint_uri": f"s3://{bucket}/checkpoints/rewriter",
             "checkpoint_every": 1,
         },
-        "rewrite": {"max_new_tokens": 8, "batch_size": 4, "state_uri": f"s3://{bucket}/state"},
+        "rewrite": {
+            "generation": {"max_new_tokens": 8, "batch_size": 4},
+            "state_uri": f"s3://{bucket}/state",
+        },
         "gate": {"batch_records": 4},
         "sft": {"max_length": 256, "num_epochs": 1, "per_device_batch_size": 2},
         "evaluate": {
             "math": ["gsm8k"],
             "general": ["arc_easy"],
             "limit": 3,
-            "max_new_tokens": 8,
+            "generation": {"max_new_tokens": 8},
             "bootstrap_reps": 100,
         },
     }

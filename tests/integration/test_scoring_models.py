@@ -157,6 +157,29 @@ def test_group_scorer_on_a_tiny_model(tiny_llama: Path) -> None:
     assert m["reward/nll_context"] == "chat"
 
 
+def test_gate_and_rl_reward_score_alike_from_one_reward_section(tiny_llama: Path) -> None:
+    """The gate and the RL reward read the same `reward:` section; the gate's flat batches and
+    the reward's shared prefixes give every candidate the same NLL and judge verdict."""
+    from patchgap.stages import gate, train_rewriter
+
+    section = {"judge": True, "max_padding_fraction": 0.9}
+    gate_cfg = gate.Config(model=str(tiny_llama), reward=section)
+    rl_cfg = train_rewriter.Config(
+        model=str(tiny_llama), num_generations=4, per_device_batch_size=4, reward=section
+    )
+    assert (gate_cfg.reward.share_prefix, rl_cfg.reward.share_prefix) == (False, True)
+    answers = ["72", "12"]
+    by_gate = gate._scorer(gate_cfg).load().score_groups(QUESTIONS, answers, GROUPS)
+    rl_scorer = train_rewriter._build_scorer(rl_cfg, str(tiny_llama), "cpu")
+    by_rl = rl_scorer.score_groups(QUESTIONS, answers, GROUPS)
+    pairs = list(zip(sum(by_gate, []), sum(by_rl, []), strict=True))
+    assert len(pairs) == 7 and any(a.judge_p_yes is not None and a.nll for a, _ in pairs)
+    for a, b in pairs:
+        assert (a.answer_ok, a.judge_ok, a.r_task) == (b.answer_ok, b.judge_ok, b.r_task)
+        for x, y in ((a.nll, b.nll), (a.judge_p_yes, b.judge_p_yes)):
+            assert x == y if y is None else x == pytest.approx(y, rel=1e-4, abs=1e-5)
+
+
 def test_bundled_embedder_offline() -> None:
     emb = Embedder().encode(["The answer is 72.", "The answer is 72.", "Cats sleep a lot."])
     assert emb.shape[0] == 3

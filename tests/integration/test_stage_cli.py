@@ -32,7 +32,10 @@ def test_rewrite_then_gate_alone_over_s3(tmp_path: Path, tiny_llama: Path, s3_se
         yaml.safe_dump(
             {
                 "model": str(tiny_llama),
-                "rewrite": {"fields": "gsm8k", "max_new_tokens": 8, "batch_size": 4},
+                "rewrite": {
+                    "fields": "gsm8k",
+                    "generation": {"max_new_tokens": 8, "batch_size": 4},
+                },
                 "gate": {"fields": "gsm8k", "batch_records": 4},
             }
         )

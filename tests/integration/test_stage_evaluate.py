@@ -32,8 +32,7 @@ def twice(tiny_llama: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFac
         general=["arc_easy"],
         choice=["agieval"],
         limit=3,
-        max_new_tokens=8,
-        device="cpu",
+        generation={"max_new_tokens": 8, "device": "cpu"},
         bootstrap_reps=200,
         data_dir=str(data_dir),
     )
@@ -99,7 +98,9 @@ def test_damaged_copy_shows_forgetting_with_significance(
     models.mkdir()
     (models / "base").symlink_to(smollm2)
     (models / "sft_d").symlink_to(damaged_smollm2)
-    cfg = ev.Config(math=[], general=["arc_easy"], limit=40, device="cpu", bootstrap_reps=500)
+    cfg = ev.Config(
+        math=[], general=["arc_easy"], limit=40, generation={"device": "cpu"}, bootstrap_reps=500
+    )
     metrics = _run(cfg, models, tmp_path / "report")
     table = json.loads((tmp_path / "report" / "results.json").read_text())["forgetting_table"]
     row = table["models"]["sft_d"]
@@ -130,10 +131,15 @@ def test_component_writes_report_artifacts(
         def log_metric(self, k: str, v: float) -> None:
             self.logged[k] = v
 
-    cfg = {"math": ["amc23"], "general": [], "limit": 2, "max_new_tokens": 4, "device": "cpu"}
+    cfg = {
+        "math": ["amc23"],
+        "general": [],
+        "limit": 2,
+        "generation": {"max_new_tokens": 4, "device": "cpu"},
+    }
     metrics = Metrics()
     component.python_func(
-        config_yaml=yaml.safe_dump(cfg),
+        config=yaml.safe_dump(cfg),
         report=Art(tmp_path / "report"),
         metrics=metrics,
         report_html=Art(tmp_path / "r.html"),

@@ -49,7 +49,9 @@ def test_wrong_answers_never_enter_d_r_and_every_id_appears_once(
     cdir.mkdir()
     _write(cdir / "candidates-00000-of-00001.jsonl", cand_rows)
 
-    cfg = gate.Config(model=str(tiny_llama), fields="gsm8k", judge=False, batch_records=2)
+    cfg = gate.Config(
+        model=str(tiny_llama), fields="gsm8k", reward={"judge": False}, batch_records=2
+    )
     out, rep = tmp_path / "dr", tmp_path / "report"
     metrics = gate.run(
         cfg, {"dataset": data, "candidates": cdir}, {"dataset_r": out, "report": rep}
@@ -93,7 +95,10 @@ def test_smollm2_prompt_only_rewrite_then_gate_on_real_gsm8k(
     """pi0 alone (the paper's prompt-only baseline) rewrites 2 GSM8K problems; the judge runs."""
     data = _write(tmp_path / "d.jsonl", gsm8k_records[:2])
     rcfg = rewrite.Config(
-        model=str(smollm2), fields="gsm8k", max_new_tokens=24, batch_size=2, progress=False
+        model=str(smollm2),
+        fields="gsm8k",
+        generation={"max_new_tokens": 24, "batch_size": 2},
+        progress=False,
     )
     m1 = rewrite.run(rcfg, {"dataset": data}, {"candidates": tmp_path / "c"})
     assert m1["records"] == 2 and m1["generated_tokens"] > 3
@@ -131,18 +136,23 @@ def test_rewrite_and_gate_components_run_under_kfp_local(
     _write(data_dir / "d.jsonl", gsm8k_records[:3])
     common = {"model": str(tiny_llama), "fields": "gsm8k"}
     rewrite_yaml = yaml.safe_dump(
-        {**common, "template": "{question}\n{solution}", "max_new_tokens": 4, "progress": False}
+        {
+            **common,
+            "template": "{question}\n{solution}",
+            "generation": {"max_new_tokens": 4},
+            "progress": False,
+        }
     )
-    gate_yaml = yaml.safe_dump({**common, "judge": False, "write_parquet": False})
+    gate_yaml = yaml.safe_dump({**common, "reward": {"judge": False}, "write_parquet": False})
 
     @dsl.pipeline
     def rewrite_and_gate(rewrite_config: str, gate_config: str) -> Dataset:
         data = dsl.importer(
             artifact_uri=str(data_dir), artifact_class=Dataset, reimport=False
         ).output
-        cands = rewrite_component(config_yaml=rewrite_config, dataset=data)
+        cands = rewrite_component(config=rewrite_config, dataset=data)
         gated = gate_component(
-            config_yaml=gate_config, dataset=data, candidates=cands.outputs["candidates"]
+            config=gate_config, dataset=data, candidates=cands.outputs["candidates"]
         )
         return gated.outputs["dataset_r"]
 

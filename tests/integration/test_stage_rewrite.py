@@ -42,14 +42,13 @@ def lora_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-def _config(model: Path, **kw: object) -> rewrite.Config:
+def _config(model: Path, generation: dict | None = None, **kw: object) -> rewrite.Config:
     base: dict[str, object] = dict(
         model=str(model),
         fields="gsm8k",
         template=SHORT_TEMPLATE,
-        max_new_tokens=6,
+        generation={"max_new_tokens": 6, "batch_size": 4, **(generation or {})},
         batch_records=2,
-        batch_size=4,
         progress=False,
     )
     base.update(kw)
@@ -66,7 +65,7 @@ def _rows(folder: Path) -> list[dict]:
 def test_every_valid_record_gets_candidates_and_malformed_ones_are_rejected(
     tiny_llama: Path, gsm8k_slice: Path, tmp_path: Path
 ) -> None:
-    cfg = _config(tiny_llama, n=2, temperature=1.0, max_retries=1)
+    cfg = _config(tiny_llama, generation={"n": 2, "temperature": 1.0}, max_retries=1)
     metrics = rewrite.run(cfg, {"dataset": gsm8k_slice}, {"candidates": tmp_path})
     rows = _rows(tmp_path)
     assert [r["id"] for r in rows] == [f"gsm8k_slice-{i}" for i in (0, 1, 3, 4, 6, 7)]
@@ -135,7 +134,9 @@ def test_a_crash_then_restart_gives_the_same_candidates_and_d_r(
     assert metrics["batches_resumed"] == 1 and metrics["batches"] == 3
     assert _rows(resumed) == _rows(clean)
 
-    gcfg = gate.Config(model=str(tiny_llama), fields="gsm8k", judge=False, write_parquet=False)
+    gcfg = gate.Config(
+        model=str(tiny_llama), fields="gsm8k", reward={"judge": False}, write_parquet=False
+    )
     outs = {}
     for name, cands in (("clean", clean), ("resumed", resumed)):
         outs[name] = tmp_path / f"dr-{name}"

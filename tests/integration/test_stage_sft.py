@@ -136,7 +136,7 @@ def test_component_runs_the_stage(tiny_llama: Path, tmp_path: Path) -> None:
     cfg = _config(tiny_llama, max_steps=1).model_dump(mode="json")
     metrics = Metrics()
     component.python_func(
-        config_yaml=yaml.safe_dump(cfg),
+        config=yaml.safe_dump(cfg),
         dataset=Art(data),
         model=Art(tmp_path / "model"),
         training=Art(tmp_path / "training"),

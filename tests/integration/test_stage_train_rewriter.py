@@ -345,15 +345,15 @@ def test_component_runs_under_kfp_local(
 
     data = write_dataset(tmp_path / "data.jsonl")
     section = _config(tiny_llama, data, max_steps=1, reward={"judge": False}, merge_adapter=True)
-    config_yaml = yaml.safe_dump(section.model_dump(mode="json"))
+    config = yaml.safe_dump(section.model_dump(mode="json"))
 
     @dsl.pipeline(name="train-rewriter-local")
-    def pipe(config_yaml: str) -> Model:
-        return train_rewriter(config_yaml=config_yaml).outputs["adapter"]
+    def pipe(config: str) -> Model:
+        return train_rewriter(config=config).outputs["adapter"]
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
-    result = pipe(config_yaml=config_yaml)
+    result = pipe(config=config)
     adapter = Path(result.output.path)
     assert (adapter / "adapter_model.safetensors").is_file()
     assert json.loads((adapter / tr.ADAPTER_INFO).read_text())["steps"] == 1

@@ -1,4 +1,4 @@
-"""The paper's reward math on hand-computable groups (PAPER.md, "Reward")."""
+"""The paper's reward math on hand-computable groups (arXiv 2602.11220)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_dist_lower_nll_gets_higher_reward() -> None:
 
 
 def test_dist_one_feasible_sample_gets_one_half() -> None:
-    # PAPER.md: one feasible sample uses mean = ell, std = 1, so z = 0 and r_dist = 0.5.
+    # The paper: one feasible sample uses mean = ell, std = 1, so z = 0 and r_dist = 0.5.
     r = dist_rewards([7.3, 0.1, 2.0], [False, True, False])
     assert r.tolist() == [0.0, 0.5, 0.0]
 
@@ -232,7 +232,7 @@ def test_judge_sees_only_right_answers_and_gates_them() -> None:
     assert judge.shown == group[:2]
     assert [t.r_task for t in terms] == [0.0, 1.0, 0.0]
     assert terms[0].answer_ok and not terms[0].judge_ok and terms[0].judge_p_yes == 0.1
-    # One feasible rewrite left: PAPER.md's rule gives r_dist 0.5 and no diversity.
+    # One feasible rewrite left: the paper's rule gives r_dist 0.5 and no diversity.
     assert terms[1].r_dist == 0.5 and terms[1].r_div == 0.0
     assert terms[1].total == pytest.approx(1.175)
 

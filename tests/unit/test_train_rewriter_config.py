@@ -110,7 +110,7 @@ def test_several_gpus_relaunch_under_accelerate(
     outputs = {"adapter": tmp_path / "a", "metrics": tmp_path / "m"}
     outputs["metrics"].mkdir()
     monkeypatch.setattr(launch, "visible_gpus", lambda: 1)
-    assert launch.maybe_relaunch(config, {}, outputs) is None  # one GPU: train in-process
+    assert launch.maybe_relaunch(config, {}, outputs, tr.NAME) is None  # one GPU: train in-process
 
     seen: dict[str, object] = {}
 
@@ -121,7 +121,7 @@ def test_several_gpus_relaunch_under_accelerate(
 
     monkeypatch.setattr(launch, "visible_gpus", lambda: 4)
     monkeypatch.setattr(launch.subprocess, "run", fake_run)
-    assert launch.maybe_relaunch(config, {}, outputs) == {"global_step": 3.0}
+    assert launch.maybe_relaunch(config, {}, outputs, tr.NAME) == {"global_step": 3.0}
     cmd = seen["cmd"]
     assert isinstance(cmd, list)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
@@ -133,7 +133,7 @@ def test_several_gpus_relaunch_under_accelerate(
 
     # Inside a launched process the stage never launches again.
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert launch.maybe_relaunch(config, {}, outputs) is None
+    assert launch.maybe_relaunch(config, {}, outputs, tr.NAME) is None
 
 
 def test_missing_accelerate_config_is_named(tmp_path: Path) -> None:

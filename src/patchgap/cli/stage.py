@@ -1,15 +1,13 @@
 """``patchgap stage NAME``: run one stage alone from a run YAML and local paths or S3 URIs,
-exactly as its container entrypoint would."""
+exactly as its container entrypoint would (both call :func:`patchgap.stages.base.run_from_args`)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import typer
 
-from patchgap.errors import ConfigError
 from patchgap.stages import STAGES
 
 
@@ -23,21 +21,11 @@ def stage(
 ) -> None:
     """Run one stage (train-rewriter, rewrite, gate, sft, evaluate) outside any pipeline."""
     from patchgap.logs import setup_logging
-    from patchgap.stages.base import _parse_pairs, execute, load_stage_config
+    from patchgap.stages.base import run_from_args, stage_module
 
     setup_logging()
-    key = name.replace("-", "_")
-    if key not in STAGES:
-        raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
-    module = importlib.import_module(f"patchgap.stages.{key}")
-    cfg = load_stage_config(module.Config, config, key, overrides)
-    result = execute(
-        module,
-        cfg,
-        _parse_pairs(inputs, "--input"),
-        _parse_pairs(outputs, "--output"),
-        force=force,
-    )
+    module = stage_module(name)
+    result = run_from_args(module, config, module.NAME, overrides, inputs, outputs, force=force)
     state = "skipped (already complete)" if result.skipped else f"done in {result.seconds:.1f}s"
-    typer.echo(f"{key}: {state}")
+    typer.echo(f"{module.NAME}: {state}")
     typer.echo(json.dumps(result.metrics, indent=2, sort_keys=True))

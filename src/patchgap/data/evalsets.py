@@ -70,7 +70,7 @@ class MathSetSpec:
     extra_question_fields: tuple[str, ...] = field(default=())
 
 
-#: Named downstream sets, laid out as in the project's data directory (PAPER.md, evaluation).
+#: Named downstream sets, laid out as in the project's data directory (arXiv 2602.11220).
 MATH_SETS: dict[str, MathSetSpec] = {
     "gsm8k": MathSetSpec("gsm8k/test.jsonl", "question", None, solution_field="answer"),
     "math500": MathSetSpec("math500/test.jsonl", "problem", "answer", id_field="unique_id"),

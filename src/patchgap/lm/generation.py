@@ -220,14 +220,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _torch_dtype(name: str, device: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
 _WEIGHTS_FIRST_MAX_ROWS = 64
 
 
@@ -344,32 +336,32 @@ class TransformersGenerator:
         model: Any | None = None,
         tokenizer: Any | None = None,
     ) -> None:
-        self.config = config
-        from patchgap.lm.models import device_for
+        from patchgap.lm.models import (
+            device_for,
+            dtype_for,
+            load_causal_lm,
+            load_tokenizer,
+            merge_lora,
+        )
 
+        self.config = config
         self.device = device_for(config.device)
-        from patchgap.lm.models import load_causal_lm, load_tokenizer
-
-        self.config = config
         if tokenizer is None:
             tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
         self.tokenizer = tokenizer
         if model is None:
-            dtype = "float32" if config.dtype == "auto" and self.device == "cpu" else config.dtype
-            if dtype == "auto":
-                dtype = "bfloat16"
             model = load_causal_lm(
                 model_path,
-                dtype=dtype,
+                dtype=dtype_for(config.dtype, self.device),
                 device=self.device,
                 trust_remote_code=config.trust_remote_code,
             )
-        if adapter_path is not None:
+        if adapter_path is not None and config.merge_adapter:
+            model = merge_lora(model, adapter_path)
+        elif adapter_path is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(adapter_path))
-            if config.merge_adapter:
-                model = model.merge_and_unload()
         model.eval()
         self.model = model
         self.eos_ids = self._eos_ids()
@@ -664,14 +656,23 @@ class VllmGenerator:
                 "generation backend 'vllm' needs the vllm package (a CUDA machine): "
                 "pip install 'patchgap[vllm]', or set backend: transformers"
             ) from None
+        from patchgap.lm.models import dtype_for, save_merged
+
         self.config = config
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.lora_request = None
         load_path = model_path
         kwargs: dict[str, Any] = {}
+        dtype = dtype_for(config.dtype, "cuda")  # vLLM runs on CUDA only
         if adapter_path is not None and config.merge_adapter:
             self._tmp = tempfile.TemporaryDirectory(prefix="patchgap-merged-")
-            load_path = merge_adapter(model_path, adapter_path, Path(self._tmp.name), config)
+            load_path = save_merged(
+                model_path,
+                adapter_path,
+                Path(self._tmp.name),
+                dtype=dtype,
+                trust_remote_code=config.trust_remote_code,
+            )
         elif adapter_path is not None:
             kwargs.update(
                 enable_lora=True, max_lora_rank=vllm_max_lora_rank(adapter_rank(adapter_path))
@@ -682,7 +683,7 @@ class VllmGenerator:
         self.llm = LLM(
             model=str(load_path),
             tensor_parallel_size=config.tensor_parallel_size,
-            dtype="auto" if config.dtype == "auto" else config.dtype,
+            dtype=dtype,
             seed=config.seed,
             trust_remote_code=config.trust_remote_code,
             gpu_memory_utilization=config.gpu_memory_utilization,
@@ -733,28 +734,3 @@ class VllmGenerator:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def merge_adapter(
-    model_path: Path, adapter_path: Path, out_dir: Path, config: GenerationConfig
-) -> Path:
-    """Merge a LoRA adapter into pi0's weights and save a plain model folder (safetensors)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(
-        str(model_path),
-        dtype=torch.bfloat16
-        if config.dtype in ("auto", "bfloat16")
-        else _torch_dtype(config.dtype, "cpu"),
-        use_safetensors=True,
-        trust_remote_code=config.trust_remote_code,
-    )
-    merged = PeftModel.from_pretrained(base, str(adapter_path)).merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(
-        str(model_path), trust_remote_code=config.trust_remote_code
-    ).save_pretrained(out_dir)
-    log.info("merged adapter %s into %s", adapter_path, out_dir)
-    return out_dir

@@ -1,4 +1,5 @@
-"""Model resolution and loading: aliases, the SmolLM2 GGUF conversion, and a per-process cache.
+"""Model resolution and loading: aliases, the SmolLM2 GGUF conversion, the one device/dtype
+resolution, LoRA merging, and a per-process cache.
 
 pi0 is any causal LM with a chat template. A model is named by a known alias (``smollm2``), a
 local folder, or a hub id (which only works online). Weights load from safetensors only, and
@@ -281,15 +282,18 @@ def device_for(device: str | None = None) -> str:
     return device
 
 
-def _torch_dtype(dtype: str) -> Any:
-    import torch
+def dtype_for(dtype: str, device: str) -> str:
+    """The torch dtype name to hold weights in on ``device`` (as :func:`device_for` returns it).
 
+    The one meaning of ``auto`` in patchgap: bfloat16 on a CUDA device, float32 elsewhere. An
+    explicit dtype (``float32``, ``bf16``, ``half``, ...) wins wherever it runs.
+    """
     if dtype == "auto":
-        return "auto"
+        return "bfloat16" if device.startswith("cuda") else "float32"
     name = _DTYPES.get(dtype.lower())
     if name is None:
         raise ConfigError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(set(_DTYPES)))}")
-    return getattr(torch, name)
+    return name
 
 
 def _load_error(name: str, err: OSError) -> ConfigError:
@@ -307,21 +311,59 @@ def load_causal_lm(
     trust_remote_code: bool = False,
 ) -> Any:
     """Load a causal LM from safetensors, move it to ``device`` and put it in eval mode."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(name_or_path)
+    target = device_for(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=_torch_dtype(dtype),
+            dtype=getattr(torch, dtype_for(dtype, target)),
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
     except OSError as err:
         raise _load_error(str(name_or_path), err) from err
-    model.to(device_for(device))
+    model.to(target)
     model.eval()
     return model
+
+
+def merge_lora(model: Any, adapter_path: str | Path | None = None) -> Any:
+    """A plain model with a LoRA merged into its weights.
+
+    ``model`` is a peft model (a trained patch), or a base model that the adapter saved at
+    ``adapter_path`` is put on first. The one LoRA merge of patchgap; it lives in ``lm`` because
+    generation merges before decoding and ``lm`` sits below ``training``, whose trainers merge
+    after training.
+    """
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path))
+    return model.merge_and_unload()
+
+
+def save_merged(
+    base: str | Path,
+    adapter_path: str | Path,
+    out_dir: Path,
+    *,
+    dtype: str,
+    trust_remote_code: bool = False,
+) -> Path:
+    """pi0 (``base``) with the adapter at ``adapter_path`` merged in, written to ``out_dir`` as a
+    plain safetensors folder with pi0's tokenizer; ``dtype`` is the dtype it will serve in.
+
+    Built on the CPU from the saved files rather than from a trainer's (possibly sharded or
+    wrapped) model, so it works the same after single-GPU, ZeRO and FSDP training.
+    """
+    model = load_causal_lm(base, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    merge_lora(model, adapter_path).save_pretrained(str(out_dir), safe_serialization=True)
+    load_tokenizer(base, trust_remote_code=trust_remote_code).save_pretrained(str(out_dir))
+    log.info("merged adapter %s into %s", adapter_path, out_dir)
+    return Path(out_dir)
 
 
 def load_tokenizer(
@@ -425,12 +467,13 @@ def shared_model(
     it or change its mode; use :func:`load_causal_lm` for a private copy.
     """
     source = resolve_model(name_or_path)
-    key = (str(source), dtype, device_for(device))
+    target = device_for(device)
+    key = (str(source), dtype_for(dtype, target), target)
     with _SHARED_LOCK:
         hit = _SHARED.get(key)
         if hit is None:
             hit = LoadedLM(
-                load_causal_lm(source, dtype=dtype, device=key[2]),
+                load_causal_lm(source, dtype=key[1], device=target),
                 load_tokenizer(source),
             )
             _SHARED[key] = hit

@@ -119,7 +119,7 @@ def verdict_sentences(table: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _md_table(rows: list[list[str]]) -> str:
+def md_table(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return "\n".join(out)
@@ -194,13 +194,13 @@ def plot_scatter(table: Mapping[str, Any], path: Path) -> Path:
 
 def table_sections(table: Mapping[str, Any], level: str, note: str) -> list[str]:
     """Markdown lines: accuracy table, forgetting table (after ``note``), verdicts, caveats."""
-    lines = [f"{level} Accuracy (95% Wilson interval)", "", _md_table(accuracy_rows(table)), ""]
+    lines = [f"{level} Accuracy (95% Wilson interval)", "", md_table(accuracy_rows(table)), ""]
     lines += [
         f"{level} Forgetting",
         "",
         f"Base: `{table['base']}`; SFT on D: `{table['baseline']}`. {note}",
         "",
-        _md_table(forgetting_rows(table)),
+        md_table(forgetting_rows(table)),
         "",
     ]
     verdicts = verdict_sentences(table)

@@ -1,4 +1,4 @@
-"""The forgetting table (PAPER.md, "Downstream SFT and evaluation"): downstream gain over pi0,
+"""The forgetting table (arXiv 2602.11220): downstream gain over pi0,
 forgetting per general benchmark (acc_base - acc_tuned) and its average, and the forgetting
 reduction 1 - F_R / F_D of each rewritten variant against SFT on D, with paired significance."""
 

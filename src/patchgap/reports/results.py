@@ -131,9 +131,9 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def _md(rows: list[list[str]]) -> str:
-    from patchgap.reports.evaluation import _md_table
+    from patchgap.reports.evaluation import md_table
 
-    return _md_table(rows)
+    return md_table(rows)
 
 
 def render(results: RunResults, scatter_name: str | None = None) -> str:

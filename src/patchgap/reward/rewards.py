@@ -3,7 +3,7 @@
 Everything here works on one group of K rewrites of the same question x and takes numbers the
 scorer measured (answer check, judge decision, NLL under pi0, sentence embeddings). No model is
 loaded and no torch is imported, so training, the gate and the metrics share exactly this code and
-the unit tests cover it in milliseconds. PAPER.md "Reward" is the specification:
+the unit tests cover it in milliseconds. The paper's reward (arXiv 2602.11220) is the specification:
 
 - r_task in {0, 1}: final answer equals a* AND the judge accepts.
 - r_dist over the feasible set S+ only: z_i = (ell_i - mean) / (std + 1e-6) with the population std,
@@ -25,9 +25,6 @@ import numpy as np
 LAMBDA_DIST = 0.35
 LAMBDA_DIV = 0.5
 STD_EPS = 1e-6
-
-# The per-term names, in the order metrics and reports list them.
-TERMS = ("total", "r_task", "r_dist", "r_div", "nll", "judge_p_yes")
 
 
 @dataclass(frozen=True)

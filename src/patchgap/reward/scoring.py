@@ -53,7 +53,7 @@ NllContext = Literal["chat", "plain"]
 
 
 class RewardConfig(StrictModel):
-    """The group reward's settings (PAPER.md, "Reward"; code defaults)."""
+    """The group reward's settings (arXiv 2602.11220; the original code's defaults)."""
 
     k: int = Field(5, ge=2, description="rewrites per question (group size K)")
     lambda_dist: float = Field(LAMBDA_DIST, ge=0, description="weight of r_dist")

@@ -17,20 +17,9 @@ from typing import Any
 
 from patchgap.errors import PatchgapError
 from patchgap.run.prepare import PreparedRun, Say
+from patchgap.stages.base import section_json
 
 STAGE_SECTIONS = ("train_rewriter", "rewrite", "gate", "sft", "evaluate")
-
-
-def stage_config_yaml(raw: dict[str, Any], section: str, model_path: str) -> str:
-    """Validate one stage section (with inherited shared keys) and dump it as the YAML string the
-    component receives. pi0 is the prepared local folder, so no stage ever resolves a hub name."""
-    import importlib
-
-    from patchgap.stages.base import config_json, section_config
-
-    module = importlib.import_module(f"patchgap.stages.{section}")
-    overrides = [f"model={model_path}"] if "model" in module.Config.model_fields else None
-    return config_json(section_config(module.Config, raw, section, f"[{section}]", overrides))
 
 
 def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
@@ -41,7 +30,10 @@ def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
         "min_acceptance_rate": s.min_acceptance_rate,
     }
     for section in STAGE_SECTIONS:
-        args[f"{section}_config"] = stage_config_yaml(prepared.raw, section, prepared.model_path)
+        # Every stage declares pi0 as `model`: the prepared local folder, so no stage ever
+        # resolves a hub name.
+        overrides = [f"model={prepared.model_path}"]
+        args[f"{section}_config"] = section_json(prepared.raw, section, f"[{section}]", overrides)
     if s.pipeline == "full":
         args["prompt_only_baseline"] = s.prompt_only_baseline
     if s.pipeline == "rewrite":

@@ -1,19 +1,22 @@
-"""What every stage shares: config loading from a run YAML, the ``python -m`` entrypoint, moving
-inputs and outputs between S3 and local folders, manifests, and skipping finished work.
+"""The one way into a stage: config loading from a run YAML, input/output checks, moving inputs
+and outputs between S3 and local folders, manifests, and skipping finished work.
 
-A stage's ``run()`` only ever sees local paths. Under KFP the launcher moves artifacts; when a stage
-runs alone (``python -m``, ``docker run``, ``patchgap stage``), this module downloads ``s3://``
-inputs (verifying checksums), runs the stage in a work folder, and uploads each output with its
-manifest written last. An output whose manifest already records the same input hashes and config
-is not recomputed.
+A stage's ``run()`` only ever sees local paths, and every caller goes through :func:`execute`:
+``python -m patchgap.stages.<name>`` and ``patchgap stage`` through :func:`run_from_args`, a KFP
+component body through :func:`run_component` (the launcher has already moved its artifacts).
+``s3://`` inputs are downloaded (checksums verified), the stage runs in a work folder, and each
+``s3://`` output is uploaded with its manifest written last. An output whose manifest already
+records the same input hashes and config is not recomputed.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import logging
+import math
 import platform
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, TypeVar
 
+import yaml
 from pydantic import BaseModel
 
 from patchgap.config import StrictModel, apply_overrides, read_yaml, validate
@@ -35,7 +39,8 @@ log = logging.getLogger("patchgap.stages")
 
 C = TypeVar("C", bound=StrictModel)
 
-#: Top-level keys of a run YAML that every stage section inherits when it declares the field.
+#: Top-level keys of a run YAML that a stage section inherits when it, or else one of its nested
+#: sections (``generation``, ``reward``), declares the field.
 SHARED_KEYS = ("model", "seed", "trust_remote_code", "device", "dtype")
 
 #: Packages whose versions go into every manifest.
@@ -58,11 +63,23 @@ class StageModule(Protocol):
     NAME: str
     Config: type[StrictModel]
     INPUTS: tuple[str, ...]
+    #: Inputs a stage can do without (the rewrite stage without an adapter is prompt-only).
+    OPTIONAL_INPUTS: tuple[str, ...]
     OUTPUTS: tuple[str, ...]
 
     def run(
         self, config: Any, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
     ) -> dict[str, float]: ...
+
+
+def stage_module(name: str) -> StageModule:
+    """The stage module for ``name`` (``train-rewriter`` and ``train_rewriter`` alike)."""
+    from patchgap.stages import STAGES
+
+    key = name.replace("-", "_")
+    if key not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
+    return importlib.import_module(f"patchgap.stages.{key}")  # type: ignore[return-value]
 
 
 def load_stage_config(
@@ -75,7 +92,9 @@ def load_stage_config(
 
     The stage reads its own section (``sft:``, ``gate:``, ...); a key in :data:`SHARED_KEYS` at the
     top level (``model: smollm2``) is inherited by every section that declares that field and does
-    not set it. A file without the section gives the stage's defaults.
+    not set it, or, when the stage itself does not declare it, by its nested sections that do
+    (``seed`` -> ``rewrite.generation.seed``). A file without the section gives the stage's
+    defaults.
     """
     data = read_yaml(path) if path is not None else {}
     source = f"{path} [{section}]" if path is not None else f"[{section}]"
@@ -94,10 +113,26 @@ def section_config(
     if not isinstance(sub, dict):
         raise ConfigError(f"{source}: expected a mapping")
     merged = dict(sub)
-    for key in SHARED_KEYS:
-        if key in data and key in model.model_fields and key not in merged:
-            merged[key] = data[key]
+    for key in (k for k in SHARED_KEYS if k in data):
+        if key in model.model_fields:
+            merged.setdefault(key, data[key])
+            continue
+        # A stage that keeps the setting in a nested section (rewrite: generation.seed) passes
+        # it on to every such section that declares it and does not set it.
+        for name, field in model.model_fields.items():
+            kind, inner = field.annotation, merged.get(name) or {}
+            if isinstance(kind, type) and issubclass(kind, BaseModel) and key in kind.model_fields:
+                merged[name] = {key: data[key], **inner} if isinstance(inner, dict) else inner
     return validate(model, apply_overrides(merged, overrides), source)
+
+
+def section_json(
+    data: dict[str, Any], section: str, source: str, overrides: list[str] | None = None
+) -> str:
+    """One stage section of a run YAML, validated, as the one-line JSON its component receives."""
+    return config_json(
+        section_config(stage_module(section).Config, data, section, source, overrides)
+    )
 
 
 def config_json(config: BaseModel) -> str:
@@ -194,7 +229,7 @@ def execute(
     manifest for the same config and inputs, the stage is skipped and its recorded metrics
     returned (``force`` recomputes).
     """
-    missing_in = [n for n in stage.INPUTS if n not in inputs and not _optional(stage, n)]
+    missing_in = [n for n in stage.INPUTS if n not in inputs and n not in stage.OPTIONAL_INPUTS]
     if missing_in:
         raise ConfigError(f"stage {stage.NAME}: missing input(s): {', '.join(missing_in)}")
     unknown = sorted(set(inputs) - set(stage.INPUTS)) + sorted(set(outputs) - set(stage.OUTPUTS))
@@ -264,10 +299,6 @@ def execute(
         tmp.cleanup()
 
 
-def _optional(stage: StageModule, name: str) -> bool:
-    return name in getattr(stage, "OPTIONAL_INPUTS", ())
-
-
 def _finished_metrics(
     remote_out: Mapping[str, str], chash: str, input_hashes: Mapping[str, str]
 ) -> dict[str, float] | None:
@@ -286,7 +317,7 @@ def _finished_metrics(
     return metrics
 
 
-def _parse_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+def parse_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
         if "=" not in item:
@@ -325,6 +356,65 @@ def build_parser(stage: StageModule) -> argparse.ArgumentParser:
     return p
 
 
+def run_from_args(
+    stage: StageModule,
+    config_path: str | Path | None,
+    section: str,
+    overrides: list[str],
+    inputs: list[str],
+    outputs: list[str],
+    *,
+    force: bool = False,
+) -> StageResult:
+    """``--config``, ``--set``, ``--input NAME=URI`` and ``--output NAME=URI`` as the stage
+    entrypoint and ``patchgap stage`` take them."""
+    config = load_stage_config(stage.Config, config_path, section, overrides)
+    return execute(
+        stage,
+        config,
+        parse_pairs(inputs, "--input"),
+        parse_pairs(outputs, "--output"),
+        force=force,
+    )
+
+
+def run_component(
+    stage_name: str,
+    config: str,
+    inputs: Mapping[str, Any],
+    outputs: Mapping[str, Any],
+    metrics: Any | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, float]:
+    """The body every KFP component shares: validate ``config`` (the stage section as one line of
+    JSON, any YAML mapping text accepted) with ``overrides``, run the stage on the artifacts'
+    local paths (``None`` for an optional input not wired), log finite numeric metrics. Imports
+    no kfp: artifacts are duck-typed (``.path``, ``.metadata``, ``log_metric``)."""
+    from patchgap.logs import setup_logging
+
+    setup_logging()
+    stage = stage_module(stage_name)
+    data = yaml.safe_load(config) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"component {stage_name}: config must be a mapping")
+    cfg = validate(stage.Config, apply_overrides(data, overrides), f"component {stage_name}")
+    result = execute(
+        stage,
+        cfg,
+        {n: a.path for n, a in inputs.items() if a is not None},
+        {n: a.path for n, a in outputs.items()},
+    ).metrics
+    if metrics is not None:
+        for key, value in sorted(result.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if math.isfinite(float(value)):
+                    metrics.log_metric(key, float(value))
+    for art in outputs.values():
+        if hasattr(art, "metadata"):
+            art.metadata["stage"] = stage.NAME
+    return result
+
+
 def main(stage: StageModule | ModuleType, argv: list[str] | None = None) -> int:
     """The container entrypoint: ``python -m patchgap.stages.<name> --config ... --input ...``."""
     from patchgap.logs import setup_logging
@@ -332,12 +422,13 @@ def main(stage: StageModule | ModuleType, argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser(stage).parse_args(argv)  # type: ignore[arg-type]
     try:
-        config = load_stage_config(stage.Config, args.config, args.section, args.overrides)
-        result = execute(
+        result = run_from_args(
             stage,  # type: ignore[arg-type]
-            config,
-            _parse_pairs(args.inputs, "--input"),
-            _parse_pairs(args.outputs, "--output"),
+            args.config,
+            args.section,
+            args.overrides,
+            args.inputs,
+            args.outputs,
             force=args.force,
         )
     except PatchgapError as err:

@@ -12,12 +12,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from patchgap.config import StrictModel
 from patchgap.errors import ConfigError, DataError
+from patchgap.lm.generation import GenerationConfig
 from patchgap.stages.base import main
 
 log = logging.getLogger("patchgap.stages.evaluate")
@@ -53,6 +54,22 @@ class MathSet(StrictModel):
 
 class Config(StrictModel):
     """Settings of the evaluate stage (defaults: the CPU demo, small seeded subsets)."""
+
+    # These generation settings were top-level keys of this section before it had its own.
+    moved_keys: ClassVar[Mapping[str, str]] = {
+        k: f"generation.{k}"
+        for k in (
+            "backend",
+            "max_new_tokens",
+            "batch_size",
+            "device",
+            "dtype",
+            "trust_remote_code",
+            "tensor_parallel_size",
+            "gpu_memory_utilization",
+            "max_model_len",
+        )
+    }
 
     model: str | None = Field(
         None, description="pi0; added as `base` when no model is labelled base"
@@ -96,23 +113,23 @@ class Config(StrictModel):
     benchmark_paths: dict[str, str] = Field(
         default_factory=dict, description="override a general benchmark's location (path or s3://)"
     )
-    backend: Literal["transformers", "vllm"] = Field(
-        "transformers", description="generation backend for the math and boxed-letter sets"
+    generation: GenerationConfig = Field(
+        default_factory=lambda: GenerationConfig(max_new_tokens=512, gpu_memory_utilization=0.85),
+        description="greedy generation for the math and boxed-letter sets (patchgap.lm."
+        "generation); its batch_size, device, dtype and trust_remote_code also serve lm-eval",
     )
-    max_new_tokens: int = Field(512, ge=1, description="most new tokens per answer")
-    batch_size: int = Field(8, ge=1, description="prompts per batch (generation and lm-eval)")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU"
-    )
-    trust_remote_code: bool = Field(False, description="allow model code from model folders")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vllm)")
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vllm memory share")
-    max_model_len: int | None = Field(None, ge=1, description="vllm context length")
     bootstrap_reps: int = Field(2000, ge=100, description="bootstrap resamples")
     near_zero: float = Field(
         0.005, ge=0.0, description="|F_D| below this: no forgetting reduction (caveat)"
     )
+
+    @model_validator(mode="after")
+    def _greedy(self) -> Config:
+        if self.generation.temperature != 0.0 or self.generation.n != 1:
+            raise ValueError(
+                "generation: benchmarks score one greedy answer per item (temperature 0, n 1)"
+            )
+        return self
 
     @field_validator("math", mode="before")
     @classmethod
@@ -218,26 +235,13 @@ def generative_eval(
 ) -> dict[str, list[ItemResult]]:
     """Greedy answers of one model to every math and boxed-letter item, scored per item."""
     from patchgap.answers import equivalent, extract_answer, extract_choice
-    from patchgap.lm.generation import GenerationConfig, make_generator
+    from patchgap.lm.generation import make_generator
     from patchgap.lm.models import apply_chat
     from patchgap.prompts import choice_eval_messages, math_eval_messages
 
     if not math_sets and not choice_sets:
         return {}
-    gen_cfg = GenerationConfig(
-        backend=config.backend,
-        max_new_tokens=config.max_new_tokens,
-        temperature=0.0,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        device=config.device,
-        dtype=config.dtype,
-        trust_remote_code=config.trust_remote_code,
-        tensor_parallel_size=config.tensor_parallel_size,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        max_model_len=config.max_model_len,
-    )
-    gen = make_generator(model_path, None, gen_cfg)
+    gen = make_generator(model_path, None, config.generation)
     tok = gen.tokenizer  # type: ignore[attr-defined]
     results: dict[str, list[ItemResult]] = {}
     try:
@@ -305,20 +309,18 @@ def lm_eval_general(
     from lm_eval.tasks import TaskManager
 
     from patchgap.data import evalsets as bm
-    from patchgap.lm.models import device_for
+    from patchgap.lm.models import device_for, dtype_for
 
     ours = [b for b in config.general if b in bm.LM_EVAL_TASKS]
     external = [b for b in config.general if b not in bm.LM_EVAL_TASKS]
-    device = device_for(config.device)
-    dtype = (
-        config.dtype if config.dtype != "auto" else ("bfloat16" if "cuda" in device else "float32")
-    )
+    device = device_for(config.generation.device)
+    dtype = dtype_for(config.generation.dtype, device)
     lm = HFLM(
         pretrained=str(model_path),
         device=device,
         dtype=dtype,
-        batch_size=config.batch_size,
-        trust_remote_code=config.trust_remote_code,
+        batch_size=config.generation.batch_size,
+        trust_remote_code=config.generation.trust_remote_code,
     )
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=bool(external))
     per_item: dict[str, list[ItemResult]] = {}

@@ -10,19 +10,21 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from patchgap.config import StrictModel
 from patchgap.data.records import FieldMap, Record
+from patchgap.reward.scoring import RewardConfig
 
 log = logging.getLogger("patchgap.stages.gate")
 
 NAME = "gate"
 INPUTS = ("dataset", "candidates")
+OPTIONAL_INPUTS: tuple[str, ...] = ()
 OUTPUTS = ("dataset_r", "report")
 
 D_R_FILE = "d_r.jsonl"
@@ -47,30 +49,36 @@ NONE_FEASIBLE = "none_feasible"
 class Config(StrictModel):
     """Settings of the gate stage (defaults: the CPU demo)."""
 
+    # These scoring settings were top-level keys of this section before it had its own.
+    moved_keys: ClassVar[Mapping[str, str]] = {
+        k: f"reward.{k}"
+        for k in (
+            "judge",
+            "judge_model",
+            "judge_chat_template",
+            "nll_context",
+            "embedder",
+            "device",
+            "dtype",
+            "max_batch_tokens",
+            "max_length",
+            "share_prefix",
+        )
+    }
+
     model: str = Field("smollm2", description="pi0: the model whose NLL and judge are used")
     fields: str | FieldMap = Field(
         "auto", description="field preset or mapping of the dataset (as in the rewrite stage)"
     )
     limit: int | None = Field(None, ge=1, description="use at most this many records")
-    judge: bool = Field(True, description="run the reasoning judge (off: r_task = answer check)")
-    judge_model: str | None = Field(None, description="judge model; None means pi0 itself")
-    judge_chat_template: bool = Field(True, description="wrap the judge prompt in a chat turn")
-    nll_context: Literal["chat", "plain"] = Field(
-        "chat", description="QA context of the NLL under pi0: chat template or Problem/Answer"
+    reward: RewardConfig = Field(
+        # One or two candidates per record: flat length-bucketed batches beat running each
+        # record's question prefix once and sharing its KV cache (the RL reward's K-groups).
+        default_factory=lambda: RewardConfig(share_prefix=False),
+        description="how a candidate is scored: the judge, the NLL under pi0 and the embedder, "
+        "the same section as train_rewriter.reward (k and the lambdas do not affect the gate)",
     )
-    embedder: str = Field(
-        "all-MiniLM-L6-v2", description="sentence-transformers model for D_R diversity"
-    )
-    device: str | None = Field(None, description="device (None: cuda when available)")
-    dtype: str = Field("auto", description="dtype of pi0 / judge")
     batch_records: int = Field(32, ge=1, description="records scored together")
-    max_batch_tokens: int = Field(4096, ge=64, description="tokens per scoring forward batch")
-    max_length: int = Field(4096, ge=16, description="longest prefix + text scored, in tokens")
-    share_prefix: bool = Field(
-        False,
-        description="run each record's question prefix once and reuse its KV cache; pays off "
-        "with many candidates per record, while flat length-bucketed batches win for one or two",
-    )
     diversity_sample: int = Field(
         1000, ge=2, description="records (seeded sample) for the embedding diversity and distinct-n"
     )
@@ -251,29 +259,10 @@ def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
 # The stage
 
 
-@dataclass
-class _Writers:
-    d_r: Any
-    accepted: Any
-    paths: list[Path] = field(default_factory=list)
-
-
 def _scorer(config: Config) -> Any:
-    from patchgap.reward.scoring import GroupRewardScorer, RewardConfig
+    from patchgap.reward.scoring import GroupRewardScorer
 
-    reward = RewardConfig(
-        judge=config.judge,
-        judge_model=config.judge_model,
-        judge_chat_template=config.judge_chat_template,
-        nll_context=config.nll_context,
-        embedder=config.embedder,
-        max_batch_tokens=config.max_batch_tokens,
-        max_length=config.max_length,
-        share_prefix=config.share_prefix,
-        dtype=config.dtype,
-        device=config.device,
-    )
-    return GroupRewardScorer(reward, config.model)
+    return GroupRewardScorer(config.reward, config.model)
 
 
 def run(
@@ -292,7 +281,9 @@ def run(
     scorer = _scorer(config)
     scorer.load()  # a judge with unresolvable YES/NO tokens fails here, before any work
     tokenizer = scorer.nll.tokenizer
-    stats = GateStats(config.diversity_sample, config.seed, config.distinct_n, judge=config.judge)
+    stats = GateStats(
+        config.diversity_sample, config.seed, config.distinct_n, judge=config.reward.judge
+    )
     spec = DatasetSpec(source=str(inputs["dataset"]), fields=config.fields, limit=config.limit)
     counts = Counts()
     tmp_dr = out / f".{D_R_FILE}.{os.getpid()}.tmp"
@@ -329,8 +320,8 @@ def run(
         "rejected_records": rejected,
         "candidates_without_record": unknown,
         "duplicate_candidate_lines": index.duplicates,
-        "nll_context": config.nll_context,
-        "judge": config.judge,
+        "nll_context": config.reward.nll_context,
+        "judge": config.reward.judge,
         "model": config.model,
     }
     metrics = write_report(stats, report_dir, extra)

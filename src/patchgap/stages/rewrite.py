@@ -13,12 +13,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from patchgap.config import StrictModel
 from patchgap.data.records import FieldMap, Record
+from patchgap.lm.generation import GenerationConfig
 from patchgap.prompts import REWRITE_TEMPLATE
 
 log = logging.getLogger("patchgap.stages.rewrite")
@@ -35,41 +36,31 @@ STATE_FORMAT = 1
 class Config(StrictModel):
     """Settings of the rewrite stage (defaults: the CPU demo)."""
 
+    # Every generation setting was a top-level key of this section before it had its own.
+    moved_keys: ClassVar[Mapping[str, str]] = {
+        k: f"generation.{k}" for k in GenerationConfig.model_fields
+    }
+
     model: str = Field("smollm2", description="pi0: a model folder or a known name (smollm2)")
     fields: str | FieldMap = Field(
         "auto", description="field preset or mapping of the dataset (see patchgap.data.records)"
     )
     limit: int | None = Field(None, ge=1, description="use at most this many records")
     template: str = Field(REWRITE_TEMPLATE, description="rewriting prompt ({question}, {solution})")
-    backend: Literal["transformers", "vllm"] = Field(
-        "transformers", description="generation backend: transformers (CPU/GPU) or vllm (GPU)"
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig,
+        description="backend, decoding (n candidates per record; temperature 0 = greedy, n 1), "
+        "batching, seed, device and dtype of the rewriter (patchgap.lm.generation)",
     )
-    max_new_tokens: int = Field(256, ge=1, description="most new tokens per candidate")
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (n must be 1); > 0 samples")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    n: int = Field(1, ge=1, description="candidates per record")
     max_retries: int = Field(
         0, ge=0, description="rounds of new samples for candidates whose final answer is wrong"
     )
     retry_temperature: float = Field(
         0.7, gt=0.0, description="sampling temperature of retries (greedy would repeat itself)"
     )
-    batch_size: int = Field(8, ge=1, description="prompts per forward batch (transformers)")
     batch_records: int = Field(
         32, ge=1, description="records per resumable batch (the most a crash can lose)"
     )
-    seed: int = Field(0, description="sampling seed")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU"
-    )
-    trust_remote_code: bool = Field(False, description="allow model code from the model folder")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vllm)")
-    merge_adapter: bool = Field(
-        False, description="merge the LoRA into the weights instead of a LoRARequest (vllm)"
-    )
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="vllm memory share")
-    max_model_len: int | None = Field(None, ge=1, description="vllm context length")
     shard_index: int = Field(0, ge=0, description="this worker's shard (0-based)")
     num_shards: int = Field(1, ge=1, description="how many shards the dataset is split into")
     shard_by: Literal["order", "hash"] = Field(
@@ -88,33 +79,15 @@ class Config(StrictModel):
             raise ValueError(
                 f"shard_index {self.shard_index} must be < num_shards {self.num_shards}"
             )
-        if self.temperature == 0.0 and self.n > 1:
-            raise ValueError(f"n={self.n} with temperature=0 (greedy) repeats one text; sample")
         return self
-
-    def generation(self) -> Any:
-        from patchgap.lm.generation import GenerationConfig
-
-        return GenerationConfig(
-            backend=self.backend,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            n=self.n,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            tensor_parallel_size=self.tensor_parallel_size,
-            device=self.device,
-            dtype=self.dtype,
-            trust_remote_code=self.trust_remote_code,
-            merge_adapter=self.merge_adapter,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            max_model_len=self.max_model_len,
-        )
 
 
 # Fields that change neither which records a batch holds nor what is generated for them.
-_NOT_IN_FINGERPRINT = {"progress", "state_uri", "device", "batch_size"}
+_NOT_IN_FINGERPRINT: dict[str, Any] = {
+    "progress": True,
+    "state_uri": True,
+    "generation": {"device", "batch_size"},
+}
 
 
 def shard_of(index: int, record_id: str, num_shards: int, by: str) -> int:
@@ -228,9 +201,7 @@ def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
     from patchgap.lm.generation import adapter_fingerprint
     from patchgap.stages.base import path_hash
 
-    settings = {
-        k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT
-    }
+    settings = config.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
     parts = {
         "format": STATE_FORMAT,
         "config": settings,
@@ -249,7 +220,9 @@ class Rewriter:
 
         self.config = config
         self.adapter = adapter
-        self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            config.model, trust_remote_code=config.generation.trust_remote_code
+        )
         self._generator: Any = None
 
     @property
@@ -259,7 +232,7 @@ class Rewriter:
             from patchgap.lm.generation import make_generator
 
             self._generator = make_generator(
-                self.config.model, self.adapter, self.config.generation()
+                self.config.model, self.adapter, self.config.generation
             )
         return self._generator
 
@@ -275,22 +248,22 @@ class Rewriter:
     ) -> list[dict[str, Any]]:
         from patchgap.answers import equivalent
 
-        cfg = self.config
+        cfg, gen = self.config, self.config.generation
         prompts = [self.prompt(r) for r in batch]
         cands: list[list[dict[str, Any]]] = [[] for _ in batch]
-        need = {i: cfg.n for i in range(len(batch))}
+        need = {i: gen.n for i in range(len(batch))}
         for trial in range(cfg.max_retries + 1):
             todo = {i: k for i, k in need.items() if k > 0}
             if not todo:
                 break
-            temp = cfg.temperature if trial == 0 else (cfg.temperature or cfg.retry_temperature)
+            temp = gen.temperature if trial == 0 else (gen.temperature or cfg.retry_temperature)
             # Group by how many samples each record still needs, one generate call per group.
             for k, idx in itertools.groupby(sorted(todo, key=lambda i: (todo[i], i)), key=todo.get):
                 rows = list(idx)
                 gens = self.generator.generate(
                     [prompts[i] for i in rows],
                     n=k,
-                    seed=batch_seed(cfg.seed, shard, batch_index, trial * 1000 + k),
+                    seed=batch_seed(gen.seed, shard, batch_index, trial * 1000 + k),
                     temperature=temp,
                 )
                 for i, outs in zip(rows, gens, strict=True):
@@ -307,7 +280,9 @@ class Rewriter:
                             }
                         )
                     # Only the candidates that failed the answer check get new samples.
-                    need[i] = sum(1 for c in outs_dicts(cands[i], trial) if not c["answer_ok"])
+                    need[i] = sum(
+                        1 for c in candidates_of_trial(cands[i], trial) if not c["answer_ok"]
+                    )
         return [
             {
                 "id": r.id,
@@ -325,7 +300,7 @@ class Rewriter:
             self._generator.close()
 
 
-def outs_dicts(cands: Sequence[dict[str, Any]], trial: int) -> list[dict[str, Any]]:
+def candidates_of_trial(cands: Sequence[dict[str, Any]], trial: int) -> list[dict[str, Any]]:
     """The candidates of one trial."""
     return [c for c in cands if c["trial"] == trial]
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,11 +19,13 @@ from patchgap.config import StrictModel
 from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, PatchgapError
 from patchgap.stages.base import main
+from patchgap.training.lora import LoraSettings
 
 log = logging.getLogger("patchgap.stages.sft")
 
 NAME = "sft"
 INPUTS = ("dataset",)
+OPTIONAL_INPUTS: tuple[str, ...] = ()
 OUTPUTS = ("model", "metrics")
 
 LOSS_JSON = "loss_curve.json"
@@ -33,13 +33,8 @@ LOSS_PNG = "loss_curve.png"
 SUMMARY_JSON = "summary.json"
 
 
-class LoraSettings(StrictModel):
-    """LoRA for ``finetuning: lora`` (merged into the weights when saved)."""
-
-    r: int = Field(64, ge=1, description="LoRA rank")
-    alpha: int = Field(32, ge=1, description="LoRA alpha")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
-    target_modules: str | list[str] = Field("all-linear", description="modules to adapt")
+#: sft's LoRA dropout (the shared LoraSettings default, the rewriter's, is 0.0).
+LORA_DROPOUT = 0.05
 
 
 class Config(StrictModel):
@@ -57,7 +52,11 @@ class Config(StrictModel):
     finetuning: Literal["full", "lora"] = Field(
         "full", description="full fine-tuning (the paper) or LoRA (merged on save)"
     )
-    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings")
+    lora: LoraSettings = Field(
+        default_factory=lambda: LoraSettings(dropout=LORA_DROPOUT),
+        description=f"LoRA for finetuning: lora, merged into the weights when saved (dropout "
+        f"{LORA_DROPOUT} unless set)",
+    )
     learning_rate: float = Field(1e-5, gt=0.0, description="peak learning rate")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name")
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="warm-up share of the steps")
@@ -137,91 +136,17 @@ def build_rows(config: Config, dataset: Path, rejects: Path) -> tuple[list[dict[
     return rows, loaded.counts.rejected_total
 
 
-# ----------------------------------------------------------------------------- multi-GPU
-
-
-def _strategy(config: Config) -> str:
-    if config.distributed != "auto":
-        return config.distributed
-    return "zero3" if config.finetuning == "full" else "zero2"
-
-
-def maybe_relaunch(
-    config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
-) -> dict[str, float] | None:
-    """Re-run under ``accelerate launch`` (one process per GPU) when several GPUs are visible."""
-    from patchgap.training.launch import (
-        CHILD_ENV,
-        accelerate_config,
-        in_distributed_process,
-        launch_command,
-        visible_gpus,
-    )
-
-    if config.distributed == "none" or in_distributed_process():
-        return None
-    n = visible_gpus()
-    if n <= 1:
-        return None
-    import yaml
-
-    cfg_file = accelerate_config(_strategy(config), config.accelerate_config)
-    with tempfile.TemporaryDirectory(prefix="patchgap-sft-launch-") as tmp:
-        work = config.work_dir or str(Path(tmp) / "work")
-        run_yaml = Path(tmp) / "run.yaml"
-        child = config.model_copy(update={"work_dir": work})
-        run_yaml.write_text(yaml.safe_dump({NAME: child.model_dump(mode="json")}))
-        cmd = launch_command(
-            cfg_file, n, run_yaml, NAME, inputs, outputs, module="patchgap.stages.sft"
-        )
-        log.info("%d GPUs visible: re-launching sft under accelerate (%s)", n, cfg_file.name)
-        proc = subprocess.run(cmd, env={**os.environ, CHILD_ENV: "1"}, check=False)
-        if proc.returncode != 0:
-            raise PatchgapError(
-                f"sft: `accelerate launch` with {cfg_file} on {n} GPUs exited with "
-                f"status {proc.returncode} (see the log above)"
-            )
-    summary = Path(outputs["metrics"]) / SUMMARY_JSON
-    if not summary.is_file():
-        raise PatchgapError(f"sft: distributed run wrote no {summary}")
-    return {k: float(v) for k, v in json.loads(summary.read_text()).items()}
-
-
 # ----------------------------------------------------------------------------- training
-
-
-def _checkpoint_callback(checkpoints: Any, keep: int | None) -> Any:
-    from transformers import TrainerCallback
-
-    class CheckpointSync(TrainerCallback):  # type: ignore[misc]
-        """Upload each local checkpoint to the store as soon as the Trainer wrote it."""
-
-        def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            if not state.is_world_process_zero:
-                return
-            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if local.is_dir():
-                uri = checkpoints.upload(local, state.global_step)
-                log.info("checkpoint step %d uploaded to %s", state.global_step, uri)
-                if keep:
-                    checkpoints.prune(keep)
-
-    return CheckpointSync()
-
-
-def _device_and_dtype(config: Config) -> tuple[str, str]:
-    from patchgap.lm.models import device_for
-
-    device = device_for(config.device)
-    if config.dtype != "auto":
-        return device, config.dtype
-    return device, "bfloat16" if device.startswith("cuda") else "float32"
 
 
 def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
-    relaunched = maybe_relaunch(config, inputs, outputs)
+    from patchgap.training.launch import maybe_relaunch
+
+    # Full fine-tuning shards the weights too (ZeRO-3); a LoRA run needs ZeRO-2 only.
+    auto = "zero3" if config.finetuning == "full" else "zero2"
+    relaunched = maybe_relaunch(config, inputs, outputs, NAME, auto=auto, summary_name=SUMMARY_JSON)
     if relaunched is not None:
         return relaunched
     with tempfile.TemporaryDirectory(prefix="patchgap-sft-") as tmp:
@@ -239,7 +164,7 @@ def _train(
     from trl import SFTConfig, SFTTrainer
 
     from patchgap.lm.generation import resolve_model_path
-    from patchgap.lm.models import has_chat_template, load_tokenizer
+    from patchgap.lm.models import device_for, dtype_for, has_chat_template, load_tokenizer
 
     t0 = time.time()
     model_dir = resolve_model_path(config.model)
@@ -250,25 +175,15 @@ def _train(
     )
     if not has_chat_template(tokenizer):
         raise ConfigError(f"sft: {model_dir}: the tokenizer has no chat template (pi0 must chat)")
-    device, dtype = _device_and_dtype(config)
+    device = device_for(config.device)
+    dtype = dtype_for(config.dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir),
         dtype=getattr(torch, dtype),
         use_safetensors=True,
         trust_remote_code=config.trust_remote_code,
     )
-    peft_config = None
-    if config.finetuning == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=config.lora.target_modules,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
+    peft_config = config.lora.peft_config() if config.finetuning == "lora" else None
     args = SFTConfig(
         output_dir=str(work / "trainer"),
         num_train_epochs=config.num_epochs,
@@ -300,6 +215,7 @@ def _train(
         from accelerate import PartialState
 
         from patchgap.storage.store import join_uri
+        from patchgap.training.callbacks import CheckpointSyncCallback
         from patchgap.training.checkpoints import CheckpointStore
 
         # One folder per fingerprint: SFT on D and on each D_R share the pipeline's sft config
@@ -308,7 +224,7 @@ def _train(
         checkpoints = CheckpointStore(join_uri(config.checkpoint_uri, fp[:16]), fp)
         with PartialState().local_main_process_first():
             resume_dir = checkpoints.restore_latest(work / "restored")
-        callbacks.append(_checkpoint_callback(checkpoints, config.keep_checkpoints or None))
+        callbacks.append(CheckpointSyncCallback(checkpoints, config.keep_checkpoints or None))
     resumed_step = _step_of(resume_dir)
     trainer = SFTTrainer(
         model=model,
@@ -366,7 +282,9 @@ def _save_model(trainer: Any, tokenizer: Any, out: Path, merge: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if merge:
-        model = model.merge_and_unload()
+        from patchgap.lm.models import merge_lora
+
+        model = merge_lora(model)
     state = trainer.accelerator.get_state_dict(trainer.model) if not merge else None
     model.save_pretrained(out, safe_serialization=True, state_dict=state)
     tokenizer.padding_side = "left"  # what generation (evaluate) wants from a saved pi0

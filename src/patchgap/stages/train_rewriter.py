@@ -22,6 +22,7 @@ from patchgap.errors import ConfigError, DataError
 from patchgap.prompts import REWRITE_TEMPLATE
 from patchgap.reward.scoring import RewardConfig
 from patchgap.stages.base import main
+from patchgap.training.lora import LoraSettings
 
 NAME = "train_rewriter"
 INPUTS = ("dataset", "model")
@@ -36,19 +37,6 @@ REWARD_JSON = "reward_scorer.json"
 ADAPTER_INFO = "patchgap_adapter.json"
 
 log = logging.getLogger("patchgap.stages.train_rewriter")
-
-
-class LoraSettings(StrictModel):
-    """The trainable patch on frozen pi0 (PAPER.md: rank 64, alpha 32, all linear layers)."""
-
-    r: int = Field(64, ge=1, description="LoRA rank")
-    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout")
-    target_modules: str | list[str] = Field(
-        "all-linear",
-        description="modules that get a LoRA: 'all-linear' (every linear layer but the output "
-        "head) or a list of module names",
-    )
 
 
 class RolloutSettings(StrictModel):
@@ -76,7 +64,7 @@ class RolloutSettings(StrictModel):
 
 
 class Config(StrictModel):
-    """Settings of the train-rewriter stage; defaults are PAPER.md's "RL training"."""
+    """Settings of the train-rewriter stage; defaults are the paper's RL training settings."""
 
     model: str = Field(
         "smollm2",
@@ -295,11 +283,7 @@ def _load_dataset(config: Config, dataset_input: Path | None, work: Path) -> tup
 
 
 # --------------------------------------------------------------------------------------------
-# Devices and the multi-GPU re-launch
-
-
-def _is_distributed_child() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_LAUNCHED" in os.environ
+# Devices and rollouts
 
 
 def _resolve_device(config: Config) -> str:
@@ -329,12 +313,6 @@ def _use_vllm(config: Config, device: str) -> bool:
     return device == "cuda" and has_vllm
 
 
-def _dtype(config: Config, device: str) -> str:
-    if config.dtype != "auto":
-        return config.dtype
-    return "bfloat16" if device == "cuda" else "float32"
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 
@@ -345,7 +323,7 @@ def run(
     """Train the rewriter; write the adapter and the metrics; return summary figures."""
     from patchgap.training.launch import maybe_relaunch
 
-    relaunched = maybe_relaunch(config, inputs, outputs, SUMMARY_JSON)
+    relaunched = maybe_relaunch(config, inputs, outputs, NAME, summary_name=SUMMARY_JSON)
     if relaunched is not None:
         return relaunched
     tmp = tempfile.TemporaryDirectory(prefix="patchgap-train-rewriter-")
@@ -362,17 +340,16 @@ def _train(
 ) -> dict[str, float]:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from patchgap.lm.models import load_tokenizer, resolve_model
+    from patchgap.lm.models import dtype_for, load_tokenizer, resolve_model
     from patchgap.reward.trl_adapter import GroupRewardFunction, check_grpo_args
     from patchgap.training.callbacks import CheckpointSyncCallback, StepMetricsCallback
     from patchgap.training.checkpoints import METRICS_FILE, CheckpointStore
     from patchgap.training.metrics import MetricsLog, plot_reward_curves
 
     device = _resolve_device(config)
-    dtype = _dtype(config, device)
+    dtype = dtype_for(config.dtype, device)
     use_vllm = _use_vllm(config, device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_src = str(inputs["model"]) if inputs.get("model") else str(resolve_model(config.model))
@@ -476,25 +453,17 @@ def _train(
         checkpoints = CheckpointStore(join_uri(config.checkpoint_uri, fp[:16]), fp)
         resume_dir = _restore(checkpoints, work)
         keep = config.keep_checkpoints or None
-        callbacks.append(CheckpointSyncCallback(checkpoints, metrics_log, keep))
+        callbacks.append(CheckpointSyncCallback(checkpoints, keep, metrics_log))
     resume_step = _checkpoint_step(resume_dir)
     metrics_log.restore(resume_dir / METRICS_FILE if resume_dir else None, resume_step)
 
-    lora = LoraConfig(
-        r=config.lora.r,
-        lora_alpha=config.lora.alpha,
-        lora_dropout=config.lora.dropout,
-        target_modules=config.lora.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
     trainer = GRPOTrainer(
         model=model_src,
         reward_funcs=[reward_fn],
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=config.lora.peft_config(),
         callbacks=callbacks,
     )
     # disable_tqdm makes the Trainer print every log dict; our callback shows a bar instead.
@@ -591,24 +560,6 @@ def _build_scorer(config: Config, model_src: str, device: str) -> Any:
     return GroupRewardScorer(reward, pi0=model_src).load()
 
 
-def merge_adapter(
-    base: str | Path, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False
-) -> Path:
-    """pi0 with the saved LoRA merged in, as a plain safetensors folder.
-
-    Built from the saved files on the CPU rather than from the trainer's (possibly sharded or
-    wrapped) model, so it works the same after single-GPU, ZeRO and FSDP training.
-    """
-    from peft import PeftModel
-
-    from patchgap.lm.models import load_causal_lm
-
-    model = load_causal_lm(base, device="cpu", trust_remote_code=trust_remote_code)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir
-
-
 def _write_outputs(
     config: Config,
     trainer: Any,
@@ -639,8 +590,17 @@ def _write_outputs(
     }
     (adapter_dir / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
     if config.merge_adapter:
-        merge_adapter(model_src, adapter_dir, adapter_dir / "merged", config.trust_remote_code)
-        tokenizer.save_pretrained(str(adapter_dir / "merged"))
+        from patchgap.lm.models import dtype_for, save_merged
+
+        # In the training dtype: the weights the patch was trained against.
+        dtype = dtype_for(config.dtype, _resolve_device(config))
+        save_merged(
+            model_src,
+            adapter_dir,
+            adapter_dir / "merged",
+            dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
+        )
 
     metrics_dir = outputs["metrics"]
     metrics_log.save_copy(metrics_dir / METRICS_JSONL)

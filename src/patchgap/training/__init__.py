@@ -1,5 +1,7 @@
-"""What train-rewriter and sft share: LoRA settings and merge, one device/dtype resolution, the
-accelerate relaunch for several GPUs, checkpoint sync with the store, training metrics.
+"""What train-rewriter and sft share: the LoRA settings (``lora``), the accelerate relaunch for
+several GPUs (``launch``), checkpoint sync with the store (``checkpoints``, ``callbacks``) and
+training metrics (``metrics``). The LoRA merge and the one device/dtype resolution live in
+:mod:`patchgap.lm.models`, since generation needs them too.
 
 May import: patchgap.reward, patchgap.lm and everything below them.
 """

@@ -1,5 +1,6 @@
-"""TrainerCallbacks of the train-rewriter stage: per-step metrics rows with the reward's share of
-the step, a progress bar (steps, reward, s/step), and checkpoint upload to the store."""
+"""TrainerCallbacks of the trainers: per-step metrics rows with the reward's share of the step and
+a progress bar (steps, reward, s/step) for train-rewriter, and checkpoint upload to the store for
+train-rewriter and sft."""
 
 from __future__ import annotations
 
@@ -84,15 +85,18 @@ class StepMetricsCallback(TrainerCallback):
 class CheckpointSyncCallback(TrainerCallback):
     """After the Trainer writes ``checkpoint-<step>`` locally, upload it (manifest last).
 
-    The metrics rows so far go into the checkpoint, so a resumed run keeps the whole curve. The
-    upload is synchronous: the next step starts only once the checkpoint is complete in the
-    store, which is what bounds the loss on preemption to one checkpoint interval.
+    With ``metrics``, the rows so far go into the checkpoint, so a resumed run keeps the whole
+    curve. ``keep`` complete checkpoints stay in the store (None: all). The upload is
+    synchronous: the next step starts only once the checkpoint is complete in the store, which
+    is what bounds the loss on preemption to one checkpoint interval.
     """
 
-    def __init__(self, checkpoints: CheckpointStore, metrics: MetricsLog, keep: int | None) -> None:
+    def __init__(
+        self, checkpoints: CheckpointStore, keep: int | None, metrics: MetricsLog | None = None
+    ) -> None:
         self.checkpoints = checkpoints
-        self.metrics = metrics
         self.keep = keep
+        self.metrics = metrics
         self.uploaded: list[int] = []
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -103,7 +107,8 @@ class CheckpointSyncCallback(TrainerCallback):
         if not local.is_dir():
             log.warning("checkpoint folder %s missing after save; not uploaded", local)
             return
-        self.metrics.save_copy(local / METRICS_FILE)
+        if self.metrics is not None:
+            self.metrics.save_copy(local / METRICS_FILE)
         t0 = time.perf_counter()
         uri = self.checkpoints.upload(local, step)
         self.uploaded.append(step)

@@ -1,7 +1,8 @@
-"""More than one GPU in the pod: re-run the stage under ``accelerate launch`` with a DeepSpeed
-ZeRO-2 or FSDP config from configs/accelerate/, one process per GPU. We write no distributed
-runtime: accelerate starts the processes, TRL/transformers do the rest. Past one node, Kubeflow
-Trainer (TrainJob / PyTorchJob) starts the same entrypoint on every node instead."""
+"""More than one GPU in the pod: re-run a training stage (train-rewriter, sft) under ``accelerate
+launch`` with a DeepSpeed ZeRO or FSDP config from configs/accelerate/, one process per GPU. We
+write no distributed runtime: accelerate starts the processes, TRL/transformers do the rest. Past
+one node, Kubeflow Trainer (TrainJob / PyTorchJob) starts the same entrypoint on every node
+instead."""
 
 from __future__ import annotations
 
@@ -53,13 +54,13 @@ def accelerate_config_dir() -> Path:
     return configs_dir() / "accelerate"
 
 
-def accelerate_config(strategy: str, explicit: str | None = None) -> Path:
-    """The accelerate config file for ``zero2`` or ``fsdp`` (or the explicit one)."""
+def accelerate_config(strategy: str, explicit: str | None = None, stage: str | None = None) -> Path:
+    """The accelerate config file for ``zero2``, ``zero3`` or ``fsdp`` (or the explicit one)."""
     path = Path(explicit) if explicit else accelerate_config_dir() / f"{strategy}.yaml"
     if not path.is_file():
         raise ConfigError(
-            f"train_rewriter: accelerate config {path} not found; set accelerate_config or "
-            f"{CONFIG_DIR_ENV} to the folder holding zero2.yaml / fsdp.yaml"
+            f"{stage + ': ' if stage else ''}accelerate config {path} not found; set "
+            f"accelerate_config or {CONFIG_DIR_ENV} to the folder holding {strategy}.yaml"
         )
     return path
 
@@ -68,12 +69,12 @@ def launch_command(
     config_file: Path,
     num_processes: int,
     run_yaml: Path,
-    section: str,
+    stage: str,
     inputs: Mapping[str, Path],
     outputs: Mapping[str, Path],
-    module: str = "patchgap.stages.train_rewriter",
 ) -> list[str]:
-    """``python -m accelerate.commands.launch ... -m <stage module> --config ...``."""
+    """``python -m accelerate.commands.launch ... -m patchgap.stages.<stage> --config ...``; the
+    run YAML holds the stage's config under its own section."""
     cmd = [
         sys.executable,
         "-m",
@@ -83,11 +84,11 @@ def launch_command(
         "--num_processes",
         str(num_processes),
         "-m",
-        module,
+        f"patchgap.stages.{stage}",
         "--config",
         str(run_yaml),
         "--section",
-        section,
+        stage,
     ]
     for name, path in sorted(inputs.items()):
         cmd += ["--input", f"{name}={path}"]
@@ -100,38 +101,43 @@ def maybe_relaunch(
     config: Any,
     inputs: Mapping[str, Path],
     outputs: Mapping[str, Path],
+    stage: str,
+    *,
+    auto: str = "zero2",
     summary_name: str = "summary.json",
 ) -> dict[str, float] | None:
-    """Run the stage under accelerate when more than one GPU is visible; None = run here.
+    """Run ``stage`` under accelerate when more than one GPU is visible; None = run here.
 
-    The children get the same config (with a shared ``work_dir``, so they see one checkpoint
-    folder) and write into the same local output folders; the main one writes the summary
-    (``summary_name`` in the ``metrics`` output), which is what this returns.
+    ``config.distributed`` names the accelerate config; its ``auto`` stands for the stage's
+    ``auto`` argument (zero2 unless the stage passes another: sft, full fine-tuning, zero3). The
+    children get the same config (with a shared ``work_dir``, so they see one checkpoint folder)
+    and write into the same local output folders; the main one writes the summary
+    (``summary_name`` in the ``metrics`` output), which is what this returns. Errors name
+    ``stage``.
     """
-    strategy = config.distributed
-    if strategy == "none" or in_distributed_process():
+    if config.distributed == "none" or in_distributed_process():
         return None
     n = visible_gpus()
     if n <= 1:
         return None
-    strategy = "zero2" if strategy == "auto" else strategy
-    config_file = accelerate_config(strategy, config.accelerate_config)
-    with tempfile.TemporaryDirectory(prefix="patchgap-launch-") as tmp:
+    strategy = auto if config.distributed == "auto" else config.distributed
+    config_file = accelerate_config(strategy, config.accelerate_config, stage)
+    with tempfile.TemporaryDirectory(prefix=f"patchgap-{stage}-launch-") as tmp:
         work = Path(config.work_dir) if config.work_dir else Path(tmp) / "work"
         child = config.model_copy(update={"work_dir": str(work)})
         run_yaml = Path(tmp) / "run.yaml"
-        section = "train_rewriter"
-        run_yaml.write_text(yaml.safe_dump({section: child.model_dump(mode="json")}))
-        cmd = launch_command(config_file, n, run_yaml, section, inputs, outputs)
-        log.info("%d GPUs visible: re-launching under accelerate (%s)", n, config_file.name)
-        env = {**os.environ, CHILD_ENV: "1"}
-        proc = subprocess.run(cmd, env=env, check=False)
+        run_yaml.write_text(yaml.safe_dump({stage: child.model_dump(mode="json")}))
+        cmd = launch_command(config_file, n, run_yaml, stage, inputs, outputs)
+        log.info(
+            "%d GPUs visible: re-launching %s under accelerate (%s)", n, stage, config_file.name
+        )
+        proc = subprocess.run(cmd, env={**os.environ, CHILD_ENV: "1"}, check=False)
         if proc.returncode != 0:
             raise PatchgapError(
-                f"train_rewriter: `accelerate launch` with {config_file} on {n} GPUs exited "
+                f"{stage}: `accelerate launch` with {config_file} on {n} GPUs exited "
                 f"with status {proc.returncode} (see the log above)"
             )
-        summary = Path(outputs["metrics"]) / summary_name
-        if not summary.is_file():
-            raise PatchgapError(f"train_rewriter: distributed run wrote no {summary}")
-        return {k: float(v) for k, v in json.loads(summary.read_text()).items()}
+    summary = Path(outputs["metrics"]) / summary_name
+    if not summary.is_file():
+        raise PatchgapError(f"{stage}: distributed run wrote no {summary}")
+    return {k: float(v) for k, v in json.loads(summary.read_text()).items()}

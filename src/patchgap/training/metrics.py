@@ -1,7 +1,7 @@
 """Per-step training metrics of the rewriter: one row per GRPO step built from TRL's logs, kept
 as JSONL, summarised for KFP Metrics and drawn as reward curves.
 
-Names follow PAPER.md: ``reward`` is the mean gated total, ``r_task``/``r_dist``/``r_div`` the
+Names follow the paper: ``reward`` is the mean gated total, ``r_task``/``r_dist``/``r_div`` the
 per-term means (``r_dist``, ``r_div`` and ``nll`` over feasible rewrites only, as
 :func:`patchgap.reward.rewards.term_means` computes them), ``gate_pass_rate`` the share of
 rewrites with r_task = 1. ``reward_share`` is the reward function's share of the step's wall time.
