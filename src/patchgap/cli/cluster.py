@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
 from patchgap.kfp import client as ops
 from patchgap.pipelines.compile import pipeline_package
-
-console = Console()
 
 schedule_app = typer.Typer(
     help="Recurring runs (e.g. the watch pipeline over new datasets).", no_args_is_help=True
@@ -30,6 +30,7 @@ def submit(
     service_account: str | None = typer.Option(None, "--service-account"),
     pipeline_root: str | None = typer.Option(None, "--pipeline-root", help="s3://bucket/prefix"),
     caching: bool | None = typer.Option(None, "--caching/--no-caching"),
+    output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """Submit one run of a compiled pipeline to KFP; prints the run id and its UI link."""
     res = ops.submit(
@@ -42,8 +43,9 @@ def submit(
         pipeline_root=pipeline_root,
         enable_caching=caching,
     )
-    typer.echo(f"run id: {res.run_id}")
-    typer.echo(f"ui:     {res.url}")
+    Output(output_format).result(
+        {"run_id": res.run_id, "url": res.url}, f"run id: {res.run_id}", f"ui:     {res.url}"
+    )
 
 
 @schedule_app.command("create")
@@ -87,6 +89,7 @@ def schedule_list(
     host: str | None = HOST,
     namespace: str | None = NAMESPACE,
     experiment: str | None = typer.Option(None, "--experiment", "-e"),
+    output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """List recurring runs."""
     rows = ops.list_schedules(ops.KfpTarget(host=host, namespace=namespace), experiment)
@@ -101,7 +104,7 @@ def schedule_list(
             str(r["max_concurrency"]),
             str(r["no_catchup"]),
         )
-    console.print(table)
+    Output(output_format).result(rows, table)
 
 
 def _state_command(action: str):  # noqa: ANN202 - typer reads the signature of the inner function
@@ -131,6 +134,7 @@ def doctor(
     namespace: str = typer.Option("patchgap", "--namespace", "-n"),
     secret: str = typer.Option("patchgap-s3", "--secret", help="S3 credentials Secret name"),
     kube_context: str | None = typer.Option(None, "--context", help="kube context"),
+    output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """Check what a submit needs (S3, bucket, KFP host, launcher ConfigMap and Secret)."""
     checks = ops.doctor(
@@ -141,9 +145,9 @@ def doctor(
         kube_context=kube_context,
     )
     table = Table("check", "result", "detail")
+    mark = {True: "[green]ok[/green]", False: "[red]FAIL[/red]", None: "[yellow]skip[/yellow]"}
     for c in checks:
-        mark = {True: "[green]ok[/green]", False: "[red]FAIL[/red]", None: "[yellow]skip[/yellow]"}
         table.add_row(c.name, mark[c.ok], c.detail)
-    console.print(table)
+    Output(output_format).result([dataclasses.asdict(c) for c in checks], table)
     if any(c.ok is False for c in checks):
         raise typer.Exit(1)

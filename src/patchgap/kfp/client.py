@@ -4,8 +4,10 @@ checks (``doctor``) that must pass before any GPU time is spent. Talks to a KFP 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,16 +108,18 @@ def submit(
     package = package_file(pipeline)
     client = target.client()
     try:
-        result = client.create_run_from_pipeline_package(
-            str(package),
-            arguments=dict(params or {}),
-            run_name=run_name,
-            experiment_name=experiment,
-            namespace=target.namespace,
-            pipeline_root=pipeline_root,
-            enable_caching=enable_caching,
-            service_account=service_account,
-        )
+        # kfp.Client prints its links on stdout, which carries only our results (-o json).
+        with contextlib.redirect_stdout(sys.stderr):
+            result = client.create_run_from_pipeline_package(
+                str(package),
+                arguments=dict(params or {}),
+                run_name=run_name,
+                experiment_name=experiment,
+                namespace=target.namespace,
+                pipeline_root=pipeline_root,
+                enable_caching=enable_caching,
+                service_account=service_account,
+            )
     except Exception as err:  # the API client raises many types; the user needs the message
         raise PatchgapError(f"KFP submit of {package.name} failed: {_api_message(err)}") from err
     return Submitted(run_id=result.run_id, url=target.ui_link(result.run_id))
