@@ -120,3 +120,8 @@ def test_doctor_json_lists_every_check(
     assert by_name["kfp host"]["ok"] is True
     assert set(by_name["kfp host"]) == {"name", "ok", "detail"}
 
+
+def test_stage_output_has_no_short_flag_and_completion_is_on() -> None:
+    res = CliRunner().invoke(cli, ["stage", "gate", "-o", "report=/tmp/x"])
+    assert res.exit_code == 2 and "No such option: -o" in res.output
+    assert "--install-completion" in CliRunner().invoke(cli, ["--help"]).output

@@ -17,7 +17,6 @@ cli = typer.Typer(
     name="patchgap",
     help="Rewrite an SFT dataset with an RL-trained rewriter so fine-tuning forgets less.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
