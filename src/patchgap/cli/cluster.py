@@ -1,4 +1,5 @@
-"""``patchgap submit``, ``patchgap schedule ...`` and ``patchgap doctor``: the KFP client side."""
+"""``patchgap submit``, ``patchgap runs ...``, ``patchgap schedule ...`` and ``patchgap doctor``:
+the KFP client side."""
 
 from __future__ import annotations
 
@@ -18,6 +19,45 @@ schedule_app = typer.Typer(
 HOST = typer.Option(None, "--host", help="KFP API endpoint (or KF_PIPELINES_ENDPOINT)")
 NAMESPACE = typer.Option(None, "--namespace", "-n", help="Kubeflow profile namespace")
 PARAM = typer.Option([], "--param", "-p", help="pipeline parameter KEY=VALUE (repeat)")
+TIMEOUT = typer.Option(None, "--timeout", min=0, help="seconds to wait (default: no limit)")
+POLL = typer.Option(10.0, "--poll", min=0, help="seconds between state checks")
+
+runs_app = typer.Typer(
+    help="State of pipeline runs on KFP (their outputs: `patchgap artifacts`).",
+    no_args_is_help=True,
+)
+_STATE_STYLE = {"SUCCEEDED": "green", "SKIPPED": "green", "FAILED": "red", "CANCELED": "red"}
+
+
+def _runs_table(runs: list[ops.RunStatus]) -> Table:
+    table = Table("run id", "name", "state", "created", "finished", "error")
+    for r in runs:
+        style = _STATE_STYLE.get(r.state, "yellow")
+        table.add_row(
+            r.run_id,
+            r.name or "-",
+            f"[{style}]{r.state}[/{style}]",
+            r.created_at or "-",
+            r.finished_at or "-",
+            r.error or "",
+        )
+    return table
+
+
+def _wait(
+    out: Output, target: ops.KfpTarget, run_id: str, timeout: float | None, poll: float
+) -> None:
+    """Follow a run to its end (state changes on stderr); exit 1 unless it succeeded."""
+    status = ops.wait_run(
+        target,
+        run_id,
+        timeout=timeout,
+        poll_seconds=poll,
+        on_change=lambda s: out.err.print(f"{s.run_id}: {s.state}", highlight=False),
+    )
+    out.result(dataclasses.asdict(status), _runs_table([status]), f"ui: {status.url}")
+    if not status.ok:
+        raise typer.Exit(1)
 
 
 def submit(
@@ -30,11 +70,18 @@ def submit(
     service_account: str | None = typer.Option(None, "--service-account"),
     pipeline_root: str | None = typer.Option(None, "--pipeline-root", help="s3://bucket/prefix"),
     caching: bool | None = typer.Option(None, "--caching/--no-caching"),
+    wait: bool = typer.Option(
+        False, "--wait", help="follow the run to its end; exit 1 unless it succeeds"
+    ),
+    timeout: float | None = TIMEOUT,
+    poll: float = POLL,
     output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """Submit one run of a compiled pipeline to KFP; prints the run id and its UI link."""
+    out = Output(output_format)
+    target = ops.KfpTarget(host=host, namespace=namespace)
     res = ops.submit(
-        ops.KfpTarget(host=host, namespace=namespace),
+        target,
         pipeline_package(pipeline),
         params=ops.parse_params(params),
         experiment=experiment,
@@ -43,9 +90,55 @@ def submit(
         pipeline_root=pipeline_root,
         enable_caching=caching,
     )
-    Output(output_format).result(
+    if wait:
+        out.say(f"submitted {res.run_id}: {res.url}")
+        _wait(out, target, res.run_id, timeout, poll)
+        return
+    out.result(
         {"run_id": res.run_id, "url": res.url}, f"run id: {res.run_id}", f"ui:     {res.url}"
     )
+
+
+@runs_app.command("list")
+def runs_list(
+    host: str | None = HOST,
+    namespace: str | None = NAMESPACE,
+    experiment: str | None = typer.Option(None, "--experiment", "-e"),
+    limit: int = typer.Option(20, "--limit", min=1, help="newest N runs"),
+    output_format: Format = OUTPUT_FORMAT,
+) -> None:
+    """List the newest runs with their states."""
+    runs = ops.list_runs(ops.KfpTarget(host=host, namespace=namespace), experiment, limit)
+    Output(output_format).result([dataclasses.asdict(r) for r in runs], _runs_table(runs))
+
+
+@runs_app.command("get")
+def runs_get(
+    run_id: str = typer.Argument(...),
+    host: str | None = HOST,
+    namespace: str | None = NAMESPACE,
+    output_format: Format = OUTPUT_FORMAT,
+) -> None:
+    """Show one run's state (and its error when it failed)."""
+    target = ops.KfpTarget(host=host, namespace=namespace)
+    status = ops.get_run(target, run_id)
+    Output(output_format).result(
+        dataclasses.asdict(status), _runs_table([status]), f"ui: {status.url}"
+    )
+
+
+@runs_app.command("wait")
+def runs_wait(
+    run_id: str = typer.Argument(...),
+    host: str | None = HOST,
+    namespace: str | None = NAMESPACE,
+    timeout: float | None = TIMEOUT,
+    poll: float = POLL,
+    output_format: Format = OUTPUT_FORMAT,
+) -> None:
+    """Wait until a run ends; exit 0 when it succeeded, 1 when it failed or was canceled."""
+    target = ops.KfpTarget(host=host, namespace=namespace)
+    _wait(Output(output_format), target, run_id, timeout, poll)
 
 
 @schedule_app.command("create")

@@ -49,6 +49,7 @@ def _register() -> None:
     cli.command("run")(pipeline.run)
     cli.command("compile")(pipeline.compile_pipelines)
     cli.command("submit")(cluster.submit)
+    cli.add_typer(cluster.runs_app, name="runs")
     cli.add_typer(cluster.schedule_app, name="schedule")
     cli.command("doctor")(cluster.doctor)
 
