@@ -115,6 +115,22 @@ def test_lora_is_merged_into_plain_weights(tiny_llama: Path, tmp_path: Path) -> 
     assert not (outs["model"] / "adapter_config.json").exists()
 
 
+def test_progress_shows_steps_and_loss_instead_of_log_dicts(
+    tiny_llama: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="patchgap.progress")
+    data = _dataset(tmp_path / "d.jsonl")
+    sft.run(_config(tiny_llama, max_steps=2), {"dataset": data}, _outs(tmp_path))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "patchgap.progress"]
+    assert line.startswith("sft: 2/2 step [") and "step/s" in line and "loss=" in line
+    assert "{'loss'" not in capsys.readouterr().out  # the Trainer's printed log dicts are gone
+
+
 def test_component_runs_the_stage(tiny_llama: Path, tmp_path: Path) -> None:
     import yaml
 

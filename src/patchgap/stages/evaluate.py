@@ -244,7 +244,7 @@ def generative_eval(
         for name, items in math_sets.items():
             t0 = time.time()
             prompts = [apply_chat(tok, math_eval_messages(it.question)) for it in items]
-            outs = gen.generate(prompts)
+            outs = _generate(gen, prompts, model_path, name)
             res = []
             for it, (g,) in zip(items, outs, strict=True):
                 if it.choice_labels:
@@ -262,7 +262,7 @@ def generative_eval(
             for it in items:
                 question = f"{it.passage}\n\n{it.question}" if it.passage else it.question
                 prompts.append(apply_chat(tok, choice_eval_messages(question, it.options)))
-            outs = gen.generate(prompts)
+            outs = _generate(gen, prompts, model_path, f"{name}_gen")
             res = []
             for it, (g,) in zip(items, outs, strict=True):
                 labels = "ABCDEFGHIJ"[: len(it.options)]
@@ -279,6 +279,14 @@ def generative_eval(
         del gen
         gc.collect()
     return results
+
+
+def _generate(gen: Any, prompts: list[str], model: Path, bench: str) -> list[list[Any]]:
+    """Greedy generations with a bar (items/s, ETA) per model and benchmark."""
+    from patchgap.progress import Progress
+
+    with Progress(f"{model.name} {bench}", "items", total=len(prompts)) as bar:
+        return gen.generate(prompts, progress=bar.update)
 
 
 def _log_set(model: Path, name: str, res: Sequence[ItemResult], seconds: float) -> None:

@@ -236,10 +236,12 @@ def _train(
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     from patchgap.lm.generation import resolve_model_path
     from patchgap.lm.models import has_chat_template, load_tokenizer
+    from patchgap.training.callbacks import ProgressCallback
 
     t0 = time.time()
     model_dir = resolve_model_path(config.model)
@@ -294,7 +296,7 @@ def _train(
         **_checkpointing_arg(SFTConfig, config.gradient_checkpointing),
         disable_tqdm=True,
     )
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [ProgressCallback("sft")]
     resume_dir: Path | None = None
     if config.checkpoint_uri:
         from accelerate import PartialState
@@ -318,6 +320,8 @@ def _train(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    # disable_tqdm makes the Trainer print every log dict; ProgressCallback shows them instead.
+    trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if not trainer.is_world_process_zero():
         return {}
