@@ -3,8 +3,10 @@ when piped) or ``-o json`` (one JSON document on stdout alone; messages and logs
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
 from enum import Enum
 from typing import Any
 
@@ -34,6 +36,11 @@ def stdout_console() -> Console:
     """A console on stdout that only wraps at a real terminal's width."""
     console = Console()
     return console if console.is_terminal else Console(width=_PIPE_WIDTH)
+
+
+def plain_printer() -> Callable[[str], None]:
+    """Print text on stdout as it is: no markup, no re-wrapping of pre-rendered tables."""
+    return functools.partial(stdout_console().print, markup=False, highlight=False, soft_wrap=True)
 
 
 class Output:
