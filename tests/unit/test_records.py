@@ -113,6 +113,40 @@ def test_qwen_style_sets_choices_index_units_and_numeric_answers(tmp_path: Path)
     assert (rec.id, rec.answer, rec.solution) == ("7", "27.0", "")
 
 
+def test_list_valued_fields_join_first_or_last(tmp_path: Path) -> None:
+    # An olympiad-style set: solutions and final answers stored as lists.
+    rows = [
+        {
+            "id": 1,
+            "question": "Find x.",
+            "solution": ["Step one.", "So x = 2, i.e. $\\boxed{2}$."],
+            "final_answer": ["$2$", "2"],
+        },
+        {"id": 2, "question": "Find y.", "solution": "y = 3.", "final_answer": "3"},
+        {"id": 3, "question": "Find z.", "solution": ["z = 4."], "final_answer": []},
+    ]
+    path = _jsonl(tmp_path / "olympiad.jsonl", rows)
+    plain = {"id": "id", "question": "question", "solution": "solution", "answer": "final_answer"}
+    bad = load_records(DatasetSpec(source=str(path), fields=FieldMap(**plain)))
+    assert bad.counts.rejected == {"wrong_type": 2}
+    assert "set lists: {solution: join|first|last}" in bad.rejects[0].reason
+
+    fields = FieldMap(**plain, lists={"solution": "join", "answer": "last"})
+    recs = {r.id: r for r in load_records(DatasetSpec(source=str(path), fields=fields)).records}
+    assert recs["1"].solution == "Step one.\n\nSo x = 2, i.e. $\\boxed{2}$."
+    assert (recs["1"].answer, recs["2"].answer) == ("2", "3")  # a plain value is kept
+    assert recs["3"].answer == "4"  # an empty answer list: extracted from the solution
+    assert recs["1"].meta == {}  # the mapped fields are not copied into meta
+
+    first = FieldMap(**plain, lists={"solution": "first", "answer": "first"}, join_with=" ")
+    rec = load_records(DatasetSpec(source=str(path), fields=first)).records[0]
+    assert (rec.solution, rec.answer) == ("Step one.", "$2$")
+    with pytest.raises(ConfigError, match="lists.context: no context field"):
+        validate(FieldMap, {**plain, "lists": {"context": "join"}}, "fields")
+    with pytest.raises(ConfigError, match="lists.solution"):
+        validate(FieldMap, {**plain, "lists": {"solution": "concat"}}, "fields")
+
+
 def test_auto_detects_the_preset_and_names_it() -> None:
     res = load_records(str(ASSETS / "gsm8k_mini.jsonl"))
     assert res.counts.fields == "auto: gsm8k"
