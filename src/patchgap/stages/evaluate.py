@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from patchgap.config import StrictModel
+from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, DataError
 from patchgap.stages.base import main
 
@@ -39,16 +40,23 @@ class ModelEntry(StrictModel):
 
 
 class MathSet(StrictModel):
-    """A downstream math set: a known name, or a JSONL file with mapped field names."""
+    """A downstream math set: a known name, or a file read with a field map (custom sets)."""
 
     name: str = Field(description="gsm8k, math500, amc23, aime24, minerva_math, sat_math, ...")
-    path: str | None = Field(None, description="JSONL path or s3:// URI (custom sets)")
-    question_field: str = Field("question", description="field with the problem text")
-    answer_field: str | None = Field("answer", description="field with the final answer")
-    solution_field: str | None = Field(
-        None, description="field with a worked solution, used when no answer field is given"
+    path: str | None = Field(
+        None, description="custom set: .jsonl/.json/.parquet file or folder, or s3:// URI"
     )
-    id_field: str | None = Field(None, description="field with the item id")
+    fields: str | FieldMap = Field(
+        "auto",
+        description="custom set: field preset or field map, as for training data (context, "
+        "answer_pattern, choices, lists)",
+    )
+
+    @model_validator(mode="after")
+    def _fields_need_a_path(self) -> MathSet:
+        if self.path is None and self.fields != "auto":
+            raise ValueError(f"math set {self.name!r}: fields apply to a custom set; set path")
+        return self
 
 
 class Config(StrictModel):
@@ -190,10 +198,7 @@ def _math_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
     sets: dict[str, list[Any]] = {}
     for ms in config.math:
         if ms.path is not None:
-            spec = bm.MathSetSpec(
-                ms.path, ms.question_field, ms.answer_field, ms.solution_field, ms.id_field
-            )
-            items = bm.load_math_set(spec, data_dir)
+            items = bm.load_mapped_set(ms.path, ms.fields, data_dir)
         else:
             items = bm.load_math_set(ms.name, data_dir)
         sets[ms.name] = bm.take_subset(items, config.limit_for(ms.name), config.seed)
