@@ -463,6 +463,59 @@ def test_named_set_missing_everywhere_says_set_the_data_dir(
         load_records("amc23")
 
 
+_CARD = """---
+configs:
+- config_name: en
+  data_files:
+  - split: test
+    path: en/test-*.jsonl
+- config_name: fr
+  data_files:
+  - split: test
+    path: fr/test-*.jsonl
+---
+# Olympiad-style problems (a local copy of a hub dataset repository)
+"""
+
+
+def test_hf_source_with_config_and_split_loads_a_local_hub_copy_through_datasets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    repo = tmp_path / "hub" / "someone" / "olympiad"
+    for lang, question in (("en", "Find x."), ("fr", "Trouver x.")):
+        (repo / lang).mkdir(parents=True)
+        row = {"id": 1, "question": question, "solution": ["a", "x = \\boxed{2}"], "final": [2]}
+        _jsonl(repo / lang / "test-00000.jsonl", [row])
+    (repo / "README.md").write_text(_CARD)
+    monkeypatch.setenv("PATCHGAP_HUB_DIR", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    fields = FieldMap(
+        id="id",
+        question="question",
+        solution="solution",
+        answer="final",
+        lists={"solution": "join", "answer": "last"},
+    )
+    spec = DatasetSpec(source="hf://someone/olympiad", hub_config="fr", split="test", fields=fields)
+    res = load_records(spec)
+    (rec,) = res.records
+    assert (rec.question, rec.solution, rec.answer) == ("Trouver x.", "a\n\nx = \\boxed{2}", "2")
+    assert res.counts.source == "hf://someone/olympiad (fr) [test]"
+    from patchgap.cli.data import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fields.json").write_text(fields.model_dump_json())
+    args = ["validate", "hf://someone/olympiad", "--hub-config", "en", "--split", "test"]
+    cli = CliRunner().invoke(app, [*args, "--fields", "fields.json", "-o", "json"])
+    assert cli.exit_code == 0, cli.output
+    got = json.loads(cli.stdout)
+    assert (got["source"], got["valid"]) == ("hf://someone/olympiad (en) [test]", 1)
+    with pytest.raises(DataError, match=r"olympiad \(de\) \[test\]: cannot load from .*olympiad"):
+        load_records(spec.model_copy(update={"hub_config": "de"}))
+
+
 def test_hub_source_and_unknown_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         R,

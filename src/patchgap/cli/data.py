@@ -45,6 +45,7 @@ _REJECTS = typer.Option(
 _LIMIT = typer.Option(None, "--limit", min=1, help="Use at most N valid records (a seeded subset).")
 _SPLIT = typer.Option(None, "--split", help="Split of a named set or hub dataset.")
 _SEED = typer.Option(0, "--seed", help="Seed of the subset taken with --limit.")
+_HUB_CONFIG = typer.Option(None, "--hub-config", help="Config of an hf:// dataset (its card).")
 
 
 @app.command()
@@ -55,6 +56,7 @@ def validate(
     limit: int | None = _LIMIT,
     split: str | None = _SPLIT,
     seed: int = _SEED,
+    hub_config: str | None = _HUB_CONFIG,
     output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """Read a dataset, count valid and rejected records; exit 0 when it could be read."""
@@ -72,6 +74,7 @@ def validate(
                 "limit": limit,
                 "split": split,
                 "seed": seed,
+                "hub_config": hub_config,
             },
             "patchgap data validate",
         )

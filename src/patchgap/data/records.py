@@ -29,7 +29,7 @@ from pydantic import Field, field_validator, model_validator
 
 from patchgap.config import StrictModel
 from patchgap.errors import DataError
-from patchgap.settings import DATA_DIR_ENV, cache_dir, data_dir
+from patchgap.settings import DATA_DIR_ENV, cache_dir, data_dir, hub_dir
 
 log = logging.getLogger(__name__)
 
@@ -695,14 +695,19 @@ def _rows_hub(rows: Iterable[dict[str, Any]], display: str, prefix: str) -> Iter
 
 
 def _load_hub(hub: str, config: str | None, split: str, display: str) -> Iterable[dict[str, Any]]:
-    """A hub dataset split through ``datasets.load_dataset`` (needs internet or the HF cache)."""
+    """A hub dataset split through ``datasets.load_dataset``: from its local copy under
+    :func:`~patchgap.settings.hub_dir` when there is one, else from the hub (internet or the HF
+    cache). ``config`` names one of the configs of the dataset card."""
+    root = hub_dir()
+    local = root / hub if root is not None and (root / hub).is_dir() else None
     try:
         import datasets
 
-        return datasets.load_dataset(hub, config, split=split)
-    except Exception as err:  # offline, unknown repo, bad split: all one user-facing message
+        return datasets.load_dataset(str(local) if local else hub, config, split=split)
+    except Exception as err:  # offline, unknown repo, bad config or split: one message
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{display}: cannot load from the hub: {msg}") from None
+        where = local or "the hub"
+        raise DataError(f"{display}: cannot load from {where}: {msg}") from None
 
 
 # --------------------------------------------------------------------------------------------
