@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
@@ -35,11 +36,11 @@ def _runs_table(runs: list[ops.RunStatus]) -> Table:
         style = _STATE_STYLE.get(r.state, "yellow")
         table.add_row(
             r.run_id,
-            r.name or "-",
+            escape(r.name or "-"),
             f"[{style}]{r.state}[/{style}]",
             r.created_at or "-",
             r.finished_at or "-",
-            r.error or "",
+            escape(r.error or ""),  # the server's text, not rich markup
         )
     return table
 
