@@ -1,6 +1,6 @@
-"""The KFP client side: submit a compiled pipeline, manage recurring runs, and the preflight
-checks (``doctor``) that must pass before any GPU time is spent. Talks to a KFP API server through
-``kfp.Client``; nothing here runs on the cluster."""
+"""The KFP client side: submit a compiled pipeline, follow its runs, manage recurring runs, and
+the preflight checks (``doctor``) that must pass before any GPU time is spent. Talks to a KFP API
+server through ``kfp.Client``; nothing here runs on the cluster."""
 
 from __future__ import annotations
 
