@@ -169,6 +169,18 @@ def test_runs_wait_exit_code_follows_the_final_state(fake_kfp, final: str, code:
     assert len(fake_kfp.find("GET", "/apis/v2beta1/runs/r-1")) == 3
 
 
+def test_wait_outlives_a_few_server_errors_but_not_a_missing_run(fake_kfp) -> None:
+    target = cluster.KfpTarget(host=fake_kfp.url)
+    fake_kfp.add_run("r-1", "RUNNING", "HTTP 503", "HTTP 502", "SUCCEEDED")
+    assert cluster.wait_run(target, "r-1", poll_seconds=0).state == "SUCCEEDED"
+    fake_kfp.add_run("r-2", "RUNNING", *["HTTP 503"] * (cluster.WAIT_RETRIES + 1), "SUCCEEDED")
+    with pytest.raises(PatchgapError, match="r-2: HTTP 503"):
+        cluster.wait_run(target, "r-2", poll_seconds=0)
+    with pytest.raises(PatchgapError, match="r-404: HTTP 404"):
+        cluster.wait_run(target, "r-404", poll_seconds=0)
+    assert len(fake_kfp.find("GET", "/runs/r-404")) == 1  # a 4xx is not retried
+
+
 def test_wait_timeout_is_one_clear_error(fake_kfp) -> None:
     fake_kfp.add_run("r-slow", "RUNNING")
     with pytest.raises(PatchgapError, match="r-slow: still RUNNING after"):

@@ -5,6 +5,7 @@ server through ``kfp.Client``; nothing here runs on the cluster."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from patchgap.errors import ConfigError, PatchgapError
+
+log = logging.getLogger("patchgap.kfp")
 
 KFP_HOST_ENV = "KF_PIPELINES_ENDPOINT"
 
@@ -129,6 +132,8 @@ def submit(
 # kfp.Client.wait_for_run_completion does not stop on CANCELED; these are every final state.
 FINAL_STATES = frozenset({"SUCCEEDED", "SKIPPED", "FAILED", "CANCELED"})
 OK_STATES = frozenset({"SUCCEEDED", "SKIPPED"})
+# A day-long wait outlives API server restarts: this many failed polls in a row before giving up.
+WAIT_RETRIES = 5
 
 
 @dataclass
@@ -209,8 +214,19 @@ def wait_run(
     client = target.client()
     started = time.monotonic()
     last = None
+    failures = 0
     while True:
-        status = get_run(target, run_id, client)
+        try:
+            status = get_run(target, run_id, client)
+        except PatchgapError as err:
+            code = getattr(err.__cause__, "status", None)
+            failures += 1
+            if (code is not None and code < 500) or failures > WAIT_RETRIES:
+                raise  # a 4xx (unknown run, no access) will not heal
+            log.warning("%s; poll %d of %d, retrying", err, failures, WAIT_RETRIES)
+            time.sleep(poll_seconds)
+            continue
+        failures = 0
         if status.state != last and on_change is not None:
             on_change(status)
         last = status.state
