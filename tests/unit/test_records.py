@@ -512,6 +512,8 @@ def test_hf_source_with_config_and_split_loads_a_local_hub_copy_through_datasets
     assert cli.exit_code == 0, cli.output
     got = json.loads(cli.stdout)
     assert (got["source"], got["valid"]) == ("hf://someone/olympiad (en) [test]", 1)
+    table = CliRunner().invoke(app, [*args, "--fields", "fields.json"])
+    assert "hf://someone/olympiad (en) [test]  fields: custom" in table.stdout
     with pytest.raises(DataError, match=r"olympiad \(de\) \[test\]: cannot load from .*olympiad"):
         load_records(spec.model_copy(update={"hub_config": "de"}))
 

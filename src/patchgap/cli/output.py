@@ -53,13 +53,16 @@ class Output:
 
     def say(self, text: str) -> None:
         """A message for people: on stdout beside a table, on stderr beside JSON."""
-        (self.err if self.json else self.out).print(text, highlight=False, soft_wrap=True)
+        console = self.err if self.json else self.out
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def result(self, data: Any, *renderables: RenderableType) -> None:
-        """Print ``data`` as JSON, or ``renderables`` (tables, lines) for people."""
+        """Print ``data`` as JSON, or ``renderables`` (tables, lines) for people; lines are plain
+        text (``[test]`` in a source name is not rich markup)."""
         if self.json:
             sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
             sys.stdout.flush()
             return
         for item in renderables:
-            self.out.print(item, highlight=False, soft_wrap=isinstance(item, str))
+            text = isinstance(item, str)
+            self.out.print(item, markup=not text, highlight=False, soft_wrap=text)
