@@ -14,7 +14,7 @@ functions that need them. Imports point down only (tests/unit/test_layers.py enf
     lm                       models and generation backends
     data                     records, evaluation sets, ledger
     storage                  S3 store, embedded server, credentials
-    (this package's modules) answers, prompts, config, settings, errors, logs
+    (this package's modules) answers, prompts, config, settings, errors, logs, progress
 
 Packages on one line are independent of each other.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -14,12 +15,16 @@ def setup_logging(level: str | None = None) -> None:
         root.setLevel(lvl)
         return
     try:
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+        # Logs go to stderr so that stdout carries only results (``-o json`` pipes into jq).
+        handler: logging.Handler = RichHandler(
+            console=Console(stderr=True), show_path=False, rich_tracebacks=False
+        )
         fmt = "%(message)s"
     except ImportError:  # rich is a core dependency; this only guards broken installs
-        handler = logging.StreamHandler()
+        handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)

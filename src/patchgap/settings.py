@@ -12,6 +12,7 @@ from pathlib import Path
 DATA_DIR_ENV = "PATCHGAP_DATA_DIR"
 CACHE_DIR_ENV = "PATCHGAP_CACHE_DIR"
 HOME_ENV = "PATCHGAP_HOME"
+HUB_DIR_ENV = "PATCHGAP_HUB_DIR"
 
 
 def project_root() -> Path | None:
@@ -47,6 +48,14 @@ def data_dir() -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def hub_dir() -> Path | None:
+    """A folder of local dataset repositories laid out as ``<owner>/<name>/`` (clones of hub
+    repos: data files and the README dataset card), from ``PATCHGAP_HUB_DIR``; ``hf://`` sources
+    found there load from it, for clusters without internet."""
+    env = os.environ.get(HUB_DIR_ENV)
+    return Path(env).expanduser() if env else None
 
 
 def home_dir() -> Path:

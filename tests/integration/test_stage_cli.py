@@ -49,7 +49,7 @@ def test_rewrite_then_gate_alone_over_s3(tmp_path: Path, tiny_llama: Path, s3_se
             str(cfg),
             "-i",
             f"dataset={data_uri}",
-            "-o",
+            "--output",
             f"candidates={cand_uri}",
         ]
     )
@@ -68,9 +68,9 @@ def test_rewrite_then_gate_alone_over_s3(tmp_path: Path, tiny_llama: Path, s3_se
         f"dataset={data_uri}",
         "-i",
         f"candidates={cand_uri}",
-        "-o",
+        "--output",
         f"dataset_r={dr_uri}",
-        "-o",
+        "--output",
         f"report={rep_uri}",
     ]
     out = _invoke(args)

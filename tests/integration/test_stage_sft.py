@@ -115,6 +115,45 @@ def test_lora_is_merged_into_plain_weights(tiny_llama: Path, tmp_path: Path) -> 
     assert not (outs["model"] / "adapter_config.json").exists()
 
 
+def test_progress_shows_steps_and_loss_instead_of_log_dicts(
+    tiny_llama: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="patchgap.progress")
+    data = _dataset(tmp_path / "d.jsonl")
+    sft.run(_config(tiny_llama, max_steps=2), {"dataset": data}, _outs(tmp_path))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "patchgap.progress"]
+    assert line.startswith("sft: 2/2 step [") and "step/s" in line and "loss=" in line
+    assert "{'loss'" not in capsys.readouterr().out  # the Trainer's printed log dicts are gone
+
+
+def test_report_to_tensorboard_puts_event_files_beside_checkpoints_and_in_metrics(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from patchgap.storage.store import MANIFEST_NAME
+
+    data = _dataset(tmp_path / "d.jsonl")
+    ckpt = tmp_path / "ckpt"
+    tracking = {"report_to": "tensorboard", "checkpoint_uri": str(ckpt), "checkpoint_every": 2}
+    cfg = _config(tiny_llama, max_steps=2, **tracking)
+    outs = _outs(tmp_path / "run")
+    sft.run(cfg, {"dataset": data}, outs)
+    (run,) = (outs["metrics"] / "tensorboard").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    (fp_dir,) = ckpt.iterdir()
+    assert sorted(p.name for p in fp_dir.iterdir()) == ["checkpoint-2", "tensorboard"]
+    uploaded = fp_dir / "tensorboard" / run.name
+    assert (uploaded / MANIFEST_NAME).is_file() and list(uploaded.glob("events.out.tfevents.*"))
+
+
 def test_component_runs_the_stage(tiny_llama: Path, tmp_path: Path) -> None:
     import yaml
 

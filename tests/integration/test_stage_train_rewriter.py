@@ -139,7 +139,9 @@ def test_tiny_model_grpo_steps_train_only_the_lora_on_whole_groups(
     snaps = _capture_params(monkeypatch)
     data = write_dataset(tmp_path / "data.jsonl")
     uri = f"s3://{s3_bucket}/ckpt"
-    config = _config(tiny_llama, data, checkpoint_uri=uri, checkpoint_every=1)
+    config = _config(
+        tiny_llama, data, checkpoint_uri=uri, checkpoint_every=1, report_to="tensorboard"
+    )
     out = tmp_path / "out"
     result = execute(tr, config, {}, {"adapter": str(out / "a"), "metrics": str(out / "m")})
 
@@ -154,6 +156,9 @@ def test_tiny_model_grpo_steps_train_only_the_lora_on_whole_groups(
     keys = [o.key for o in Store.from_env().list(uri)]
     assert any(k.endswith("checkpoint-1/_manifest.json") for k in keys)
     assert any(k.endswith("checkpoint-2/adapter_model.safetensors") for k in keys)
+    # report_to=tensorboard: event files beside the checkpoints and in the metrics output.
+    assert any("/tensorboard/" in k and "events.out.tfevents" in k for k in keys)
+    assert list((out / "m" / "tensorboard").glob("*/events.out.tfevents.*"))
 
     adapter = out / "a"
     assert (adapter / "adapter_model.safetensors").is_file()

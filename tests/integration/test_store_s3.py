@@ -206,3 +206,26 @@ def test_artifacts_ls_and_get(store: Store, s3_bucket: str, tree: Path, tmp_path
     bad = runner.invoke(app, ["get", "run-7", str(tmp_path / "got2"), "--bucket", s3_bucket])
     assert isinstance(bad.exception, ChecksumError)
     assert "rewrite/metrics.json" in str(bad.exception)
+
+
+def test_parallel_multipart_upload_fits_the_connection_pool(
+    s3_server: S3Server, s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four files in parallel, each sent in four parallel parts: urllib3 must never drop a
+    connection with its "Connection pool is full" warning."""
+    import logging
+
+    mib = 1024 * 1024
+    settings = dataclasses.replace(
+        s3_server.store.settings,
+        multipart_threshold=5 * mib,
+        multipart_chunksize=5 * mib,
+        max_concurrency=4,
+    )
+    src = tmp_path / "big"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.bin").write_bytes(os.urandom(20 * mib))
+    caplog.set_level(logging.WARNING, logger="urllib3")
+    Store(settings).upload_dir(src, f"s3://{s3_bucket}/pool", {})
+    assert not [r for r in caplog.records if "pool is full" in r.getMessage()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from patchgap.data import evalsets as bm
-from patchgap.errors import DataError
+from patchgap.errors import ConfigError, DataError
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -103,6 +103,44 @@ def test_math_set_spec_maps_fields_and_extracts_answers(tmp_path: Path) -> None:
     broken = _jsonl(tmp_path / "b.jsonl", [{"Problem": "no answer"}])
     with pytest.raises(DataError, match="b.jsonl:1"):
         bm.load_math_set(bm.MathSetSpec(str(broken), "Problem", "Answer"))
+
+
+def test_custom_set_takes_the_training_field_map(tmp_path: Path) -> None:
+    from patchgap.config import validate
+    from patchgap.stages.evaluate import Config, _math_items
+
+    # A word-problem set whose question is split across Body and Question, answers in lists.
+    rows = [
+        {"ID": "w1", "Body": "Ann has 3 pens and buys 4.", "Question": "How many?", "Answer": [7]},
+        {"ID": "w2", "Body": "Bo had 9 pens.", "Question": "He lost 2. How many?", "Answer": [7]},
+    ]
+    words = _jsonl(tmp_path / "words.jsonl", rows)
+    fields = {
+        "id": "ID",
+        "context": "Body",
+        "question": "Question",
+        "answer": "Answer",
+        "lists": {"answer": "first"},
+    }
+    config = validate(Config, {"math": [{"name": "words", "path": str(words), "fields": fields}]})
+    (item, _) = _math_items(config, None)["words"]
+    assert (item.id, item.gold) == ("w1", "7")
+    assert item.question == "Ann has 3 pens and buys 4. How many?"
+
+    # Choices and an answer pattern: a multiple-choice item scored by its letter.
+    mc = _jsonl(
+        tmp_path / "mc.jsonl",
+        [{"id": 1, "question": "2+2?", "options": ["3", "4", "5"], "label": "(B)"}],
+    )
+    pick = {"question": "question", "choices": "options", "answer": "label"}
+    (item,) = bm.load_mapped_set(str(mc), bm.FieldMap(**pick, answer_pattern=r"\((\w)\)"))
+    assert (item.question, item.gold, item.choice_labels) == ("2+2?\nA) 3\nB) 4\nC) 5", "B", "ABC")
+
+    holes = _jsonl(tmp_path / "holes.jsonl", [*rows, {"ID": "w3", "Body": "x", "Answer": [1]}])
+    with pytest.raises(DataError, match=r"holes.jsonl:3: no question.*must be complete"):
+        bm.load_mapped_set(str(holes), bm.FieldMap(**fields))
+    with pytest.raises(ConfigError, match="fields apply to a custom set"):
+        validate(Config, {"math": [{"name": "gsm8k", "fields": "gsm8k"}]})
 
 
 def test_subset_is_fixed_sorted_and_seed_dependent() -> None:

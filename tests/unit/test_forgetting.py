@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from patchgap.errors import ConfigError
@@ -96,3 +98,30 @@ def test_verdict_holds_only_when_the_paired_test_favours_d_r(tmp_path) -> None: 
     import json
 
     assert json.loads(paths["json"].read_text())["verdicts"][0]["holds"] is True
+
+
+def test_end_of_run_summary_fits_the_terminal_and_says_how_to_fetch_the_report(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from patchgap.reports.evaluation import render_text
+    from patchgap.run.execute import run_summary
+
+    table = forgetting_table(_scores(), ["math"], ["arc", "mmlu"], bootstrap_reps=200)
+    text = render_text(table, 80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "Accuracy (95% Wilson interval)" in text and "Forgetting against sft_d" in text
+    assert "forgetting(sft_dr) < forgetting(sft_d)" in text and "![" not in text
+    # One column per model, one row per figure, each figure whole on its line.
+    rows = [line.split() for line in text.splitlines()]
+    assert ["benchmark", "base", "sft_d", "sft_dr"] in rows
+    assert ["reduction", "(of", "mean)", "-", "+55.0%"] in rows
+
+    folder = tmp_path / "root" / "evaluate" / "report"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"forgetting_table": table}))
+    summary = run_summary(folder / "results.json", tmp_path / "root", "run-7", "bkt")
+    assert f"report: {folder / 'report.html'}" in summary
+    assert "patchgap artifacts get run-7 ./run-7 --bucket bkt" in summary
+    assert "./run-7/artifacts/evaluate/report/report.html" in summary

@@ -74,7 +74,9 @@ def test_greedy_with_several_samples_is_a_config_error_naming_the_key() -> None:
 
 def test_batched_greedy_equals_one_prompt_at_a_time(tiny: Path, prompts: list[str]) -> None:
     gen = make_generator(tiny, config=GenerationConfig(max_new_tokens=6, batch_size=3))
-    batched = gen.generate(prompts)
+    done: list[int] = []
+    batched = gen.generate(prompts, progress=done.append)
+    assert done == [3, 1]  # each finished batch reports its prompts (a progress bar's steps)
     single = [gen.generate([p])[0] for p in prompts]
     assert batched == single
     for gens in batched:

@@ -113,6 +113,40 @@ def test_qwen_style_sets_choices_index_units_and_numeric_answers(tmp_path: Path)
     assert (rec.id, rec.answer, rec.solution) == ("7", "27.0", "")
 
 
+def test_list_valued_fields_join_first_or_last(tmp_path: Path) -> None:
+    # An olympiad-style set: solutions and final answers stored as lists.
+    rows = [
+        {
+            "id": 1,
+            "question": "Find x.",
+            "solution": ["Step one.", "So x = 2, i.e. $\\boxed{2}$."],
+            "final_answer": ["$2$", "2"],
+        },
+        {"id": 2, "question": "Find y.", "solution": "y = 3.", "final_answer": "3"},
+        {"id": 3, "question": "Find z.", "solution": ["z = 4."], "final_answer": []},
+    ]
+    path = _jsonl(tmp_path / "olympiad.jsonl", rows)
+    plain = {"id": "id", "question": "question", "solution": "solution", "answer": "final_answer"}
+    bad = load_records(DatasetSpec(source=str(path), fields=FieldMap(**plain)))
+    assert bad.counts.rejected == {"wrong_type": 2}
+    assert "set lists: {solution: join|first|last}" in bad.rejects[0].reason
+
+    fields = FieldMap(**plain, lists={"solution": "join", "answer": "last"})
+    recs = {r.id: r for r in load_records(DatasetSpec(source=str(path), fields=fields)).records}
+    assert recs["1"].solution == "Step one.\n\nSo x = 2, i.e. $\\boxed{2}$."
+    assert (recs["1"].answer, recs["2"].answer) == ("2", "3")  # a plain value is kept
+    assert recs["3"].answer == "4"  # an empty answer list: extracted from the solution
+    assert recs["1"].meta == {}  # the mapped fields are not copied into meta
+
+    first = FieldMap(**plain, lists={"solution": "first", "answer": "first"}, join_with=" ")
+    rec = load_records(DatasetSpec(source=str(path), fields=first)).records[0]
+    assert (rec.solution, rec.answer) == ("Step one.", "$2$")
+    with pytest.raises(ConfigError, match="lists.context: no context field"):
+        validate(FieldMap, {**plain, "lists": {"context": "join"}}, "fields")
+    with pytest.raises(ConfigError, match="lists.solution"):
+        validate(FieldMap, {**plain, "lists": {"solution": "concat"}}, "fields")
+
+
 def test_auto_detects_the_preset_and_names_it() -> None:
     res = load_records(str(ASSETS / "gsm8k_mini.jsonl"))
     assert res.counts.fields == "auto: gsm8k"
@@ -427,6 +461,61 @@ def test_named_set_missing_everywhere_says_set_the_data_dir(
         load_records("gsm8k:test")
     with pytest.raises(DataError, match=r"amc23: .*no hub source; set PATCHGAP_DATA_DIR"):
         load_records("amc23")
+
+
+_CARD = """---
+configs:
+- config_name: en
+  data_files:
+  - split: test
+    path: en/test-*.jsonl
+- config_name: fr
+  data_files:
+  - split: test
+    path: fr/test-*.jsonl
+---
+# Olympiad-style problems (a local copy of a hub dataset repository)
+"""
+
+
+def test_hf_source_with_config_and_split_loads_a_local_hub_copy_through_datasets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    repo = tmp_path / "hub" / "someone" / "olympiad"
+    for lang, question in (("en", "Find x."), ("fr", "Trouver x.")):
+        (repo / lang).mkdir(parents=True)
+        row = {"id": 1, "question": question, "solution": ["a", "x = \\boxed{2}"], "final": [2]}
+        _jsonl(repo / lang / "test-00000.jsonl", [row])
+    (repo / "README.md").write_text(_CARD)
+    monkeypatch.setenv("PATCHGAP_HUB_DIR", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    fields = FieldMap(
+        id="id",
+        question="question",
+        solution="solution",
+        answer="final",
+        lists={"solution": "join", "answer": "last"},
+    )
+    spec = DatasetSpec(source="hf://someone/olympiad", hub_config="fr", split="test", fields=fields)
+    res = load_records(spec)
+    (rec,) = res.records
+    assert (rec.question, rec.solution, rec.answer) == ("Trouver x.", "a\n\nx = \\boxed{2}", "2")
+    assert res.counts.source == "hf://someone/olympiad (fr) [test]"
+    from patchgap.cli.data import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fields.json").write_text(fields.model_dump_json())
+    args = ["validate", "hf://someone/olympiad", "--hub-config", "en", "--split", "test"]
+    cli = CliRunner().invoke(app, [*args, "--fields", "fields.json", "-o", "json"])
+    assert cli.exit_code == 0, cli.output
+    got = json.loads(cli.stdout)
+    assert (got["source"], got["valid"]) == ("hf://someone/olympiad (en) [test]", 1)
+    table = CliRunner().invoke(app, [*args, "--fields", "fields.json"])
+    assert "hf://someone/olympiad (en) [test]  fields: custom" in table.stdout
+    with pytest.raises(DataError, match=r"olympiad \(de\) \[test\]: cannot load from .*olympiad"):
+        load_records(spec.model_copy(update={"hub_config": "de"}))
 
 
 def test_hub_source_and_unknown_sources(monkeypatch: pytest.MonkeyPatch) -> None:

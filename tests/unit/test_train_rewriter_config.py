@@ -154,3 +154,25 @@ def test_a_wired_dataset_is_fingerprinted_by_content(tmp_path: Path) -> None:
     assert fp[0] == fp[1]  # same records under another KFP artifact path: same run
     assert fp[0] != fp[2]  # other records: checkpoints of the first run are not reused
     assert tr._dataset_identity(c, None) == "gsm8k:train"
+
+
+def test_report_to_is_checked_and_does_not_change_the_fingerprint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from patchgap.stages import sft
+    from patchgap.training import tracking
+
+    with pytest.raises(ConfigError, match="report_to"):
+        _config(report_to="wandb")
+    with pytest.raises(ConfigError, match="report_to"):
+        validate(sft.Config, {"report_to": "wandb"}, "test")
+    # Switching tracking on when resuming keeps the run's checkpoints its own.
+    tracked = _config(report_to="tensorboard")
+    assert tr.fingerprint(tracked, "data") == tr.fingerprint(_config(), "data")
+    assert "report_to" in sft.RESUMABLE_FIELDS
+    assert tracking.report_to("none") == []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"report_to=mlflow: .* pip install 'patchgap\[mlflow\]'"):
+        tracking.report_to("mlflow")

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
 from patchgap.errors import StoreError
 
 if TYPE_CHECKING:
@@ -94,30 +95,43 @@ def ls(
     run: Annotated[str, typer.Argument(help="Run id.")],
     bucket: str | None = _BUCKET,
     root: str | None = _ROOT,
+    output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """List a run's objects with their sizes and whether a manifest covers them."""
     from patchgap.storage.store import MANIFEST_NAME
 
     prefix, store, objects, manifests = _run_objects(run, bucket, root)
     covered = _covered(manifests)
+    rows = []
+    for obj in objects:
+        if PurePosixPath(obj.key).name == MANIFEST_NAME:
+            state = "manifest"
+        elif obj.key not in covered:
+            state = "incomplete"
+        elif covered[obj.key] != obj.size:
+            state = "size_differs"
+        else:
+            state = "listed"
+        rows.append({"key": obj.key, "size": obj.size, "manifest": state})
+    shown = {
+        "manifest": "[blue]manifest[/blue]",
+        "incomplete": "[yellow]none (incomplete)[/yellow]",
+        "listed": "[green]listed[/green]",
+    }
     table = Table(title=prefix)
     table.add_column("key")
     table.add_column("size", justify="right")
     table.add_column("manifest")
-    for obj in objects:
-        if PurePosixPath(obj.key).name == MANIFEST_NAME:
-            state = "[blue]manifest[/blue]"
-        elif obj.key not in covered:
-            state = "[yellow]none (incomplete)[/yellow]"
-        elif covered[obj.key] != obj.size:
-            state = f"[red]size differs ({covered[obj.key]} expected)[/red]"
-        else:
-            state = "[green]listed[/green]"
-        table.add_row(obj.key, human_size(obj.size), state)
-    console.print(table)
+    for r in rows:
+        state = shown.get(r["manifest"]) or (
+            f"[red]size differs ({covered[r['key']]} expected)[/red]"
+        )
+        table.add_row(r["key"], human_size(r["size"]), state)
     total = sum(o.size for o in objects)
-    console.print(
-        f"{len(objects)} objects, {human_size(total)}, {len(manifests)} complete output(s)"
+    Output(output_format).result(
+        {"uri": prefix, "objects": rows, "total_size": total, "complete_outputs": len(manifests)},
+        table,
+        f"{len(objects)} objects, {human_size(total)}, {len(manifests)} complete output(s)",
     )
 
 

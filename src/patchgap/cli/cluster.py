@@ -1,15 +1,17 @@
-"""``patchgap submit``, ``patchgap schedule ...`` and ``patchgap doctor``: the KFP client side."""
+"""``patchgap submit``, ``patchgap runs ...``, ``patchgap schedule ...`` and ``patchgap doctor``:
+the KFP client side."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
 from patchgap.kfp import client as ops
 from patchgap.pipelines.compile import pipeline_package
-
-console = Console()
 
 schedule_app = typer.Typer(
     help="Recurring runs (e.g. the watch pipeline over new datasets).", no_args_is_help=True
@@ -18,6 +20,45 @@ schedule_app = typer.Typer(
 HOST = typer.Option(None, "--host", help="KFP API endpoint (or KF_PIPELINES_ENDPOINT)")
 NAMESPACE = typer.Option(None, "--namespace", "-n", help="Kubeflow profile namespace")
 PARAM = typer.Option([], "--param", "-p", help="pipeline parameter KEY=VALUE (repeat)")
+TIMEOUT = typer.Option(None, "--timeout", min=0, help="seconds to wait (default: no limit)")
+POLL = typer.Option(10.0, "--poll", min=0, help="seconds between state checks")
+
+runs_app = typer.Typer(
+    help="State of pipeline runs on KFP (their outputs: `patchgap artifacts`).",
+    no_args_is_help=True,
+)
+_STATE_STYLE = {"SUCCEEDED": "green", "SKIPPED": "green", "FAILED": "red", "CANCELED": "red"}
+
+
+def _runs_table(runs: list[ops.RunStatus]) -> Table:
+    table = Table("run id", "name", "state", "created", "finished", "error")
+    for r in runs:
+        style = _STATE_STYLE.get(r.state, "yellow")
+        table.add_row(
+            r.run_id,
+            escape(r.name or "-"),
+            f"[{style}]{r.state}[/{style}]",
+            r.created_at or "-",
+            r.finished_at or "-",
+            escape(r.error or ""),  # the server's text, not rich markup
+        )
+    return table
+
+
+def _wait(
+    out: Output, target: ops.KfpTarget, run_id: str, timeout: float | None, poll: float
+) -> None:
+    """Follow a run to its end (state changes on stderr); exit 1 unless it succeeded."""
+    status = ops.wait_run(
+        target,
+        run_id,
+        timeout=timeout,
+        poll_seconds=poll,
+        on_change=lambda s: out.err.print(f"{s.run_id}: {s.state}", highlight=False),
+    )
+    out.result(dataclasses.asdict(status), _runs_table([status]), f"ui: {status.url}")
+    if not status.ok:
+        raise typer.Exit(1)
 
 
 def submit(
@@ -30,10 +71,18 @@ def submit(
     service_account: str | None = typer.Option(None, "--service-account"),
     pipeline_root: str | None = typer.Option(None, "--pipeline-root", help="s3://bucket/prefix"),
     caching: bool | None = typer.Option(None, "--caching/--no-caching"),
+    wait: bool = typer.Option(
+        False, "--wait", help="follow the run to its end; exit 1 unless it succeeds"
+    ),
+    timeout: float | None = TIMEOUT,
+    poll: float = POLL,
+    output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """Submit one run of a compiled pipeline to KFP; prints the run id and its UI link."""
+    out = Output(output_format)
+    target = ops.KfpTarget(host=host, namespace=namespace)
     res = ops.submit(
-        ops.KfpTarget(host=host, namespace=namespace),
+        target,
         pipeline_package(pipeline),
         params=ops.parse_params(params),
         experiment=experiment,
@@ -42,8 +91,55 @@ def submit(
         pipeline_root=pipeline_root,
         enable_caching=caching,
     )
-    typer.echo(f"run id: {res.run_id}")
-    typer.echo(f"ui:     {res.url}")
+    if wait:
+        out.say(f"submitted {res.run_id}: {res.url}")
+        _wait(out, target, res.run_id, timeout, poll)
+        return
+    out.result(
+        {"run_id": res.run_id, "url": res.url}, f"run id: {res.run_id}", f"ui:     {res.url}"
+    )
+
+
+@runs_app.command("list")
+def runs_list(
+    host: str | None = HOST,
+    namespace: str | None = NAMESPACE,
+    experiment: str | None = typer.Option(None, "--experiment", "-e"),
+    limit: int = typer.Option(20, "--limit", min=1, help="newest N runs"),
+    output_format: Format = OUTPUT_FORMAT,
+) -> None:
+    """List the newest runs with their states."""
+    runs = ops.list_runs(ops.KfpTarget(host=host, namespace=namespace), experiment, limit)
+    Output(output_format).result([dataclasses.asdict(r) for r in runs], _runs_table(runs))
+
+
+@runs_app.command("get")
+def runs_get(
+    run_id: str = typer.Argument(...),
+    host: str | None = HOST,
+    namespace: str | None = NAMESPACE,
+    output_format: Format = OUTPUT_FORMAT,
+) -> None:
+    """Show one run's state (and its error when it failed)."""
+    target = ops.KfpTarget(host=host, namespace=namespace)
+    status = ops.get_run(target, run_id)
+    Output(output_format).result(
+        dataclasses.asdict(status), _runs_table([status]), f"ui: {status.url}"
+    )
+
+
+@runs_app.command("wait")
+def runs_wait(
+    run_id: str = typer.Argument(...),
+    host: str | None = HOST,
+    namespace: str | None = NAMESPACE,
+    timeout: float | None = TIMEOUT,
+    poll: float = POLL,
+    output_format: Format = OUTPUT_FORMAT,
+) -> None:
+    """Wait until a run ends; exit 0 when it succeeded, 1 when it failed or was canceled."""
+    target = ops.KfpTarget(host=host, namespace=namespace)
+    _wait(Output(output_format), target, run_id, timeout, poll)
 
 
 @schedule_app.command("create")
@@ -87,6 +183,7 @@ def schedule_list(
     host: str | None = HOST,
     namespace: str | None = NAMESPACE,
     experiment: str | None = typer.Option(None, "--experiment", "-e"),
+    output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """List recurring runs."""
     rows = ops.list_schedules(ops.KfpTarget(host=host, namespace=namespace), experiment)
@@ -101,7 +198,7 @@ def schedule_list(
             str(r["max_concurrency"]),
             str(r["no_catchup"]),
         )
-    console.print(table)
+    Output(output_format).result(rows, table)
 
 
 def _state_command(action: str):  # noqa: ANN202 - typer reads the signature of the inner function
@@ -131,6 +228,7 @@ def doctor(
     namespace: str = typer.Option("patchgap", "--namespace", "-n"),
     secret: str = typer.Option("patchgap-s3", "--secret", help="S3 credentials Secret name"),
     kube_context: str | None = typer.Option(None, "--context", help="kube context"),
+    output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """Check what a submit needs (S3, bucket, KFP host, launcher ConfigMap and Secret)."""
     checks = ops.doctor(
@@ -141,9 +239,9 @@ def doctor(
         kube_context=kube_context,
     )
     table = Table("check", "result", "detail")
+    mark = {True: "[green]ok[/green]", False: "[red]FAIL[/red]", None: "[yellow]skip[/yellow]"}
     for c in checks:
-        mark = {True: "[green]ok[/green]", False: "[red]FAIL[/red]", None: "[yellow]skip[/yellow]"}
         table.add_row(c.name, mark[c.ok], c.detail)
-    console.print(table)
+    Output(output_format).result([dataclasses.asdict(c) for c in checks], table)
     if any(c.ok is False for c in checks):
         raise typer.Exit(1)

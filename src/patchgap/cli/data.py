@@ -6,17 +6,15 @@ import re
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
 from patchgap.errors import PatchgapError
 
 app = typer.Typer(
     help="Validate datasets (counts, rejects with line and reason) and list the named sets.",
     no_args_is_help=True,
 )
-console = Console()
-err_console = Console(stderr=True)
 
 
 def _fields(value: str) -> object:
@@ -47,6 +45,7 @@ _REJECTS = typer.Option(
 _LIMIT = typer.Option(None, "--limit", min=1, help="Use at most N valid records (a seeded subset).")
 _SPLIT = typer.Option(None, "--split", help="Split of a named set or hub dataset.")
 _SEED = typer.Option(0, "--seed", help="Seed of the subset taken with --limit.")
+_HUB_CONFIG = typer.Option(None, "--hub-config", help="Config of an hf:// dataset (its card).")
 
 
 @app.command()
@@ -57,11 +56,14 @@ def validate(
     limit: int | None = _LIMIT,
     split: str | None = _SPLIT,
     seed: int = _SEED,
+    hub_config: str | None = _HUB_CONFIG,
+    output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """Read a dataset, count valid and rejected records; exit 0 when it could be read."""
     from patchgap.config import validate as validate_config
     from patchgap.data.records import DatasetSpec, load_records
 
+    out = Output(output_format)
     target = rejects or _default_rejects(source)
     try:
         spec = validate_config(
@@ -72,15 +74,25 @@ def validate(
                 "limit": limit,
                 "split": split,
                 "seed": seed,
+                "hub_config": hub_config,
             },
             "patchgap data validate",
         )
         result = load_records(spec, target)
     except PatchgapError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        out.err.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     c = result.counts
-    console.print(f"{c.source}  fields: {c.fields}", soft_wrap=True, highlight=False)
+    data = {
+        "source": c.source,
+        "fields": c.fields,
+        "read": c.read,
+        "valid": c.valid,
+        "rejected": c.rejected_total,
+        "rejected_by_kind": dict(sorted(c.rejected.items())),
+        "selected": c.selected if limit is not None else None,
+        "rejects_path": str(result.rejects_path) if result.rejects_path else None,
+    }
     table = Table()
     table.add_column("records")
     table.add_column("count", justify="right")
@@ -91,31 +103,42 @@ def validate(
         table.add_row(f"  {kind}", str(n))
     if limit is not None:
         table.add_row("selected", str(c.selected))
-    console.print(table)
-    if result.rejects_path is not None:
-        console.print(
-            f"rejects: {c.rejected_total} written to {result.rejects_path}", soft_wrap=True
-        )
-    else:
-        console.print("rejects: none")
+    where = (
+        f"rejects: {c.rejected_total} written to {result.rejects_path}"
+        if result.rejects_path is not None
+        else "rejects: none"
+    )
+    out.result(data, f"{c.source}  fields: {c.fields}", table, where)
 
 
 @app.command("ls")
-def list_sets() -> None:
+def list_sets(output_format: Format = OUTPUT_FORMAT) -> None:
     """List the named public sets and whether each resolves in the data directory."""
     from patchgap.data.records import NAMED_SETS
     from patchgap.settings import DATA_DIR_ENV, data_dir
 
     root = data_dir()
-    where = str(root) if root is not None else f"none (set {DATA_DIR_ENV})"
-    console.print(f"data directory: {where}", soft_wrap=True, highlight=False)
+    rows = []
+    for entry in NAMED_SETS.values():
+        for split, rel in entry.paths.items():
+            rows.append(
+                {
+                    "name": entry.name if len(entry.paths) == 1 else f"{entry.name}:{split}",
+                    "fields": entry.preset,
+                    "local": root is not None and (root / rel).exists(),
+                    "hub": entry.hub,
+                    "note": entry.note,
+                }
+            )
     table = Table()
     for col in ("name", "fields", "local", "hub", "note"):
         table.add_column(col, no_wrap=col in ("name", "local"))
-    for entry in NAMED_SETS.values():
-        for split, rel in entry.paths.items():
-            name = entry.name if len(entry.paths) == 1 else f"{entry.name}:{split}"
-            found = root is not None and (root / rel).exists()
-            local = "[green]yes[/green]" if found else "[red]no[/red]"
-            table.add_row(name, entry.preset, local, entry.hub or "-", entry.note)
-    console.print(table)
+    for r in rows:
+        local = "[green]yes[/green]" if r["local"] else "[red]no[/red]"
+        table.add_row(r["name"], r["fields"], local, r["hub"] or "-", r["note"])
+    where = str(root) if root is not None else f"none (set {DATA_DIR_ENV})"
+    Output(output_format).result(
+        {"data_dir": str(root) if root is not None else None, "sets": rows},
+        f"data directory: {where}",
+        table,
+    )

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console()
+from patchgap.cli.output import plain_printer
 
 
 def default_demo_config() -> Path:
@@ -32,8 +31,9 @@ def demo(
     from patchgap.run.prepare import prepare_run
 
     setup_logging()
+    say = plain_printer()
     cfg_path = config or default_demo_config()
-    prepared = prepare_run(cfg_path, start_embedded_s3=True, say=console.print)
+    prepared = prepare_run(cfg_path, start_embedded_s3=True, say=say)
     if prepare_only:
         return
-    run_pipeline(prepared, say=console.print)
+    run_pipeline(prepared, say=say)

@@ -17,7 +17,6 @@ cli = typer.Typer(
     name="patchgap",
     help="Rewrite an SFT dataset with an RL-trained rewriter so fine-tuning forgets less.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 
@@ -50,6 +49,7 @@ def _register() -> None:
     cli.command("run")(pipeline.run)
     cli.command("compile")(pipeline.compile_pipelines)
     cli.command("submit")(cluster.submit)
+    cli.add_typer(cluster.runs_app, name="runs")
     cli.add_typer(cluster.schedule_app, name="schedule")
     cli.command("doctor")(cluster.doctor)
 

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
 from patchgap.errors import ConfigError
 
 app = typer.Typer(
@@ -65,17 +66,26 @@ def prepare(
 
 
 @app.command("ls")
-def list_models(cache_dir: Path | None = _CACHE) -> None:
+def list_models(cache_dir: Path | None = _CACHE, output_format: Format = OUTPUT_FORMAT) -> None:
     """List known model aliases, whether each is prepared, and where."""
     from patchgap.lm import models
 
-    table = Table("alias", "prepared", "description")
-    table.add_column("path", overflow="fold")
+    rows = []
     for spec in models.KNOWN_MODELS.values():
         folder = models.models_cache_dir(cache_dir) / spec.folder
-        ready = models.is_prepared(folder)
-        table.add_row(spec.alias, "yes" if ready else "no", spec.description, str(folder))
-    console.print(table)
+        rows.append(
+            {
+                "alias": spec.alias,
+                "prepared": models.is_prepared(folder),
+                "description": spec.description,
+                "path": str(folder),
+            }
+        )
+    table = Table("alias", "prepared", "description")
+    table.add_column("path", overflow="fold")
+    for r in rows:
+        table.add_row(r["alias"], "yes" if r["prepared"] else "no", r["description"], r["path"])
+    Output(output_format).result(rows, table)
 
 
 @app.command()

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-console = Console()
+from patchgap.cli.output import plain_printer
 
 
 def compile_pipelines(
@@ -39,7 +38,8 @@ def run(
     from patchgap.run.prepare import prepare_run
 
     setup_logging()
-    prepared = prepare_run(config, start_embedded_s3=embedded_s3, say=console.print)
+    say = plain_printer()
+    prepared = prepare_run(config, start_embedded_s3=embedded_s3, say=say)
     if docker:
         prepared.settings = prepared.settings.model_copy(update={"runner": "docker"})
-    run_pipeline(prepared, say=console.print)
+    run_pipeline(prepared, say=say)

@@ -15,7 +15,7 @@ def stage(
     name: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)} (dashes allowed)"),
     config: Path | None = typer.Option(None, "--config", "-c", help="run YAML"),
     inputs: list[str] = typer.Option([], "--input", "-i", help="NAME=PATH_OR_S3_URI (repeat)"),
-    outputs: list[str] = typer.Option([], "--output", "-o", help="NAME=PATH_OR_S3_URI (repeat)"),
+    outputs: list[str] = typer.Option([], "--output", help="NAME=PATH_OR_S3_URI (repeat)"),
     overrides: list[str] = typer.Option([], "--set", help="KEY=VALUE config override (repeat)"),
     force: bool = typer.Option(False, "--force", help="recompute even when outputs are complete"),
 ) -> None:

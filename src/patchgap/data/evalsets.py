@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, DataError
 
 LETTERS = "ABCDEFGHIJ"
@@ -219,6 +220,33 @@ def load_math_set(name_or_spec: str | MathSetSpec, data_dir: Path | None = None)
         items.append(MathItem(item_id or f"{path.stem}-{lineno}", question.strip(), gold, labels))
     if not items:
         raise DataError(f"{path}: no problems")
+    return items
+
+
+def load_mapped_set(
+    path: str, fields: str | FieldMap = "auto", data_dir: Path | None = None
+) -> list[MathItem]:
+    """A custom downstream set read with the training data's field map (a preset name or a
+    :class:`~patchgap.data.records.FieldMap`: context fields, answer patterns, choices, list
+    fields). Every record must be valid: an evaluation set with holes would skew accuracy."""
+    from patchgap.data.records import PRESETS, DatasetSpec, choice_count, load_records
+
+    local = resolve_path(path, data_dir)
+    result = load_records(DatasetSpec(source=str(local), fields=fields))
+    if result.rejects:
+        first = result.rejects[0]
+        raise DataError(
+            f"{first.where}: {first.reason} ({len(result.rejects)} record(s) rejected; "
+            "an evaluation set must be complete)"
+        )
+    if not result.records:
+        raise DataError(f"{local}: no problems")
+    used = result.counts.fields.removeprefix("auto: ")
+    fm = fields if isinstance(fields, FieldMap) else PRESETS[used]
+    items = []
+    for rec in result.records:
+        n = choice_count(rec.meta.get(fm.choices)) if fm.choices else 0
+        items.append(MathItem(rec.id, rec.question, rec.answer, LETTERS[:n] if n else None))
     return items
 
 

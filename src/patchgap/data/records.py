@@ -23,13 +23,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from patchgap.config import StrictModel
 from patchgap.errors import DataError
-from patchgap.settings import DATA_DIR_ENV, cache_dir, data_dir
+from patchgap.settings import DATA_DIR_ENV, cache_dir, data_dir, hub_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ class Record:
             "answer": self.answer,
             "meta": self.meta,
         }
+
+
+ListRole = Literal["question", "context", "solution", "answer"]
+ListRule = Literal["join", "first", "last"]
 
 
 class FieldMap(StrictModel):
@@ -109,9 +113,18 @@ class FieldMap(StrictModel):
     meta: str | None = Field(
         None, description="Field with a mapping (or its JSON text) merged into Record.meta."
     )
+    lists: dict[ListRole, ListRule] = Field(
+        default_factory=dict,
+        description="What to do when the field of question, context, solution or answer holds a "
+        "list: join (with join_with), first or last element. Unset: a list is rejected.",
+    )
+    join_with: str = Field("\n\n", description="Separator of list elements under lists: join.")
 
     @model_validator(mode="after")
     def _check(self) -> FieldMap:
+        for role in self.lists:
+            if getattr(self, role) is None:
+                raise ValueError(f"lists.{role}: no {role} field is set in the field map")
         if self.messages is not None:
             if self.question is not None or self.solution is not None:
                 raise ValueError(
@@ -682,14 +695,19 @@ def _rows_hub(rows: Iterable[dict[str, Any]], display: str, prefix: str) -> Iter
 
 
 def _load_hub(hub: str, config: str | None, split: str, display: str) -> Iterable[dict[str, Any]]:
-    """A hub dataset split through ``datasets.load_dataset`` (needs internet or the HF cache)."""
+    """A hub dataset split through ``datasets.load_dataset``: from its local copy under
+    :func:`~patchgap.settings.hub_dir` when there is one, else from the hub (internet or the HF
+    cache). ``config`` names one of the configs of the dataset card."""
+    root = hub_dir()
+    local = root / hub if root is not None and (root / hub).is_dir() else None
     try:
         import datasets
 
-        return datasets.load_dataset(hub, config, split=split)
-    except Exception as err:  # offline, unknown repo, bad split: all one user-facing message
+        return datasets.load_dataset(str(local) if local else hub, config, split=split)
+    except Exception as err:  # offline, unknown repo, bad config or split: one message
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{display}: cannot load from the hub: {msg}") from None
+        where = local or "the hub"
+        raise DataError(f"{display}: cannot load from {where}: {msg}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -827,12 +845,41 @@ def _text_field(data: dict[str, Any], key: str, what: str) -> str:
         raise RecordError(f"missing_{what}", f"no {what}: field {key!r} is missing")
     value = data[key]
     if not isinstance(value, str):
-        raise RecordError(
-            "wrong_type", f"field {key!r} ({what}) is a {type(value).__name__}, not a string"
-        )
+        raise _wrong_type(key, what, value, "a string")
     if not value.strip():
         raise RecordError(f"empty_{what}", f"empty {what} in field {key!r}")
     return value
+
+
+def _wrong_type(key: str, what: str, value: Any, want: str) -> RecordError:
+    hint = ""
+    if isinstance(value, list):
+        hint = f"; set lists: {{{what}: join|first|last}} in the field map"
+    return RecordError(
+        "wrong_type", f"field {key!r} ({what}) is a {type(value).__name__}, not {want}{hint}"
+    )
+
+
+def _apply_lists(data: dict[str, Any], fm: FieldMap) -> dict[str, Any]:
+    """``data`` with the list-valued fields named in ``fm.lists`` reduced to one value."""
+    if not fm.lists:
+        return data
+    out = dict(data)
+    for role, rule in fm.lists.items():
+        key = getattr(fm, role)
+        value = data.get(key)
+        if not isinstance(value, list):
+            continue  # a plain value in a listed field is taken as it is
+        items = [v for v in value if v is not None]
+        if any(isinstance(v, bool) or not isinstance(v, str | int | float) for v in items):
+            raise RecordError("wrong_type", f"field {key!r} ({role}) is a list of non-text items")
+        if not items:
+            out[key] = None
+        elif rule == "join":
+            out[key] = fm.join_with.join(str(v) for v in items)
+        else:
+            out[key] = items[0] if rule == "first" else items[-1]
+    return out
 
 
 def _content(turn: Any, i: int, key: str) -> tuple[str, str]:
@@ -906,6 +953,14 @@ def _render_choices(value: Any, key: str) -> tuple[str, int]:
     )
 
 
+def choice_count(value: Any) -> int:
+    """How many options a choices field holds (0 for free text or anything unreadable)."""
+    try:
+        return _render_choices(value, "choices")[1]
+    except RecordError:
+        return 0
+
+
 def _answer_value(data: dict[str, Any], fm: FieldMap, n_choices: int) -> str | None:
     if fm.answer is None:
         return None
@@ -923,7 +978,7 @@ def _answer_value(data: dict[str, Any], fm: FieldMap, n_choices: int) -> str | N
             )
         return _LETTERS[value]
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise RecordError("wrong_type", f"field {fm.answer!r} (answer) is a {type(value).__name__}")
+        raise _wrong_type(fm.answer, "answer", value, "text or a number")
     text = str(value).strip()  # numeric answers (AMC23's 27.0) keep their written form
     if fm.answer_pattern is not None:
         match = re.fullmatch(fm.answer_pattern, text, flags=re.DOTALL)
@@ -971,6 +1026,7 @@ def to_record(data: dict[str, Any], fields: FieldMap, default_id: str) -> Record
     used = {k for k in (fm.id, fm.question, fm.solution, fm.answer, fm.messages, fm.meta) if k}
     meta = _meta_field(data, fm.meta) if fm.meta else {}
     meta.update({k: v for k, v in data.items() if k not in used})
+    data = _apply_lists(data, fm)
     if fm.messages is not None:
         question, solution = _from_messages(data, fm.messages, meta)
     else:

@@ -1,17 +1,23 @@
-"""The KFP client side: submit a compiled pipeline, manage recurring runs, and the preflight
-checks (``doctor``) that must pass before any GPU time is spent. Talks to a KFP API server through
-``kfp.Client``; nothing here runs on the cluster."""
+"""The KFP client side: submit a compiled pipeline, follow its runs, manage recurring runs, and
+the preflight checks (``doctor``) that must pass before any GPU time is spent. Talks to a KFP API
+server through ``kfp.Client``; nothing here runs on the cluster."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from patchgap.errors import ConfigError, PatchgapError
+
+log = logging.getLogger("patchgap.kfp")
 
 KFP_HOST_ENV = "KF_PIPELINES_ENDPOINT"
 
@@ -106,19 +112,130 @@ def submit(
     package = package_file(pipeline)
     client = target.client()
     try:
-        result = client.create_run_from_pipeline_package(
-            str(package),
-            arguments=dict(params or {}),
-            run_name=run_name,
-            experiment_name=experiment,
-            namespace=target.namespace,
-            pipeline_root=pipeline_root,
-            enable_caching=enable_caching,
-            service_account=service_account,
-        )
+        # kfp.Client prints its links on stdout, which carries only our results (-o json).
+        with contextlib.redirect_stdout(sys.stderr):
+            result = client.create_run_from_pipeline_package(
+                str(package),
+                arguments=dict(params or {}),
+                run_name=run_name,
+                experiment_name=experiment,
+                namespace=target.namespace,
+                pipeline_root=pipeline_root,
+                enable_caching=enable_caching,
+                service_account=service_account,
+            )
     except Exception as err:  # the API client raises many types; the user needs the message
         raise PatchgapError(f"KFP submit of {package.name} failed: {_api_message(err)}") from err
     return Submitted(run_id=result.run_id, url=target.ui_link(result.run_id))
+
+
+# kfp.Client.wait_for_run_completion does not stop on CANCELED; these are every final state.
+FINAL_STATES = frozenset({"SUCCEEDED", "SKIPPED", "FAILED", "CANCELED"})
+OK_STATES = frozenset({"SUCCEEDED", "SKIPPED"})
+# A day-long wait outlives API server restarts: this many failed polls in a row before giving up.
+WAIT_RETRIES = 5
+
+
+@dataclass
+class RunStatus:
+    """One KFP run as ``patchgap runs`` shows it."""
+
+    run_id: str
+    name: str | None
+    state: str
+    created_at: str | None
+    finished_at: str | None
+    error: str | None
+    url: str
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    @property
+    def ok(self) -> bool:
+        return self.state in OK_STATES
+
+
+def _status(target: KfpTarget, run: Any) -> RunStatus:
+    def when(value: Any) -> str | None:
+        return value.isoformat() if hasattr(value, "isoformat") else value
+
+    error = getattr(run, "error", None)
+    return RunStatus(
+        run_id=run.run_id,
+        name=run.display_name,
+        state=run.state or "RUNTIME_STATE_UNSPECIFIED",
+        created_at=when(run.created_at),
+        finished_at=when(run.finished_at),
+        error=getattr(error, "message", None) or None,
+        url=target.ui_link(run.run_id),
+    )
+
+
+def get_run(target: KfpTarget, run_id: str, client: Any = None) -> RunStatus:
+    """The state of one run."""
+    client = client or target.client()
+    try:
+        return _status(target, client.get_run(run_id))
+    except Exception as err:
+        raise PatchgapError(f"KFP run {run_id}: {_api_message(err)}") from err
+
+
+def list_runs(target: KfpTarget, experiment: str | None = None, limit: int = 20) -> list[RunStatus]:
+    """The newest ``limit`` runs (optionally one experiment's), newest first."""
+    client = target.client()
+    try:
+        exp_id = None
+        if experiment:
+            exp_id = client.get_experiment(
+                experiment_name=experiment, namespace=target.namespace
+            ).experiment_id
+        resp = client.list_runs(
+            experiment_id=exp_id,
+            namespace=target.namespace,
+            page_size=limit,
+            sort_by="created_at desc",
+        )
+    except Exception as err:
+        raise PatchgapError(f"KFP list of runs failed: {_api_message(err)}") from err
+    return [_status(target, r) for r in resp.runs or []]
+
+
+def wait_run(
+    target: KfpTarget,
+    run_id: str,
+    *,
+    timeout: float | None = None,
+    poll_seconds: float = 10.0,
+    on_change: Callable[[RunStatus], None] | None = None,
+) -> RunStatus:
+    """Poll a run until it reaches a final state; ``on_change`` sees every new state."""
+    client = target.client()
+    started = time.monotonic()
+    last = None
+    failures = 0
+    while True:
+        try:
+            status = get_run(target, run_id, client)
+        except PatchgapError as err:
+            code = getattr(err.__cause__, "status", None)
+            failures += 1
+            if (code is not None and code < 500) or failures > WAIT_RETRIES:
+                raise  # a 4xx (unknown run, no access) will not heal
+            log.warning("%s; poll %d of %d, retrying", err, failures, WAIT_RETRIES)
+            time.sleep(poll_seconds)
+            continue
+        failures = 0
+        if status.state != last and on_change is not None:
+            on_change(status)
+        last = status.state
+        if status.final:
+            return status
+        waited = time.monotonic() - started
+        if timeout is not None and waited >= timeout:
+            raise PatchgapError(f"KFP run {run_id}: still {status.state} after {waited:.0f}s")
+        time.sleep(poll_seconds)
 
 
 @dataclass

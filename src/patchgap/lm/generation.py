@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,11 +89,13 @@ class Generator(Protocol):
         *,
         seed: int | None = None,
         temperature: float | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[list[Generation]]:
         """``n`` generations for every prompt, in prompt order.
 
         ``seed`` and ``temperature`` override the config for this call (the rewrite stage
-        samples its retries even when the first try is greedy).
+        samples its retries even when the first try is greedy). ``progress`` is told how many
+        prompts each finished batch completed.
         """
         ...
 
@@ -393,6 +395,7 @@ class TransformersGenerator:
         *,
         seed: int | None = None,
         temperature: float | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[list[Generation]]:
         import torch
 
@@ -410,6 +413,8 @@ class TransformersGenerator:
                     results = self._generate_batch([encoded[i] for i in batch], n, temp)
                 for i, gens in zip(batch, results, strict=True):
                     out[i] = gens
+                if progress is not None:
+                    progress(len(batch))
         return out
 
     def _rng_devices(self) -> list[Any]:
@@ -698,6 +703,7 @@ class VllmGenerator:
         *,
         seed: int | None = None,
         temperature: float | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> list[list[Generation]]:
         from vllm import SamplingParams
 
@@ -717,6 +723,8 @@ class VllmGenerator:
         results = self.llm.generate(
             token_prompts, params, lora_request=self.lora_request, use_tqdm=False
         )
+        if progress is not None:  # vLLM schedules all prompts at once: one step at the end
+            progress(len(prompts))
         return [
             [
                 Generation(

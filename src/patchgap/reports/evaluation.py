@@ -119,6 +119,34 @@ def verdict_sentences(table: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def render_text(table: Mapping[str, Any], width: int) -> str:
+    """The accuracy and forgetting tables and the verdicts as terminal text ``width`` wide.
+
+    The tables are transposed, one column per model: a run has a handful of models but any
+    number of benchmarks, so the columns stay few enough to fit a terminal without cutting."""
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    for title, first, rows in (
+        ("Accuracy (95% Wilson interval)", "benchmark", accuracy_rows(table)),
+        (f"Forgetting against {table['baseline']}", "", forgetting_rows(table)),
+    ):
+        grid = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+        for head in (first, *(r[0] for r in rows[1:])):
+            grid.add_column(head, overflow="fold")
+        for i, label in enumerate(rows[0][1:], start=1):
+            grid.add_row(label, *(r[i] for r in rows[1:]))
+        console.print(grid, markup=False)
+    for line in verdict_sentences(table):
+        console.print(line, markup=False)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
+
+
 def md_table(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]

@@ -118,7 +118,7 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
         say(f"run {status} in {seconds:.0f}s; manifest {prefix}/run.json")
     report = _find_report(root / "pipeline-root")
     if report is not None:
-        say(_forgetting_summary(report))
+        say(run_summary(report, root / "pipeline-root", prepared.run_id, s.bucket))
     say(json.dumps({"run_id": prepared.run_id, "uri": manifest.get("uri")}))
     return manifest
 
@@ -137,10 +137,18 @@ def _find_report(root: Path) -> Path | None:
     return hits[-1] if hits else None
 
 
-def _forgetting_summary(results_json: Path) -> str:
-    """The evaluate report's Markdown (accuracy and forgetting tables) and where it lives."""
+def run_summary(results_json: Path, pipeline_root: Path, run_id: str, bucket: str) -> str:
+    """The end-of-run summary: the evaluate tables at the terminal's width, where the HTML report
+    and plots are, and the command that fetches them from the store."""
+    from patchgap.reports.evaluation import render_text
+
     folder = results_json.parent
-    md = folder / "report.md"
-    text = md.read_text() if md.is_file() else results_json.read_text()
-    html = folder / "report.html"
-    return text + (f"\nreport: {html}" if html.is_file() else "")
+    table = json.loads(results_json.read_text())["forgetting_table"]
+    rel = folder.relative_to(pipeline_root).as_posix()
+    lines = [
+        render_text(table, shutil.get_terminal_size().columns),
+        f"report: {folder / 'report.html'} (plots: bars.png, scatter.png beside it)",
+        f"fetch:  patchgap artifacts get {run_id} ./{run_id} --bucket {bucket}",
+        f"        then open ./{run_id}/artifacts/{rel}/report.html",
+    ]
+    return "\n".join(lines)

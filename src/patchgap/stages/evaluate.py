@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from patchgap.config import StrictModel
+from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, DataError
 from patchgap.lm.generation import GenerationConfig
 from patchgap.stages.base import main
@@ -40,16 +41,23 @@ class ModelEntry(StrictModel):
 
 
 class MathSet(StrictModel):
-    """A downstream math set: a known name, or a JSONL file with mapped field names."""
+    """A downstream math set: a known name, or a file read with a field map (custom sets)."""
 
     name: str = Field(description="gsm8k, math500, amc23, aime24, minerva_math, sat_math, ...")
-    path: str | None = Field(None, description="JSONL path or s3:// URI (custom sets)")
-    question_field: str = Field("question", description="field with the problem text")
-    answer_field: str | None = Field("answer", description="field with the final answer")
-    solution_field: str | None = Field(
-        None, description="field with a worked solution, used when no answer field is given"
+    path: str | None = Field(
+        None, description="custom set: .jsonl/.json/.parquet file or folder, or s3:// URI"
     )
-    id_field: str | None = Field(None, description="field with the item id")
+    fields: str | FieldMap = Field(
+        "auto",
+        description="custom set: field preset or field map, as for training data (context, "
+        "answer_pattern, choices, lists)",
+    )
+
+    @model_validator(mode="after")
+    def _fields_need_a_path(self) -> MathSet:
+        if self.path is None and self.fields != "auto":
+            raise ValueError(f"math set {self.name!r}: fields apply to a custom set; set path")
+        return self
 
 
 class Config(StrictModel):
@@ -207,10 +215,7 @@ def _math_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
     sets: dict[str, list[Any]] = {}
     for ms in config.math:
         if ms.path is not None:
-            spec = bm.MathSetSpec(
-                ms.path, ms.question_field, ms.answer_field, ms.solution_field, ms.id_field
-            )
-            items = bm.load_math_set(spec, data_dir)
+            items = bm.load_mapped_set(ms.path, ms.fields, data_dir)
         else:
             items = bm.load_math_set(ms.name, data_dir)
         sets[ms.name] = bm.take_subset(items, config.limit_for(ms.name), config.seed)
@@ -248,7 +253,7 @@ def generative_eval(
         for name, items in math_sets.items():
             t0 = time.time()
             prompts = [apply_chat(tok, math_eval_messages(it.question)) for it in items]
-            outs = gen.generate(prompts)
+            outs = _generate(gen, prompts, model_path, name)
             res = []
             for it, (g,) in zip(items, outs, strict=True):
                 if it.choice_labels:
@@ -266,7 +271,7 @@ def generative_eval(
             for it in items:
                 question = f"{it.passage}\n\n{it.question}" if it.passage else it.question
                 prompts.append(apply_chat(tok, choice_eval_messages(question, it.options)))
-            outs = gen.generate(prompts)
+            outs = _generate(gen, prompts, model_path, f"{name}_gen")
             res = []
             for it, (g,) in zip(items, outs, strict=True):
                 labels = "ABCDEFGHIJ"[: len(it.options)]
@@ -283,6 +288,14 @@ def generative_eval(
         del gen
         gc.collect()
     return results
+
+
+def _generate(gen: Any, prompts: list[str], model: Path, bench: str) -> list[list[Any]]:
+    """Greedy generations with a bar (items/s, ETA) per model and benchmark."""
+    from patchgap.progress import Progress
+
+    with Progress(f"{model.name} {bench}", "items", total=len(prompts)) as bar:
+        return gen.generate(prompts, progress=bar.update)
 
 
 def _log_set(model: Path, name: str, res: Sequence[ItemResult], seconds: float) -> None:

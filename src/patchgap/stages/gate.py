@@ -18,6 +18,7 @@ from pydantic import Field
 
 from patchgap.config import StrictModel
 from patchgap.data.records import FieldMap, Record
+from patchgap.progress import Progress
 from patchgap.reward.scoring import RewardConfig
 
 log = logging.getLogger("patchgap.stages.gate")
@@ -217,16 +218,19 @@ class CandidateIndex:
         self.files = files
         self.offsets: dict[str, tuple[int, int]] = {}
         self.duplicates = 0
+        self.candidates = 0  # over all records, the progress bar's total
         for fi, path in enumerate(files):
             with path.open("rb") as fh:
                 pos = fh.tell()
                 for line in iter(fh.readline, b""):
                     if line.strip():
-                        rid = str(json.loads(line)["id"])
+                        row = json.loads(line)
+                        rid = str(row["id"])
                         if rid in self.offsets:
                             self.duplicates += 1  # a shard run twice: the first copy wins
                         else:
                             self.offsets[rid] = (fi, pos)
+                            self.candidates += len(row.get("candidates") or [])
                     pos = fh.tell()
         self._handles: dict[int, Any] = {}
 
@@ -294,14 +298,18 @@ def run(
             RejectSink(out / "_rejects.jsonl") as sink,
             tmp_dr.open("w", encoding="utf-8") as f_dr,
             tmp_acc.open("w", encoding="utf-8") as f_acc,
+            Progress("gate", "candidates", total=index.candidates) as bar,
         ):
             for batch in _batches(iter_records(spec, sink, counts), config.batch_records):
+                scored = 0
                 for row in _gate_batch(batch, index, scorer, tokenizer, stats):
                     seen.add(row["id"])
+                    scored += row["provenance"]["num_candidates"]
                     line = json.dumps(row, ensure_ascii=False) + "\n"
                     f_dr.write(line)
                     if row["provenance"]["status"] == "accepted":
                         f_acc.write(line)
+                bar.update(scored, accepted=f"{stats.accepted}/{stats.records}")
             rejected = sink.total
         (out / "_accepted").mkdir(exist_ok=True)
         os.replace(tmp_dr, out / D_R_FILE)

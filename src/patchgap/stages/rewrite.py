@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from patchgap.config import StrictModel
 from patchgap.data.records import FieldMap, Record
 from patchgap.lm.generation import GenerationConfig
+from patchgap.progress import Progress
 from patchgap.prompts import REWRITE_TEMPLATE
 
 log = logging.getLogger("patchgap.stages.rewrite")
@@ -305,19 +306,6 @@ def candidates_of_trial(cands: Sequence[dict[str, Any]], trial: int) -> list[dic
     return [c for c in cands if c["trial"] == trial]
 
 
-def _progress(enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        unit="rec",
-        desc="rewrite",
-        disable=not enabled,
-        mininterval=1.0,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-
-
 def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
@@ -345,7 +333,7 @@ def run(
     tally = Tally()
     final = out_dir / shard_file_name(config.shard_index, config.num_shards)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    bar = _progress(config.progress)
+    bar = Progress("rewrite", "rec", enabled=config.progress)
     try:
         with RejectSink(out_dir / "rejects.jsonl") as sink, tmp.open("w", encoding="utf-8") as fh:
             records = iter_records(spec, sink, counts)
@@ -367,8 +355,7 @@ def run(
                 for row in rows:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 tally.add(rows, generated)
-                bar.update(len(rows))
-                bar.set_postfix(tally.postfix(), refresh=False)
+                bar.update(len(rows), **tally.postfix())
             rejected = sink.total
         os.replace(tmp, final)
         if config.state_uri is None:

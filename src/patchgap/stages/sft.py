@@ -20,6 +20,13 @@ from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, PatchgapError
 from patchgap.stages.base import main
 from patchgap.training.lora import LoraSettings
+from patchgap.training.tracking import (
+    REPORT_TO_HELP,
+    TENSORBOARD_DIR,
+    ReportTo,
+    report_to,
+    tensorboard_sync,
+)
 
 log = logging.getLogger("patchgap.stages.sft")
 
@@ -68,6 +75,7 @@ class Config(StrictModel):
     max_length: int = Field(1024, ge=16, description="longest training sequence in tokens")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory")
     logging_steps: int = Field(1, ge=1, description="log the loss every N steps")
+    report_to: ReportTo = Field("none", description=REPORT_TO_HELP)
     device: str = Field("auto", description="auto, cpu, cuda")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="training precision; auto = bf16 on GPU, float32 on CPU"
@@ -94,7 +102,7 @@ class Config(StrictModel):
 #: Fields that may change between a run and its resumption without making checkpoints foreign.
 RESUMABLE_FIELDS = frozenset(
     {"checkpoint_uri", "checkpoint_every", "keep_checkpoints", "work_dir", "distributed"}
-    | {"accelerate_config", "device", "max_steps", "num_epochs", "logging_steps"}
+    | {"accelerate_config", "device", "max_steps", "num_epochs", "logging_steps", "report_to"}
 )
 
 
@@ -161,10 +169,12 @@ def _train(
     import datasets
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     from patchgap.lm.generation import resolve_model_path
     from patchgap.lm.models import device_for, dtype_for, has_chat_template, load_tokenizer
+    from patchgap.training.callbacks import ProgressCallback
 
     t0 = time.time()
     model_dir = resolve_model_path(config.model)
@@ -198,7 +208,7 @@ def _train(
         save_strategy="steps" if config.checkpoint_uri else "no",
         save_steps=config.checkpoint_every,
         save_total_limit=2,
-        report_to=[],
+        report_to=report_to(config.report_to),
         seed=config.seed,
         data_seed=config.seed,
         max_length=config.max_length,
@@ -209,8 +219,9 @@ def _train(
         **_checkpointing_arg(SFTConfig, config.gradient_checkpointing),
         disable_tqdm=True,
     )
-    callbacks: list[Any] = []
+    callbacks: list[Any] = [ProgressCallback("sft")]
     resume_dir: Path | None = None
+    tb_uri = None
     if config.checkpoint_uri:
         from accelerate import PartialState
 
@@ -225,6 +236,9 @@ def _train(
         with PartialState().local_main_process_first():
             resume_dir = checkpoints.restore_latest(work / "restored")
         callbacks.append(CheckpointSyncCallback(checkpoints, config.keep_checkpoints or None))
+        tb_uri = join_uri(checkpoints.uri, TENSORBOARD_DIR)
+    if config.report_to == "tensorboard":
+        callbacks.append(tensorboard_sync(tb_uri, metrics_dir / TENSORBOARD_DIR))
     resumed_step = _step_of(resume_dir)
     trainer = SFTTrainer(
         model=model,
@@ -234,6 +248,8 @@ def _train(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    # disable_tqdm makes the Trainer print every log dict; ProgressCallback shows them instead.
+    trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if not trainer.is_world_process_zero():
         return {}

@@ -23,6 +23,13 @@ from patchgap.prompts import REWRITE_TEMPLATE
 from patchgap.reward.scoring import RewardConfig
 from patchgap.stages.base import main
 from patchgap.training.lora import LoraSettings
+from patchgap.training.tracking import (
+    REPORT_TO_HELP,
+    TENSORBOARD_DIR,
+    ReportTo,
+    report_to,
+    tensorboard_sync,
+)
 
 NAME = "train_rewriter"
 INPUTS = ("dataset", "model")
@@ -150,6 +157,7 @@ class Config(StrictModel):
         None, description="explicit accelerate config file (replaces the zero2/fsdp choice)"
     )
     progress: bool = Field(True, description="show a progress bar (steps, reward, s/step)")
+    report_to: ReportTo = Field("none", description=REPORT_TO_HELP)
 
     @model_validator(mode="before")
     @classmethod
@@ -193,6 +201,7 @@ RESUMABLE_FIELDS = frozenset(
         "distributed",
         "accelerate_config",
         "progress",
+        "report_to",
         "rollout",
         "device",
         "per_device_batch_size",
@@ -407,7 +416,7 @@ def _train(
         save_strategy="steps" if config.checkpoint_uri else "no",
         save_steps=config.checkpoint_every,
         save_total_limit=2,
-        report_to="none",
+        report_to=report_to(config.report_to),
         disable_tqdm=True,
         log_completions=False,
         dataloader_num_workers=0,
@@ -454,6 +463,9 @@ def _train(
         resume_dir = _restore(checkpoints, work)
         keep = config.keep_checkpoints or None
         callbacks.append(CheckpointSyncCallback(checkpoints, keep, metrics_log))
+    if config.report_to == "tensorboard":
+        tb_uri = join_uri(checkpoints.uri, TENSORBOARD_DIR) if config.checkpoint_uri else None
+        callbacks.append(tensorboard_sync(tb_uri, outputs["metrics"] / TENSORBOARD_DIR))
     resume_step = _checkpoint_step(resume_dir)
     metrics_log.restore(resume_dir / METRICS_FILE if resume_dir else None, resume_step)
 

@@ -337,7 +337,10 @@ class Store:
                     retries={"mode": s.retry_mode, "total_max_attempts": s.max_attempts},
                     connect_timeout=s.connect_timeout,
                     read_timeout=s.read_timeout,
-                    max_pool_connections=max(10, 2 * s.max_concurrency),
+                    # _parallel runs max_concurrency transfers, each with max_concurrency part
+                    # threads on this one client; a smaller pool makes urllib3 drop connections
+                    # with "Connection pool is full" warnings.
+                    max_pool_connections=max(10, s.max_concurrency * (s.max_concurrency + 1)),
                 ),
             )
         return self._client

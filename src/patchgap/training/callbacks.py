@@ -1,6 +1,6 @@
-"""TrainerCallbacks of the trainers: per-step metrics rows with the reward's share of the step and
-a progress bar (steps, reward, s/step) for train-rewriter, and checkpoint upload to the store for
-train-rewriter and sft."""
+"""TrainerCallbacks of the trainers: per-step metrics rows with the reward's share of the step
+for train-rewriter, progress bars (steps, reward or loss, rate, ETA), and checkpoint upload to the
+store for train-rewriter and sft."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from patchgap.progress import Progress
 from patchgap.training.checkpoints import CHECKPOINT_PREFIX, METRICS_FILE, CheckpointStore
 from patchgap.training.metrics import MetricsLog, row_from_logs
 
@@ -39,10 +40,8 @@ class StepMetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self.progress and state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
             total = state.max_steps or self.total or None
-            self._bar = tqdm(total=total, initial=state.global_step, desc="GRPO", unit="step")
+            self._bar = Progress("GRPO", "step", total=total, initial=state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self._t0 = time.perf_counter()
@@ -59,14 +58,12 @@ class StepMetricsCallback(TrainerCallback):
         row = row_from_logs(logs, state.global_step, step_s, reward_s)
         self.metrics.append(row)
         if self._bar is not None:
-            self._bar.n = state.global_step
-            self._bar.set_postfix(
+            self._bar.set(
+                state.global_step,
                 reward=f"{row['reward']:.3f}" if row["reward"] is not None else "-",
                 r_task=f"{row['r_task']:.2f}" if row["r_task"] is not None else "-",
                 s_step=f"{step_s:.1f}" if step_s is not None else "-",
-                refresh=False,
             )
-            self._bar.refresh()
         else:
             log.info(
                 "step %d: reward %s, r_task %s, %.1f s/step",
@@ -75,6 +72,35 @@ class StepMetricsCallback(TrainerCallback):
                 row["r_task"],
                 step_s or 0.0,
             )
+
+    def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class ProgressCallback(TrainerCallback):
+    """Optimizer steps as a :class:`~patchgap.progress.Progress` bar (rate, ETA) with the last
+    logged ``keys`` (the loss); replaces the Trainer's own bar and its printed log dicts."""
+
+    def __init__(self, desc: str, keys: tuple[str, ...] = ("loss",)) -> None:
+        self.desc = desc
+        self.keys = keys
+        self._bar: Progress | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.is_world_process_zero:
+            total = state.max_steps or None
+            self._bar = Progress(self.desc, "step", total=total, initial=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if self._bar is not None:
+            self._bar.set(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if self._bar is not None and logs:
+            figures = {k: f"{logs[k]:.4g}" for k in self.keys if isinstance(logs.get(k), float)}
+            self._bar.set(state.global_step, **figures)
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if self._bar is not None:
