@@ -23,20 +23,24 @@ def stage_dataset(
     metrics: Output[Metrics],
 ) -> NamedTuple("Counts", [("valid", int), ("rejected", int)]):
     """Read D from a path or s3:// URI through the data contract and write it as normalized
-    records; bad records go to ``rejects`` with line and reason. Fails before any GPU step when
-    the file cannot be parsed at all."""
+    records with a manifest; bad records go to ``rejects`` with line and reason. This is the one
+    step that reads a user's data without a manifest. Fails before any GPU step when the file
+    cannot be parsed at all."""
     from collections import namedtuple
     from pathlib import Path
 
     from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
+    from patchgap.storage.store import write_manifest
 
     out = Path(dataset.path)
     out.mkdir(parents=True, exist_ok=True)
     rej = Path(rejects.path)
     rej.mkdir(parents=True, exist_ok=True)
     spec = DatasetSpec(source=dataset_uri, fields=fields or "auto")
-    result = load_records(spec, rejects_path=rej / "rejects.jsonl")
+    result = load_records(spec, rejects_path=rej / "rejects.jsonl", external=True)
     write_records_jsonl(result.records, out / "records.jsonl")
+    # The staged copy of external data carries a manifest like every output of ours.
+    write_manifest(out, {"source": dataset_uri, "fields": fields or "auto"})
     metrics.log_metric("records_read", float(result.counts.read))
     metrics.log_metric("records_valid", float(result.counts.valid))
     metrics.log_metric("records_rejected", float(result.counts.rejected_total))

@@ -16,6 +16,8 @@ from patchgap.storage.store import MANIFEST_NAME, S3Settings, Store, fetch_to_lo
 
 pytestmark = pytest.mark.integration
 
+RECORDS = Path(__file__).resolve().parents[1] / "assets" / "records"
+
 
 @pytest.fixture
 def store(s3_server: S3Server) -> Store:
@@ -180,10 +182,57 @@ def test_fetch_to_local_object_and_prefix(
     assert one == (tmp_path / "c" / "metrics.json").resolve() and one.read_text() == '{"acc": 0.5}'
     folder = fetch_to_local(f"s3://{s3_bucket}/ds/gsm8k/", tmp_path / "c", store)
     assert folder.name == "gsm8k" and (folder / "shards" / "2.jsonl").is_file()
-    # A prefix written by another tool (no manifest) still downloads.
+    # A prefix without a manifest (an upload killed before it, or another tool's output) is
+    # refused; only the explicit external path (the dataset staging step) copies it.
     store.put_bytes(b"q\n", f"s3://{s3_bucket}/raw/part-0.txt")
-    raw = fetch_to_local(f"s3://{s3_bucket}/raw", tmp_path / "c", store)
+    with pytest.raises(StoreError, match=r"raw: no _manifest\.json.*patchgap data stage"):
+        fetch_to_local(f"s3://{s3_bucket}/raw", tmp_path / "c", store)
+    with pytest.raises(StoreError, match=r"part-0\.txt: not listed in a manifest"):
+        fetch_to_local(f"s3://{s3_bucket}/raw/part-0.txt", tmp_path / "c", store)
+    assert not (tmp_path / "c" / "raw").exists()
+    raw = fetch_to_local(f"s3://{s3_bucket}/raw", tmp_path / "c", store, external=True)
     assert (raw / "part-0.txt").read_bytes() == b"q\n"
+
+
+def test_killed_upload_is_never_consumed(
+    store: Store, s3_bucket: str, tree: Path, tmp_path: Path
+) -> None:
+    out = f"s3://{s3_bucket}/runs/r1/candidates"
+    store.upload_dir(tree, out)
+    # A rerun killed after its objects but before its manifest: the old manifest is gone first.
+    store.delete(f"{out}/{MANIFEST_NAME}")
+    store.put_bytes(b"half", f"{out}/shards/0.jsonl")
+    with pytest.raises(StoreError, match="no _manifest.json"):
+        fetch_to_local(out, tmp_path / "in", store)
+    with pytest.raises(StoreError, match="not listed in a manifest"):
+        fetch_to_local(f"{out}/metrics.json", tmp_path / "in", store)
+
+
+def test_object_fetch_is_verified_against_its_manifest(
+    store: Store, s3_bucket: str, tree: Path, tmp_path: Path
+) -> None:
+    out = f"s3://{s3_bucket}/ds/v"
+    store.upload_dir(tree, out)
+    store.put_bytes(b'{"acc": 0.9}', f"{out}/metrics.json")  # replaced after the manifest
+    with pytest.raises(ChecksumError, match="metrics.json: checksum mismatch"):
+        fetch_to_local(f"{out}/metrics.json", tmp_path / "in", store)
+    assert not (tmp_path / "in" / "metrics.json").exists()
+
+
+def test_data_stage_writes_a_manifest_the_stages_accept(
+    store: Store, s3_bucket: str, tmp_path: Path
+) -> None:
+    from patchgap.cli.data import app
+
+    raw = f"s3://{s3_bucket}/incoming/mini.jsonl"
+    store.put_file(RECORDS / "gsm8k_mini.jsonl", raw)
+    staged = f"s3://{s3_bucket}/datasets/mini"
+    res = CliRunner().invoke(app, ["stage", raw, staged, "--fields", "gsm8k"])
+    assert res.exit_code == 0, res.output
+    manifest = store.read_manifest(staged)
+    assert manifest is not None and manifest.metadata["source"] == raw
+    local = fetch_to_local(f"{staged}/records.jsonl", tmp_path / "in", store)
+    assert local.read_bytes() == store.get_bytes(f"{staged}/records.jsonl")
 
 
 def test_artifacts_ls_and_get(store: Store, s3_bucket: str, tree: Path, tmp_path: Path) -> None:

@@ -172,6 +172,6 @@ def test_core_never_imports_kfp() -> None:
 def test_checker_classifies_modules(module: str, package: str) -> None:
     # Guards the checker itself: a package the layer list misses would silently pass.
     assert _package_of(module) == package
-    assert all(
-        any(_package_of(m) in names for names in LAYERS) for m in MODULES
-    ), "a package is missing from LAYERS"
+    assert all(any(_package_of(m) in names for names in LAYERS) for m in MODULES), (
+        "a package is missing from LAYERS"
+    )

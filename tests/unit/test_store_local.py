@@ -185,6 +185,34 @@ def test_tampered_object_raises_checksum_error(store: Store, tree: Path, tmp_pat
     assert not list(out.rglob("*.part"))
 
 
+def test_stale_bad_copy_is_removed_on_checksum_failure(
+    store: Store, tree: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "store" / "out"
+    store.upload_dir(tree, dest)
+    out = tmp_path / "dl"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "0.jsonl").write_text("left over from an older download\n")
+    (dest / "shards" / "0.jsonl").write_text('{"a": 666}\n')
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
+        store.download_dir(dest, out)
+    assert not (out / "shards" / "0.jsonl").exists()
+
+
+def test_manifest_listing_a_file_and_its_folder_is_one_clear_error(
+    store: Store, tmp_path: Path
+) -> None:
+    dest = tmp_path / "store" / "clash"
+    (dest / "a").mkdir(parents=True)
+    (dest / "a" / "b").write_text("x")
+    entry = {"sha256": sha256_file(dest / "a" / "b"), "size": 1}
+    manifest = {"format": 1, "files": {"a": entry, "a/b": entry}}
+    (dest / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"'a' is listed both as a file and as the folder of"):
+        store.download_dir(dest, tmp_path / "dl")
+    assert not (tmp_path / "dl").exists()
+
+
 def test_manifest_with_escaping_key_downloads_nothing(store: Store, tmp_path: Path) -> None:
     dest = tmp_path / "store" / "evil"
     dest.mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""``patchgap data validate|ls``: check a dataset against the data contract, list named sets."""
+"""``patchgap data validate|stage|ls``: check a dataset against the data contract, stage an
+external dataset with a manifest, list the named sets."""
 
 from __future__ import annotations
 
@@ -49,6 +50,19 @@ _SPLIT = typer.Option(None, "--split", help="Split of a named set or hub dataset
 _SEED = typer.Option(0, "--seed", help="Seed of the subset taken with --limit.")
 
 
+def _spec(source: str, fields: str, limit: int | None, split: str | None, seed: int) -> object:
+    from patchgap.config import validate as validate_config
+    from patchgap.data.records import DatasetSpec
+
+    values = {"source": source, "fields": _fields(fields), "limit": limit, "split": split}
+    return validate_config(DatasetSpec, {**values, "seed": seed}, f"dataset {source}")
+
+
+def _fail(err: PatchgapError) -> typer.Exit:
+    err_console.print(f"error: {err}", markup=False, emoji=False, highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
 @app.command()
 def validate(
     source: str = _SOURCE,
@@ -58,29 +72,17 @@ def validate(
     split: str | None = _SPLIT,
     seed: int = _SEED,
 ) -> None:
-    """Read a dataset, count valid and rejected records; exit 0 when it could be read."""
-    from patchgap.config import validate as validate_config
-    from patchgap.data.records import DatasetSpec, load_records
+    """Read a dataset, count valid and rejected records; exit 0 when it could be read and holds
+    at least one valid record, 2 otherwise."""
+    from patchgap.data.records import load_records
 
     target = rejects or _default_rejects(source)
     try:
-        spec = validate_config(
-            DatasetSpec,
-            {
-                "source": source,
-                "fields": _fields(fields),
-                "limit": limit,
-                "split": split,
-                "seed": seed,
-            },
-            "patchgap data validate",
-        )
-        result = load_records(spec, target)
+        result = load_records(_spec(source, fields, limit, split, seed), target, external=True)
     except PatchgapError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _fail(err) from None
     c = result.counts
-    console.print(f"{c.source}  fields: {c.fields}", soft_wrap=True, highlight=False)
+    console.print(f"{c.source}  fields: {c.fields}", soft_wrap=True, highlight=False, markup=False)
     table = Table()
     table.add_column("records")
     table.add_column("count", justify="right")
@@ -94,10 +96,46 @@ def validate(
     console.print(table)
     if result.rejects_path is not None:
         console.print(
-            f"rejects: {c.rejected_total} written to {result.rejects_path}", soft_wrap=True
+            f"rejects: {c.rejected_total} written to {result.rejects_path}",
+            soft_wrap=True,
+            markup=False,
         )
     else:
         console.print("rejects: none")
+    if c.valid == 0:
+        raise _fail(PatchgapError(f"{c.source}: no valid records ({c.read} read, all rejected)"))
+
+
+@app.command()
+def stage(
+    source: str = _SOURCE,
+    dest: str = typer.Argument(..., help="s3:// prefix or folder for the staged copy."),
+    fields: str = _FIELDS,
+    limit: int | None = _LIMIT,
+    split: str | None = _SPLIT,
+    seed: int = _SEED,
+) -> None:
+    """Stage an external dataset (one without a patchgap manifest) for the stages: validate it
+    and write its records (records.jsonl, rejects.jsonl) under DEST with a manifest."""
+    import tempfile
+
+    from patchgap.data.records import load_records, write_records_jsonl
+    from patchgap.storage.store import Store
+
+    with tempfile.TemporaryDirectory(prefix="patchgap-stage-data-") as tmp:
+        folder = Path(tmp)
+        try:
+            spec = _spec(source, fields, limit, split, seed)
+            result = load_records(spec, folder / "rejects.jsonl", external=True)
+            if not result.records:
+                raise PatchgapError(f"{source}: no valid records ({result.counts.read} read)")
+            write_records_jsonl(result.records, folder / "records.jsonl")
+            meta = {"source": source, "fields": result.counts.fields, "staged": len(result.records)}
+            Store.from_env().upload_dir(folder, dest, meta)
+        except PatchgapError as err:
+            raise _fail(err) from None
+    c = result.counts
+    typer.echo(f"{dest}: {len(result.records)} records staged ({c.rejected_total} rejected)")
 
 
 @app.command("ls")

@@ -719,10 +719,10 @@ class _Source:
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _resolve(spec: DatasetSpec) -> _Source:
+def _resolve(spec: DatasetSpec, external: bool = False) -> _Source:
     source = spec.source.strip()
     if source.startswith("s3://"):
-        return _resolve_s3(spec, source)
+        return _resolve_s3(spec, source, external)
     if source.startswith("hf://"):
         return _hub_source(spec, source.removeprefix("hf://"), None, None)
     if source.startswith("file://"):
@@ -796,12 +796,12 @@ def _hub_source(
     return _Source(display, prefix, hub_rows=_load_hub(repo, config, split, display))
 
 
-def _resolve_s3(spec: DatasetSpec, uri: str) -> _Source:
+def _resolve_s3(spec: DatasetSpec, uri: str, external: bool) -> _Source:
     from patchgap.storage.store import fetch_to_local  # the store pulls in boto3 only when needed
 
     _no_split(spec, uri)
     dest = cache_dir() / "datasets" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    local = Path(fetch_to_local(uri, dest))
+    local = Path(fetch_to_local(uri, dest, external=external))
     stem = uri.rstrip("/").rsplit("/", 1)[-1]
     prefix = spec.id_prefix or (Path(stem).stem if local.is_file() else stem)
     return _Source(uri, prefix, path=local)
@@ -1067,6 +1067,8 @@ def iter_records(
     spec: DatasetSpec | str | Path,
     rejects: RejectSink | None = None,
     counts: Counts | None = None,
+    *,
+    external: bool = False,
 ) -> Iterator[Record]:
     """Stream the valid records of a dataset; bad ones go to ``rejects``.
 
@@ -1074,11 +1076,12 @@ def iter_records(
     duplicates); a seeded subset keeps ``limit`` records; a full shuffle keeps all of them.
     With ``rejects=None`` each reject is logged as a warning. ``counts``, when given, is filled
     in as the stream is consumed. Raises :class:`DataError` when the source cannot be read.
+    An ``s3://`` source must carry a manifest unless ``external`` (the dataset staging step).
     """
     spec = as_spec(spec)
     counts = counts if counts is not None else Counts()
     sink = rejects if rejects is not None else RejectSink(None, warn=True)
-    src = _resolve(spec)
+    src = _resolve(spec, external)
     counts.source = src.display
     valid = _iter_valid(spec, src, sink, counts)
     shuffle = spec.shuffle if spec.shuffle is not None else spec.limit is not None
@@ -1104,12 +1107,16 @@ def iter_records(
 
 
 def load_records(
-    spec: DatasetSpec | str | Path, rejects_path: str | Path | None = None
+    spec: DatasetSpec | str | Path,
+    rejects_path: str | Path | None = None,
+    *,
+    external: bool = False,
 ) -> LoadResult:
-    """All selected records in memory, with counts; rejects to ``rejects_path`` or in memory."""
+    """All selected records in memory, with counts; rejects to ``rejects_path`` or in memory.
+    ``external`` as in :func:`iter_records`."""
     counts = Counts()
     with RejectSink(rejects_path) as sink:
-        records = list(iter_records(spec, sink, counts))
+        records = list(iter_records(spec, sink, counts, external=external))
     written = sink.path if sink.path is not None and sink.total else None
     return LoadResult(records, counts, written, sink.items)
 

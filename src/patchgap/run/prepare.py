@@ -91,7 +91,7 @@ def prepare_run(
     spec = validate(DatasetSpec, settings.dataset, f"{config_path} [run.dataset]")
     with tempfile.TemporaryDirectory(prefix="patchgap-stage-") as tmp:
         rejects = Path(tmp) / "rejects.jsonl"
-        result = load_records(spec, rejects_path=rejects)
+        result = load_records(spec, rejects_path=rejects, external=True)
         counts = {
             "read": result.counts.read,
             "valid": result.counts.valid,

@@ -271,6 +271,30 @@ def _local_files(local_dir: Path, skip_manifest: bool = True) -> list[tuple[str,
     return out
 
 
+def build_manifest(local_dir: Path, metadata: dict[str, Any] | None = None) -> Manifest:
+    """The manifest of every file under ``local_dir`` (its own manifest left out)."""
+    from patchgap import __version__
+
+    return Manifest(
+        files={
+            key: ManifestEntry(sha256_file(p), p.stat().st_size)
+            for key, p in _local_files(local_dir)
+        },
+        metadata=dict(metadata or {}),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        patchgap_version=__version__,
+    )
+
+
+def write_manifest(local_dir: Path, metadata: dict[str, Any] | None = None) -> Manifest:
+    """Write ``local_dir``'s manifest into it, last: what a staging step does for its output."""
+    manifest = build_manifest(local_dir, metadata)
+    _atomic_local_write(
+        local_dir / MANIFEST_NAME, lambda tmp: tmp.write_text(manifest.to_json(), "utf-8")
+    )
+    return manifest
+
+
 # -- the store ---------------------------------------------------------------------------------
 
 
@@ -589,15 +613,7 @@ class Store:
         if not src.is_dir():
             raise StoreError(f"{src}: no such local folder to upload")
         files = _local_files(src)
-        entries = {key: ManifestEntry(sha256_file(p), p.stat().st_size) for key, p in files}
-        from patchgap import __version__
-
-        manifest = Manifest(
-            files=entries,
-            metadata=dict(metadata or {}),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            patchgap_version=__version__,
-        )
+        manifest = build_manifest(src, metadata)
         try:
             body = manifest.to_json().encode()
         except TypeError as err:
@@ -627,6 +643,7 @@ class Store:
             )
         dest = Path(local_dir)
         targets = [(key, entry, safe_target(dest, key)) for key, entry in manifest.files.items()]
+        _refuse_nested_keys(join_uri(prefix_uri, MANIFEST_NAME), manifest.files)
         dest.mkdir(parents=True, exist_ok=True)
 
         def fetch(item: tuple[str, ManifestEntry, Path]) -> None:
@@ -639,6 +656,7 @@ class Store:
                 self.get_file(uri, tmp)
                 size, digest = tmp.stat().st_size, sha256_file(tmp)
                 if size != entry.size or digest != entry.sha256:
+                    target.unlink(missing_ok=True)  # a stale copy must not pass for this one
                     raise ChecksumError(
                         f"{uri}: checksum mismatch: manifest says sha256 {entry.sha256[:16]}... "
                         f"({entry.size} bytes), downloaded {digest[:16]}... ({size} bytes); "
@@ -681,6 +699,18 @@ def _require_key(loc: S3Url) -> None:
         raise StoreError(f"{loc.uri}: needs an object key, not a bucket or folder")
 
 
+def _refuse_nested_keys(source: str, files: dict[str, ManifestEntry]) -> None:
+    """A key that is also another key's folder (``a`` and ``a/b``) cannot be downloaded."""
+    folders = {key.rsplit("/", i)[0] for key in files for i in range(1, key.count("/") + 1)}
+    clash = sorted(folders & set(files))
+    if clash:
+        raise StoreError(
+            f"{source}: {clash[0]!r} is listed both as a file and as the folder of "
+            f"{next(k for k in sorted(files) if k.startswith(clash[0] + '/'))!r}; "
+            "rewrite the output so each key is a file only"
+        )
+
+
 def _matches(path: Path, entry: ManifestEntry) -> bool:
     return (
         path.is_file() and path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
@@ -701,11 +731,21 @@ def _atomic_local_write(dest: Path, write: Callable[[Path], Any]) -> None:
 
 
 def fetch_to_local(
-    uri: str | os.PathLike[str], dest_dir: str | os.PathLike[str], store: Store | None = None
+    uri: str | os.PathLike[str],
+    dest_dir: str | os.PathLike[str],
+    store: Store | None = None,
+    *,
+    external: bool = False,
 ) -> Path:
-    """Make ``uri`` available locally: local paths are returned as they are; an S3 object is
-    downloaded into ``dest_dir``; an S3 prefix becomes ``dest_dir/<last part>/``, verified
-    against its manifest when it has one."""
+    """Make ``uri`` available locally: local paths are returned as they are; an S3 prefix becomes
+    ``dest_dir/<last part>/`` and an S3 object ``dest_dir/<name>``, both verified against the
+    manifest of the output they belong to.
+
+    An S3 location without a complete manifest is refused: it may be an output whose upload was
+    killed before its manifest was written. ``external=True`` is the one explicit way to read a
+    user's dataset written by another tool (the dataset staging step, which writes a manifest
+    for what it produces); it copies without verification.
+    """
     loc = parse_uri(uri)
     if not isinstance(loc, S3Url):
         if not loc.exists():
@@ -714,7 +754,26 @@ def fetch_to_local(
     store = store or Store.from_env()
     dest = Path(dest_dir)
     if loc.key and not loc.key.endswith("/") and store.exists(uri):
-        return store.get_file(uri, safe_target(dest, PurePosixPath(loc.key).name))
+        parent, _, name = loc.key.rpartition("/")
+        target = safe_target(dest, name)
+        if external:
+            return store.get_file(uri, target)
+        parent_uri = S3Url(loc.bucket, parent).uri
+        manifest = store.read_manifest(parent_uri)
+        entry = manifest.files.get(name) if manifest is not None else None
+        if entry is None:
+            raise StoreError(
+                f"{loc.uri}: not listed in a manifest at {join_uri(parent_uri, MANIFEST_NAME)}, "
+                "so it may be half-written; stage external data with: patchgap data stage"
+            )
+        store.get_file(uri, target)
+        if not _matches(target, entry):
+            target.unlink(missing_ok=True)
+            raise ChecksumError(
+                f"{loc.uri}: checksum mismatch with its manifest; the object was changed or "
+                "corrupted after its manifest was written"
+            )
+        return target
     name = PurePosixPath(loc.key.rstrip("/")).name or loc.bucket
     target = safe_target(dest, name)
     if store.read_manifest(uri) is not None:
@@ -723,7 +782,12 @@ def fetch_to_local(
     objects = store.list(uri)
     if not objects:
         raise StoreError(f"{loc.uri}: no such object or prefix")
-    # No manifest (e.g. a dataset uploaded with another tool): copy, still refusing escapes.
+    if not external:
+        raise StoreError(
+            f"{loc.uri}: no {MANIFEST_NAME}, so this output is incomplete (an upload stopped "
+            "before its manifest) or was written by another tool; rerun the stage that makes "
+            "it, or stage external data with: patchgap data stage"
+        )
     for obj in objects:
         store.get_file(obj.uri, safe_target(target, obj.key))
     return target
