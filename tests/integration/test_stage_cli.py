@@ -56,6 +56,9 @@ def test_rewrite_then_gate_alone_over_s3(tmp_path: Path, tiny_llama: Path, s3_se
     manifest = store.read_manifest(cand_uri)
     assert manifest is not None and manifest.metadata["stage"] == "rewrite"
     assert len(manifest.metadata["input_hashes"]["dataset"]) == 64
+    # Its resumable state went beside the output in the store, and was pruned once complete.
+    assert manifest.metadata["config"]["state_uri"] == f"{cand_uri}.state"
+    assert store.list(f"{cand_uri}.state") == []
 
     dr_uri, rep_uri = f"s3://{s3_bucket}/out/d_r", f"s3://{s3_bucket}/out/report"
     args = [

@@ -169,6 +169,18 @@ def _is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def with_store_state(config: C, stage: Any, outputs: Mapping[str, str]) -> C:
+    """Keep a resumable stage's finished work in the store beside its first output
+    (``<output>.state``) when that output goes to S3 and ``state_uri`` is unset: a restarted
+    pod then finds it, which a folder inside the pod's scratch space would not survive."""
+    uri = outputs.get(stage.OUTPUTS[0]) if stage.OUTPUTS else None
+    if "state_uri" not in type(config).model_fields or getattr(config, "state_uri", None):
+        return config
+    if uri is None or not _is_remote(uri):
+        return config
+    return config.model_copy(update={"state_uri": uri.rstrip("/") + ".state"})
+
+
 @dataclass
 class StageResult:
     metrics: dict[str, float]
@@ -227,6 +239,7 @@ def execute(
                 say(f"{stage.NAME}: outputs already complete for these inputs and config; skipped")
                 return StageResult(done, True, time.time() - t0, dict(outputs))
 
+        config = with_store_state(config, stage, outputs)
         local_out: dict[str, Path] = {}
         for name in stage.OUTPUTS:
             uri = outputs.get(name)

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from patchgap.config import apply_overrides, validate
+from patchgap.stages.base import with_store_state
 
 
 def run_component(
@@ -34,6 +35,9 @@ def run_component(
     stage = importlib.import_module(f"patchgap.stages.{stage_name}")
     data = yaml.safe_load(config_yaml) or {}
     config = validate(stage.Config, apply_overrides(data, overrides), f"component {stage_name}")
+    # The launcher passes the same output URIs to a retried pod: state beside them survives.
+    uris = {n: str(getattr(a, "uri", "")) for n, a in outputs.items()}
+    config = with_store_state(config, stage, uris)
     local_in = {n: Path(a.path) for n, a in inputs.items() if a is not None}
     local_out = {}
     for n, art in outputs.items():
