@@ -255,3 +255,65 @@ def test_artifacts_ls_and_get(store: Store, s3_bucket: str, tree: Path, tmp_path
     bad = runner.invoke(app, ["get", "run-7", str(tmp_path / "got2"), "--bucket", s3_bucket])
     assert isinstance(bad.exception, ChecksumError)
     assert "rewrite/metrics.json" in str(bad.exception)
+
+
+def test_conditional_put_against_the_real_server(store: Store, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/claims/x.json"
+    assert store.put_bytes_if(b"1", uri, None)
+    assert not store.put_bytes_if(b"2", uri, None)  # If-None-Match: * is honoured
+    got = store.get_bytes_and_etag(uri)
+    assert got is not None and got[0] == b"1"
+    assert not store.put_bytes_if(b"3", uri, '"0123"')  # If-Match with a stale ETag
+    assert store.put_bytes_if(b"4", uri, got[1]) and store.get_bytes(uri) == b"4"
+
+
+def test_overlapping_watch_runs_claim_each_dataset_exactly_once(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from patchgap.data.ledger import Ledger, find_datasets
+
+    for i in range(6):
+        s3_server.store.put_bytes(f'{{"q": {i}}}\n'.encode(), f"s3://{s3_bucket}/in/d{i}.jsonl")
+    ledger_uri = f"s3://{s3_bucket}/ledger/watch"
+
+    def one_run(_: int) -> list[str]:
+        store = Store(s3_server.store.settings)  # each run its own client, as two pods would
+        ledger = Ledger(store, ledger_uri)
+        found = find_datasets(store, f"s3://{s3_bucket}/in/", cache_uri=ledger.hash_cache_uri())
+        return [o.uri for o in ledger.claim_pending(found, lease_seconds=3600)]
+
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(one_run, range(4)))
+    claimed = [uri for run in runs for uri in run]
+    assert sorted(claimed) == [f"s3://{s3_bucket}/in/d{i}.jsonl" for i in range(6)]
+
+
+def test_staging_records_the_hash_of_the_bytes_it_read(
+    store: Store, s3_bucket: str, tmp_path: Path
+) -> None:
+    from patchgap.components.ops.component import stage_dataset
+
+    class Art:
+        def __init__(self, path: Path) -> None:
+            self.path, self.metadata = str(path), {}
+
+        def log_metric(self, key: str, value: float) -> None:
+            self.metadata[key] = value
+
+    uri = f"s3://{s3_bucket}/in/mini.jsonl"
+    store.put_file(RECORDS / "gsm8k_mini.jsonl", uri)
+    listed = hashlib.sha256(store.get_bytes(uri)).hexdigest()
+    # Replaced between the listing and the staging step: the staged bytes' hash is recorded.
+    store.put_bytes((RECORDS / "gsm8k_mini.jsonl").read_bytes()[:-1] + b" \n", uri)
+    out = stage_dataset.python_func(
+        dataset_uri=uri,
+        fields="gsm8k",
+        dataset=Art(tmp_path / "ds"),
+        rejects=Art(tmp_path / "rej"),
+        metrics=Art(tmp_path / "m"),
+    )
+    assert out.sha256 == hashlib.sha256(store.get_bytes(uri)).hexdigest() != listed
+    manifest = Store().read_manifest(tmp_path / "ds")
+    assert manifest is not None and manifest.metadata["source"] == uri

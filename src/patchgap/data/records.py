@@ -416,6 +416,7 @@ class Counts:
 
     source: str = ""
     fields: str = ""
+    sha256: str = ""  # of the bytes actually read, when the source is one file
     read: int = 0
     valid: int = 0
     selected: int = 0
@@ -1083,6 +1084,10 @@ def iter_records(
     sink = rejects if rejects is not None else RejectSink(None, warn=True)
     src = _resolve(spec, external)
     counts.source = src.display
+    if src.path is not None and src.path.is_file():
+        from patchgap.storage.store import sha256_file
+
+        counts.sha256 = sha256_file(src.path)
     valid = _iter_valid(spec, src, sink, counts)
     shuffle = spec.shuffle if spec.shuffle is not None else spec.limit is not None
     if not shuffle:

@@ -305,6 +305,7 @@ class ObjectInfo:
     uri: str
     key: str
     size: int
+    etag: str = ""  # S3's ETag, or mtime and size for a local file: changes when the bytes do
 
 
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
@@ -504,6 +505,50 @@ class Store:
                     raise
         return loc.read_bytes() if loc.is_file() else None
 
+    def get_bytes_and_etag(self, uri: str | os.PathLike[str]) -> tuple[bytes, str] | None:
+        """An object's bytes and its version tag for :meth:`put_bytes_if`; None when absent."""
+        loc = parse_uri(uri)
+        if not isinstance(loc, S3Url):
+            data = loc.read_bytes() if loc.is_file() else None
+            return None if data is None else (data, hashlib.sha256(data).hexdigest())
+        _require_key(loc)
+        from botocore.exceptions import ClientError
+
+        with self._errors(loc, "download"):
+            try:
+                got = self.client.get_object(Bucket=loc.bucket, Key=loc.key)
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return got["Body"].read(), str(got["ETag"])
+
+    def put_bytes_if(self, data: bytes, uri: str | os.PathLike[str], etag: str | None) -> bool:
+        """Write only if the object is absent (``etag=None``) or still has ``etag``; False when
+        another writer got there first. S3 does it with If-None-Match / If-Match; a local
+        folder under an exclusive lock."""
+        loc = parse_uri(uri)
+        if not isinstance(loc, S3Url):
+            with _folder_lock(loc.parent):
+                now = self.get_bytes_and_etag(loc)
+                if (now[1] if now else None) != etag:
+                    return False
+                self.put_bytes(data, loc)
+                return True
+        _require_key(loc)
+        from botocore.exceptions import ClientError
+
+        cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        with self._errors(loc, "upload"):
+            try:
+                self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **cond)
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise
+        return True
+
     def exists(self, uri: str | os.PathLike[str]) -> bool:
         """Whether an object (or local file) is there; a missing bucket is an error."""
         loc = parse_uri(uri)
@@ -543,15 +588,17 @@ class Store:
                                 uri=f"s3://{loc.bucket}/{key}",
                                 key=key[len(prefix) :],
                                 size=int(obj["Size"]),
+                                etag=str(obj.get("ETag", "")).strip('"'),
                             )
                         )
             return sorted(out, key=lambda o: o.key)
         if not loc.is_dir():
             return []
-        return [
-            ObjectInfo(uri=str(path), key=key, size=path.stat().st_size)
-            for key, path in _local_files(loc, skip_manifest=False)
-        ]
+        out = []
+        for key, path in _local_files(loc, skip_manifest=False):
+            st = path.stat()
+            out.append(ObjectInfo(str(path), key, st.st_size, f"{st.st_mtime_ns:x}-{st.st_size}"))
+        return out
 
     def delete(self, uri: str | os.PathLike[str]) -> None:
         """Delete one object; deleting a missing one is not an error."""
@@ -715,6 +762,20 @@ def _matches(path: Path, entry: ManifestEntry) -> bool:
     return (
         path.is_file() and path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
     )
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a local folder, held by every conditional write into it."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".patchgap.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _atomic_local_write(dest: Path, write: Callable[[Path], Any]) -> None:
