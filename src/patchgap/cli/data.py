@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from patchgap.cli import print_error
 from patchgap.errors import PatchgapError
 
 app = typer.Typer(
@@ -17,7 +18,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
-err_console = Console(stderr=True)
 
 
 def _fields(value: str) -> object:
@@ -59,7 +59,7 @@ def _spec(source: str, fields: str, limit: int | None, split: str | None, seed: 
 
 
 def _fail(err: PatchgapError) -> typer.Exit:
-    err_console.print(f"error: {err}", markup=False, emoji=False, highlight=False, soft_wrap=True)
+    print_error(err)
     return typer.Exit(2)
 
 

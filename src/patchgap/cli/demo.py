@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-console = Console()
+console = Console(markup=False, emoji=False, highlight=False)
 
 
 def default_demo_config() -> Path:

@@ -17,8 +17,7 @@ from typing import Any
 
 from patchgap.errors import PatchgapError
 from patchgap.run.prepare import PreparedRun, Say
-
-STAGE_SECTIONS = ("train_rewriter", "rewrite", "gate", "sft", "evaluate")
+from patchgap.stages.base import STAGE_SECTIONS
 
 
 def stage_config_yaml(raw: dict[str, Any], section: str, model_path: str) -> str:

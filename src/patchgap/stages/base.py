@@ -38,6 +38,12 @@ C = TypeVar("C", bound=StrictModel)
 #: Top-level keys of a run YAML that every stage section inherits when it declares the field.
 SHARED_KEYS = ("model", "seed", "trust_remote_code", "device", "dtype")
 
+#: The stage sections of a run YAML, in pipeline order.
+STAGE_SECTIONS = ("train_rewriter", "rewrite", "gate", "sft", "evaluate")
+
+#: Every top-level key a run YAML may have.
+RUN_YAML_KEYS = ("run", *STAGE_SECTIONS, *SHARED_KEYS)
+
 #: Packages whose versions go into every manifest.
 TRACKED_PACKAGES = (
     "patchgap",
@@ -78,8 +84,33 @@ def load_stage_config(
     not set it. A file without the section gives the stage's defaults.
     """
     data = read_yaml(path) if path is not None else {}
+    if path is not None:
+        check_top_level_keys(data, str(path), extra=(section,))
     source = f"{path} [{section}]" if path is not None else f"[{section}]"
     return section_config(model, data, section, source, overrides)
+
+
+def check_top_level_keys(data: Mapping[str, Any], source: str, extra: tuple[str, ...] = ()) -> None:
+    """A misspelled section (``gatee:``) would be ignored and its stage run with defaults:
+    refuse every top-level key a run YAML does not have, suggesting the closest one."""
+    import difflib
+
+    known = (*RUN_YAML_KEYS, *extra)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+            raise ConfigError(f"{source}: unknown top-level key {str(key)[:80]!r}{hint}")
+
+
+def validate_run_yaml(data: Mapping[str, Any], source: str) -> None:
+    """Check a whole run YAML (top-level keys and every stage section) without side effects."""
+    import importlib
+
+    check_top_level_keys(data, source)
+    for section in STAGE_SECTIONS:
+        module = importlib.import_module(f"patchgap.stages.{section}")
+        section_config(module.Config, dict(data), section, f"{source} [{section}]")
 
 
 def section_config(

@@ -9,9 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from patchgap.config import apply_overrides, validate
+from patchgap.config import apply_overrides, safe_load_yaml, validate
 from patchgap.stages.base import with_store_state
 
 
@@ -33,7 +31,7 @@ def run_component(
 
     setup_logging()
     stage = importlib.import_module(f"patchgap.stages.{stage_name}")
-    data = yaml.safe_load(config_yaml) or {}
+    data = safe_load_yaml(config_yaml, f"component {stage_name} config") or {}
     config = validate(stage.Config, apply_overrides(data, overrides), f"component {stage_name}")
     # The launcher passes the same output URIs to a retried pod: state beside them survives.
     uris = {n: str(getattr(a, "uri", "")) for n, a in outputs.items()}
