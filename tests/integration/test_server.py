@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +80,29 @@ def test_store_up_status_env_down(home: Path) -> None:
         )
     )
     store.put_bytes(b"kept", "s3://patchgap/persist.txt")
+
+    # Only the S3 port is a door: the filer and volume ports refuse anyone without a token
+    # signed by the gateway, and no other local user can read the files on disk.
+    ports = dict(Ports(port).all())
+    for url in (
+        f"http://127.0.0.1:{ports['filer']}/buckets/patchgap/persist.txt",
+        f"http://127.0.0.1:{ports['filer']}/buckets/patchgap/",
+    ):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=5)
+        assert refused.value.code == 401
+    put = urllib.request.Request(
+        f"http://127.0.0.1:{ports['filer']}/buckets/patchgap/evil.txt", data=b"x", method="PUT"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(put, timeout=5)
+    assert refused.value.code == 401 and not store.exists("s3://patchgap/evil.txt")
+    for folder in (home, server.server_dir, server.data_dir):
+        assert oct(folder.stat().st_mode & 0o777) == "0o700", folder
+    # The object files themselves are the owner's alone too (SeaweedFS writes its small .vif
+    # volume descriptors 0644 whatever the umask; the 0700 folder keeps them private).
+    written = [p for p in server.data_dir.rglob("*") if p.suffix in (".dat", ".idx")]
+    assert written and all(p.stat().st_mode & 0o077 == 0 for p in written)
 
     again = runner.invoke(app, ["up"])
     assert again.exit_code == 0 and "already running" in again.output

@@ -336,3 +336,16 @@ def test_ports_and_env_file_helpers(tmp_path: Path) -> None:
         EmbeddedS3(tmp_path, bucket=None).env()["AWS_SECRET_ACCESS_KEY"]
         == (env["AWS_SECRET_ACCESS_KEY"])
     )
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    from patchgap.storage.credentials import Credentials
+
+    settings = S3Settings(
+        access_key_id="AKVISIBLE", secret_access_key="SKHIDDEN", session_token="TK"
+    )
+    creds = Credentials.generate()
+    for shown in (repr(settings), str(settings), repr(creds), f"{creds!s}"):
+        assert "SKHIDDEN" not in shown and "TK'" not in shown
+        assert creds.secret_access_key not in shown
+    assert "AKVISIBLE" in repr(settings)  # the key id is not a secret and helps debugging

@@ -230,6 +230,21 @@ class EmbeddedS3:
         }
         write_private(self.identities_file, json.dumps(config, indent=2) + "\n")
 
+    def _write_security(self) -> None:
+        """``security.toml`` (read from the server's working folder) with fresh JWT keys: the
+        filer and volume HTTP ports then refuse reads and writes without a token signed by the
+        S3 gateway, so the only door to the objects is S3 with its access keys."""
+        import secrets
+
+        sections = (
+            "jwt.signing",
+            "jwt.signing.read",
+            "jwt.filer_signing",
+            "jwt.filer_signing.read",
+        )
+        text = "".join(f'[{s}]\nkey = "{secrets.token_hex(32)}"\n\n' for s in sections)
+        write_private(self.server_dir / "security.toml", text)
+
     def _live_pid(self) -> tuple[int | None, int | None]:
         """(pid of the running server, stale pid left in the PID file)."""
         pid = read_pid(self.pid_file)
@@ -285,7 +300,11 @@ class EmbeddedS3:
         creds = self.credentials()
         self._write_env_file(creds)  # records this start's endpoint
         self._write_identities(creds)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._write_security()
+        for folder in (self.home, self.server_dir, self.data_dir):
+            # Objects are the user's data: no other local user may list or read them.
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
         cmd = [
             str(weed),
             "mini",
@@ -316,6 +335,7 @@ class EmbeddedS3:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # outlives `patchgap store up`, immune to its Ctrl+C
+                umask=0o077,  # every file it writes is the owner's alone
             )
         self.pid_file.write_text(f"{self._proc.pid}\n")
         if wait:

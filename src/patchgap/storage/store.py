@@ -55,8 +55,9 @@ class S3Settings:
     endpoint_url: str | None = None
     region: str = "us-east-1"
     access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
+    # Out of the repr: one traceback or debug log line must not leak them.
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
     addressing_style: str = "auto"
     retry_mode: str = "standard"
     max_attempts: int = 5
