@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-slow lint format compile images clean
+.PHONY: setup demo test test-unit test-slow test-faults lint format compile images clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,7 +24,10 @@ demo: setup ## run the main job on the embedded default (SmolLM2, local S3)
 	$(VENV)/bin/patchgap demo
 
 test: setup ## unit + integration tiers (what CI runs)
-	$(VENV)/bin/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow and not gpu and not faults" $(PYTEST_ARGS)
+
+test-faults: setup ## fault injection: SIGKILLed stages, S3 restarts, overlapping runs, bad input
+	$(VENV)/bin/pytest tests/faults -m faults $(PYTEST_ARGS)
 
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)

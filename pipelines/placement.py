@@ -1,13 +1,23 @@
 """How a stage task is placed and wired on Kubernetes: GPU type and count, node selector and
-tolerations of the GPU pool (pipeline parameters), a memory-backed /dev/shm, S3 credentials from a
-Secret and the endpoint from a ConfigMap (never literal values in the YAML), non-root, retries
-with exponential backoff, and a caching choice per stage."""
+tolerations of the GPU pool (pipeline parameters), a memory-backed /dev/shm, S3 credentials from an
+optional Secret and the endpoint from a ConfigMap (never literal values in the YAML), non-root,
+resource requests and limits, retries with exponential backoff, and a caching choice per stage.
+
+Hardening beyond non-root: kfp-kubernetes (2.17) expresses only runAsUser, runAsGroup and
+runAsNonRoot in a task's security context. allowPrivilegeEscalation, dropped capabilities, the
+seccomp profile and a read-only root filesystem cannot be set from here; the namespace's Pod
+Security labels report their absence and manifests/README.md says how a cluster adds them.
+"""
 
 from kfp import dsl, kubernetes
 
 S3_SECRET = "patchgap-s3"
 S3_CONFIG_MAP = "patchgap-s3-config"
 SHM_SIZE = "16Gi"
+
+#: A light CPU step (staging, sharding, the ledger): what it needs and the most it may take.
+CPU_REQUEST, CPU_LIMIT = "500m", "2"
+MEMORY_REQUEST, MEMORY_LIMIT = "1Gi", "8Gi"
 
 #: Retries: a preempted GPU pod or a flaky S3 call should not fail a day-long run. The stages
 #: resume from their checkpoints, so a retry loses at most one checkpoint interval.
@@ -18,7 +28,9 @@ BACKOFF_MAX = "3600s"
 
 
 def with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """S3 credentials from the Secret, endpoint and region from the (optional) ConfigMap."""
+    """S3 credentials from the Secret, endpoint and region from the ConfigMap; both optional.
+    Without the Secret (IRSA, Workload Identity) credentials come from the pod's default
+    provider chain."""
     kubernetes.use_secret_as_env(
         task,
         secret_name=S3_SECRET,
@@ -26,6 +38,7 @@ def with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
             "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
         },
+        optional=True,
     )
     kubernetes.use_config_map_as_env(
         task,
@@ -40,15 +53,19 @@ def with_s3(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 
 def cpu_task(
-    task: dsl.PipelineTask, *, cache: bool = True, local: bool = False
+    task: dsl.PipelineTask, *, cache: bool = True, local: bool = False, light: bool = True
 ) -> dsl.PipelineTask:
-    """A light step: S3 env, non-root, retries. ``local`` (kfp.local runs) keeps only the
-    caching choice: Kubernetes settings are no-ops there."""
+    """A light step: S3 env, non-root, resources, retries. ``local`` (kfp.local runs) keeps
+    only the caching choice: Kubernetes settings are no-ops there. ``light=False`` leaves the
+    resources to the caller (a GPU stage sizes its own)."""
     task.set_caching_options(cache)
     if local:
         return task
     with_s3(task)
     kubernetes.set_security_context(task, run_as_user=1000, run_as_group=1000, run_as_non_root=True)
+    if light:
+        task.set_cpu_request(CPU_REQUEST).set_cpu_limit(CPU_LIMIT)
+        task.set_memory_request(MEMORY_REQUEST).set_memory_limit(MEMORY_LIMIT)
     task.set_retry(
         RETRIES,
         backoff_duration=BACKOFF,
@@ -73,7 +90,7 @@ def gpu_task(
 
     ``local`` builds the same graph for kfp.local, which cannot resolve accelerator settings
     given as pipeline parameters inside a ParallelFor; placement means nothing there anyway."""
-    cpu_task(task, cache=cache, local=local)
+    cpu_task(task, cache=cache, local=local, light=False)
     if local:
         return task
     task.set_accelerator_type(accelerator_type)

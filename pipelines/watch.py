@@ -1,6 +1,7 @@
 """The scheduled ``watch`` pipeline: find dataset objects under an S3 prefix whose content hash
-is not in the ledger, run rewrite -> gate on each new one (ParallelFor), and record a dataset in
-the ledger only after its gate step succeeded. Make it recurring with ``patchgap schedule``.
+is not in the ledger, claim each one (so an overlapping run skips it), run rewrite -> gate on
+it (ParallelFor), and record it in the ledger only after its gate step succeeded. Make it
+recurring with ``patchgap schedule``.
 
 No ``from __future__ import annotations``: KFP reads these annotations at runtime.
 """
@@ -26,6 +27,7 @@ def build(local: bool = False):
         adapter_uri: str,
         ledger_uri: str = "s3://patchgap/ledger/watch",
         max_datasets: int = 8,
+        claim_hours: float = 24.0,
         dataset_fields: str = "auto",
         rewrite_config: str = d.paper_section("rewrite"),
         gate_config: str = d.paper_section("gate"),
@@ -43,7 +45,10 @@ def build(local: bool = False):
         )
 
         found = find_new_datasets(
-            prefix_uri=prefix_uri, ledger_uri=ledger_uri, max_datasets=max_datasets
+            prefix_uri=prefix_uri,
+            ledger_uri=ledger_uri,
+            max_datasets=max_datasets,
+            claim_hours=claim_hours,
         )
         # The listing must look at the bucket every time.
         cpu(found.set_display_name("find new datasets"), cache=False)
@@ -67,7 +72,10 @@ def build(local: bool = False):
             )
             gpu(gt.set_display_name("gate"), cache=False)
             rec = record_processed(
-                ledger_uri=ledger_uri, item=item, acceptance_rate=gt.outputs["Output"]
+                ledger_uri=ledger_uri,
+                item=item,
+                staged_sha256=staged.outputs["sha256"],
+                acceptance_rate=gt.outputs["Output"],
             )
             cpu(rec.set_display_name("record in ledger"), cache=False)
 

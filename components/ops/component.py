@@ -21,28 +21,34 @@ def stage_dataset(
     dataset: Output[Dataset],
     rejects: Output[Dataset],
     metrics: Output[Metrics],
-) -> NamedTuple("Counts", [("valid", int), ("rejected", int)]):
+) -> NamedTuple("Counts", [("valid", int), ("rejected", int), ("sha256", str)]):
     """Read D from a path or s3:// URI through the data contract and write it as normalized
-    records; bad records go to ``rejects`` with line and reason. Fails before any GPU step when
-    the file cannot be parsed at all."""
+    records with a manifest; bad records go to ``rejects`` with line and reason. This is the one
+    step that reads a user's data without a manifest. Fails before any GPU step when the file
+    cannot be parsed at all."""
     from collections import namedtuple
     from pathlib import Path
 
     from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
+    from patchgap.storage.store import write_manifest
 
     out = Path(dataset.path)
     out.mkdir(parents=True, exist_ok=True)
     rej = Path(rejects.path)
     rej.mkdir(parents=True, exist_ok=True)
     spec = DatasetSpec(source=dataset_uri, fields=fields or "auto")
-    result = load_records(spec, rejects_path=rej / "rejects.jsonl")
+    result = load_records(spec, rejects_path=rej / "rejects.jsonl", external=True)
     write_records_jsonl(result.records, out / "records.jsonl")
+    # The staged copy of external data carries a manifest like every output of ours.
+    write_manifest(out, {"source": dataset_uri, "fields": fields or "auto"})
     metrics.log_metric("records_read", float(result.counts.read))
     metrics.log_metric("records_valid", float(result.counts.valid))
     metrics.log_metric("records_rejected", float(result.counts.rejected_total))
     dataset.metadata["source"] = dataset_uri
-    Counts = namedtuple("Counts", ["valid", "rejected"])
-    return Counts(result.counts.valid, result.counts.rejected_total)
+    Counts = namedtuple("Counts", ["valid", "rejected", "sha256"])
+    # sha256: of the bytes read here, which is what the ledger must record (the object may have
+    # been replaced since it was listed).
+    return Counts(result.counts.valid, result.counts.rejected_total, result.counts.sha256)
 
 
 @dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
@@ -67,23 +73,34 @@ def merge_shards(shards: Input[list[Dataset]], merged: Output[Dataset]) -> int:
 
 
 @dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
-def find_new_datasets(prefix_uri: str, ledger_uri: str, max_datasets: int) -> list[dict]:
-    """Dataset objects under ``prefix_uri`` whose content hash is not in the ledger yet."""
+def find_new_datasets(
+    prefix_uri: str, ledger_uri: str, max_datasets: int, claim_hours: float = 24.0
+) -> list[dict]:
+    """Dataset objects under ``prefix_uri`` whose content hash is not in the ledger yet, each
+    claimed for this run (a conditional write with a lease of ``claim_hours``), so an
+    overlapping run skips them."""
     from patchgap.data.ledger import Ledger, find_datasets
     from patchgap.storage.store import Store
 
     store = Store.from_env()
-    pending = Ledger(store, ledger_uri).pending(find_datasets(store, prefix_uri))
-    if max_datasets > 0:
-        pending = pending[:max_datasets]
-    return [{"uri": o.uri, "sha256": o.sha256, "size": o.size} for o in pending]
+    ledger = Ledger(store, ledger_uri)
+    found = find_datasets(store, prefix_uri, cache_uri=ledger.hash_cache_uri())
+    claimed = ledger.claim_pending(found, claim_hours * 3600.0, limit=max_datasets)
+    return [{"uri": o.uri, "sha256": o.sha256, "size": o.size} for o in claimed]
 
 
 @dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
-def record_processed(ledger_uri: str, item: dict, acceptance_rate: float) -> str:
-    """Record one dataset as processed; runs only after its rewrite and gate succeeded."""
+def record_processed(
+    ledger_uri: str, item: dict, staged_sha256: str, acceptance_rate: float
+) -> str:
+    """Record one dataset as processed under the hash of the bytes that were staged, and let
+    its claim go; runs only after its rewrite and gate succeeded."""
     from patchgap.data.ledger import DatasetObject, Ledger
     from patchgap.storage.store import Store
 
-    obj = DatasetObject(uri=item["uri"], sha256=item["sha256"], size=int(item["size"]))
-    return Ledger(Store.from_env(), ledger_uri).record(obj, acceptance_rate=acceptance_rate)
+    ledger = Ledger(Store.from_env(), ledger_uri)
+    sha = staged_sha256 or item["sha256"]
+    obj = DatasetObject(uri=item["uri"], sha256=sha, size=int(item["size"]))
+    uri = ledger.record(obj, acceptance_rate=acceptance_rate, listed_sha256=item["sha256"])
+    ledger.release(item["sha256"])
+    return uri

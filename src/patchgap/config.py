@@ -74,17 +74,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{p}{where}: invalid YAML: {problem}") from None
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{p}:{line}: not UTF-8 text (byte {err.start})") from None
+    data = safe_load_yaml(text, str(p))
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def safe_load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` whose every failure is one :class:`ConfigError` naming ``source`` (and
+    line:column where the parser knows it), including Python's own limits."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    except ValueError as err:  # the int conversion limit: a number with thousands of digits
+        raise ConfigError(f"{source}: invalid YAML: {str(err).splitlines()[0][:200]}") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -94,7 +109,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. sft.epochs=2")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = safe_load_yaml(raw, f"override {key!r}") if raw != "" else ""
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -107,3 +107,50 @@ def test_dockerfile_runs_as_non_root_and_holds_no_secrets(dockerfile: Path) -> N
     lowered = text.lower()
     for word in ("aws_secret_access_key=", "password=", "token="):
         assert word not in lowered
+
+
+def test_runner_mounts_its_token_for_the_launcher_and_may_read_only_that() -> None:
+    docs = _render(ROOT / "manifests" / "overlays" / "gpu-cluster")
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")
+    # KFP's v2 launcher reads kfp-launcher and the S3 Secret through the API with this token.
+    assert account["automountServiceAccountToken"] is True
+    role = next(
+        d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "patchgap-runner"
+    )
+    granted = {
+        (res, name, verb)
+        for rule in role["rules"]
+        for res in rule["resources"]
+        for name in rule.get("resourceNames", ["*"])
+        for verb in rule["verbs"]
+    }
+    assert granted == {("configmaps", "kfp-launcher", "get"), ("secrets", "patchgap-s3", "get")}
+    assert (ROOT / "manifests" / "README.md").is_file()  # the base kustomization points to it
+
+
+def test_namespace_enforces_baseline_and_reports_restricted() -> None:
+    docs = _render(ROOT / "manifests" / "overlays" / "dev")
+    labels = next(d for d in docs if d["kind"] == "Namespace")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "baseline"
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+
+
+def test_dev_store_is_hardened_and_reachable_only_from_pipeline_pods_on_s3() -> None:
+    docs = _render(ROOT / "manifests" / "overlays" / "dev")
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    ctx = container["securityContext"]
+    assert ctx["allowPrivilegeEscalation"] is False and ctx["readOnlyRootFilesystem"] is True
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    assert [p["containerPort"] for p in container["ports"]] == [8333]
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert [p["port"] for p in service["spec"]["ports"]] == [8333]
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "seaweedfs"}
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8333}]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"pipelines.kubeflow.org/v2_component": "true"}}}
+    ]

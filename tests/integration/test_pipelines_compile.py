@@ -149,3 +149,20 @@ def test_committed_yaml_is_not_stale(compiled, name: str) -> None:
     assert old[0] == spec and old[1] == plat, (
         f"{committed} is stale: run `patchgap compile` (make compile) and commit the result"
     )
+
+
+@pytest.mark.parametrize("name", ["full", "rewrite", "watch"])
+def test_s3_secret_is_optional_and_light_steps_have_resources(compiled, name: str) -> None:
+    spec, plat = compiled[name]
+    executors, k8s = _executors(spec, plat)
+    for exec_name, cfg in k8s.items():
+        for entry in cfg.get("secretAsEnv", []):
+            assert entry["optional"] is True, exec_name  # IRSA / Workload Identity clusters
+    for exec_name, ex in executors.items():
+        if "container" not in ex:
+            continue
+        res = ex["container"].get("resources", {})
+        assert res.get("resourceMemoryLimit"), exec_name
+        if "accelerator" not in res:  # the ops steps
+            assert res["resourceCpuRequest"] and res["resourceCpuLimit"], exec_name
+            assert res["resourceMemoryRequest"], exec_name

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +34,22 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("PATCHGAP_HOME", str(tmp_path / "home"))
     yield tmp_path / "home"
     EmbeddedS3(tmp_path / "home", bucket=None).stop(timeout=5)  # never leak a server
+
+
+def _grpc_refuses_a_client_without_certificate(port: int) -> bool:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw) as tls:
+                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                tls.recv(1)  # TLS 1.3 reports the missing certificate on the first read
+        except ssl.SSLError as err:  # a plaintext server would fail the handshake otherwise
+            return "CERTIFICATE_REQUIRED" in str(err)
+    return False
 
 
 def _dead_pid() -> int:
@@ -78,6 +96,32 @@ def test_store_up_status_env_down(home: Path) -> None:
         )
     )
     store.put_bytes(b"kept", "s3://patchgap/persist.txt")
+
+    # Only the S3 port is a door: the filer and volume ports refuse anyone without a token
+    # signed by the gateway, and no other local user can read the files on disk.
+    ports = dict(Ports(port).all())
+    for url in (
+        f"http://127.0.0.1:{ports['filer']}/buckets/patchgap/persist.txt",
+        f"http://127.0.0.1:{ports['filer']}/buckets/patchgap/",
+    ):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=5)
+        assert refused.value.code == 401
+    put = urllib.request.Request(
+        f"http://127.0.0.1:{ports['filer']}/buckets/patchgap/evil.txt", data=b"x", method="PUT"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(put, timeout=5)
+    assert refused.value.code == 401 and not store.exists("s3://patchgap/evil.txt")
+    # Every gRPC port demands a client certificate from the server's private CA.
+    for role in ("master gRPC", "volume gRPC", "filer gRPC"):
+        assert _grpc_refuses_a_client_without_certificate(ports[role]), role
+    for folder in (home, server.server_dir, server.data_dir):
+        assert oct(folder.stat().st_mode & 0o777) == "0o700", folder
+    # The object files themselves are the owner's alone too (SeaweedFS writes its small .vif
+    # volume descriptors 0644 whatever the umask; the 0700 folder keeps them private).
+    written = [p for p in server.data_dir.rglob("*") if p.suffix in (".dat", ".idx")]
+    assert written and all(p.stat().st_mode & 0o077 == 0 for p in written)
 
     again = runner.invoke(app, ["up"])
     assert again.exit_code == 0 and "already running" in again.output

@@ -25,8 +25,10 @@ def _invoke(args: list[str]) -> str:
 
 def test_rewrite_then_gate_alone_over_s3(tmp_path: Path, tiny_llama: Path, s3_server, s3_bucket):
     store = s3_server.store
-    data_uri = f"s3://{s3_bucket}/datasets/mini.jsonl"
-    store.put_file(ASSETS / "gsm8k_mini.jsonl", data_uri)
+    data_uri = f"s3://{s3_bucket}/datasets/mini/gsm8k_mini.jsonl"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "gsm8k_mini.jsonl").write_bytes((ASSETS / "gsm8k_mini.jsonl").read_bytes())
+    store.upload_dir(tmp_path / "d", f"s3://{s3_bucket}/datasets/mini")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -57,6 +59,9 @@ def test_rewrite_then_gate_alone_over_s3(tmp_path: Path, tiny_llama: Path, s3_se
     manifest = store.read_manifest(cand_uri)
     assert manifest is not None and manifest.metadata["stage"] == "rewrite"
     assert len(manifest.metadata["input_hashes"]["dataset"]) == 64
+    # Its resumable state went beside the output in the store, and was pruned once complete.
+    assert manifest.metadata["config"]["state_uri"] == f"{cand_uri}.state"
+    assert store.list(f"{cand_uri}.state") == []
 
     dr_uri, rep_uri = f"s3://{s3_bucket}/out/d_r", f"s3://{s3_bucket}/out/report"
     args = [

@@ -149,3 +149,53 @@ def test_component_writes_report_artifacts(
     )
     assert "sft_d/amc23/acc" in metrics.logged
     assert (tmp_path / "r.html").read_text().startswith("<!doctype html>")
+
+
+def test_a_killed_evaluation_reuses_its_finished_results(
+    tiny_llama: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ev.Config(
+        models=[{"label": "base", "path": str(tiny_llama)}],
+        baseline=None,
+        math=["gsm8k", "sat_math"],
+        general=["arc_easy"],
+        limit=2,
+        max_new_tokens=4,
+        device="cpu",
+        bootstrap_reps=100,
+        data_dir=str(data_dir),
+    )
+    clean = _run(cfg, None, tmp_path / "clean")
+    assert not (tmp_path / "clean" / "_state").exists()  # dropped once the report is written
+
+    state = tmp_path / "state"
+    resumable = cfg.model_copy(update={"state_uri": str(state)})
+    real_save = ev.EvalState.save
+
+    def killed_after_last_save(self: ev.EvalState, model: str, bench: str, *a, **kw) -> None:
+        real_save(self, model, bench, *a, **kw)
+        if bench == "arc_easy":
+            raise RuntimeError("simulated kill before the report")
+
+    monkeypatch.setattr(ev.EvalState, "save", killed_after_last_save)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        _run(resumable, None, tmp_path / "resumed")
+    monkeypatch.undo()
+
+    ran: list[str] = []
+    real_gen, real_lm = ev.generative_eval, ev.lm_eval_general
+    monkeypatch.setattr(
+        ev,
+        "generative_eval",
+        lambda c, p, m, ch, **kw: ran.extend(m) or real_gen(c, p, m, ch, **kw),
+    )
+    monkeypatch.setattr(
+        ev, "lm_eval_general", lambda c, *a: ran.extend(c.general) or real_lm(c, *a)
+    )
+    resumed = _run(resumable, None, tmp_path / "resumed")
+    assert ran == []  # every (model, benchmark) result came from the store
+    assert resumed == clean
+    for sub in ("items/base", "lm_eval_samples/base"):
+        for f in sorted((tmp_path / "clean" / sub).glob("*.jsonl")):
+            assert (tmp_path / "resumed" / sub / f.name).read_text() == f.read_text(), f
+    assert not list(state.rglob("*.json"))  # pruned after success

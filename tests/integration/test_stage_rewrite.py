@@ -133,6 +133,9 @@ def test_a_crash_then_restart_gives_the_same_candidates_and_d_r(
     metrics = rewrite.run(cfg, {"dataset": gsm8k_slice}, {"candidates": resumed})
     assert metrics["batches_resumed"] == 1 and metrics["batches"] == 3
     assert _rows(resumed) == _rows(clean)
+    from patchgap.storage.store import Store
+
+    assert Store.from_env().list(state) == []  # pruned once the shard is complete
 
     gcfg = gate.Config(
         model=str(tiny_llama), fields="gsm8k", reward={"judge": False}, write_parquet=False
@@ -150,3 +153,18 @@ def test_a_crash_then_restart_gives_the_same_candidates_and_d_r(
     assert a == b
     ids = [json.loads(x)["id"] for x in a]
     assert len(ids) == len(set(ids)) == 6
+
+
+def test_a_corrupt_state_batch_is_regenerated_not_fatal(tmp_path: Path) -> None:
+    state = rewrite.RewriteState(str(tmp_path / "state"), "fp", 0, 1)
+    rows = [{"id": "a", "candidates": []}, {"id": "b", "candidates": []}]
+    state.save(0, rows)
+    state.save(1, rows)
+    state = rewrite.RewriteState(str(tmp_path / "state"), "fp", 0, 1)
+    assert state.load(0, ["a", "b"]) == rows
+    # Truncated JSON, bytes that are not UTF-8, a line that is not an object: each is redone.
+    for blob in (b'{"id": "a", "cand', b"\xff\xfe", b"[1, 2]\n"):
+        state.store.put_bytes(blob, state.uri(1))
+        assert state.load(1, ["a", "b"]) is None
+    state.clear()
+    assert state.store.list(state.prefix) == []

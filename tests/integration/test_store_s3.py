@@ -16,6 +16,8 @@ from patchgap.storage.store import MANIFEST_NAME, S3Settings, Store, fetch_to_lo
 
 pytestmark = pytest.mark.integration
 
+RECORDS = Path(__file__).resolve().parents[1] / "assets" / "records"
+
 
 @pytest.fixture
 def store(s3_server: S3Server) -> Store:
@@ -180,10 +182,57 @@ def test_fetch_to_local_object_and_prefix(
     assert one == (tmp_path / "c" / "metrics.json").resolve() and one.read_text() == '{"acc": 0.5}'
     folder = fetch_to_local(f"s3://{s3_bucket}/ds/gsm8k/", tmp_path / "c", store)
     assert folder.name == "gsm8k" and (folder / "shards" / "2.jsonl").is_file()
-    # A prefix written by another tool (no manifest) still downloads.
+    # A prefix without a manifest (an upload killed before it, or another tool's output) is
+    # refused; only the explicit external path (the dataset staging step) copies it.
     store.put_bytes(b"q\n", f"s3://{s3_bucket}/raw/part-0.txt")
-    raw = fetch_to_local(f"s3://{s3_bucket}/raw", tmp_path / "c", store)
+    with pytest.raises(StoreError, match=r"raw: no _manifest\.json.*patchgap data stage"):
+        fetch_to_local(f"s3://{s3_bucket}/raw", tmp_path / "c", store)
+    with pytest.raises(StoreError, match=r"part-0\.txt: not listed in a manifest"):
+        fetch_to_local(f"s3://{s3_bucket}/raw/part-0.txt", tmp_path / "c", store)
+    assert not (tmp_path / "c" / "raw").exists()
+    raw = fetch_to_local(f"s3://{s3_bucket}/raw", tmp_path / "c", store, external=True)
     assert (raw / "part-0.txt").read_bytes() == b"q\n"
+
+
+def test_killed_upload_is_never_consumed(
+    store: Store, s3_bucket: str, tree: Path, tmp_path: Path
+) -> None:
+    out = f"s3://{s3_bucket}/runs/r1/candidates"
+    store.upload_dir(tree, out)
+    # A rerun killed after its objects but before its manifest: the old manifest is gone first.
+    store.delete(f"{out}/{MANIFEST_NAME}")
+    store.put_bytes(b"half", f"{out}/shards/0.jsonl")
+    with pytest.raises(StoreError, match="no _manifest.json"):
+        fetch_to_local(out, tmp_path / "in", store)
+    with pytest.raises(StoreError, match="not listed in a manifest"):
+        fetch_to_local(f"{out}/metrics.json", tmp_path / "in", store)
+
+
+def test_object_fetch_is_verified_against_its_manifest(
+    store: Store, s3_bucket: str, tree: Path, tmp_path: Path
+) -> None:
+    out = f"s3://{s3_bucket}/ds/v"
+    store.upload_dir(tree, out)
+    store.put_bytes(b'{"acc": 0.9}', f"{out}/metrics.json")  # replaced after the manifest
+    with pytest.raises(ChecksumError, match="metrics.json: checksum mismatch"):
+        fetch_to_local(f"{out}/metrics.json", tmp_path / "in", store)
+    assert not (tmp_path / "in" / "metrics.json").exists()
+
+
+def test_data_stage_writes_a_manifest_the_stages_accept(
+    store: Store, s3_bucket: str, tmp_path: Path
+) -> None:
+    from patchgap.cli.data import app
+
+    raw = f"s3://{s3_bucket}/incoming/mini.jsonl"
+    store.put_file(RECORDS / "gsm8k_mini.jsonl", raw)
+    staged = f"s3://{s3_bucket}/datasets/mini"
+    res = CliRunner().invoke(app, ["stage", raw, staged, "--fields", "gsm8k"])
+    assert res.exit_code == 0, res.output
+    manifest = store.read_manifest(staged)
+    assert manifest is not None and manifest.metadata["source"] == raw
+    local = fetch_to_local(f"{staged}/records.jsonl", tmp_path / "in", store)
+    assert local.read_bytes() == store.get_bytes(f"{staged}/records.jsonl")
 
 
 def test_artifacts_ls_and_get(store: Store, s3_bucket: str, tree: Path, tmp_path: Path) -> None:
@@ -229,3 +278,65 @@ def test_parallel_multipart_upload_fits_the_connection_pool(
     caplog.set_level(logging.WARNING, logger="urllib3")
     Store(settings).upload_dir(src, f"s3://{s3_bucket}/pool", {})
     assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
+
+
+def test_conditional_put_against_the_real_server(store: Store, s3_bucket: str) -> None:
+    uri = f"s3://{s3_bucket}/claims/x.json"
+    assert store.put_bytes_if(b"1", uri, None)
+    assert not store.put_bytes_if(b"2", uri, None)  # If-None-Match: * is honoured
+    got = store.get_bytes_and_etag(uri)
+    assert got is not None and got[0] == b"1"
+    assert not store.put_bytes_if(b"3", uri, '"0123"')  # If-Match with a stale ETag
+    assert store.put_bytes_if(b"4", uri, got[1]) and store.get_bytes(uri) == b"4"
+
+
+def test_overlapping_watch_runs_claim_each_dataset_exactly_once(
+    s3_server: S3Server, s3_bucket: str
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from patchgap.data.ledger import Ledger, find_datasets
+
+    for i in range(6):
+        s3_server.store.put_bytes(f'{{"q": {i}}}\n'.encode(), f"s3://{s3_bucket}/in/d{i}.jsonl")
+    ledger_uri = f"s3://{s3_bucket}/ledger/watch"
+
+    def one_run(_: int) -> list[str]:
+        store = Store(s3_server.store.settings)  # each run its own client, as two pods would
+        ledger = Ledger(store, ledger_uri)
+        found = find_datasets(store, f"s3://{s3_bucket}/in/", cache_uri=ledger.hash_cache_uri())
+        return [o.uri for o in ledger.claim_pending(found, lease_seconds=3600)]
+
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(one_run, range(4)))
+    claimed = [uri for run in runs for uri in run]
+    assert sorted(claimed) == [f"s3://{s3_bucket}/in/d{i}.jsonl" for i in range(6)]
+
+
+def test_staging_records_the_hash_of_the_bytes_it_read(
+    store: Store, s3_bucket: str, tmp_path: Path
+) -> None:
+    from patchgap.components.ops.component import stage_dataset
+
+    class Art:
+        def __init__(self, path: Path) -> None:
+            self.path, self.metadata = str(path), {}
+
+        def log_metric(self, key: str, value: float) -> None:
+            self.metadata[key] = value
+
+    uri = f"s3://{s3_bucket}/in/mini.jsonl"
+    store.put_file(RECORDS / "gsm8k_mini.jsonl", uri)
+    listed = hashlib.sha256(store.get_bytes(uri)).hexdigest()
+    # Replaced between the listing and the staging step: the staged bytes' hash is recorded.
+    store.put_bytes((RECORDS / "gsm8k_mini.jsonl").read_bytes()[:-1] + b" \n", uri)
+    out = stage_dataset.python_func(
+        dataset_uri=uri,
+        fields="gsm8k",
+        dataset=Art(tmp_path / "ds"),
+        rejects=Art(tmp_path / "rej"),
+        metrics=Art(tmp_path / "m"),
+    )
+    assert out.sha256 == hashlib.sha256(store.get_bytes(uri)).hexdigest() != listed
+    manifest = Store().read_manifest(tmp_path / "ds")
+    assert manifest is not None and manifest.metadata["source"] == uri

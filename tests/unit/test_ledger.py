@@ -76,3 +76,48 @@ def test_bad_hash_is_refused(tmp_path: Path) -> None:
     ledger = Ledger(Store(), str(tmp_path / "ledger"))
     with pytest.raises(PatchgapError, match="sha256"):
         ledger.is_processed("../../etc/passwd")
+
+
+def test_two_runs_claim_each_new_dataset_once(inbox: Path, tmp_path: Path) -> None:
+    store = Store()
+    first, second = (Ledger(store, str(tmp_path / "ledger")) for _ in range(2))
+    objs = find_datasets(store, str(inbox))
+    mine = first.claim_pending(objs, lease_seconds=3600)
+    assert [o.uri.rsplit("/", 1)[-1] for o in mine] == ["a.jsonl", "b.parquet.jsonl"]
+    assert second.claim_pending(objs, lease_seconds=3600) == []  # the overlapping run skips
+    # A run that died holding its claims blocks them only until the lease ends.
+    assert first.claim(mine[0], lease_seconds=-1, owner="dead") is False  # still live
+    first.release(mine[0].sha256)
+    assert first.claim(mine[0], lease_seconds=-1, owner="dead")  # now held, already expired
+    assert second.claim(mine[0], lease_seconds=3600)
+    # Once recorded, nobody claims it again.
+    second.record(mine[0], run_id="r2")
+    second.release(mine[0].sha256)
+    assert first.claim_pending(objs, lease_seconds=3600) == []
+
+
+def test_hashes_are_cached_by_etag_and_size(
+    inbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import patchgap.data.ledger as ledger_mod
+
+    store = Store()
+    ledger = Ledger(store, str(tmp_path / "ledger"))
+    hashed: list[str] = []
+    real = ledger_mod.content_sha256
+
+    def counting(store: Store, uri: str) -> str:
+        hashed.append(uri.rsplit("/", 1)[-1])
+        return real(store, uri)
+
+    monkeypatch.setattr(ledger_mod, "content_sha256", counting)
+    first = find_datasets(store, str(inbox), cache_uri=ledger.hash_cache_uri())
+    assert len(hashed) == 3
+    assert find_datasets(store, str(inbox), cache_uri=ledger.hash_cache_uri()) == first
+    assert len(hashed) == 3  # nothing downloaded again
+    _write(inbox, "a.jsonl", '{"question": "q1 changed", "answer": "#### 1"}\n')
+    again = find_datasets(store, str(inbox), cache_uri=ledger.hash_cache_uri())
+    assert hashed[3:] == ["a.jsonl"] and again[0].sha256 != first[0].sha256
+    # A damaged cache is rebuilt, not fatal.
+    store.put_bytes(b"{not json", ledger.hash_cache_uri())
+    assert find_datasets(store, str(inbox), cache_uri=ledger.hash_cache_uri()) == again

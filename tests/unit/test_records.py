@@ -535,10 +535,10 @@ def test_hub_source_and_unknown_sources(monkeypatch: pytest.MonkeyPatch) -> None
 def test_s3_source_goes_through_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import patchgap.storage.store
 
-    seen: list[tuple[str, Path]] = []
+    seen: list[tuple[str, Path, bool]] = []
 
-    def fetch(uri: str, dest_dir: Path) -> Path:
-        seen.append((uri, Path(dest_dir)))
+    def fetch(uri: str, dest_dir: Path, external: bool) -> Path:
+        seen.append((uri, Path(dest_dir), external))
         Path(dest_dir).mkdir(parents=True, exist_ok=True)
         return Path(shutil.copy(ASSETS / "bad_lines.jsonl", Path(dest_dir) / "bad_lines.jsonl"))
 
@@ -548,6 +548,9 @@ def test_s3_source_goes_through_the_store(tmp_path: Path, monkeypatch: pytest.Mo
     assert [r.id for r in res.records] == ["a", "g"]
     assert seen[0][0] == "s3://bucket/sets/bad_lines.jsonl"
     assert (tmp_path / "cache") in seen[0][1].parents
+    assert seen[0][2] is False  # a stage's input must carry a manifest
+    load_records("s3://bucket/sets/bad_lines.jsonl", external=True)
+    assert seen[1][2] is True  # the staging step reads external data
     # Rejects and counts name the URI the user gave, not the cache path.
     assert res.counts.source == "s3://bucket/sets/bad_lines.jsonl"
     assert res.rejects[0].where == "s3://bucket/sets/bad_lines.jsonl:3"

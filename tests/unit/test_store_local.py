@@ -185,6 +185,34 @@ def test_tampered_object_raises_checksum_error(store: Store, tree: Path, tmp_pat
     assert not list(out.rglob("*.part"))
 
 
+def test_stale_bad_copy_is_removed_on_checksum_failure(
+    store: Store, tree: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "store" / "out"
+    store.upload_dir(tree, dest)
+    out = tmp_path / "dl"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "0.jsonl").write_text("left over from an older download\n")
+    (dest / "shards" / "0.jsonl").write_text('{"a": 666}\n')
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
+        store.download_dir(dest, out)
+    assert not (out / "shards" / "0.jsonl").exists()
+
+
+def test_manifest_listing_a_file_and_its_folder_is_one_clear_error(
+    store: Store, tmp_path: Path
+) -> None:
+    dest = tmp_path / "store" / "clash"
+    (dest / "a").mkdir(parents=True)
+    (dest / "a" / "b").write_text("x")
+    entry = {"sha256": sha256_file(dest / "a" / "b"), "size": 1}
+    manifest = {"format": 1, "files": {"a": entry, "a/b": entry}}
+    (dest / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"'a' is listed both as a file and as the folder of"):
+        store.download_dir(dest, tmp_path / "dl")
+    assert not (tmp_path / "dl").exists()
+
+
 def test_manifest_with_escaping_key_downloads_nothing(store: Store, tmp_path: Path) -> None:
     dest = tmp_path / "store" / "evil"
     dest.mkdir(parents=True)
@@ -308,3 +336,16 @@ def test_ports_and_env_file_helpers(tmp_path: Path) -> None:
         EmbeddedS3(tmp_path, bucket=None).env()["AWS_SECRET_ACCESS_KEY"]
         == (env["AWS_SECRET_ACCESS_KEY"])
     )
+
+
+def test_secrets_stay_out_of_reprs() -> None:
+    from patchgap.storage.credentials import Credentials
+
+    settings = S3Settings(
+        access_key_id="AKVISIBLE", secret_access_key="SKHIDDEN", session_token="TK"
+    )
+    creds = Credentials.generate()
+    for shown in (repr(settings), str(settings), repr(creds), f"{creds!s}"):
+        assert "SKHIDDEN" not in shown and "TK'" not in shown
+        assert creds.secret_access_key not in shown
+    assert "AKVISIBLE" in repr(settings)  # the key id is not a secret and helps debugging

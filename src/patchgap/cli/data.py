@@ -1,4 +1,5 @@
-"""``patchgap data validate|ls``: check a dataset against the data contract, list named sets."""
+"""``patchgap data validate|stage|ls``: check a dataset against the data contract, stage an
+external dataset with a manifest, list the named sets."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from patchgap.cli import print_error
 from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
 from patchgap.errors import PatchgapError
 
@@ -48,6 +50,27 @@ _SEED = typer.Option(0, "--seed", help="Seed of the subset taken with --limit.")
 _HUB_CONFIG = typer.Option(None, "--hub-config", help="Config of an hf:// dataset (its card).")
 
 
+def _spec(
+    source: str,
+    fields: str,
+    limit: int | None,
+    split: str | None,
+    seed: int,
+    hub_config: str | None = None,
+) -> object:
+    from patchgap.config import validate as validate_config
+    from patchgap.data.records import DatasetSpec
+
+    values = {"source": source, "fields": _fields(fields), "limit": limit, "split": split}
+    values = {**values, "seed": seed, "hub_config": hub_config}
+    return validate_config(DatasetSpec, values, f"dataset {source}")
+
+
+def _fail(err: PatchgapError) -> typer.Exit:
+    print_error(err)
+    return typer.Exit(2)
+
+
 @app.command()
 def validate(
     source: str = _SOURCE,
@@ -59,29 +82,17 @@ def validate(
     hub_config: str | None = _HUB_CONFIG,
     output_format: Format = OUTPUT_FORMAT,
 ) -> None:
-    """Read a dataset, count valid and rejected records; exit 0 when it could be read."""
-    from patchgap.config import validate as validate_config
-    from patchgap.data.records import DatasetSpec, load_records
+    """Read a dataset, count valid and rejected records; exit 0 when it could be read and holds
+    at least one valid record, 2 otherwise."""
+    from patchgap.data.records import load_records
 
     out = Output(output_format)
     target = rejects or _default_rejects(source)
     try:
-        spec = validate_config(
-            DatasetSpec,
-            {
-                "source": source,
-                "fields": _fields(fields),
-                "limit": limit,
-                "split": split,
-                "seed": seed,
-                "hub_config": hub_config,
-            },
-            "patchgap data validate",
-        )
-        result = load_records(spec, target)
+        spec = _spec(source, fields, limit, split, seed, hub_config)
+        result = load_records(spec, target, external=True)
     except PatchgapError as err:
-        out.err.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _fail(err) from None
     c = result.counts
     data = {
         "source": c.source,
@@ -109,6 +120,41 @@ def validate(
         else "rejects: none"
     )
     out.result(data, f"{c.source}  fields: {c.fields}", table, where)
+    if c.valid == 0:
+        raise _fail(PatchgapError(f"{c.source}: no valid records ({c.read} read, all rejected)"))
+
+
+@app.command()
+def stage(
+    source: str = _SOURCE,
+    dest: str = typer.Argument(..., help="s3:// prefix or folder for the staged copy."),
+    fields: str = _FIELDS,
+    limit: int | None = _LIMIT,
+    split: str | None = _SPLIT,
+    seed: int = _SEED,
+    hub_config: str | None = _HUB_CONFIG,
+) -> None:
+    """Stage an external dataset (one without a patchgap manifest) for the stages: validate it
+    and write its records (records.jsonl, rejects.jsonl) under DEST with a manifest."""
+    import tempfile
+
+    from patchgap.data.records import load_records, write_records_jsonl
+    from patchgap.storage.store import Store
+
+    with tempfile.TemporaryDirectory(prefix="patchgap-stage-data-") as tmp:
+        folder = Path(tmp)
+        try:
+            spec = _spec(source, fields, limit, split, seed, hub_config)
+            result = load_records(spec, folder / "rejects.jsonl", external=True)
+            if not result.records:
+                raise PatchgapError(f"{source}: no valid records ({result.counts.read} read)")
+            write_records_jsonl(result.records, folder / "records.jsonl")
+            meta = {"source": source, "fields": result.counts.fields, "staged": len(result.records)}
+            Store.from_env().upload_dir(folder, dest, meta)
+        except PatchgapError as err:
+            raise _fail(err) from None
+    c = result.counts
+    typer.echo(f"{dest}: {len(result.records)} records staged ({c.rejected_total} rejected)")
 
 
 @app.command("ls")

@@ -6,12 +6,10 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
 
 from patchgap import __version__
+from patchgap.cli import print_error
 from patchgap.errors import PatchgapError
-
-err_console = Console(stderr=True)
 
 cli = typer.Typer(
     name="patchgap",
@@ -62,7 +60,7 @@ def app() -> None:
     try:
         cli(standalone_mode=True)
     except PatchgapError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        print_error(err)
         sys.exit(2)
 
 

@@ -40,7 +40,9 @@ def stdout_console() -> Console:
 
 def plain_printer() -> Callable[[str], None]:
     """Print text on stdout as it is: no markup, no re-wrapping of pre-rendered tables."""
-    return functools.partial(stdout_console().print, markup=False, highlight=False, soft_wrap=True)
+    return functools.partial(
+        stdout_console().print, markup=False, emoji=False, highlight=False, soft_wrap=True
+    )
 
 
 class Output:

@@ -125,7 +125,7 @@ def resolve_path(path: str | Path, data_dir: Path | None = None) -> Path:
         from patchgap.storage.store import fetch_to_local
 
         dest = cache_dir() / "benchmarks" / text.removeprefix("s3://").replace("/", "_")
-        return Path(fetch_to_local(text, dest))
+        return Path(fetch_to_local(text, dest, external=True))
     p = Path(text.removeprefix("file://")).expanduser()
     if p.is_absolute() or p.exists():
         return p

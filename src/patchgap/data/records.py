@@ -37,6 +37,10 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 # A JSONL file whose first lines all fail to parse is not JSON Lines at all (a binary file, a
 # pretty-printed JSON document): one file-level error beats thousands of identical rejects.
 _MAX_LEADING_BAD_LINES = 100
+#: How long a user's answer_pattern may take on one answer.
+ANSWER_PATTERN_SECONDS = 1.0
+#: How much of a rejected record the rejects file keeps (characters of its JSON).
+REJECT_RAW_LIMIT = 4096
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -139,9 +143,11 @@ class FieldMap(StrictModel):
         if self.answer_is_index and self.choices is None:
             raise ValueError("answer_is_index needs choices")
         if self.answer_pattern is not None:
+            import regex
+
             try:
-                groups = re.compile(self.answer_pattern).groups
-            except re.error as err:
+                groups = regex.compile(self.answer_pattern).groups
+            except regex.error as err:
                 raise ValueError(
                     f"answer_pattern is not a valid regular expression: {err}"
                 ) from None
@@ -382,8 +388,10 @@ class Reject:
 class RejectSink:
     """Collects rejected records: into a JSONL file when given a path, else into memory.
 
-    The file is created on the first reject; an old file at the path is removed on creation of
-    the sink, so a rerun never leaves stale rejects behind.
+    The file is written beside its path and moved there when the read finishes, so a read that
+    fails half-way leaves no partial rejects (and an older complete file stays); a finished read
+    without rejects removes an old file, so a rerun never leaves stale rejects behind. Each
+    reject keeps at most :data:`REJECT_RAW_LIMIT` characters of its record.
     """
 
     def __init__(self, path: str | Path | None = None, *, warn: bool = False) -> None:
@@ -392,8 +400,6 @@ class RejectSink:
         self.counts: Counter[str] = Counter()
         self.items: list[Reject] = []
         self._fh: Any = None
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
 
     @property
     def total(self) -> int:
@@ -401,6 +407,7 @@ class RejectSink:
 
     def add(self, reject: Reject) -> None:
         self.counts[reject.kind] += 1
+        reject = _capped(reject)
         if self.warn:
             log.warning("rejected %s: %s", reject.where, reject.reason)
         if self.path is None:
@@ -408,19 +415,44 @@ class RejectSink:
             return
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = self.path.open("w", encoding="utf-8")
-        self._fh.write(json.dumps(reject.to_dict(), ensure_ascii=False, default=str) + "\n")
+            self._fh = _tmp_path(self.path).open("w", encoding="utf-8")
+        self._fh.write(json.dumps(reject.to_dict(), ensure_ascii=False, allow_nan=False) + "\n")
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """Publish the file (``complete``) or drop it (the read failed)."""
+        if self.path is None:
+            return
+        tmp = _tmp_path(self.path)
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+            if complete:
+                os.replace(tmp, self.path)
+        elif complete:
+            self.path.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> RejectSink:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(complete=exc_type is None)
+
+
+def _capped(reject: Reject) -> Reject:
+    """A reject whose record fits in :data:`REJECT_RAW_LIMIT` characters of strict JSON (no
+    bare NaN): a 50 MB record must not be copied whole into the rejects file."""
+    try:
+        text = json.dumps(reject.raw, ensure_ascii=False, default=str, allow_nan=False)
+        raw = reject.raw
+    except ValueError:  # NaN or Infinity: not JSON, so keep the record as readable text
+        raw = text = repr(reject.raw)
+    reason = reject.reason[:REJECT_RAW_LIMIT]
+    if len(text) > REJECT_RAW_LIMIT:
+        raw = {"truncated": text[:REJECT_RAW_LIMIT], "chars": len(text)}
+    if raw is reject.raw and reason == reject.reason:
+        return reject
+    return Reject(reject.source, reject.line, reject.row, reject.id, reject.kind, reason, raw)
 
 
 @dataclass
@@ -429,6 +461,7 @@ class Counts:
 
     source: str = ""
     fields: str = ""
+    sha256: str = ""  # of the bytes actually read, when the source is one file
     read: int = 0
     valid: int = 0
     selected: int = 0
@@ -495,6 +528,9 @@ def _rows_jsonl(path: Path, display: str, prefix: str) -> Iterator[_Row]:
                 except json.JSONDecodeError as err:
                     item.error = ("invalid_json", f"invalid JSON at column {err.colno}: {err.msg}")
                     first_error = first_error or f"{display}:{lineno}:{err.colno}: {err.msg}"
+                except (RecursionError, ValueError) as err:
+                    item.error = ("invalid_json", f"invalid JSON: {_json_limit(err)}")
+                    first_error = first_error or f"{display}:{lineno}:1: {_json_limit(err)}"
                 else:
                     parsed_any = True
                     if isinstance(obj, dict):
@@ -517,6 +553,14 @@ def _rows_jsonl(path: Path, display: str, prefix: str) -> Iterator[_Row]:
         raise DataError(f"{display}: empty file, no records")
     if not parsed_any:
         raise DataError(f"{first_error}: not JSON Lines (no line is valid JSON)")
+
+
+def _json_limit(err: Exception) -> str:
+    """What a parse that hit one of Python's limits (not a syntax error) ran into."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    text = str(err)
+    return "a number with too many digits" if "digits" in text else text.splitlines()[0][:200]
 
 
 def _skip_ws(text: str, i: int) -> int:
@@ -547,6 +591,9 @@ def _parse_json_array(text: str, start: int, display: str) -> list[tuple[int, An
                 raise DataError(
                     f"{display}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}"
                 ) from None
+            except (RecursionError, ValueError) as err:
+                where = _position(text, i)
+                raise DataError(f"{display}:{where}: invalid JSON: {_json_limit(err)}") from None
             line += text.count("\n", last, i)
             last = i
             out.append((line, obj))
@@ -601,6 +648,9 @@ def _rows_json(
             yield from _rows_jsonl(path, display, prefix)
             return
         raise DataError(f"{display}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    except (RecursionError, ValueError) as err:
+        where = _position(text, start)
+        raise DataError(f"{display}:{where}: invalid JSON: {_json_limit(err)}") from None
     if not isinstance(obj, dict):
         raise DataError(
             f"{display}: top level is a JSON {type(obj).__name__}, expected an array or object"
@@ -661,7 +711,14 @@ def _rows_dir(path: Path, display: str, prefix: str) -> Iterator[_Row]:
         rel = file.relative_to(path).with_suffix("").as_posix()
         file_display = f"{display.rstrip('/')}/{file.relative_to(path).as_posix()}"
         if file.suffix.lower() != ".json":
-            yield from _rows_file(file, file_display, f"{prefix}/{rel}")
+            try:
+                yield from _rows_file(file, file_display, f"{prefix}/{rel}")
+            except DataError as err:
+                # One unreadable file of a folder is one reject, not the end of the read: the
+                # other files' records are kept.
+                item = _Row(file_display, None, 0, f"{prefix}/{rel}", raw=None)
+                item.error = ("unreadable_file", str(err).removeprefix(f"{file_display}:").strip())
+                yield item
             continue
         fid = f"{prefix}/{rel}"
         try:
@@ -737,10 +794,10 @@ class _Source:
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _resolve(spec: DatasetSpec) -> _Source:
+def _resolve(spec: DatasetSpec, external: bool = False) -> _Source:
     source = spec.source.strip()
     if source.startswith("s3://"):
-        return _resolve_s3(spec, source)
+        return _resolve_s3(spec, source, external)
     if source.startswith("hf://"):
         return _hub_source(spec, source.removeprefix("hf://"), None, None)
     if source.startswith("file://"):
@@ -814,12 +871,12 @@ def _hub_source(
     return _Source(display, prefix, hub_rows=_load_hub(repo, config, split, display))
 
 
-def _resolve_s3(spec: DatasetSpec, uri: str) -> _Source:
+def _resolve_s3(spec: DatasetSpec, uri: str, external: bool) -> _Source:
     from patchgap.storage.store import fetch_to_local  # the store pulls in boto3 only when needed
 
     _no_split(spec, uri)
     dest = cache_dir() / "datasets" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    local = Path(fetch_to_local(uri, dest))
+    local = Path(fetch_to_local(uri, dest, external=external))
     stem = uri.rstrip("/").rsplit("/", 1)[-1]
     prefix = spec.id_prefix or (Path(stem).stem if local.is_file() else stem)
     return _Source(uri, prefix, path=local)
@@ -981,7 +1038,18 @@ def _answer_value(data: dict[str, Any], fm: FieldMap, n_choices: int) -> str | N
         raise _wrong_type(fm.answer, "answer", value, "text or a number")
     text = str(value).strip()  # numeric answers (AMC23's 27.0) keep their written form
     if fm.answer_pattern is not None:
-        match = re.fullmatch(fm.answer_pattern, text, flags=re.DOTALL)
+        import regex
+
+        try:
+            match = regex.fullmatch(
+                fm.answer_pattern, text, flags=regex.DOTALL, timeout=ANSWER_PATTERN_SECONDS
+            )
+        except TimeoutError:
+            # Catastrophic backtracking hangs on every such record: stop once, with one line.
+            raise DataError(
+                f"answer_pattern {fm.answer_pattern!r} took over {ANSWER_PATTERN_SECONDS}s on "
+                f"the answer {text[:40]!r}; simplify it (nested repeats like (a+)+ backtrack)"
+            ) from None
         if match is not None and match.group(1).strip():
             text = match.group(1).strip()
     return text or None
@@ -1006,7 +1074,7 @@ def _meta_field(data: dict[str, Any], key: str) -> dict[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise RecordError("wrong_type", f"field {key!r} (meta) is text but not JSON") from None
     if not isinstance(value, dict):
         raise RecordError(
@@ -1080,22 +1148,32 @@ def _iter_valid(
 ) -> Iterator[Record]:
     fm, counts.fields = _field_map(spec, src)
     first_seen: dict[str, str] = {}
+    # With fields=auto the layout is guessed per file: a folder may mix layouts.
+    auto, unknown = fm is None, ""
+    guessed_for: str | None = None
+    guessed: list[str] = []
     for row in src.rows():
         counts.read += 1
-        if row.error is None and row.data is not None and fm is None:
-            guessed = detect_fields(row.data)
-            if guessed is None:
-                keys = ", ".join(sorted(map(str, row.data))[:12])
-                raise DataError(
-                    f"{row.source}: cannot tell which fields hold the question and solution "
-                    f"(keys: {keys}); pass fields as one of {', '.join(PRESETS)} or a FieldMap"
-                )
-            fm, counts.fields = PRESETS[guessed], f"auto: {guessed}"
+        if auto and row.error is None and row.data is not None and row.source != guessed_for:
+            guessed_for, name = row.source, detect_fields(row.data)
+            keys = ", ".join(sorted(str(k)[:40] for k in row.data)[:12])
+            unknown = (
+                f"cannot tell which fields hold the question and solution (keys: {keys}); "
+                f"pass fields as one of {', '.join(PRESETS)} or a FieldMap"
+            )
+            if name is None and not guessed:  # nothing read yet: the whole set is unusable
+                raise DataError(f"{row.source}: {unknown}")
+            fm = PRESETS[name] if name is not None else None
+            if name is not None and name not in guessed:
+                guessed.append(name)
+                counts.fields = f"auto: {', '.join(guessed)}"
         rid: str | None = None
         try:
             if row.error is not None:
                 raise RecordError(*row.error)
-            assert row.data is not None and fm is not None
+            if fm is None:
+                raise RecordError("unknown_fields", unknown)
+            assert row.data is not None
             rec = to_record(row.data, fm, row.default_id)
             rid = rec.id
             if rec.id in first_seen:
@@ -1123,6 +1201,8 @@ def iter_records(
     spec: DatasetSpec | str | Path,
     rejects: RejectSink | None = None,
     counts: Counts | None = None,
+    *,
+    external: bool = False,
 ) -> Iterator[Record]:
     """Stream the valid records of a dataset; bad ones go to ``rejects``.
 
@@ -1130,12 +1210,17 @@ def iter_records(
     duplicates); a seeded subset keeps ``limit`` records; a full shuffle keeps all of them.
     With ``rejects=None`` each reject is logged as a warning. ``counts``, when given, is filled
     in as the stream is consumed. Raises :class:`DataError` when the source cannot be read.
+    An ``s3://`` source must carry a manifest unless ``external`` (the dataset staging step).
     """
     spec = as_spec(spec)
     counts = counts if counts is not None else Counts()
     sink = rejects if rejects is not None else RejectSink(None, warn=True)
-    src = _resolve(spec)
+    src = _resolve(spec, external)
     counts.source = src.display
+    if src.path is not None and src.path.is_file():
+        from patchgap.storage.store import sha256_file
+
+        counts.sha256 = sha256_file(src.path)
     valid = _iter_valid(spec, src, sink, counts)
     shuffle = spec.shuffle if spec.shuffle is not None else spec.limit is not None
     if not shuffle:
@@ -1160,12 +1245,16 @@ def iter_records(
 
 
 def load_records(
-    spec: DatasetSpec | str | Path, rejects_path: str | Path | None = None
+    spec: DatasetSpec | str | Path,
+    rejects_path: str | Path | None = None,
+    *,
+    external: bool = False,
 ) -> LoadResult:
-    """All selected records in memory, with counts; rejects to ``rejects_path`` or in memory."""
+    """All selected records in memory, with counts; rejects to ``rejects_path`` or in memory.
+    ``external`` as in :func:`iter_records`."""
     counts = Counts()
     with RejectSink(rejects_path) as sink:
-        records = list(iter_records(spec, sink, counts))
+        records = list(iter_records(spec, sink, counts, external=external))
     written = sink.path if sink.path is not None and sink.total else None
     return LoadResult(records, counts, written, sink.items)
 

@@ -17,9 +17,7 @@ from typing import Any
 
 from patchgap.errors import PatchgapError
 from patchgap.run.prepare import PreparedRun, Say
-from patchgap.stages.base import section_json
-
-STAGE_SECTIONS = ("train_rewriter", "rewrite", "gate", "sft", "evaluate")
+from patchgap.stages.base import STAGE_SECTIONS, section_json
 
 
 def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:

@@ -56,10 +56,20 @@ class PreparedRun:
 
 
 def load_run_settings(path: Path) -> tuple[dict[str, Any], RunSettings]:
+    """Read and validate the whole run YAML (every section, the dataset spec), before anything
+    is started, staged or downloaded."""
+    from patchgap.data.records import DatasetSpec
+    from patchgap.stages.base import validate_run_yaml
+
     raw = read_yaml(path)
     if "run" not in raw:
         raise ConfigError(f"{path}: missing the `run:` section (dataset, bucket, pipeline)")
-    return raw, validate(RunSettings, raw["run"] or {}, f"{path} [run]")
+    settings = validate(RunSettings, raw["run"] or {}, f"{path} [run]")
+    if settings.pipeline == "rewrite" and not settings.adapter_uri:
+        raise ConfigError(f"{path} [run]: adapter_uri is required for the rewrite pipeline")
+    validate_run_yaml(raw, str(path))
+    validate(DatasetSpec, settings.dataset, f"{path} [run.dataset]")
+    return raw, settings
 
 
 def new_run_id() -> str:
@@ -91,7 +101,7 @@ def prepare_run(
     spec = validate(DatasetSpec, settings.dataset, f"{config_path} [run.dataset]")
     with tempfile.TemporaryDirectory(prefix="patchgap-stage-") as tmp:
         rejects = Path(tmp) / "rejects.jsonl"
-        result = load_records(spec, rejects_path=rejects)
+        result = load_records(spec, rejects_path=rejects, external=True)
         counts = {
             "read": result.counts.read,
             "valid": result.counts.valid,

@@ -29,10 +29,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, TypeVar
 
-import yaml
 from pydantic import BaseModel
 
-from patchgap.config import StrictModel, apply_overrides, read_yaml, validate
+from patchgap.config import StrictModel, apply_overrides, read_yaml, safe_load_yaml, validate
 from patchgap.errors import ConfigError, PatchgapError
 
 log = logging.getLogger("patchgap.stages")
@@ -42,6 +41,12 @@ C = TypeVar("C", bound=StrictModel)
 #: Top-level keys of a run YAML that a stage section inherits when it, or else one of its nested
 #: sections (``generation``, ``reward``), declares the field.
 SHARED_KEYS = ("model", "seed", "trust_remote_code", "device", "dtype")
+
+#: The stage sections of a run YAML, in pipeline order.
+STAGE_SECTIONS = ("train_rewriter", "rewrite", "gate", "sft", "evaluate")
+
+#: Every top-level key a run YAML may have.
+RUN_YAML_KEYS = ("run", *STAGE_SECTIONS, *SHARED_KEYS)
 
 #: Packages whose versions go into every manifest.
 TRACKED_PACKAGES = (
@@ -97,8 +102,33 @@ def load_stage_config(
     defaults.
     """
     data = read_yaml(path) if path is not None else {}
+    if path is not None:
+        check_top_level_keys(data, str(path), extra=(section,))
     source = f"{path} [{section}]" if path is not None else f"[{section}]"
     return section_config(model, data, section, source, overrides)
+
+
+def check_top_level_keys(data: Mapping[str, Any], source: str, extra: tuple[str, ...] = ()) -> None:
+    """A misspelled section (``gatee:``) would be ignored and its stage run with defaults:
+    refuse every top-level key a run YAML does not have, suggesting the closest one."""
+    import difflib
+
+    known = (*RUN_YAML_KEYS, *extra)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+            raise ConfigError(f"{source}: unknown top-level key {str(key)[:80]!r}{hint}")
+
+
+def validate_run_yaml(data: Mapping[str, Any], source: str) -> None:
+    """Check a whole run YAML (top-level keys and every stage section) without side effects."""
+    import importlib
+
+    check_top_level_keys(data, source)
+    for section in STAGE_SECTIONS:
+        module = importlib.import_module(f"patchgap.stages.{section}")
+        section_config(module.Config, dict(data), section, f"{source} [{section}]")
 
 
 def section_config(
@@ -204,6 +234,18 @@ def _is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def with_store_state(config: C, stage: Any, outputs: Mapping[str, str]) -> C:
+    """Keep a resumable stage's finished work in the store beside its first output
+    (``<output>.state``) when that output goes to S3 and ``state_uri`` is unset: a restarted
+    pod then finds it, which a folder inside the pod's scratch space would not survive."""
+    uri = outputs.get(stage.OUTPUTS[0]) if stage.OUTPUTS else None
+    if "state_uri" not in type(config).model_fields or getattr(config, "state_uri", None):
+        return config
+    if uri is None or not _is_remote(uri):
+        return config
+    return config.model_copy(update={"state_uri": uri.rstrip("/") + ".state"})
+
+
 @dataclass
 class StageResult:
     metrics: dict[str, float]
@@ -262,6 +304,7 @@ def execute(
                 say(f"{stage.NAME}: outputs already complete for these inputs and config; skipped")
                 return StageResult(done, True, time.time() - t0, dict(outputs))
 
+        config = with_store_state(config, stage, outputs)
         local_out: dict[str, Path] = {}
         for name in stage.OUTPUTS:
             uri = outputs.get(name)
@@ -394,10 +437,13 @@ def run_component(
 
     setup_logging()
     stage = stage_module(stage_name)
-    data = yaml.safe_load(config) or {}
+    data = safe_load_yaml(config, f"component {stage_name} config") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"component {stage_name}: config must be a mapping")
     cfg = validate(stage.Config, apply_overrides(data, overrides), f"component {stage_name}")
+    # The launcher passes the same output URIs to a retried pod: state beside them survives.
+    uris = {n: str(getattr(a, "uri", "")) for n, a in outputs.items()}
+    cfg = with_store_state(cfg, stage, uris)
     result = execute(
         stage,
         cfg,

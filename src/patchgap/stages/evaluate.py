@@ -4,12 +4,13 @@ and general benchmarks, and write the forgetting table and report."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -130,6 +131,11 @@ class Config(StrictModel):
     near_zero: float = Field(
         0.005, ge=0.0, description="|F_D| below this: no forgetting reduction (caveat)"
     )
+    state_uri: str | None = Field(
+        None,
+        description="s3:// prefix or folder where each finished (model, benchmark) result goes; "
+        "a restart reuses them (default: a _state folder inside the report output)",
+    )
 
     @model_validator(mode="after")
     def _greedy(self) -> Config:
@@ -206,6 +212,63 @@ def _model_folder(path: str, models_input: Path | None, dest: Path) -> Path:
     return resolve_model_path(path)
 
 
+# ----------------------------------------------------------------------------- resume
+
+#: Settings that change no (model, benchmark) result: the table's and where state goes.
+_NOT_IN_FINGERPRINT = {
+    "model",
+    "models",
+    "base",
+    "baseline",
+    "rewritten",
+    "bootstrap_reps",
+    "near_zero",
+    "state_uri",
+    "device",
+}
+
+
+class EvalState:
+    """Finished (model, benchmark) results under ``<state_uri>/<fingerprint>/<model hash>/``,
+    one object per benchmark, so a restarted evaluation only runs what is missing."""
+
+    def __init__(self, state_uri: str, config: Config) -> None:
+        from patchgap.storage.store import Store, join_uri
+
+        settings = {
+            k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT
+        }
+        fp = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        self.store = Store.from_env() if state_uri.startswith("s3://") else Store()
+        self.prefix = join_uri(state_uri, fp)
+        self._join = join_uri
+
+    def _uri(self, model: str, bench: str) -> str:
+        return self._join(self.prefix, model, f"{bench}.json")
+
+    def load(self, model: str, bench: str) -> dict[str, Any] | None:
+        """The saved result, or None when absent or unreadable (then it is recomputed)."""
+        from patchgap.errors import StoreError
+
+        try:
+            data = json.loads(self.store.get_bytes(self._uri(model, bench)))
+            data["items"] = [ItemResult(**row) for row in data["items"]]
+        except StoreError:
+            return None
+        except (ValueError, TypeError, KeyError, RecursionError):
+            log.warning("evaluate: state %s is corrupt; recomputing", self._uri(model, bench))
+            return None
+        return data
+
+    def save(self, model: str, bench: str, items: Sequence[ItemResult], **extra: Any) -> None:
+        body = {"items": [r.as_dict() for r in items], **extra}
+        blob = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
+        self.store.put_bytes(blob, self._uri(model, bench))
+
+    def clear(self) -> None:
+        self.store.delete_prefix(self.prefix)
+
+
 # ----------------------------------------------------------------------------- generative sets
 
 
@@ -237,8 +300,10 @@ def generative_eval(
     model_path: Path,
     math_sets: Mapping[str, Sequence[Any]],
     choice_sets: Mapping[str, Sequence[Any]],
+    on_set: Callable[[str, list[ItemResult]], None] | None = None,
 ) -> dict[str, list[ItemResult]]:
-    """Greedy answers of one model to every math and boxed-letter item, scored per item."""
+    """Greedy answers of one model to every math and boxed-letter item, scored per item;
+    ``on_set`` is called as each set finishes (to save it)."""
     from patchgap.answers import equivalent, extract_answer, extract_choice
     from patchgap.lm.generation import make_generator
     from patchgap.lm.models import apply_chat
@@ -265,6 +330,8 @@ def generative_eval(
                 res.append(ItemResult(it.id, ok, pred, it.gold, g.text, g.num_tokens))
             results[name] = res
             _log_set(model_path, name, res, time.time() - t0)
+            if on_set is not None:
+                on_set(name, res)
         for name, items in choice_sets.items():
             t0 = time.time()
             prompts = []
@@ -283,6 +350,8 @@ def generative_eval(
                 )
             results[f"{name}_gen"] = res
             _log_set(model_path, f"{name}_gen", res, time.time() - t0)
+            if on_set is not None:
+                on_set(f"{name}_gen", res)
     finally:
         gen.close()
         del gen
@@ -440,12 +509,22 @@ def run(
             tasks_dir = render_lm_eval_tasks(work / "tasks", data_dir, config.benchmark_paths)
         scores: dict[str, dict[str, dict[str, bool]]] = {}
         aggregates: dict[str, Any] = {}
+        state = EvalState(config.state_uri or str(out / "_state"), config)
         for label, path in models.items():
             log.info("evaluating %s (%s)", label, path)
-            results = generative_eval(config, path, math_sets, choice_sets)
+            results, agg, logs = _evaluate_model(config, path, state, math_sets, choice_sets)
             if tasks_dir is not None:
-                general, agg, logs = lm_eval_general(config, path, data_dir, tasks_dir)
-                results.update(general)
+                pending = [b for b in config.general if b not in results]
+                if pending:
+                    sub = config.model_copy(update={"general": pending})
+                    general, new_agg, new_logs = lm_eval_general(sub, path, data_dir, tasks_dir)
+                    key = _model_key(path)
+                    for bench, items in general.items():
+                        extra = {"aggregate": new_agg.get(bench), "samples": new_logs.get(bench)}
+                        state.save(key, bench, items, **extra)
+                    results.update(general)
+                    agg.update(new_agg)
+                    logs.update(new_logs)
                 aggregates[label] = agg
                 _write_jsonl_sets(out / "lm_eval_samples" / label, logs)
             _write_jsonl_sets(
@@ -473,7 +552,59 @@ def run(
         "seconds": round(time.time() - t0, 1),
     }
     write_report(table, out, info, {"lm_eval": aggregates})
+    # The report is complete: the per-benchmark state would only duplicate it.
+    state.clear()
+    if config.state_uri is None:
+        import shutil
+
+        shutil.rmtree(out / "_state", ignore_errors=True)
     return _metrics(table)
+
+
+def _model_key(path: Path) -> str:
+    """What identifies a model's results: its files' content, not its folder name."""
+    from patchgap.stages.base import path_hash
+
+    return path_hash(path)[:16]
+
+
+def _evaluate_model(
+    config: Config,
+    path: Path,
+    state: EvalState,
+    math_sets: Mapping[str, Sequence[Any]],
+    choice_sets: Mapping[str, Sequence[Any]],
+) -> tuple[dict[str, list[ItemResult]], dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Reuse every saved result of this model; run the generative sets still missing, saving
+    each as it finishes. Returns results, lm-eval aggregates and sample logs reused so far."""
+    key = _model_key(path)
+    results: dict[str, list[ItemResult]] = {}
+    aggregates: dict[str, Any] = {}
+    logs: dict[str, list[dict[str, Any]]] = {}
+    benches = [*math_sets, *(f"{n}_gen" for n in choice_sets), *config.general]
+    for bench in benches:
+        saved = state.load(key, bench)
+        if saved is None:
+            continue
+        results[bench] = saved["items"]
+        if saved.get("aggregate") is not None:
+            aggregates[bench] = saved["aggregate"]
+        if saved.get("samples") is not None:
+            logs[bench] = saved["samples"]
+    if results:
+        log.info("evaluate: %s: reusing %d finished benchmark(s)", path.name, len(results))
+    todo_math = {n: v for n, v in math_sets.items() if n not in results}
+    todo_choice = {n: v for n, v in choice_sets.items() if f"{n}_gen" not in results}
+    results.update(
+        generative_eval(
+            config,
+            path,
+            todo_math,
+            todo_choice,
+            on_set=lambda bench, items: state.save(key, bench, items),
+        )
+    )
+    return results, aggregates, logs
 
 
 def _write_jsonl_sets(folder: Path, sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:

@@ -180,16 +180,26 @@ class RewriteState:
     def key(batch: int) -> str:
         return f"batch-{batch:06d}.jsonl"
 
-    def load(self, batch: int, ids: Sequence[str]) -> list[dict[str, Any]] | None:
+    def load(self, batch: int, ids: list[str]) -> list[dict[str, Any]] | None:
         """The finished rows of ``batch``, or None when absent or not for these records."""
         if self.key(batch) not in self.done:
             return None
-        text = self.store.get_bytes(self.uri(batch)).decode("utf-8")
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        if [r.get("id") for r in rows] != list(ids):
-            log.warning("rewrite: state %s holds other records; regenerating", self.uri(batch))
+        try:
+            text = self.store.get_bytes(self.uri(batch)).decode("utf-8")
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            ok = all(isinstance(r, dict) for r in rows) and [r.get("id") for r in rows] == ids
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            ok = False  # a corrupt batch must not block every retry: make it again
+        if not ok:
+            log.warning(
+                "rewrite: state %s is corrupt or for other records; regenerating", self.uri(batch)
+            )
             return None
         return rows
+
+    def clear(self) -> None:
+        """Remove this shard's finished batches once its output is complete."""
+        self.store.delete_prefix(self.prefix)
 
     def save(self, batch: int, rows: Sequence[dict[str, Any]]) -> None:
         # One object per batch, written in one put: a crash leaves it whole or absent.
@@ -358,9 +368,10 @@ def run(
                 bar.update(len(rows), **tally.postfix())
             rejected = sink.total
         os.replace(tmp, final)
+        # State only survives a crash; once the shard is complete it would just duplicate the
+        # candidates (and pile up, one folder per fingerprint).
+        state.clear()
         if config.state_uri is None:
-            # The default state lives inside the output only to survive a local crash; once the
-            # shard is complete it would just duplicate the candidates.
             import shutil
 
             shutil.rmtree(out_dir / "_state", ignore_errors=True)

@@ -11,7 +11,7 @@ import contextlib
 import os
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from patchgap import settings
@@ -26,7 +26,8 @@ class Credentials:
     """The access key pair of the embedded server's only identity."""
 
     access_key_id: str
-    secret_access_key: str
+    # Out of the repr: one traceback or debug log line must not leak it.
+    secret_access_key: str = field(repr=False)
 
     @classmethod
     def generate(cls) -> Credentials:

