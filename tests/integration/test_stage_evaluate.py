@@ -160,8 +160,7 @@ def test_a_killed_evaluation_reuses_its_finished_results(
         math=["gsm8k", "sat_math"],
         general=["arc_easy"],
         limit=2,
-        max_new_tokens=4,
-        device="cpu",
+        generation={"max_new_tokens": 4, "device": "cpu"},
         bootstrap_reps=100,
         data_dir=str(data_dir),
     )
