@@ -4,6 +4,7 @@ under kfp.local's DockerRunner with the model and data going through the embedde
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ def test_image_not_built_is_one_line(engine: Any, monkeypatch: pytest.MonkeyPatc
         check_images(engine, "full")
 
 
-def _config(tmp: Path, model: Path, bucket: str, bench_uri: str) -> Path:
+def _config(tmp: Path, model: Path, bucket: str) -> Path:
     dataset = {"source": str(ASSETS / "gsm8k_mini.jsonl"), "fields": "gsm8k"}
     cfg = {
         "model": str(model),
@@ -127,21 +128,7 @@ def _config(tmp: Path, model: Path, bucket: str, bench_uri: str) -> Path:
         "rewrite": {"max_new_tokens": 8, "batch_size": 4, "state_uri": f"s3://{bucket}/state"},
         "gate": {"batch_records": 4},
         "sft": {"max_length": 256, "num_epochs": 1, "per_device_batch_size": 2},
-        # The benchmark goes through S3 as well: the containers see no host folder.
-        "evaluate": {
-            "math": [
-                {
-                    "name": "mini",
-                    "path": bench_uri,
-                    "answer_field": None,
-                    "solution_field": "answer",
-                }
-            ],
-            "general": [],
-            "limit": 3,
-            "max_new_tokens": 8,
-            "bootstrap_reps": 50,
-        },
+        "evaluate": {"math": ["gsm8k"], "general": [], "limit": 3, "max_new_tokens": 8},
     }
     path = tmp / "tiny-docker.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -155,10 +142,12 @@ def test_small_pipeline_runs_in_the_images_and_publishes_the_run(
     from patchgap.run.prepare import prepare_run
 
     monkeypatch.setenv("PATCHGAP_HOME", str(tmp_path / "home"))
+    # A data directory with a three-item gsm8k: the run stages it in S3 for the containers.
+    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
+    shutil.copy(ASSETS / "gsm8k_mini.jsonl", tmp_path / "data" / "gsm8k" / "test.jsonl")
+    monkeypatch.setenv("PATCHGAP_DATA_DIR", str(tmp_path / "data"))
     store = s3_server.store
-    bench = f"s3://{s3_bucket}/benchmarks/gsm8k_mini.jsonl"
-    store.put_file(ASSETS / "gsm8k_mini.jsonl", bench)
-    cfg = _config(tmp_path, tiny_llama, s3_bucket, bench)
+    cfg = _config(tmp_path, tiny_llama, s3_bucket)
     lines: list[str] = []
     prepared = prepare_run(cfg, start_embedded_s3=False, say=lines.append)
     prepared.settings = prepared.settings.model_copy(update={"runner": "docker"})
@@ -172,6 +161,8 @@ def test_small_pipeline_runs_in_the_images_and_publishes_the_run(
     prefix = f"s3://{s3_bucket}/runs/{prepared.run_id}"
     run = json.loads(store.get_bytes(f"{prefix}/run.json"))
     assert run["status"] == "succeeded" and run["arguments"]["sft_config"].count(model_uri) == 1
+    bench = run["config"]["evaluate"]["benchmark_paths"]["gsm8k"]
+    assert bench == f"s3://{s3_bucket}/benchmarks/gsm8k/test.jsonl" and store.exists(bench)
     keys = "\n".join(store.read_manifest(f"{prefix}/artifacts").files)
     for piece in ("train-rewriter", "rewrite", "gate", "sft", "evaluate", "results.json"):
         assert piece in keys, piece

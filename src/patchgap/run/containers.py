@@ -1,7 +1,7 @@
 """What ``patchgap run --docker`` needs beyond the subprocess run: checks, before any stage
 starts, that a container engine answers, that the stage images are built and that a container
-reaches the S3 endpoint; pi0 uploaded to S3 (containers see no host path); the arguments of
-kfp.local's DockerRunner."""
+reaches the S3 endpoint; pi0 and the evaluation sets uploaded to S3 (containers see no host
+path); the arguments of kfp.local's DockerRunner."""
 
 from __future__ import annotations
 
@@ -123,6 +123,48 @@ def model_to_s3(prepared: PreparedRun, say: Say) -> str:
     return uri
 
 
+def benchmarks_to_s3(prepared: PreparedRun, say: Say) -> None:
+    """Upload the named evaluation sets the evaluate section reads from the data directory to
+    ``s3://<bucket>/benchmarks/`` and point its ``benchmark_paths`` at them."""
+    from pathlib import Path
+
+    from patchgap.data.evalsets import MATH_SETS, MC_SETS
+    from patchgap.settings import data_dir
+    from patchgap.stages.base import section_config
+    from patchgap.stages.evaluate import Config
+    from patchgap.storage.store import Store
+
+    raw = prepared.raw
+    cfg = section_config(Config, raw, "evaluate", f"{prepared.config_path} [evaluate]")
+    names = [m.name for m in cfg.math if m.path is None] + cfg.general + cfg.choice
+    folder = Path(cfg.data_dir) if cfg.data_dir else data_dir()
+    paths = dict(cfg.benchmark_paths)
+    store = Store.from_env()
+    for name in dict.fromkeys(names):
+        rel = MATH_SETS[name].path if name in MATH_SETS else MC_SETS.get(name, ("", ""))[1]
+        if name in paths or not rel:  # given already, or an lm-eval task with its own data
+            continue
+        src = folder / rel if folder is not None else None
+        if src is None or not src.exists():
+            raise ConfigError(
+                f"{prepared.config_path} [evaluate]: benchmark {name} not found at {src} "
+                "(set PATCHGAP_DATA_DIR, or benchmark_paths to an s3:// URI)"
+            )
+        paths[name] = f"s3://{prepared.settings.bucket}/benchmarks/{rel}"
+        if src.is_dir():
+            store.upload_dir(src, paths[name])
+        else:
+            store.put_file(src, paths[name])
+    if paths != cfg.benchmark_paths:
+        say(
+            f"benchmarks: {', '.join(sorted(paths))} -> s3://{prepared.settings.bucket}/benchmarks/"
+        )
+        prepared.raw = {
+            **raw,
+            "evaluate": {**(raw.get("evaluate") or {}), "benchmark_paths": paths},
+        }
+
+
 def prepare_docker(prepared: PreparedRun, say: Say) -> dict[str, Any]:
     """All checks, then the model upload; returns the DockerRunner keyword arguments."""
     client = engine_client()
@@ -133,6 +175,7 @@ def prepare_docker(prepared: PreparedRun, say: Say) -> dict[str, Any]:
     finally:
         client.close()
     prepared.model_path = model_to_s3(prepared, say)
+    benchmarks_to_s3(prepared, say)
     kwargs: dict[str, Any] = {
         "environment": env,
         # The embedded S3 listens on 127.0.0.1: the containers share the host network.

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,7 +94,8 @@ class Config(StrictModel):
         None, description="folder laid out like shared/data (default: PATCHGAP_DATA_DIR)"
     )
     benchmark_paths: dict[str, str] = Field(
-        default_factory=dict, description="override a general benchmark's location (path or s3://)"
+        default_factory=dict,
+        description="override a named benchmark's location (path or s3://), math or general",
     )
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="generation backend for the math and boxed-letter sets"
@@ -193,6 +194,9 @@ def _math_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
             spec = bm.MathSetSpec(
                 ms.path, ms.question_field, ms.answer_field, ms.solution_field, ms.id_field
             )
+            items = bm.load_math_set(spec, data_dir)
+        elif ms.name in config.benchmark_paths and ms.name in bm.MATH_SETS:
+            spec = replace(bm.MATH_SETS[ms.name], path=config.benchmark_paths[ms.name])
             items = bm.load_math_set(spec, data_dir)
         else:
             items = bm.load_math_set(ms.name, data_dir)
