@@ -21,6 +21,9 @@ def test_containers_get_s3_settings_and_token_but_no_host_paths(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
     env = container_env(
         {
             "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:8333",
@@ -33,4 +36,5 @@ def test_containers_get_s3_settings_and_token_but_no_host_paths(
         "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:8333",
         "PATCHGAP_IMAGE_TAG": "dev",
         "HF_TOKEN": "hf_x",
+        "HF_HUB_OFFLINE": "1",
     }

@@ -30,11 +30,15 @@ _S3_PROBE = (
 )
 
 
+#: Passed on from this process when set: the hub token and the offline switches.
+HUB_ENV = ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
 def container_env(env: dict[str, str]) -> dict[str, str]:
-    """The run's environment as the containers get it (S3 settings, HF_TOKEN; no host paths)."""
+    """The run's environment as the containers get it (S3 settings, hub token and offline
+    switches; no host paths)."""
     out = {k: v for k, v in env.items() if k not in HOST_ONLY_ENV}
-    if os.environ.get("HF_TOKEN"):
-        out["HF_TOKEN"] = os.environ["HF_TOKEN"]
+    out.update({k: os.environ[k] for k in HUB_ENV if os.environ.get(k)})
     return out
 
 
