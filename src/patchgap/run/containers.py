@@ -169,8 +169,28 @@ def benchmarks_to_s3(prepared: PreparedRun, say: Say) -> None:
         }
 
 
+def run_step_container(
+    client: Any, image: str, command: list[str], volumes: dict[str, Any], **run_args: Any
+) -> int:
+    """One step's container, as kfp.local runs it but removed after ``wait`` rather than
+    auto-removed: when a quick step is gone before kfp asks for its logs, podman's Docker API
+    answers 500 where docker answers 404, and kfp only tolerates the 404."""
+    run_args.pop("auto_remove", None)
+    container = client.containers.run(
+        image=image, command=command, detach=True, volumes=volumes, **run_args
+    )
+    try:
+        for line in container.logs(stream=True):
+            print(line.decode(errors="replace"), end="")
+        return int(container.wait()["StatusCode"])
+    finally:
+        container.remove(force=True)
+
+
 def prepare_docker(prepared: PreparedRun, say: Say) -> dict[str, Any]:
     """All checks, then the model upload; returns the DockerRunner keyword arguments."""
+    from kfp.local import docker_task_handler
+
     client = engine_client()
     try:
         check_images(client, prepared.settings.pipeline)
@@ -180,6 +200,9 @@ def prepare_docker(prepared: PreparedRun, say: Say) -> dict[str, Any]:
         client.close()
     prepared.model_path = model_to_s3(prepared, say)
     benchmarks_to_s3(prepared, say)
+    # kfp.local looks this function up at each step; the images are checked above, so kfp's
+    # own pull-if-missing is not needed.
+    docker_task_handler.run_docker_container = run_step_container
     kwargs: dict[str, Any] = {
         "environment": env,
         # The embedded S3 listens on 127.0.0.1: the containers share the host network.
