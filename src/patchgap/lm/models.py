@@ -313,16 +313,18 @@ def _hub_model(repo_id: str) -> Path:
 def _s3_model(uri: str) -> Path:
     """Download the model folder at ``uri`` (written with its manifest) into the cache; files
     already there with the right checksum are kept."""
-    from patchgap.storage.store import Store, parse_uri
+    from patchgap.storage.store import S3Url, Store, parse_uri, safe_target
 
-    loc = parse_uri(uri.rstrip("/") + "/")
+    loc = parse_uri(uri)
+    assert isinstance(loc, S3Url)
     store = Store.from_env()
     if store.read_manifest(uri) is None:
         raise ConfigError(
             f"model {uri}: no _manifest.json there, so it is not a complete model folder; "
             f"upload one with `patchgap models push NAME {uri}`"
         )
-    dest = models_cache_dir() / "s3" / loc.bucket / loc.key
+    # safe_target refuses keys with ".." that would land outside the cache.
+    dest = safe_target(models_cache_dir() / "s3", f"{loc.bucket}/{loc.key.strip('/')}")
     store.download_dir(uri, dest)
     if not (dest / "config.json").is_file():
         raise ConfigError(f"model {uri}: no config.json in it (not a transformers model folder)")
