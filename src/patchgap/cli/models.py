@@ -1,4 +1,5 @@
-"""``patchgap models prepare|ls|info``: local model folders (aliases, conversion, inspection)."""
+"""``patchgap models prepare|ls|info|push``: model folders (aliases, conversion, inspection, upload
+to S3 for pods)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
 from patchgap.errors import ConfigError
 
 app = typer.Typer(
-    help="Prepare and inspect local model folders (no hub access).",
+    help="Prepare, inspect and upload model folders.",
     no_args_is_help=True,
 )
 console = Console()
@@ -119,3 +120,21 @@ def info(
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         console.print(f"{key:<{width}}  {value}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def push(
+    name: str = typer.Argument(..., help="Alias (smollm2), model folder or hub id."),
+    uri: str = typer.Argument(..., help="s3:// prefix, e.g. s3://patchgap/models/smollm2"),
+) -> None:
+    """Upload a model folder to S3 with its manifest; stages then accept the s3:// URI as model."""
+    from patchgap.lm import models
+
+    if not uri.startswith("s3://"):
+        raise ConfigError(f"push target {uri!r} is not an s3:// URI")
+    folder = models.push_model(name, uri)
+    console.print(
+        f"{name}: {_mb(models.folder_size(folder))} uploaded to {uri}",
+        highlight=False,
+        soft_wrap=True,
+    )

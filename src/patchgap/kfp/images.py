@@ -12,9 +12,11 @@ from patchgap import __version__
 
 DEFAULT_REGISTRY = "ghcr.io/patchgap"
 
-#: Stage name (as in patchgap.stages.STAGES) -> image name.
+#: Stage name (as in patchgap.stages.STAGES) -> image name; ``base`` (core + kfp) and ``torch``
+#: (base + the model stack) are the layers the others build on (images/build.sh).
 IMAGES = {
     "base": "patchgap-base",
+    "torch": "patchgap-torch",
     "train_rewriter": "patchgap-train-rewriter",
     "rewrite": "patchgap-rewrite",
     "gate": "patchgap-gate",

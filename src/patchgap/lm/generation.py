@@ -120,8 +120,9 @@ def make_generator(
 ) -> Generator:
     """Build the backend ``config.backend`` for pi0 at ``model_path`` (+ a PEFT LoRA adapter).
 
-    ``model_path`` is a model folder or a name ``patchgap.lm.models.resolve_model`` knows
-    (``smollm2``). An already loaded ``model``/``tokenizer`` (transformers only) skips loading.
+    ``model_path`` is any reference ``patchgap.lm.models.resolve_model`` knows (a folder,
+    ``smollm2``, an ``s3://`` model folder, a hub id). An already loaded ``model``/``tokenizer``
+    (transformers only) skips loading.
     Without ``adapter_path`` pi0 generates alone: the prompt-only rewriting baseline.
     """
     cfg = config or GenerationConfig()
@@ -135,17 +136,11 @@ def make_generator(
 
 
 def resolve_model_path(model_path: str | Path) -> Path:
-    """A local model folder, or a known model name (``smollm2``) prepared by
-    ``patchgap.lm.models``."""
+    """The local folder of any model reference ``patchgap.lm.models.resolve_model`` accepts: a
+    folder, a known name (``smollm2``), an ``s3://`` model folder or a hub id."""
     from patchgap.lm.models import resolve_model
 
-    resolved = resolve_model(str(model_path))
-    if not Path(resolved).is_dir():
-        raise ConfigError(
-            f"model {model_path}: not a local folder nor a known model name; "
-            "give a model folder or e.g. 'smollm2'"
-        )
-    return Path(resolved)
+    return resolve_model(str(model_path))
 
 
 def _adapter_config(adapter_path: str | Path) -> tuple[Path, dict[str, Any]]:

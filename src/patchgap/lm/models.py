@@ -2,8 +2,9 @@
 resolution, LoRA merging, and a per-process cache.
 
 pi0 is any causal LM with a chat template. A model is named by a known alias (``smollm2``), a
-local folder, or a hub id (which only works online). Weights load from safetensors only, and
-``trust_remote_code`` stays off unless a caller turns it on.
+local folder, an ``s3://`` model folder with a manifest, or a hub id (downloaded into the Hugging
+Face cache). Weights load from safetensors only, and ``trust_remote_code`` stays off unless a
+caller turns it on.
 """
 
 from __future__ import annotations
@@ -247,14 +248,17 @@ def _sanity_generate(folder: Path) -> str:
 # Resolution and loading
 
 
-def resolve_model(name_or_path: str | Path) -> Path | str:
-    """Turn a model name into something ``from_pretrained`` can load.
+def resolve_model(name_or_path: str | Path) -> Path:
+    """Turn a model reference into a local folder ``from_pretrained`` can load.
 
     * a known alias (``smollm2``, ``SmolLM2-135M-Instruct``) -> its prepared folder, converting
       it first when needed;
     * an existing local folder -> that folder;
-    * a path-like name (``/``, ``./``, ``../``, ``~``) that does not exist -> :class:`ConfigError`;
-    * anything else -> returned as a hub id, which only loads online (tests run offline).
+    * ``s3://bucket/prefix`` -> a model folder with a manifest (``patchgap models push``),
+      downloaded and verified into ``<cache>/models/s3/``;
+    * a hub id (``owner/name``) -> a snapshot in the Hugging Face cache (``HF_HOME``),
+      downloaded with ``HF_TOKEN`` when it is set;
+    * anything else, a path-like name that does not exist included -> :class:`ConfigError`.
     """
     if isinstance(name_or_path, Path):
         if not name_or_path.is_dir():
@@ -263,12 +267,79 @@ def resolve_model(name_or_path: str | Path) -> Path | str:
     spec = known_model(name_or_path)
     if spec is not None:
         return prepare_model(spec.alias)
+    if name_or_path.startswith("s3://"):
+        return _s3_model(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         return local
     if name_or_path.startswith(("/", "./", "../", "~")) or local.exists():
         raise ConfigError(f"model folder {name_or_path} does not exist (or is not a folder)")
-    return name_or_path
+    return _hub_model(name_or_path)
+
+
+# What a causal LM needs from a hub repository: weights, configs, tokenizer, chat template.
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def _hub_model(repo_id: str) -> Path:
+    """The hub snapshot of ``repo_id`` (cached under ``HF_HOME``); one-line errors when the id
+    is malformed or the hub cannot be reached and the cache lacks it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(
+            f"model {repo_id!r} is neither a local folder, an s3:// model folder, a known alias "
+            f"({', '.join(KNOWN_MODELS)}) nor a hub id (owner/name)"
+        ) from None
+    try:
+        # HF_TOKEN (a Secret in a pod) is read by huggingface_hub itself.
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise ConfigError(
+            f"model {repo_id}: hub id not in the cache ({os.environ.get('HF_HOME', '~/.cache')}) "
+            "and the hub cannot be reached; give a local folder or an s3:// model folder "
+            "(patchgap models push), or run where the hub is reachable"
+        ) from None
+    except OSError as err:  # HfHubHTTPError: missing or gated repository, bad token
+        raise ConfigError(
+            f"model {repo_id}: cannot download from the hub ({err}); "
+            "check the id, and set HF_TOKEN for gated models"
+        ) from None
+
+
+def _s3_model(uri: str) -> Path:
+    """Download the model folder at ``uri`` (written with its manifest) into the cache; files
+    already there with the right checksum are kept."""
+    from patchgap.storage.store import S3Url, Store, parse_uri, safe_target
+
+    loc = parse_uri(uri)
+    assert isinstance(loc, S3Url)
+    store = Store.from_env()
+    if store.read_manifest(uri) is None:
+        raise ConfigError(
+            f"model {uri}: no _manifest.json there, so it is not a complete model folder; "
+            f"upload one with `patchgap models push NAME {uri}`"
+        )
+    # safe_target refuses keys with ".." that would land outside the cache.
+    dest = safe_target(models_cache_dir() / "s3", f"{loc.bucket}/{loc.key.strip('/')}")
+    store.download_dir(uri, dest)
+    if not (dest / "config.json").is_file():
+        raise ConfigError(f"model {uri}: no config.json in it (not a transformers model folder)")
+    return dest
+
+
+def push_model(name_or_path: str, uri: str) -> Path:
+    """Upload the model a reference names to ``uri`` with its manifest (``patchgap models
+    push``); returns the local folder that was uploaded."""
+    from patchgap.storage.store import Store
+
+    folder = resolve_model(name_or_path)
+    Store.from_env().upload_dir(folder, uri, metadata={"model": name_or_path})
+    return folder
 
 
 def device_for(device: str | None = None) -> str:

@@ -1,10 +1,11 @@
 """Run a pipeline on this machine with ``kfp.local`` and publish the run to S3.
 
 The subprocess runner (the embedded default) executes each component in this Python environment;
-the Docker runner executes the stage images (GPUs requested when present, podman through
-``DOCKER_HOST``). Afterwards every artifact of the local pipeline root is uploaded to
-``s3://<bucket>/runs/<run-id>/artifacts/`` and a run manifest (git commit, package versions,
-configs, input hashes, timings) to ``s3://<bucket>/runs/<run-id>/run.json``.
+the Docker runner executes the stage images (:mod:`patchgap.run.containers`: checks first, pi0
+through S3, GPUs requested when present, podman through ``DOCKER_HOST``). Afterwards every
+artifact of the local pipeline root is uploaded to ``s3://<bucket>/runs/<run-id>/artifacts/`` and
+a run manifest (git commit, package versions, configs, input hashes, timings) to
+``s3://<bucket>/runs/<run-id>/run.json``.
 """
 
 from __future__ import annotations
@@ -42,22 +43,15 @@ def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
     return args
 
 
-def _init_kfp_local(runner: str, pipeline_root: Path, env: dict[str, str]) -> None:
+def _init_kfp_local(prepared: PreparedRun, pipeline_root: Path, say: Say) -> None:
     from kfp import local
 
-    if runner == "subprocess":
+    if prepared.settings.runner == "subprocess":
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
         return
-    kwargs: dict[str, Any] = {
-        "environment": env,
-        # The embedded S3 listens on 127.0.0.1: the containers share the host network.
-        "network_mode": "host",
-        "shm_size": "8g",
-    }
-    if shutil.which("nvidia-smi"):
-        import docker
+    from patchgap.run.containers import prepare_docker
 
-        kwargs["device_requests"] = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    kwargs = prepare_docker(prepared, say)
     local.init(runner=local.DockerRunner(**kwargs), pipeline_root=str(pipeline_root))
 
 
@@ -73,8 +67,9 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
     s = prepared.settings
     root = home_dir() / "runs" / prepared.run_id
     root.mkdir(parents=True, exist_ok=True)
+    # First: the Docker runner's checks, and pi0 moved to S3, change the arguments.
+    _init_kfp_local(prepared, root / "pipeline-root", say)
     args = pipeline_arguments(prepared)
-    _init_kfp_local(s.runner, root / "pipeline-root", prepared.env)
     module = importlib.import_module(f"patchgap.pipelines.{s.pipeline}")
     say(f"running pipeline `{s.pipeline}` locally ({s.runner} runner); work folder {root}")
     t0 = time.time()

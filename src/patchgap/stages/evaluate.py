@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -120,7 +120,8 @@ class Config(StrictModel):
         None, description="folder laid out like shared/data (default: PATCHGAP_DATA_DIR)"
     )
     benchmark_paths: dict[str, str] = Field(
-        default_factory=dict, description="override a general benchmark's location (path or s3://)"
+        default_factory=dict,
+        description="override a named benchmark's location (path or s3://), math or general",
     )
     generation: GenerationConfig = Field(
         default_factory=lambda: GenerationConfig(max_new_tokens=512, gpu_memory_utilization=0.85),
@@ -279,6 +280,9 @@ def _math_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
     for ms in config.math:
         if ms.path is not None:
             items = bm.load_mapped_set(ms.path, ms.fields, data_dir)
+        elif ms.name in config.benchmark_paths and ms.name in bm.MATH_SETS:
+            spec = replace(bm.MATH_SETS[ms.name], path=config.benchmark_paths[ms.name])
+            items = bm.load_math_set(spec, data_dir)
         else:
             items = bm.load_math_set(ms.name, data_dir)
         sets[ms.name] = bm.take_subset(items, config.limit_for(ms.name), config.seed)
