@@ -154,6 +154,27 @@ def test_report_to_tensorboard_puts_event_files_beside_checkpoints_and_in_metric
     assert (uploaded / MANIFEST_NAME).is_file() and list(uploaded.glob("events.out.tfevents.*"))
 
 
+def test_report_to_mlflow_logs_the_run_to_the_tracking_server(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's own file store stands in for a tracking server: the Trainer's MLflow integration
+    logs the run's parameters and its loss there."""
+    mlflow = pytest.importorskip("mlflow")
+
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "patchgap-sft")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a real server would use a database
+    data = _dataset(tmp_path / "d.jsonl")
+    sft.run(
+        _config(tiny_llama, max_steps=2, report_to="mlflow"), {"dataset": data}, _outs(tmp_path)
+    )
+    client = mlflow.tracking.MlflowClient(store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("patchgap-sft").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert run.data.params["learning_rate"]
+
+
 def test_component_runs_the_stage(tiny_llama: Path, tmp_path: Path) -> None:
     import yaml
 
