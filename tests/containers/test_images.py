@@ -125,10 +125,18 @@ def _config(tmp: Path, model: Path, bucket: str) -> Path:
             "max_steps": 1,
             "checkpoint_uri": f"s3://{bucket}/checkpoints/rewriter",
         },
-        "rewrite": {"max_new_tokens": 8, "batch_size": 4, "state_uri": f"s3://{bucket}/state"},
+        "rewrite": {
+            "generation": {"max_new_tokens": 8, "batch_size": 4},
+            "state_uri": f"s3://{bucket}/state",
+        },
         "gate": {"batch_records": 4},
         "sft": {"max_length": 256, "num_epochs": 1, "per_device_batch_size": 2},
-        "evaluate": {"math": ["gsm8k"], "general": [], "limit": 3, "max_new_tokens": 8},
+        "evaluate": {
+            "math": ["gsm8k"],
+            "general": [],
+            "limit": 3,
+            "generation": {"max_new_tokens": 8},
+        },
     }
     path = tmp / "tiny-docker.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
