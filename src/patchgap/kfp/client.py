@@ -182,15 +182,18 @@ def get_run(target: KfpTarget, run_id: str, client: Any = None) -> RunStatus:
         raise PatchgapError(f"KFP run {run_id}: {_api_message(err)}") from err
 
 
+def _experiment_id(client: Any, target: KfpTarget, experiment: str | None) -> str | None:
+    if not experiment:
+        return None
+    found = client.get_experiment(experiment_name=experiment, namespace=target.namespace)
+    return found.experiment_id
+
+
 def list_runs(target: KfpTarget, experiment: str | None = None, limit: int = 20) -> list[RunStatus]:
     """The newest ``limit`` runs (optionally one experiment's), newest first."""
     client = target.client()
     try:
-        exp_id = None
-        if experiment:
-            exp_id = client.get_experiment(
-                experiment_name=experiment, namespace=target.namespace
-            ).experiment_id
+        exp_id = _experiment_id(client, target, experiment)
         resp = client.list_runs(
             experiment_id=exp_id,
             namespace=target.namespace,
@@ -288,11 +291,7 @@ def list_schedules(target: KfpTarget, experiment: str | None = None) -> list[dic
     """Recurring runs visible to this namespace (optionally one experiment's)."""
     client = target.client()
     try:
-        exp_id = None
-        if experiment:
-            exp_id = client.get_experiment(
-                experiment_name=experiment, namespace=target.namespace
-            ).experiment_id
+        exp_id = _experiment_id(client, target, experiment)
         resp = client.list_recurring_runs(
             experiment_id=exp_id, namespace=target.namespace, page_size=100
         )
