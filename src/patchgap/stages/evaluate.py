@@ -124,7 +124,7 @@ class Config(StrictModel):
         description="override a named benchmark's location (path or s3://), math or general",
     )
     generation: GenerationConfig = Field(
-        default_factory=lambda: GenerationConfig(max_new_tokens=512, gpu_memory_utilization=0.85),
+        default_factory=lambda: GenerationConfig(max_new_tokens=512),
         description="greedy generation for the math and boxed-letter sets (patchgap.lm."
         "generation); its batch_size, device, dtype and trust_remote_code also serve lm-eval",
     )
@@ -315,7 +315,8 @@ def generative_eval(
 
     if not math_sets and not choice_sets:
         return {}
-    gen = make_generator(model_path, None, config.generation)
+    work = sum(len(v) for v in math_sets.values()) + sum(len(v) for v in choice_sets.values())
+    gen = make_generator(model_path, None, config.generation, work=work)
     tok = gen.tokenizer  # type: ignore[attr-defined]
     results: dict[str, list[ItemResult]] = {}
     try:

