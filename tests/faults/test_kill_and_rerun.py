@@ -37,6 +37,8 @@ CHAIN = [
     ("sft", {"dataset": "dataset_r/d_r.jsonl"}, ["model", "metrics"]),
     ("evaluate", {}, ["report"]),
 ]
+#: Stages that keep their finished work beside their first output (``<output>.state``).
+STATEFUL = ("rewrite", "evaluate")
 
 
 def _run(kill: str, stage: str, args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -177,8 +179,15 @@ def test_each_stage_survives_sigkill_and_reruns_to_the_same_outputs(
             if kill == "manifest":  # its objects are all there; without a manifest, unused
                 assert store.list(f"{faulty}/{outputs[0]}")
                 assert store.read_manifest(f"{faulty}/{outputs[0]}") is None
+                if stage in STATEFUL:  # the resume state outlives the unfinished upload
+                    assert store.list(f"{faulty}/{outputs[0]}.state"), stage
         rerun = _run("0", stage, args)
         assert rerun.returncode == 0, (stage, rerun.stderr[-3000:])
+        if stage in STATEFUL:  # removed only now that the output is complete
+            assert store.list(f"{faulty}/{outputs[0]}.state") == [], stage
+        if stage == "rewrite":  # every batch came from the state, none was generated again
+            done = _metrics(rerun)
+            assert done["batches_resumed"] == done["batches"] > 0
         for name in outputs:
             want = _fingerprint(store, f"{clean}/{name}", stage)
             got = _fingerprint(store, f"{faulty}/{name}", stage)
