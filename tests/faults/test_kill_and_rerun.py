@@ -231,6 +231,7 @@ def _train_config(tmp: Path, tiny: Path, base: str) -> Path:
         "gradient_checkpointing": False,
         "lora": {"r": 8, "alpha": 16},
         "reward": {"judge": False},
+        "rollout": {"backend": "transformers"},
         "checkpoint_uri": f"{base}/checkpoints",
         "checkpoint_every": TRAIN_EVERY,
         "progress": False,
