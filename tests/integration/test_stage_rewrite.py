@@ -155,6 +155,38 @@ def test_a_crash_then_restart_gives_the_same_candidates_and_d_r(
     assert len(ids) == len(set(ids)) == 6
 
 
+def test_a_stage_killed_before_its_output_manifest_keeps_its_state_and_resumes(
+    tiny_llama: Path, gsm8k_slice: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state beside an s3:// output goes only once the output's manifest is written: a stage
+    that dies while its output is uploaded resumes every batch instead of generating it again."""
+    from patchgap.stages.base import execute
+    from patchgap.storage.store import MANIFEST_NAME, Store
+
+    out = f"s3://{s3_bucket}/candidates"
+    real_put = Store.put_bytes
+
+    def dies_at_the_manifest(self: Store, data: bytes, uri: str) -> None:
+        if str(uri) == f"{out}/{MANIFEST_NAME}":
+            raise RuntimeError("killed before the output's manifest")
+        real_put(self, data, uri)
+
+    monkeypatch.setattr(Store, "put_bytes", dies_at_the_manifest)
+    with pytest.raises(RuntimeError, match="killed"):
+        execute(rewrite, _config(tiny_llama), {"dataset": str(gsm8k_slice)}, {"candidates": out})
+    store = Store.from_env()
+    assert store.list(out) and store.read_manifest(out) is None  # objects there, not complete
+    assert len(store.list(f"{out}.state")) == 3  # every finished batch is still kept
+    monkeypatch.setattr(Store, "put_bytes", real_put)
+
+    again = execute(
+        rewrite, _config(tiny_llama), {"dataset": str(gsm8k_slice)}, {"candidates": out}
+    )
+    assert again.metrics["batches"] == 3 and again.metrics["batches_resumed"] == 3
+    assert store.read_manifest(out) is not None
+    assert store.list(f"{out}.state") == []  # removed once the output is complete
+
+
 def test_a_corrupt_state_batch_is_regenerated_not_fatal(tmp_path: Path) -> None:
     state = rewrite.RewriteState(str(tmp_path / "state"), "fp", 0, 1)
     rows = [{"id": "a", "candidates": []}, {"id": "b", "candidates": []}]

@@ -22,6 +22,7 @@ from patchgap.data.records import FieldMap, Record
 from patchgap.lm.generation import GenerationConfig
 from patchgap.progress import Progress
 from patchgap.prompts import REWRITE_TEMPLATE
+from patchgap.stages.base import after_outputs_kept
 
 log = logging.getLogger("patchgap.stages.rewrite")
 
@@ -400,11 +401,14 @@ def run(
         os.replace(tmp, final)
         # State only survives a crash; once the shard is complete it would just duplicate the
         # candidates (and pile up, one folder per fingerprint).
-        state.clear()
         if config.state_uri is None:
             import shutil
 
+            # Inside the output folder: it must go before the output is uploaded.
             shutil.rmtree(out_dir / "_state", ignore_errors=True)
+        else:
+            # In the store: only once the candidates' manifest is written.
+            after_outputs_kept(state.clear)
     finally:
         bar.close()
         backend = rewriter.backend
