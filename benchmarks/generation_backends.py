@@ -64,23 +64,10 @@ def _prompts(n: int) -> list[str]:
 
 
 def _adapter(folder: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from patchgap.lm.models import prepare_smollm2
+    from patchgap.lm.tiny import save_random_lora
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(prepare_smollm2())),
-        LoraConfig(r=64, lora_alpha=32, target_modules="all-linear", init_lora_weights=False),
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.002)
-    model.save_pretrained(folder)
-    return folder
+    return save_random_lora(prepare_smollm2(), folder, r=64, alpha=32, b_std=0.002)
 
 
 def _run_one(way: str, prompts: list[str], adapter: Path, new_tokens: int) -> dict:

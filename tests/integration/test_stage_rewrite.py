@@ -28,18 +28,9 @@ def gsm8k_slice(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def lora_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from patchgap.lm.tiny import save_random_lora
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(tiny_llama)),
-        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
-    )
-    out = tmp_path_factory.mktemp("adapter") / "rewriter"
-    model.save_pretrained(out)
-    return out
+    return save_random_lora(tiny_llama, tmp_path_factory.mktemp("adapter") / "rewriter")
 
 
 def _config(model: Path, generation: dict | None = None, **kw: object) -> rewrite.Config:
