@@ -3,8 +3,11 @@ written-out arithmetic, and the verdict on faithful and degenerate rewrites."""
 
 from __future__ import annotations
 
+import doctest
+
 import pytest
 
+from patchgap.reward import reasoning
 from patchgap.reward.reasoning import (
     BAD_ARITHMETIC,
     FEW_RESULTS,
@@ -36,6 +39,16 @@ FAITHFUL = (
     "what her parents gave, 15 * 2 = $30. What is still missing is 100 - 50 - 30 - 15 = $5. "
     "The answer is \\boxed{5}."
 )
+
+
+def test_docstring_examples_hold() -> None:
+    from patchgap.reward import scoring
+
+    result = doctest.testmod(reasoning)
+    assert result.attempted > 10 and result.failed == 0
+    # The pure helpers of the scorer (calibration sample and threshold, buckets).
+    result = doctest.testmod(scoring)
+    assert result.attempted > 3 and result.failed == 0
 
 
 def test_intermediate_results_come_from_gsm8k_annotations_without_the_final_answer() -> None:
