@@ -191,3 +191,39 @@ def test_a_corrupt_state_batch_is_regenerated_not_fatal(tmp_path: Path) -> None:
         assert state.load(1, ["a", "b"]) is None
     state.clear()
     assert state.store.list(state.prefix) == []
+
+
+def test_best_of_n_gives_the_greedy_rewrite_plus_n_samples(
+    tiny_llama: Path, gsm8k_slice: Path, tmp_path: Path
+) -> None:
+    greedy_dir, best_dir = tmp_path / "greedy", tmp_path / "best"
+    rewrite.run(_config(tiny_llama), {"dataset": gsm8k_slice}, {"candidates": greedy_dir})
+    cfg = _config(tiny_llama, generation={"n": 3, "temperature": 1.0}, include_greedy=True)
+    assert cfg.candidates_per_record == 4
+    metrics = rewrite.run(cfg, {"dataset": gsm8k_slice}, {"candidates": best_dir})
+    assert metrics["candidates"] == 6 * 4
+    for one, best in zip(_rows(greedy_dir), _rows(best_dir), strict=True):
+        cands = best["candidates"]
+        assert [c["sampling"] for c in cands] == ["greedy", "sample", "sample", "sample"]
+        assert [c["index"] for c in cands] == [0, 1, 2, 3]
+        # Candidate 0 is exactly what a greedy-only run generates.
+        assert cands[0]["text"] == one["candidates"][0]["text"]
+        assert one["candidates"][0]["sampling"] == "greedy"
+    with pytest.raises(ValueError, match="include_greedy"):
+        _config(tiny_llama, include_greedy=True)  # temperature 0: every candidate is greedy
+
+
+def test_include_greedy_off_keeps_the_resume_fingerprint(gsm8k_slice: Path) -> None:
+    """Batches finished before the setting existed are still picked up when it is off."""
+    a = rewrite.fingerprint(_config(Path("m")), gsm8k_slice, None)
+    b = rewrite.fingerprint(
+        _config(Path("m"), generation={"n": 2, "temperature": 1.0}), gsm8k_slice, None
+    )
+    c = rewrite.fingerprint(
+        _config(Path("m"), generation={"n": 2, "temperature": 1.0}, include_greedy=True),
+        gsm8k_slice,
+        None,
+    )
+    assert len({a, b, c}) == 3
+    settings = _config(Path("m")).model_dump(mode="json")
+    assert settings["include_greedy"] is False  # present in the config, absent from the hash
