@@ -279,7 +279,7 @@ def test_calibrated_judge_sets_its_threshold_on_the_references_before_gating(
     refs = [r["answer"] for r in gsm8k_records]
     answers = [r["answer"].rpartition("####")[2].strip() for r in gsm8k_records]
     margins = [
-        v[0].margin
+        v[0].log_odds  # the default calibration score
         for v in scorer.judge.verdicts(
             [r["question"] for r in gsm8k_records], answers, [[s] for s in refs]
         )

@@ -317,7 +317,9 @@ def test_calibrated_judge_thresholds_at_a_quantile_of_the_references_margins() -
     from patchgap.errors import ConfigError
     from patchgap.reward.scoring import calibrated_threshold
 
-    scorer = _kind_scorer("pi0_calibrated", judge_calibration={"quantile": 0.25})
+    scorer = _kind_scorer(
+        "pi0_calibrated", judge_calibration={"quantile": 0.25, "score": "difference"}
+    )
     with pytest.raises(ConfigError, match="not calibrated"):
         scorer.score_groups(["q"], ["4"], [["\\boxed{4}"]])
     refs = [f"margin={m} \\boxed{{4}}" for m in (-0.4, -0.2, -0.1, 0.0, 0.3)]
@@ -334,6 +336,19 @@ def test_calibrated_judge_thresholds_at_a_quantile_of_the_references_margins() -
     assert m["reward/calibration_references"] == 5
     assert m["reward/calibration_reference_acceptance"] == pytest.approx(0.8)
     assert "pi0_calibrated: P(YES) - P(NO) >= -0.2" in scorer.describe_judge()
+
+
+def test_calibrated_judge_on_log_odds_by_default() -> None:
+    import math
+
+    scorer = _kind_scorer("pi0_calibrated", judge_calibration={"quantile": 0.5})
+    refs = [f"margin={m} \\boxed{{4}}" for m in (-0.2, -0.1, 0.0)]
+    threshold = scorer.calibrate(["q"] * 3, ["4"] * 3, refs)
+    assert threshold == pytest.approx(math.log(0.25 / 0.35))  # the median: P(YES) .25, P(NO) .35
+    terms = scorer.score_groups(["q"], ["4"], [["margin=-0.15 \\boxed{4}", refs[1], refs[2]]])[0]
+    assert [t.judge_ok for t in terms] == [False, True, True]
+    assert terms[2].judge_score == pytest.approx(0.0)
+    assert "log P(YES)/P(NO) >= -0.3365" in scorer.describe_judge()
 
 
 def test_calibration_sample_depends_on_the_ids_only() -> None:

@@ -11,9 +11,10 @@ The reward math lives in :mod:`patchgap.reward.rewards`; this module measures it
 - :class:`GroupRewardScorer`: r_task (``answers.equivalent`` AND judge), r_dist, r_div, total.
 
 The judge (``RewardConfig.judge_kind``) is one of three: ``pi0``, the paper's (accept when
-P(YES) >= P(NO)); ``pi0_calibrated``, the same scores with the threshold set on pi0's scores of
-the reference solutions (:meth:`GroupRewardScorer.calibrate`), for a pi0 too small to say YES
-to anything; ``reasoning_check``, no model at all (:mod:`patchgap.reward.reasoning`).
+P(YES) >= P(NO)); ``pi0_calibrated``, the same verdicts with the threshold set on pi0's scores
+of reference solutions (:meth:`GroupRewardScorer.calibrate`, :class:`JudgeCalibration`), for a
+pi0 too small to say YES to anything; ``reasoning_check``, no model at all
+(:mod:`patchgap.reward.reasoning`).
 
 Why it is fast on a CPU, where matmuls are compute-bound and batching alone buys nothing: the
 question prefix of a group (or the judge prompt up to the candidate) runs once and its KV cache is
@@ -68,12 +69,17 @@ class JudgeCalibration(StrictModel):
 
     The judge scores the ``references`` reference solutions whose record ids have the smallest
     sha256 (so the same references whatever the order or sharding of the data), each as a
-    candidate for its own question; its margin m = P(YES) - P(NO) per reference. The threshold
-    is the ``quantile`` of those margins (numpy's linear interpolation between order
-    statistics); a candidate is accepted when its margin is at least the threshold. With the
+    candidate for its own question. Its score is ``log_odds``, log P(YES) - log P(NO) (the
+    default: the mass pi0 puts on other first tokens cancels out), or ``difference``,
+    P(YES) - P(NO); both are 0 where the paper's rule P(YES) >= P(NO) decides. The threshold is
+    the ``quantile`` of the references' scores (numpy's linear interpolation between order
+    statistics); a candidate is accepted when its score is at least the threshold. With the
     default 0.1, nine in ten reference solutions would pass their own judge.
     """
 
+    score: Literal["log_odds", "difference"] = Field(
+        "log_odds", description="log_odds: log P(YES) - log P(NO); difference: P(YES) - P(NO)"
+    )
     quantile: float = Field(
         0.1, ge=0, le=1, description="share of reference solutions the threshold may reject"
     )
@@ -91,8 +97,8 @@ class RewardConfig(StrictModel):
     judge: bool = Field(True, description="run the reasoning judge (off: r_task = answer check)")
     judge_kind: JudgeKind = Field(
         "pi0",
-        description="pi0 (the paper's: P(YES) >= P(NO)), pi0_calibrated (P(YES) - P(NO) at "
-        "least a quantile of the references' margins) or reasoning_check (no model: the "
+        description="pi0 (the paper's: P(YES) >= P(NO)), pi0_calibrated (log P(YES)/P(NO) at "
+        "least a quantile of the reference solutions' scores) or reasoning_check (no model: the "
         "rewrite restates the reference's intermediate results, keeps its length, does not "
         "quote the question, gets its arithmetic right)",
     )
@@ -149,14 +155,14 @@ def calibration_sample(items: Iterable[T], n: int, key: Callable[[T], str]) -> l
     return heapq.nsmallest(n, items, key=lambda it: hashlib.sha256(key(it).encode()).digest())
 
 
-def calibrated_threshold(margins: Sequence[float], quantile: float) -> float:
-    """The ``quantile`` of the references' margins (linear interpolation), the pi0_calibrated
-    judge's acceptance threshold.
+def calibrated_threshold(scores: Sequence[float], quantile: float) -> float:
+    """The ``quantile`` of the references' judge scores (linear interpolation), the
+    pi0_calibrated judge's acceptance threshold; non-finite scores are left out.
 
     >>> calibrated_threshold([-0.4, -0.2, -0.1, 0.0, 0.3], 0.25)
     -0.2
     """
-    values = np.asarray([m for m in margins if math.isfinite(m)], dtype=np.float64)
+    values = np.asarray([m for m in scores if math.isfinite(m)], dtype=np.float64)
     if values.size == 0:
         raise ConfigError("judge calibration: no reference solution could be scored")
     return float(np.quantile(values, quantile, method="linear"))
@@ -491,8 +497,14 @@ class JudgeVerdict:
 
     @property
     def margin(self) -> float:
-        """P(YES) - P(NO): the paper accepts at 0, the calibrated judge at its threshold."""
+        """P(YES) - P(NO): the paper accepts at 0."""
         return self.raw_yes - self.raw_no
+
+    @property
+    def log_odds(self) -> float:
+        """log P(YES) - log P(NO), also 0 where the paper's rule decides."""
+        tiny = 1e-300  # a probability that underflowed to 0 still orders correctly
+        return math.log(max(self.raw_yes, tiny)) - math.log(max(self.raw_no, tiny))
 
     @property
     def accepted(self) -> bool:
@@ -782,8 +794,8 @@ class GroupRewardScorer:
         """Set the ``pi0_calibrated`` judge's threshold from its scores of reference solutions.
 
         Each reference solution is judged as a candidate for its own question; the threshold is
-        ``judge_calibration.quantile`` of their margins P(YES) - P(NO). Pass the references
-        :func:`calibration_sample` picks. Other judges keep their rule and return None.
+        ``judge_calibration.quantile`` of their scores (:class:`JudgeCalibration`). Pass the
+        references :func:`calibration_sample` picks. Other judges keep their rule and return None.
         """
         if self.config.active_judge != "pi0_calibrated":
             return None
@@ -792,26 +804,38 @@ class GroupRewardScorer:
         if not questions:
             raise ConfigError("judge calibration: no reference solutions to calibrate on")
         verdicts = judge.verdicts(questions, reference_answers, [[s] for s in reference_solutions])
-        margins = [v[0].margin for v in verdicts]
-        q = self.config.judge_calibration.quantile
-        self.judge_threshold = calibrated_threshold(margins, q)
+        scores = [self._model_score(v[0]) for v in verdicts]
+        cal = self.config.judge_calibration
+        self.judge_threshold = calibrated_threshold(scores, cal.quantile)
         self.calibration = {
+            "score": cal.score,
             "threshold": self.judge_threshold,
-            "quantile": q,
-            "references": len(margins),
-            "reference_acceptance": float(np.mean([m >= self.judge_threshold for m in margins])),
-            "paper_rule_reference_acceptance": float(np.mean([m >= 0 for m in margins])),
-            "margin_median": float(np.median(margins)),
+            "quantile": cal.quantile,
+            "references": len(scores),
+            "reference_acceptance": float(np.mean([m >= self.judge_threshold for m in scores])),
+            "paper_rule_reference_acceptance": float(np.mean([m >= 0 for m in scores])),
+            "score_median": float(np.median(scores)),
         }
         log.info(
-            "judge calibration: threshold P(YES) - P(NO) >= %.4f (quantile %.2f of %d reference "
-            "solutions; the paper's rule, >= 0, would accept %.0f%% of them)",
+            "judge calibration: threshold %s >= %.4f (quantile %.2f of %d reference solutions; "
+            "the paper's rule, >= 0, would accept %.0f%% of them)",
+            cal.score,
             self.judge_threshold,
-            q,
-            len(margins),
+            cal.quantile,
+            len(scores),
             100 * self.calibration["paper_rule_reference_acceptance"],
         )
         return self.judge_threshold
+
+    def _model_score(self, verdict: JudgeVerdict) -> float:
+        """What the model judge thresholds: P(YES) - P(NO) for the paper's rule and the
+        ``difference`` calibration, log P(YES) - log P(NO) for the ``log_odds`` one."""
+        if (
+            self.config.active_judge == "pi0_calibrated"
+            and self.config.judge_calibration.score == "log_odds"
+        ):
+            return verdict.log_odds
+        return verdict.margin
 
     def describe_judge(self) -> str:
         """The judge in words, for reports."""
@@ -824,8 +848,9 @@ class GroupRewardScorer:
             c = self.calibration
             if not c:
                 return "pi0_calibrated (not calibrated)"
+            score = "log P(YES)/P(NO)" if c["score"] == "log_odds" else "P(YES) - P(NO)"
             return (
-                f"pi0_calibrated: P(YES) - P(NO) >= {c['threshold']:.4g} (quantile "
+                f"pi0_calibrated: {score} >= {c['threshold']:.4g} (quantile "
                 f"{c['quantile']:g} of {c['references']} reference solutions)"
             )
         r = self.config.reasoning_check
@@ -890,8 +915,8 @@ class GroupRewardScorer:
             for gi, (s, vs) in enumerate(zip(sel, verdicts, strict=True)):
                 for i, v in zip(s, vs, strict=True):
                     p_yes[gi][i] = v.p_yes
-                    score[gi][i] = v.margin
-                    judge_ok[gi][i] = v.margin >= self.judge_threshold
+                    score[gi][i] = self._model_score(v)
+                    judge_ok[gi][i] = score[gi][i] >= self.judge_threshold
         elif kind == "reasoning_check":
             assert reference_solutions is not None
             for gi, s in enumerate(sel):
