@@ -3,6 +3,7 @@ sample logs, pi0's drift answers and the NLLs every model gives them and held-ou
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,10 @@ def test_gold_logprob_and_its_per_character_form_from_a_sample_log() -> None:
         "target": 1,
         "filtered_resps": [[-3.0, False], [-4.5, False]],
     }
-    assert ev.gold_logprobs(ours) == {"gold_logprob": -4.5, "gold_logprob_norm": -0.5}
+    got = ev.gold_logprobs(ours)
+    assert (got["gold_logprob"], got["gold_logprob_norm"]) == (-4.5, -0.5)
+    # among the two choices: e^-4.5 / (e^-3 + e^-4.5)
+    assert got["gold_choice_logprob"] == pytest.approx(-1.5 - math.log1p(math.exp(-1.5)))
     # another task: choice lengths from lm-eval's continuations, less the target delimiter
     other = {
         "doc": {"q": "x"},
@@ -24,7 +28,8 @@ def test_gold_logprob_and_its_per_character_form_from_a_sample_log() -> None:
         "arguments": [["ctx", " abc"], ["ctx", " de"]],
         "filtered_resps": [[-6.0, True], [-1.0, False]],
     }
-    assert ev.gold_logprobs(other) == {"gold_logprob": -6.0, "gold_logprob_norm": -2.0}
+    got = ev.gold_logprobs(other)
+    assert (got["gold_logprob"], got["gold_logprob_norm"]) == (-6.0, -2.0)
     assert ev.gold_logprobs({"target": [0, 1], "filtered_resps": [[-1.0, True]]}) == {}
     assert ev.gold_logprobs({"target": 3, "filtered_resps": [[-1.0, True]]}) == {}
 

@@ -7,6 +7,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -243,6 +244,7 @@ class ItemResult:
     num_tokens: int | None = None
     gold_logprob: float | None = None
     gold_logprob_norm: float | None = None
+    gold_choice_logprob: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -562,9 +564,11 @@ def _metric(sample: Mapping[str, Any], name: str) -> float:
 
 
 def gold_logprobs(sample: Mapping[str, Any]) -> dict[str, float]:
-    """The gold choice's log-likelihood in an lm-eval multiple-choice sample log, and that
-    divided by the choice's length in characters (what acc_norm compares across choices);
-    empty when the sample has no single gold index or no per-choice log-likelihoods."""
+    """The gold choice's log-likelihood in an lm-eval multiple-choice sample log, that divided
+    by the choice's length in characters (what acc_norm compares across choices), and its
+    log-probability among the choices (log-softmax over the choices' log-likelihoods: what acc
+    turns into right or wrong); empty when the sample has no single gold index or no per-choice
+    log-likelihoods."""
     lls = [float(r[0]) for r in sample.get("filtered_resps") or [] if _is_pair(r)]
     gold = sample.get("target")
     if isinstance(gold, str) and gold.strip().isdigit():
@@ -580,7 +584,9 @@ def gold_logprobs(sample: Mapping[str, Any]) -> dict[str, float]:
         args = sample.get("arguments") or []
         cont = str(args[gold][1]) if gold < len(args) and len(args[gold]) == 2 else ""
         choice = cont[1:] if cont.startswith(" ") else cont
-    out = {"gold_logprob": lls[gold]}
+    top = max(lls)
+    log_z = top + math.log(sum(math.exp(v - top) for v in lls))
+    out = {"gold_logprob": lls[gold], "gold_choice_logprob": lls[gold] - log_z}
     if choice:
         out["gold_logprob_norm"] = lls[gold] / len(choice)
     return out
