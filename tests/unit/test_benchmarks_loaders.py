@@ -215,3 +215,9 @@ def test_heldout_set_reads_solutions_as_training_data(tmp_path: Path) -> None:
         bm.load_heldout_set("nope", p)
     with pytest.raises(DataError, match="not found"):
         bm.load_heldout_set("gsm8k", tmp_path / "missing.jsonl")
+
+
+def test_heldout_sets_are_the_math_sets_files() -> None:
+    # benchmark_paths names one file for both uses (the run uploads it once, under that name)
+    for name, (path, _) in bm.HELDOUT_SETS.items():
+        assert bm.MATH_SETS[name].path == path, name
