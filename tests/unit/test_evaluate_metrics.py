@@ -53,6 +53,8 @@ def test_continuous_values_are_keyed_as_the_report_reads_them() -> None:
         "heldout_nll:gsm8k": {"t-1": 0.9},
     }
     assert "gold_logprob:arc_easy" not in ev.continuous_values(general, cont, gold_logprob=False)
+    # the per-character form goes with acc_norm as the headline
+    assert "gold_logprob_norm:arc_easy" not in ev.continuous_values(general, cont, normalised=False)
 
 
 def test_settings_name_known_sets_and_change_the_resume_fingerprint() -> None:

@@ -632,10 +632,11 @@ def drift_questions(config: Config, data_dir: Path | None) -> list[tuple[str, st
     if names is None:
         names = [b for b in config.general if b in bm.MC_SETS]
     if not names:
-        log.warning(
-            "evaluate: drift is on but no project multiple-choice set to draw questions from; "
-            "set drift.benchmarks (e.g. [arc_easy, piqa]) or drift.enabled: false"
-        )
+        if config.general:  # without general benchmarks no forgetting is asked for at all
+            log.warning(
+                "evaluate: drift is on but no project multiple-choice set to draw questions "
+                "from; set drift.benchmarks (e.g. [arc_easy, piqa]) or drift.enabled: false"
+            )
         return []
     sets = {b: bm.load_mc_set(b, config.benchmark_paths.get(b), data_dir) for b in names}
     return bm.general_questions(sets, config.drift.questions, config.seed)
@@ -837,14 +838,16 @@ def continuous_values(
     general: Mapping[str, Sequence[ItemResult]],
     continuous: Mapping[str, Sequence[Mapping[str, Any]]],
     gold_logprob: bool = True,
+    normalised: bool = True,
 ) -> dict[str, dict[str, float]]:
     """One model's per-item continuous values keyed as the forgetting report reads them:
-    ``gold_logprob:<bench>``, ``gold_logprob_norm:<bench>``, ``drift_nll``,
-    ``heldout_nll:<set>`` (item id -> value)."""
+    ``gold_logprob:<bench>``, ``gold_logprob_norm:<bench>`` (with ``normalised``: when acc_norm
+    is the headline), ``drift_nll``, ``heldout_nll:<set>`` (item id -> value)."""
     out: dict[str, dict[str, float]] = {}
     if gold_logprob:
+        fields = ("gold_logprob", "gold_logprob_norm") if normalised else ("gold_logprob",)
         for bench, items in general.items():
-            for field in ("gold_logprob", "gold_logprob_norm"):
+            for field in fields:
                 vals = {r.id: getattr(r, field) for r in items if getattr(r, field) is not None}
                 if vals:
                     out[f"{field}:{bench}"] = vals
@@ -915,7 +918,9 @@ def run(
             )
             scores[label] = {b: {r.id: r.correct for r in rs} for b, rs in results.items()}
             general_items = {b: results[b] for b in config.general if b in results}
-            values[label] = continuous_values(general_items, continuous, config.gold_logprob)
+            values[label] = continuous_values(
+                general_items, continuous, config.gold_logprob, config.mc_metric == "acc_norm"
+            )
     downstream = list(math_sets)
     general = [f"{n}_gen" for n in choice_sets] + list(config.general)
     table = forgetting_table(
