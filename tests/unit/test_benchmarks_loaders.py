@@ -182,3 +182,42 @@ def test_rendered_task_yamls_point_at_data_dir(tmp_path: Path) -> None:
         tmp_path / "t2", data_dir=tmp_path, paths={"piqa": str(tmp_path / "elsewhere")}
     )
     assert f'path: "{tmp_path / "elsewhere"}"' in (moved / "piqa.yaml").read_text()
+
+
+def test_drift_questions_are_a_fixed_sample_spread_over_the_sets() -> None:
+    def mc(prefix: str, n: int, passage: str | None = None) -> list[bm.MCItem]:
+        return [
+            bm.MCItem(f"{prefix}{i}", f"Q {prefix}{i}?", ["a", "b"], 0, passage) for i in range(n)
+        ]
+
+    sets = {"arc": mc("a", 30), "piqa": mc("p", 30), "agi": mc("g", 30, "A passage.")}
+    qs = bm.general_questions(sets, 8, seed=1)
+    assert [b for b, _, _ in qs].count("arc") == 3 and [b for b, _, _ in qs].count("agi") == 2
+    assert qs == bm.general_questions(sets, 8, seed=1)
+    assert qs != bm.general_questions(sets, 8, seed=2)
+    agi = next(text for b, _, text in qs if b == "agi")
+    assert agi.startswith("A passage.\n\nQ g")  # the passage comes before its question
+    assert bm.general_questions({}, 5) == []
+
+
+def test_heldout_set_reads_solutions_as_training_data(tmp_path: Path) -> None:
+    p = _jsonl(
+        tmp_path / "test.jsonl",
+        [
+            {"question": "1 + 1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"},
+            {"question": "2 + 2?", "answer": "2 + 2 = 4\n#### 4"},
+        ],
+    )
+    recs = bm.load_heldout_set("gsm8k", p)
+    assert [r.question for r in recs] == ["1 + 1?", "2 + 2?"]
+    assert recs[0].solution == "1 + 1 = <<1+1=2>>2\n#### 2"  # as D holds it, unchanged
+    with pytest.raises(ConfigError, match="held-out"):
+        bm.load_heldout_set("nope", p)
+    with pytest.raises(DataError, match="not found"):
+        bm.load_heldout_set("gsm8k", tmp_path / "missing.jsonl")
+
+
+def test_heldout_sets_are_the_math_sets_files() -> None:
+    # benchmark_paths names one file for both uses (the run uploads it once, under that name)
+    for name, (path, _) in bm.HELDOUT_SETS.items():
+        assert bm.MATH_SETS[name].path == path, name

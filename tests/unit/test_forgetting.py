@@ -125,3 +125,104 @@ def test_end_of_run_summary_fits_the_terminal_and_says_how_to_fetch_the_report(
     assert f"report: {folder / 'report.html'}" in summary
     assert "patchgap artifacts get run-7 ./run-7 --bucket bkt" in summary
     assert "./run-7/artifacts/evaluate/report/report.html" in summary
+
+
+def _values(shift_d: float, shift_r: float, n: int = 200, seed: int = 0) -> dict:
+    """Per-item continuous values: base, SFT on D losing ``shift_d`` nats of gold log-prob (and
+    drifting by it), SFT on D_R losing ``shift_r``; noise on every item."""
+    import random
+
+    rng = random.Random(seed)
+    base_lp = {b: {f"q{i}": rng.gauss(-20.0, 8.0) for i in range(n)} for b in ("arc", "mmlu")}
+    base_drift = {f"d{i}": rng.gauss(1.0, 0.3) for i in range(n)}
+    held = {f"h{i}": rng.gauss(1.2, 0.2) for i in range(n)}
+
+    def model(shift: float, learn: float) -> dict:
+        out = {
+            f"gold_logprob:{b}": {k: v - shift + rng.gauss(0, 0.3) for k, v in items.items()}
+            for b, items in base_lp.items()
+        }
+        out["drift_nll"] = {k: v + shift / 10 + rng.gauss(0, 0.02) for k, v in base_drift.items()}
+        out["heldout_nll:gsm8k"] = {k: v - learn + rng.gauss(0, 0.02) for k, v in held.items()}
+        return out
+
+    return {
+        "base": model(0.0, 0.0)
+        | {f"gold_logprob:{b}": v for b, v in base_lp.items()}
+        | {"drift_nll": base_drift, "heldout_nll:gsm8k": held},
+        "sft_d": model(shift_d, 0.3),
+        "sft_dr": model(shift_r, 0.3),
+    }
+
+
+def test_continuous_metrics_resolve_what_accuracy_cannot() -> None:
+    from patchgap.reports.evaluation import continuous_verdicts, render_markdown
+
+    table = forgetting_table(
+        _scores(), ["math"], ["arc", "mmlu"], bootstrap_reps=300, values=_values(0.5, 0.25)
+    )
+    cont = table["continuous"]
+    assert cont["metrics"] == [
+        "gold_logprob:arc",
+        "gold_logprob:mmlu",
+        "drift_nll",
+        "heldout_nll:gsm8k",
+    ]
+    d, r = cont["models"]["sft_d"], cont["models"]["sft_dr"]
+    # model - base: both lost gold log-probability, significantly, despite 8 nats of item spread
+    arc = d["vs_base"]["gold_logprob:arc"]
+    assert arc["diff"] == pytest.approx(-0.5, abs=0.08) and arc["high"] < 0 and arc["n"] == 200
+    assert arc["sd_diff"] == pytest.approx(0.3, abs=0.05)
+    assert d["logprob_forgetting"]["diff"] == pytest.approx(0.5, abs=0.08)  # base - model
+    assert d["logprob_forgetting"]["p_bootstrap"] < 0.01
+    assert d["heldout"]["diff"] == pytest.approx(-0.3, abs=0.02)  # learned the downstream task
+    # D_R against D: half the forgetting and half the drift
+    assert r["logprob_forgetting_diff"]["diff"] == pytest.approx(0.25, abs=0.08)
+    assert r["reduction_logprob"] == pytest.approx(0.5, abs=0.2)
+    assert r["drift_diff"]["diff"] == pytest.approx(0.025, abs=0.01)
+    assert r["reduction_drift"] == pytest.approx(0.5, abs=0.2)
+    verdicts = continuous_verdicts(table)
+    assert {v["measure"] for v in verdicts if v["holds"]} == {
+        "loss of log P(gold)",
+        "drift from pi0",
+    }
+    md = render_markdown(table)
+    assert "### sft_dr" in md and "| log P(gold) arc (nats/item) |" in md
+    assert "drift from pi0: sft_dr < sft_d holds" in md and "Forgetting in continuous metrics" in md
+    # the accuracy-based forgetting stays beside it
+    assert "| sft_dr | +18.0% | +5.0% | +4.0% |" in md
+
+
+def test_no_continuous_reduction_when_sft_on_d_does_not_forget() -> None:
+    table = forgetting_table(
+        _scores(), ["math"], ["arc"], bootstrap_reps=200, values=_values(0.0, 0.2)
+    )
+    r = table["continuous"]["models"]["sft_dr"]
+    assert r["reduction_logprob"] is None and r["reduction_drift"] is None
+    assert any(
+        "loss of gold log-probability not computed" in c for c in table["continuous"]["caveats"]
+    )
+    # tuned models scored on fewer items are paired on the shared ones
+    values = _values(0.5, 0.25)
+    values["sft_d"]["drift_nll"] = dict(list(values["sft_d"]["drift_nll"].items())[:50])
+    t = forgetting_table(_scores(), ["math"], ["arc"], bootstrap_reps=100, values=values)
+    assert t["continuous"]["models"]["sft_d"]["vs_base"]["drift_nll"]["n"] == 50
+    assert "continuous" not in forgetting_table(_scores(), ["math"], ["arc"], bootstrap_reps=50)
+
+
+def test_reproduction_report_shows_the_continuous_metrics_beside_accuracy() -> None:
+    from patchgap.reports.results import RunResults, render
+
+    table = forgetting_table(
+        _scores(), ["math"], ["arc", "mmlu"], bootstrap_reps=200, values=_values(0.5, 0.25)
+    )
+    md = render(
+        RunResults("run-1", {"status": "succeeded"}, evaluation={"forgetting_table": table})
+    )
+    assert md.index("### Accuracy") < md.index("### Continuous metrics against the base")
+    assert "#### sft_d\n" in md and "#### sft_dr\n" in md
+    assert "| held-out NLL gsm8k (nats/token) |" in md and "| drift: NLL of pi0's answers" in md
+    assert "#### Forgetting in continuous metrics" in md
+    assert "| model | downstream gain | F arc | F mmlu |" in md  # accuracy-based F kept
+    old = {k: v for k, v in table.items() if k != "continuous"}  # a results.json from before
+    assert "Continuous" not in render(RunResults("r", {}, evaluation={"forgetting_table": old}))

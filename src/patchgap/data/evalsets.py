@@ -413,6 +413,55 @@ def load_mc_format(fmt: str, path: Path) -> list[MCItem]:
     return items
 
 
+# ----------------------------------------------------------------------------- held-out and drift
+
+#: Held-out reference solutions for the downstream NLL: name -> (path in the data directory, the
+#: field preset training data of that kind is read with, so solutions look as they do in D).
+HELDOUT_SETS: dict[str, tuple[str, str]] = {
+    "gsm8k": ("gsm8k/test.jsonl", "gsm8k"),
+    "math500": ("math500/test.jsonl", "math500"),
+    "minerva_math": ("qwen25math_eval/minerva_math/test.jsonl", "auto"),
+}
+
+
+def load_heldout_set(
+    name: str, path: str | Path | None = None, data_dir: Path | None = None
+) -> list[Any]:
+    """Problems with reference solutions (:class:`~patchgap.data.records.Record`) of a held-out
+    set, read with the training data's loader; records without a solution are left out."""
+    from patchgap.data.records import DatasetSpec, load_records
+
+    try:
+        default, preset = HELDOUT_SETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown held-out set {name!r}; known: {sorted(HELDOUT_SETS)}") from None
+    local = resolve_path(path or default, data_dir)
+    if not local.exists():
+        raise DataError(f"{local}: held-out set {name!r} not found")
+    result = load_records(DatasetSpec(source=str(local), fields=preset))
+    records = [r for r in result.records if r.solution.strip()]
+    if not records:
+        raise DataError(f"{local}: no problems with a reference solution")
+    return records
+
+
+def general_questions(
+    sets: dict[str, Sequence[MCItem]], count: int, seed: int = 0
+) -> list[tuple[str, str, str]]:
+    """A fixed seeded sample of ``count`` questions spread evenly over ``sets`` (earlier sets
+    take the remainder), as (benchmark, item id, question text with any passage before it)."""
+    names = list(sets)
+    if not names:
+        return []
+    out = []
+    for k, name in enumerate(names):
+        share = count // len(names) + (1 if k < count % len(names) else 0)
+        for item in take_subset(sets[name], share, seed) if share else []:
+            text = f"{item.passage}\n\n{item.question}" if item.passage else item.question
+            out.append((name, item.id, text.strip()))
+    return out
+
+
 # ----------------------------------------------------------------------------- subsets
 
 

@@ -1,6 +1,7 @@
 """The evaluation report: the forgetting table and per-benchmark accuracies as Markdown and
-self-contained HTML, with plots (grouped bars per benchmark, gain vs forgetting), and a JSON of
-every number."""
+self-contained HTML, with plots (grouped bars per benchmark, gain vs forgetting), the paired
+continuous metrics beside them (gold-choice log-probability, drift from pi0, held-out NLL), and
+a JSON of every number."""
 
 from __future__ import annotations
 
@@ -67,6 +68,134 @@ def forgetting_rows(table: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def metric_label(metric: str) -> str:
+    """How a continuous metric key reads in a table."""
+    name, _, arg = metric.partition(":")
+    return {
+        "gold_logprob": f"log P(gold) {arg} (nats/item)",
+        "gold_logprob_norm": f"log P(gold) per char {arg}",
+        "drift_nll": "drift: NLL of pi0's answers (nats/token)",
+        "heldout_nll": f"held-out NLL {arg} (nats/token)",
+    }.get(name, metric)
+
+
+def _num(v: float | None, fmt: str = "+.4f") -> str:
+    return "n/a" if v is None else format(float(v), fmt)
+
+
+def _ci(test: Mapping[str, Any] | None, fmt: str = "+.4f") -> str:
+    if not test:
+        return "n/a"
+    return f"{_num(test['diff'], fmt)} [{_num(test['low'], fmt)}, {_num(test['high'], fmt)}]"
+
+
+def continuous_model_rows(table: Mapping[str, Any], label: str) -> list[list[str]]:
+    """One tuned model's continuous metrics against the base: the base's and the model's mean,
+    the mean paired difference (model - base) with its 95% interval, p, n and the SD of the
+    per-item differences."""
+    cont = table.get("continuous") or {}
+    row = (cont.get("models") or {}).get(label) or {}
+    rows = [["metric", "base", label, "delta (model - base) [95% CI]", "p", "n", "SD of delta"]]
+    for metric in cont.get("metrics", []):
+        t = row.get("vs_base", {}).get(metric)
+        if not t:
+            continue
+        rows.append(
+            [
+                metric_label(metric),
+                _num(t["mean_b"], ".4f"),
+                _num(t["mean_a"], ".4f"),
+                _ci(t),
+                _p(t["p_bootstrap"]),
+                str(t["n"]),
+                _num(t["sd_diff"], ".4f"),
+            ]
+        )
+    return rows
+
+
+def continuous_forgetting_rows(table: Mapping[str, Any]) -> list[list[str]]:
+    """One row per tuned model: forgetting in gold log-probability, drift from pi0 and held-out
+    NLL change (each with a 95% interval and p against the base), and for the rewritten models
+    the reductions against SFT on D with the paired p."""
+    cont = table.get("continuous") or {}
+    head = ["model", "F log P(gold) [95% CI]", "p (F log P)", "drift [95% CI]", "p (drift)"]
+    head += ["held-out NLL change [95% CI]", "p (held-out)"]
+    head += ["reduction (log P)", "p (R vs D, log P)"]
+    head += ["reduction (drift)", "p (R vs D, drift)"]
+    rows = [head]
+    for label, row in (cont.get("models") or {}).items():
+        f, d, h = row.get("logprob_forgetting"), row["vs_base"].get("drift_nll"), row.get("heldout")
+        cells = [label, _ci(f), _p(f and f["p_bootstrap"]), _ci(d), _p(d and d["p_bootstrap"])]
+        cells += [_ci(h), _p(h and h["p_bootstrap"])]
+        if "vs_baseline" in row:
+            fd, dd = row.get("logprob_forgetting_diff"), row.get("drift_diff")
+            cells += [_pct(row.get("reduction_logprob"), True), _p(fd and fd["p_bootstrap"])]
+            cells += [_pct(row.get("reduction_drift"), True), _p(dd and dd["p_bootstrap"])]
+        else:
+            cells += ["-", "-", "-", "-"]
+        rows.append(cells)
+    return rows
+
+
+def continuous_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """For every rewritten model: does SFT on D_R lose less gold log-probability, and drift less
+    from pi0, than SFT on D, by the paired tests (``holds``: favours D_R with p < ALPHA)?"""
+    cont = table.get("continuous") or {}
+    out = []
+    for label, row in (cont.get("models") or {}).items():
+        for measure, key in (
+            ("loss of log P(gold)", "logprob_forgetting_diff"),
+            ("drift from pi0", "drift_diff"),
+        ):
+            test = row.get(key)
+            if not test:
+                continue
+            diff, p = float(test["diff"]), float(test["p_bootstrap"])
+            out.append(
+                {
+                    "model": label,
+                    "baseline": cont.get("baseline"),
+                    "measure": measure,
+                    "d_minus_r": diff,
+                    "low": float(test["low"]),
+                    "high": float(test["high"]),
+                    "p": p,
+                    "holds": diff > 0 and p < ALPHA,
+                    "direction": "less" if diff > 0 else ("more" if diff < 0 else "equal"),
+                }
+            )
+    return out
+
+
+def continuous_verdict_sentences(table: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for v in continuous_verdicts(table):
+        status = "holds" if v["holds"] else "is not shown"
+        lines.append(
+            f"{v['measure']}: {v['model']} < {v['baseline']} {status} at this size: D - R = "
+            f"{v['d_minus_r']:+.4f} [95% CI {v['low']:+.4f}, {v['high']:+.4f}], p = {_p(v['p'])}."
+        )
+    return lines
+
+
+CONTINUOUS_NOTE = (
+    "Paired per item against the base: log P(gold) is lm-eval's log-likelihood of the gold "
+    "choice on every general item (per char: divided by its length, as acc_norm compares); "
+    "drift is the NLL per token, under each model, of pi0's own greedy answers to a fixed set of "
+    "general questions (model - base estimates KL(pi0 || model) per token on pi0's outputs); "
+    "held-out NLL is the NLL per token of held-out reference solutions in SFT's chat format. "
+    "Intervals and p: paired bootstrap over items."
+)
+CONTINUOUS_F_NOTE = (
+    "F log P(gold) = mean over general benchmarks of the gold log-probability lost (base - "
+    "model, nats per item; positive = forgetting); drift and held-out NLL change are model - "
+    "base (nats per token; drift positive = moved away from pi0, held-out negative = learned); "
+    "reduction = 1 - R / D against SFT on D, shown only when SFT on D's value is significantly "
+    "positive; p (R vs D): paired bootstrap of D - R."
+)
+
+
 ALPHA = 0.05
 VERDICT_TEST = (
     "paired bootstrap over items (2,000 resamples within each general benchmark, so each keeps "
@@ -104,6 +233,13 @@ def forgetting_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+CONTINUOUS_TEST = (
+    "paired bootstrap over items of D - R (log P(gold): resampled within each general "
+    "benchmark, the mean over benchmarks of log P_R(gold) - log P_D(gold); drift: the mean of "
+    f"NLL_D - NLL_R on pi0's answers), two-sided, alpha = {ALPHA}"
+)
+
+
 def verdict_sentences(table: Mapping[str, Any]) -> list[str]:
     lines = []
     for v in forgetting_verdicts(table):
@@ -131,17 +267,20 @@ def render_text(table: Mapping[str, Any], width: int) -> str:
     from rich.table import Table
 
     console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
-    for title, first, rows in (
+    grids = [
         ("Accuracy (95% Wilson interval)", "benchmark", accuracy_rows(table)),
         (f"Forgetting against {table['baseline']}", "", forgetting_rows(table)),
-    ):
+    ]
+    if table.get("continuous"):
+        grids.append(("Continuous forgetting (paired)", "", continuous_forgetting_rows(table)))
+    for title, first, rows in grids:
         grid = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
         for head in (first, *(r[0] for r in rows[1:])):
             grid.add_column(head, overflow="fold")
         for i, label in enumerate(rows[0][1:], start=1):
             grid.add_row(label, *(r[i] for r in rows[1:]))
         console.print(grid, markup=False)
-    for line in verdict_sentences(table):
+    for line in verdict_sentences(table) + continuous_verdict_sentences(table):
         console.print(line, markup=False)
     text = console.file.getvalue()  # type: ignore[attr-defined]
     return "\n".join(line.rstrip() for line in text.rstrip().splitlines())
@@ -221,8 +360,14 @@ def plot_scatter(table: Mapping[str, Any], path: Path) -> Path:
 
 
 def table_sections(table: Mapping[str, Any], level: str, note: str) -> list[str]:
-    """Markdown lines: accuracy table, forgetting table (after ``note``), verdicts, caveats."""
+    """Markdown lines: accuracy table, the continuous metrics per tuned model, forgetting tables
+    (after ``note``), verdicts, caveats."""
     lines = [f"{level} Accuracy (95% Wilson interval)", "", md_table(accuracy_rows(table)), ""]
+    cont = table.get("continuous")
+    if cont and cont.get("models"):
+        lines += [f"{level} Continuous metrics against the base", "", CONTINUOUS_NOTE, ""]
+        for label in cont["models"]:
+            lines += [f"{level}# {label}", "", md_table(continuous_model_rows(table, label)), ""]
     lines += [
         f"{level} Forgetting",
         "",
@@ -231,12 +376,21 @@ def table_sections(table: Mapping[str, Any], level: str, note: str) -> list[str]
         md_table(forgetting_rows(table)),
         "",
     ]
+    if cont and cont.get("models"):
+        lines += [f"{level}# Forgetting in continuous metrics", "", CONTINUOUS_F_NOTE, ""]
+        lines += [md_table(continuous_forgetting_rows(table)), ""]
     verdicts = verdict_sentences(table)
-    if verdicts:
+    more = continuous_verdict_sentences(table)
+    if verdicts or more:
         lines += [f"{level}# Does SFT on D_R forget less than SFT on D?", ""]
-        lines += [f"- {v}" for v in verdicts] + ["", f"Test: {VERDICT_TEST}.", ""]
-    if table.get("caveats"):
-        lines += [f"{level}# Caveats", ""] + [f"- {c}" for c in table["caveats"]] + [""]
+        lines += [f"- {v}" for v in verdicts + more] + [""]
+        if verdicts:
+            lines += [f"Test: {VERDICT_TEST}.", ""]
+        if more:
+            lines += [f"Test of the continuous measures: {CONTINUOUS_TEST}.", ""]
+    caveats = list(table.get("caveats") or []) + list((cont or {}).get("caveats") or [])
+    if caveats:
+        lines += [f"{level}# Caveats", ""] + [f"- {c}" for c in caveats] + [""]
     return lines
 
 
@@ -265,7 +419,24 @@ def render_html(
     meta = "".join(
         f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in (extra or {}).items()
     )
-    caveats = "".join(f"<li>{html.escape(c)}</li>" for c in table["caveats"])
+    cont = table.get("continuous") or {}
+    caveats = "".join(
+        f"<li>{html.escape(c)}</li>" for c in [*table["caveats"], *cont.get("caveats", [])]
+    )
+    continuous = ""
+    if cont.get("models"):
+        continuous = (
+            f"<h2>Continuous metrics against the base</h2><p>{html.escape(CONTINUOUS_NOTE)}</p>"
+            + "".join(
+                f"<h3>{html.escape(label)}</h3>{_html_table(continuous_model_rows(table, label))}"
+                for label in cont["models"]
+            )
+            + f"<h3>Forgetting in continuous metrics</h3><p>{html.escape(CONTINUOUS_F_NOTE)}</p>"
+            + _html_table(continuous_forgetting_rows(table))
+            + "<ul>"
+            + "".join(f"<li>{html.escape(v)}</li>" for v in continuous_verdict_sentences(table))
+            + f"</ul><p>Test: {html.escape(CONTINUOUS_TEST)}.</p>"
+        )
     style = (
         "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}th{background:#f4f4f4}"
@@ -283,6 +454,7 @@ def render_html(
             if table.get("rewritten")
             else ""
         )
+        + continuous
         + (f"<h3>Caveats</h3><ul>{caveats}</ul>" if caveats else "")
         + f"<h2>Plots</h2>{_img(bars)}{_img(scatter)}</body></html>"
     )
@@ -307,6 +479,7 @@ def write_report(
     payload = {
         "forgetting_table": table,
         "verdicts": forgetting_verdicts(table),
+        "continuous_verdicts": continuous_verdicts(table),
         **(numbers or {}),
         "info": dict(extra or {}),
     }

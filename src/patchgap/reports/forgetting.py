@@ -1,6 +1,9 @@
 """The forgetting table (arXiv 2602.11220): downstream gain over pi0,
 forgetting per general benchmark (acc_base - acc_tuned) and its average, and the forgetting
-reduction 1 - F_R / F_D of each rewritten variant against SFT on D, with paired significance."""
+reduction 1 - F_R / F_D of each rewritten variant against SFT on D, with paired significance;
+beside it the continuous metrics, paired by item (the gold choice's log-probability on every
+general item, the NLL of pi0's own answers to general questions, the NLL of held-out reference
+solutions), which resolve a given change with far fewer items than accuracy does."""
 
 from __future__ import annotations
 
@@ -8,13 +11,27 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from patchgap.errors import ConfigError
-from patchgap.reports.stats import accuracy, paired_test, stratified_mean_diff
+from patchgap.reports.stats import (
+    accuracy,
+    paired_mean_diff,
+    paired_test,
+    stratified_mean_diff,
+    stratified_paired_mean,
+)
 
 #: Per model label, per benchmark: item id -> correct. Items are paired across models by id.
 Scores = Mapping[str, Mapping[str, Mapping[str, bool]]]
 
+#: Per model label, per metric: item id -> value. Metrics: ``gold_logprob:<bench>`` and
+#: ``gold_logprob_norm:<bench>`` (log-likelihood of the gold choice, and per character),
+#: ``drift_nll`` (nats/token of pi0's answers), ``heldout_nll:<set>`` (nats/token of references).
+Values = Mapping[str, Mapping[str, Mapping[str, float]]]
+
 #: Below this |F_D| (absolute accuracy points as a fraction) a ratio against F_D is meaningless.
 NEAR_ZERO = 0.005
+
+#: A continuous forgetting of SFT on D with a paired p above this is not a base for a ratio.
+ALPHA = 0.05
 
 
 def _paired(scores: Scores, a: str, b: str, bench: str) -> tuple[list[bool], list[bool], int]:
@@ -56,12 +73,14 @@ def forgetting_table(
     near_zero: float = NEAR_ZERO,
     bootstrap_reps: int = 2000,
     seed: int = 0,
+    values: Values | None = None,
 ) -> dict[str, Any]:
     """Build the forgetting table for every model in ``scores`` against ``base``.
 
     ``rewritten`` lists the labels compared with ``baseline`` (default: every model other than
     base and baseline). Returns a JSON-ready dict: ``models`` (per label: accuracies with 95%
-    intervals, gains, forgetting, reductions, paired tests) and ``caveats`` (plain sentences).
+    intervals, gains, forgetting, reductions, paired tests) and ``caveats`` (plain sentences);
+    with per-item ``values`` also ``continuous`` (:func:`continuous_table`).
     """
     if base not in scores:
         raise ConfigError(f"forgetting table: base model {base!r} not among {sorted(scores)}")
@@ -144,7 +163,7 @@ def forgetting_table(
         test = row.get("forgetting_mean_test")
         if test is not None and label != base:
             row["forgetting_significant"] = test["p_bootstrap"] < 0.05
-    return {
+    table: dict[str, Any] = {
         "base": base,
         "baseline": baseline,
         "rewritten": [m for m in rewritten if m in models and m != baseline],
@@ -154,3 +173,144 @@ def forgetting_table(
         "models": models,
         "caveats": caveats,
     }
+    if values and any(values.values()):
+        table["continuous"] = continuous_table(
+            values,
+            general,
+            base=base,
+            baseline=baseline,
+            rewritten=table["rewritten"],
+            bootstrap_reps=bootstrap_reps,
+            seed=seed,
+        )
+    return table
+
+
+def _paired_values(values: Values, a: str, b: str, metric: str) -> tuple[list[float], list[float]]:
+    """Values of models ``a`` and ``b`` on the items of ``metric`` both have, in ``a``'s order."""
+    va, vb = (values.get(a) or {}).get(metric), (values.get(b) or {}).get(metric)
+    if not va or not vb:
+        return [], []
+    ids = [i for i in va if i in vb]
+    return [float(va[i]) for i in ids], [float(vb[i]) for i in ids]
+
+
+def continuous_metrics(values: Values, general: Sequence[str]) -> list[str]:
+    """The metric keys present in ``values``, in report order: gold log-prob per general
+    benchmark, its per-character variant, drift, held-out NLL per set."""
+    present = {m for per in values.values() for m in per}
+    order = [f"gold_logprob:{b}" for b in general] + [f"gold_logprob_norm:{b}" for b in general]
+    order += ["drift_nll"] + sorted(m for m in present if m.startswith("heldout_nll:"))
+    return [m for m in order if m in present]
+
+
+def continuous_table(
+    values: Values,
+    general: Sequence[str],
+    base: str = "base",
+    baseline: str | None = "sft_d",
+    rewritten: Sequence[str] = (),
+    bootstrap_reps: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Paired continuous metrics of every model against ``base`` (and rewritten against
+    ``baseline``), items paired by id.
+
+    Per model: ``vs_base[metric]`` (mean of model - base with a paired bootstrap 95% interval, p
+    and the SD of the per-item differences); ``logprob_forgetting``, the mean over general
+    benchmarks of the gold log-probability lost (base - model, nats per item; items resampled
+    within each benchmark); ``heldout``, the mean over held-out sets of the NLL change (model -
+    base, nats per token; negative = learned). Per rewritten model also ``vs_baseline[metric]``
+    (model - baseline), ``logprob_forgetting_diff`` (F_D - F_R: positive when D_R forgets less),
+    ``drift_diff`` (drift_D - drift_R: positive when D_R drifts less) and the reductions
+    ``1 - F_R / F_D`` and ``1 - drift_R / drift_D``, given only when SFT on D's forgetting (or
+    drift) is positive and significant (else a caveat).
+    """
+    metrics = continuous_metrics(values, general)
+    lp = [b for b in general if f"gold_logprob:{b}" in metrics]
+    heldout = [m for m in metrics if m.startswith("heldout_nll:")]
+    caveats: list[str] = []
+    models: dict[str, Any] = {}
+    if base not in values:
+        return {"base": base, "metrics": metrics, "models": {}, "caveats": caveats}
+    for label in values:
+        if label == base:
+            continue
+        row: dict[str, Any] = {"vs_base": {}}
+        for m in metrics:
+            a, b = _paired_values(values, label, base, m)
+            if a:
+                row["vs_base"][m] = paired_mean_diff(a, b, bootstrap_reps, seed).as_dict()
+        pairs = {b: _paired_values(values, base, label, f"gold_logprob:{b}") for b in lp}
+        pairs = {b: p for b, p in pairs.items() if p[0]}
+        if pairs:
+            row["logprob_forgetting"] = stratified_paired_mean(pairs, bootstrap_reps, seed)
+        held = {m: _paired_values(values, label, base, m) for m in heldout}
+        held = {m: p for m, p in held.items() if p[0]}
+        if held:
+            row["heldout"] = stratified_paired_mean(held, bootstrap_reps, seed)
+        models[label] = row
+    if baseline is not None and baseline in models:
+        f_d = models[baseline]
+        for label in rewritten:
+            if label not in models or label == baseline:
+                continue
+            row = models[label]
+            row["vs_baseline"] = {}
+            for m in metrics:
+                a, b = _paired_values(values, label, baseline, m)
+                if a:
+                    row["vs_baseline"][m] = paired_mean_diff(a, b, bootstrap_reps, seed).as_dict()
+            pairs = {b: _paired_values(values, label, baseline, f"gold_logprob:{b}") for b in lp}
+            pairs = {b: p for b, p in pairs.items() if p[0]}
+            if pairs:
+                row["logprob_forgetting_diff"] = stratified_paired_mean(pairs, bootstrap_reps, seed)
+            a, b = _paired_values(values, baseline, label, "drift_nll")
+            if a:
+                row["drift_diff"] = paired_mean_diff(a, b, bootstrap_reps, seed).as_dict()
+            row["reduction_logprob"] = _continuous_reduction(
+                row.get("logprob_forgetting"),
+                f_d.get("logprob_forgetting"),
+                label,
+                baseline,
+                "loss of gold log-probability",
+                caveats,
+            )
+            row["reduction_drift"] = _continuous_reduction(
+                row["vs_base"].get("drift_nll"),
+                f_d["vs_base"].get("drift_nll"),
+                label,
+                baseline,
+                "drift from pi0",
+                caveats,
+            )
+    return {
+        "base": base,
+        "baseline": baseline if baseline in models else None,
+        "metrics": metrics,
+        "models": models,
+        "caveats": caveats,
+    }
+
+
+def _continuous_reduction(
+    r: Mapping[str, Any] | None,
+    d: Mapping[str, Any] | None,
+    label: str,
+    baseline: str,
+    what: str,
+    caveats: list[str],
+) -> float | None:
+    """1 - R / D for a continuous forgetting measure, when SFT on D's is positive and its paired
+    test says so; otherwise None and a caveat saying why."""
+    if r is None or d is None:
+        return None
+    p = float(d.get("p_bootstrap", 1.0))
+    if float(d["diff"]) <= 0 or p >= ALPHA:
+        caveats.append(
+            f"{label}: reduction of the {what} not computed: SFT on D ({baseline}) shows "
+            f"{float(d['diff']):+.4f} (p = {p:.3g}), not a significant positive amount, so "
+            "1 - R/D would only measure noise."
+        )
+        return None
+    return 1.0 - float(r["diff"]) / float(d["diff"])

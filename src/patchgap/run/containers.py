@@ -132,7 +132,7 @@ def benchmarks_to_s3(prepared: PreparedRun, say: Say) -> None:
     ``s3://<bucket>/benchmarks/`` and point its ``benchmark_paths`` at them."""
     from pathlib import Path
 
-    from patchgap.data.evalsets import MATH_SETS, MC_SETS
+    from patchgap.data.evalsets import HELDOUT_SETS, MATH_SETS, MC_SETS
     from patchgap.settings import data_dir
     from patchgap.stages.base import section_config
     from patchgap.stages.evaluate import Config
@@ -141,11 +141,19 @@ def benchmarks_to_s3(prepared: PreparedRun, say: Say) -> None:
     raw = prepared.raw
     cfg = section_config(Config, raw, "evaluate", f"{prepared.config_path} [evaluate]")
     names = [m.name for m in cfg.math if m.path is None] + cfg.general + cfg.choice
+    # the held-out solutions and the drift questions come from named sets too
+    names += cfg.heldout.sets if cfg.heldout.enabled else []
+    names += (cfg.drift.benchmarks or []) if cfg.drift.enabled else []
     folder = Path(cfg.data_dir) if cfg.data_dir else data_dir()
     paths = dict(cfg.benchmark_paths)
     store = Store.from_env()
     for name in dict.fromkeys(names):
-        rel = MATH_SETS[name].path if name in MATH_SETS else MC_SETS.get(name, ("", ""))[1]
+        if name in MATH_SETS:
+            rel = MATH_SETS[name].path
+        elif name in HELDOUT_SETS:
+            rel = HELDOUT_SETS[name][0]
+        else:
+            rel = MC_SETS.get(name, ("", ""))[1]
         if name in paths or not rel:  # given already, or an lm-eval task with its own data
             continue
         src = folder / rel if folder is not None else None

@@ -7,6 +7,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -59,6 +60,64 @@ class MathSet(StrictModel):
         if self.path is None and self.fields != "auto":
             raise ValueError(f"math set {self.name!r}: fields apply to a custom set; set path")
         return self
+
+
+class DriftSettings(StrictModel):
+    """Drift from pi0 on general prompts: the NLL under each model of pi0's own greedy answers to
+    a fixed seeded sample of general questions. The mean per-item difference against the base
+    estimates KL(pi0 || model) per token on pi0's outputs (on its greedy answers, its mode, rather
+    than on samples)."""
+
+    enabled: bool = Field(True, description="score the drift from pi0 (needs the base model)")
+    questions: int = Field(
+        40, ge=1, description="general questions, a seeded sample spread evenly over benchmarks"
+    )
+    benchmarks: list[str] | None = Field(
+        None,
+        description="project multiple-choice sets the questions come from (arc_easy, piqa, "
+        "hellaswag, mmlu, ...); None = those among `general`",
+    )
+    max_new_tokens: int = Field(128, ge=1, description="longest greedy answer of pi0 (tokens)")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _known_sets(cls, value: list[str] | None) -> list[str] | None:
+        from patchgap.data.evalsets import MC_SETS
+
+        unknown = [b for b in value or [] if b not in MC_SETS]
+        if unknown:
+            raise ValueError(f"drift.benchmarks: unknown {unknown}; known: {sorted(MC_SETS)}")
+        return value
+
+
+class HeldoutSettings(StrictModel):
+    """Downstream NLL: held-out reference solutions given their question, in SFT's chat format."""
+
+    enabled: bool = Field(True, description="score the NLL of held-out reference solutions")
+    sets: list[str] = Field(
+        default_factory=lambda: ["gsm8k"],
+        description="held-out sets with reference solutions (gsm8k, math500, minerva_math: "
+        "their test splits)",
+    )
+    limit: int | None = Field(
+        100, ge=1, description="problems per set (fixed seeded subset); None = all"
+    )
+    max_tokens: int = Field(
+        512, ge=1, description="solution tokens scored per problem (longer ones are cut)"
+    )
+    prompt_template: str = Field(
+        "{question}", description="user turn built from the question, as sft.prompt_template"
+    )
+
+    @field_validator("sets")
+    @classmethod
+    def _known_sets(cls, value: list[str]) -> list[str]:
+        from patchgap.data.evalsets import HELDOUT_SETS
+
+        unknown = [b for b in value if b not in HELDOUT_SETS]
+        if unknown:
+            raise ValueError(f"heldout.sets: unknown {unknown}; known: {sorted(HELDOUT_SETS)}")
+        return value
 
 
 class Config(StrictModel):
@@ -116,6 +175,20 @@ class Config(StrictModel):
     mc_metric: Literal["acc", "acc_norm"] = Field(
         "acc_norm", description="lm-eval metric used for the forgetting table"
     )
+    gold_logprob: bool = Field(
+        True,
+        description="report the paired change of the gold choice's log-probability on every "
+        "general item (lm-eval's per-item log-likelihoods: no extra model work)",
+    )
+    drift: DriftSettings = Field(
+        default_factory=DriftSettings, description="drift from pi0 on general prompts"
+    )
+    heldout: HeldoutSettings = Field(
+        default_factory=HeldoutSettings, description="NLL of held-out reference solutions"
+    )
+    nll_batch_tokens: int = Field(
+        4096, ge=64, description="padded tokens per forward pass when scoring NLLs"
+    )
     data_dir: str | None = Field(
         None, description="folder laid out like shared/data (default: PATCHGAP_DATA_DIR)"
     )
@@ -169,6 +242,9 @@ class ItemResult:
     gold: str | None = None
     text: str | None = None
     num_tokens: int | None = None
+    gold_logprob: float | None = None
+    gold_logprob_norm: float | None = None
+    gold_choice_logprob: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -222,6 +298,7 @@ _NOT_IN_FINGERPRINT = {
     "base",
     "baseline",
     "rewritten",
+    "gold_logprob",
     "bootstrap_reps",
     "near_zero",
     "state_uri",
@@ -249,22 +326,40 @@ class EvalState:
 
     def load(self, model: str, bench: str) -> dict[str, Any] | None:
         """The saved result, or None when absent or unreadable (then it is recomputed)."""
+        return self.load_rows(model, bench, lambda rows: [ItemResult(**row) for row in rows])
+
+    def load_rows(
+        self,
+        model: str,
+        name: str,
+        convert: Callable[[list[dict[str, Any]]], Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """A saved ``{"items": [...], ...}`` body (items through ``convert``), or None when
+        absent or unreadable."""
         from patchgap.errors import StoreError
 
         try:
-            data = json.loads(self.store.get_bytes(self._uri(model, bench)))
-            data["items"] = [ItemResult(**row) for row in data["items"]]
+            data = json.loads(self.store.get_bytes(self._uri(model, name)))
+            if not isinstance(data.get("items"), list):
+                raise ValueError("no items")
+            if convert is not None:
+                data["items"] = convert(data["items"])
         except StoreError:
             return None
-        except (ValueError, TypeError, KeyError, RecursionError):
-            log.warning("evaluate: state %s is corrupt; recomputing", self._uri(model, bench))
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            log.warning("evaluate: state %s is corrupt; recomputing", self._uri(model, name))
             return None
         return data
 
     def save(self, model: str, bench: str, items: Sequence[ItemResult], **extra: Any) -> None:
-        body = {"items": [r.as_dict() for r in items], **extra}
+        self.save_rows(model, bench, [r.as_dict() for r in items], **extra)
+
+    def save_rows(
+        self, model: str, name: str, rows: Sequence[Mapping[str, Any]], **extra: Any
+    ) -> None:
+        body = {"items": list(rows), **extra}
         blob = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
-        self.store.put_bytes(blob, self._uri(model, bench))
+        self.store.put_bytes(blob, self._uri(model, name))
 
     def clear(self) -> None:
         self.store.delete_prefix(self.prefix)
@@ -450,6 +545,7 @@ def lm_eval_general(
                         if isinstance(s["doc"], dict)
                         else str(s["doc_id"]),
                         _metric(s, config.mc_metric) >= 1.0,
+                        **gold_logprobs(s),
                     )
                     for s in out["samples"].get(task, [])
                 ]
@@ -465,6 +561,35 @@ def _metric(sample: Mapping[str, Any], name: str) -> float:
     if value is None:
         raise DataError(f"lm-eval sample {sample.get('doc_id')}: no {name} (multiple-choice task?)")
     return float(value)
+
+
+def gold_logprobs(sample: Mapping[str, Any]) -> dict[str, float]:
+    """The gold choice's log-likelihood in an lm-eval multiple-choice sample log, that divided
+    by the choice's length in characters (what acc_norm compares across choices), and its
+    log-probability among the choices (log-softmax over the choices' log-likelihoods: what acc
+    turns into right or wrong); empty when the sample has no single gold index or no per-choice
+    log-likelihoods."""
+    lls = [float(r[0]) for r in sample.get("filtered_resps") or [] if _is_pair(r)]
+    gold = sample.get("target")
+    if isinstance(gold, str) and gold.strip().isdigit():
+        gold = int(gold)
+    if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(lls):
+        return {}
+    doc = sample.get("doc")
+    options = doc.get("options") if isinstance(doc, dict) else None
+    if isinstance(options, list) and len(options) == len(lls):
+        choice = str(options[gold])
+    else:
+        # lm-eval's continuation is the target delimiter (a space by default) and the choice
+        args = sample.get("arguments") or []
+        cont = str(args[gold][1]) if gold < len(args) and len(args[gold]) == 2 else ""
+        choice = cont[1:] if cont.startswith(" ") else cont
+    top = max(lls)
+    log_z = top + math.log(sum(math.exp(v - top) for v in lls))
+    out = {"gold_logprob": lls[gold], "gold_choice_logprob": lls[gold] - log_z}
+    if choice:
+        out["gold_logprob_norm"] = lls[gold] / len(choice)
+    return out
 
 
 def _slim_sample(s: Mapping[str, Any]) -> dict[str, Any]:
@@ -487,6 +612,255 @@ def _is_pair(r: Any) -> bool:
 
 def _clean(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, str)) and v != "N/A"}
+
+
+# ----------------------------------------------------------------------------- continuous metrics
+
+#: State and item-file names of the continuous metrics (per model), and of pi0's drift answers.
+DRIFT = "drift_nll"
+DRIFT_ANSWERS = "drift_answers"
+HELDOUT_PREFIX = "heldout_nll_"
+
+
+def drift_questions(config: Config, data_dir: Path | None) -> list[tuple[str, str, str]]:
+    """The fixed general questions pi0 answers for the drift metric: (benchmark, id, text)."""
+    if not config.drift.enabled:
+        return []
+    from patchgap.data import evalsets as bm
+
+    names = config.drift.benchmarks
+    if names is None:
+        names = [b for b in config.general if b in bm.MC_SETS]
+    if not names:
+        if config.general:  # without general benchmarks no forgetting is asked for at all
+            log.warning(
+                "evaluate: drift is on but no project multiple-choice set to draw questions "
+                "from; set drift.benchmarks (e.g. [arc_easy, piqa]) or drift.enabled: false"
+            )
+        return []
+    sets = {b: bm.load_mc_set(b, config.benchmark_paths.get(b), data_dir) for b in names}
+    return bm.general_questions(sets, config.drift.questions, config.seed)
+
+
+def heldout_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
+    """The held-out problems with reference solutions, a fixed seeded subset per set."""
+    if not config.heldout.enabled:
+        return {}
+    from patchgap.data import evalsets as bm
+
+    return {
+        name: bm.take_subset(
+            bm.load_heldout_set(name, config.benchmark_paths.get(name), data_dir),
+            config.heldout.limit,
+            config.seed,
+        )
+        for name in config.heldout.sets
+    }
+
+
+def pi0_answers(
+    config: Config, base_path: Path, questions: Sequence[tuple[str, str, str]]
+) -> list[dict[str, Any]]:
+    """pi0's greedy answer to every drift question (the texts every model is scored on)."""
+    from patchgap.lm.generation import make_generator
+    from patchgap.lm.models import apply_chat
+
+    gen_cfg = config.generation.model_copy(update={"max_new_tokens": config.drift.max_new_tokens})
+    gen = make_generator(base_path, None, gen_cfg, work=len(questions))
+    t0 = time.time()
+    try:
+        tok = gen.tokenizer  # type: ignore[attr-defined]
+        prompts = [apply_chat(tok, [{"role": "user", "content": q}]) for _, _, q in questions]
+        outs = _generate(gen, prompts, base_path, "drift answers")
+    finally:
+        gen.close()
+        del gen
+        gc.collect()
+    rows = [
+        {
+            "id": f"{bench}:{item_id}",
+            "benchmark": bench,
+            "question": question,
+            "answer": g.text,
+            "num_tokens": g.num_tokens,
+            "finish_reason": g.finish_reason,
+        }
+        for (bench, item_id, question), (g,) in zip(questions, outs, strict=True)
+    ]
+    tokens = sum(r["num_tokens"] for r in rows)
+    log.info(
+        "%s: %d drift answers, %d tokens (%.1f s)",
+        base_path.name,
+        len(rows),
+        tokens,
+        time.time() - t0,
+    )
+    return rows
+
+
+def continuous_eval(
+    config: Config,
+    model_path: Path,
+    answers: Sequence[Mapping[str, Any]],
+    heldout: Mapping[str, Sequence[Any]],
+    on_metric: Callable[[str, list[dict[str, Any]]], None] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """One model's NLL of pi0's drift answers (``answers``, may be empty) and of the held-out
+    reference solutions (``heldout``), per item: ``nll`` (nats per token), ``tokens``,
+    ``nll_sum``. ``on_metric`` is called as each metric finishes (to save it)."""
+    from patchgap.lm.likelihood import CompletionScorer, chat_completion_ids
+    from patchgap.progress import Progress
+    from patchgap.prompts import render
+
+    if not answers and not heldout:
+        return {}
+    scorer = CompletionScorer.load(
+        model_path,
+        device=config.generation.device,
+        dtype=config.generation.dtype,
+        trust_remote_code=config.generation.trust_remote_code,
+        max_batch_tokens=config.nll_batch_tokens,
+    )
+    tok = scorer.tokenizer
+    jobs: list[tuple[str, list[str], list[tuple[list[int], list[int]]]]] = []
+    if answers:
+        # An answer cut at its token limit never closed its turn: score only its own tokens.
+        pairs = [
+            chat_completion_ids(
+                tok, a["question"], a["answer"], close_turn=a["finish_reason"] == "stop"
+            )
+            for a in answers
+        ]
+        jobs.append((DRIFT, [str(a["id"]) for a in answers], pairs))
+    for name, records in heldout.items():
+        template = config.heldout.prompt_template
+        pairs = [
+            chat_completion_ids(
+                tok,
+                render(template, question=r.question),
+                r.solution,
+                max_tokens=config.heldout.max_tokens,
+            )
+            for r in records
+        ]
+        jobs.append((f"{HELDOUT_PREFIX}{name}", [str(r.id) for r in records], pairs))
+    results: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for metric, ids, pairs in jobs:
+            t0 = time.time()
+            with Progress(f"{model_path.name} {metric}", "items", total=len(pairs)) as bar:
+                scored = scorer.score(pairs, progress=bar.update)
+            rows = [
+                {
+                    "id": i,
+                    "nll": sc.mean if sc.tokens else None,
+                    "tokens": sc.tokens,
+                    "nll_sum": sc.nll,
+                }
+                for i, sc in zip(ids, scored, strict=True)
+            ]
+            results[metric] = rows
+            got = [r["nll"] for r in rows if r["nll"] is not None]
+            seconds = time.time() - t0
+            log.info(
+                "%s %s: mean NLL %.4f nats/token on %d items, %d tokens (%.1f s, %.0f tokens/s)",
+                model_path.name,
+                metric,
+                sum(got) / max(1, len(got)),
+                len(rows),
+                sum(r["tokens"] for r in rows),
+                seconds,
+                sum(r["tokens"] for r in rows) / max(seconds, 1e-9),
+            )
+            if on_metric is not None:
+                on_metric(metric, rows)
+    finally:
+        scorer.close()
+        del scorer
+        gc.collect()
+    return results
+
+
+def _drift_answers(
+    config: Config,
+    models: Mapping[str, Path],
+    questions: Sequence[tuple[str, str, str]],
+    state: EvalState,
+) -> list[dict[str, Any]]:
+    """pi0's drift answers: reused from the state when saved, else generated once and saved."""
+    if not questions:
+        return []
+    base = models.get(config.base)
+    if base is None:
+        log.warning("evaluate: no model labelled %r (pi0): drift is not scored", config.base)
+        return []
+    key = _model_key(base)
+    saved = state.load_rows(key, DRIFT_ANSWERS)
+    wanted = [f"{b}:{i}" for b, i, _ in questions]
+    if saved is not None and [r.get("id") for r in saved["items"]] == wanted:
+        log.info("evaluate: reusing pi0's %d drift answers", len(wanted))
+        return saved["items"]
+    rows = pi0_answers(config, base, questions)
+    state.save_rows(key, DRIFT_ANSWERS, rows)
+    return rows
+
+
+def _continuous_model(
+    config: Config,
+    path: Path,
+    state: EvalState,
+    answers: Sequence[Mapping[str, Any]],
+    heldout: Mapping[str, Sequence[Any]],
+) -> dict[str, list[dict[str, Any]]]:
+    """Reuse this model's saved continuous metrics; score those still missing, saving each."""
+    key = _model_key(path)
+    results: dict[str, list[dict[str, Any]]] = {}
+    wanted = ([DRIFT] if answers else []) + [f"{HELDOUT_PREFIX}{n}" for n in heldout]
+    for metric in wanted:
+        saved = state.load_rows(key, metric)
+        if saved is not None:
+            results[metric] = saved["items"]
+    todo_answers = answers if DRIFT in wanted and DRIFT not in results else []
+    todo_heldout = {n: v for n, v in heldout.items() if f"{HELDOUT_PREFIX}{n}" not in results}
+    results.update(
+        continuous_eval(
+            config,
+            path,
+            todo_answers,
+            todo_heldout,
+            on_metric=lambda metric, rows: state.save_rows(key, metric, rows),
+        )
+    )
+    return {m: results[m] for m in wanted if m in results}
+
+
+def continuous_values(
+    general: Mapping[str, Sequence[ItemResult]],
+    continuous: Mapping[str, Sequence[Mapping[str, Any]]],
+    gold_logprob: bool = True,
+    normalised: bool = True,
+) -> dict[str, dict[str, float]]:
+    """One model's per-item continuous values keyed as the forgetting report reads them:
+    ``gold_logprob:<bench>``, ``gold_logprob_norm:<bench>`` (with ``normalised``: when acc_norm
+    is the headline), ``drift_nll``, ``heldout_nll:<set>`` (item id -> value)."""
+    out: dict[str, dict[str, float]] = {}
+    if gold_logprob:
+        fields = ("gold_logprob", "gold_logprob_norm") if normalised else ("gold_logprob",)
+        for bench, items in general.items():
+            for field in fields:
+                vals = {r.id: getattr(r, field) for r in items if getattr(r, field) is not None}
+                if vals:
+                    out[f"{field}:{bench}"] = vals
+    for metric, rows in continuous.items():
+        key = (
+            f"heldout_nll:{metric.removeprefix(HELDOUT_PREFIX)}"
+            if metric.startswith(HELDOUT_PREFIX)
+            else metric
+        )
+        vals = {str(r["id"]): float(r["nll"]) for r in rows if r.get("nll") is not None}
+        if vals:
+            out[key] = vals
+    return out
 
 
 # ----------------------------------------------------------------------------- run
@@ -513,8 +887,13 @@ def run(
 
             tasks_dir = render_lm_eval_tasks(work / "tasks", data_dir, config.benchmark_paths)
         scores: dict[str, dict[str, dict[str, bool]]] = {}
+        values: dict[str, dict[str, dict[str, float]]] = {}
         aggregates: dict[str, Any] = {}
         state = EvalState(config.state_uri or str(out / "_state"), config)
+        heldout = heldout_items(config, data_dir)
+        answers = _drift_answers(config, models, drift_questions(config, data_dir), state)
+        if answers:
+            _write_jsonl_sets(out / "drift", {"pi0_answers": answers})
         for label, path in models.items():
             log.info("evaluating %s (%s)", label, path)
             results, agg, logs = _evaluate_model(config, path, state, math_sets, choice_sets)
@@ -532,10 +911,16 @@ def run(
                     logs.update(new_logs)
                 aggregates[label] = agg
                 _write_jsonl_sets(out / "lm_eval_samples" / label, logs)
+            continuous = _continuous_model(config, path, state, answers, heldout)
             _write_jsonl_sets(
-                out / "items" / label, {b: [r.as_dict() for r in rs] for b, rs in results.items()}
+                out / "items" / label,
+                {b: [r.as_dict() for r in rs] for b, rs in results.items()} | continuous,
             )
             scores[label] = {b: {r.id: r.correct for r in rs} for b, rs in results.items()}
+            general_items = {b: results[b] for b in config.general if b in results}
+            values[label] = continuous_values(
+                general_items, continuous, config.gold_logprob, config.mc_metric == "acc_norm"
+            )
     downstream = list(math_sets)
     general = [f"{n}_gen" for n in choice_sets] + list(config.general)
     table = forgetting_table(
@@ -548,12 +933,15 @@ def run(
         near_zero=config.near_zero,
         bootstrap_reps=config.bootstrap_reps,
         seed=config.seed,
+        values=values,
     )
     info = {
         "models": {k: str(v) for k, v in models.items()},
         "limit": config.limit,
         "seed": config.seed,
         "mc_metric": config.mc_metric,
+        "drift_questions": len(answers),
+        "heldout_items": {n: len(v) for n, v in heldout.items()},
         "seconds": round(time.time() - t0, 1),
     }
     write_report(table, out, info, {"lm_eval": aggregates})
@@ -635,6 +1023,15 @@ def _metrics(table: Mapping[str, Any]) -> dict[str, float]:
             "reduction_mean_of_ratios",
             "reduction_of_mean",
         ):
+            if row.get(key) is not None:
+                m[f"{label}/{key}"] = float(row[key])
+    cont = table.get("continuous") or {}
+    for label, row in (cont.get("models") or {}).items():
+        for metric, test in row.get("vs_base", {}).items():
+            m[f"{label}/{metric.replace(':', '/')}/delta"] = float(test["diff"])
+        if row.get("logprob_forgetting") is not None:
+            m[f"{label}/logprob_forgetting_mean"] = float(row["logprob_forgetting"]["diff"])
+        for key in ("reduction_logprob", "reduction_drift"):
             if row.get(key) is not None:
                 m[f"{label}/{key}"] = float(row[key])
     return m
