@@ -158,14 +158,21 @@ def continuous_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "baseline": cont.get("baseline"),
                     "measure": measure,
                     "d_minus_r": diff,
-                    "low": float(test["low"]),
-                    "high": float(test["high"]),
-                    "p": p,
-                    "holds": diff > 0 and p < ALPHA,
-                    "direction": "less" if diff > 0 else ("more" if diff < 0 else "equal"),
+                    **_verdict(diff, test, p),
                 }
             )
     return out
+
+
+def _verdict(diff: float, test: dict, p: float) -> dict:
+    """CI, p and the verdict of "D_R forgets less than D" for one paired difference D - R."""
+    return {
+        "low": float(test["low"]),
+        "high": float(test["high"]),
+        "p": p,
+        "holds": diff > 0 and p < ALPHA,
+        "direction": "less" if diff > 0 else ("more" if diff < 0 else "equal"),
+    }
 
 
 def continuous_verdict_sentences(table: Mapping[str, Any]) -> list[str]:
@@ -223,11 +230,7 @@ def forgetting_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "model": label,
                 "baseline": table["baseline"],
                 "f_d_minus_f_r": diff,
-                "low": float(test["low"]),
-                "high": float(test["high"]),
-                "p": p,
-                "holds": diff > 0 and p < ALPHA,
-                "direction": "less" if diff > 0 else ("more" if diff < 0 else "equal"),
+                **_verdict(diff, test, p),
             }
         )
     return out
