@@ -841,11 +841,12 @@ def continuous_values(
     normalised: bool = True,
 ) -> dict[str, dict[str, float]]:
     """One model's per-item continuous values keyed as the forgetting report reads them:
-    ``gold_logprob:<bench>``, ``gold_logprob_norm:<bench>`` (with ``normalised``: when acc_norm
-    is the headline), ``drift_nll``, ``heldout_nll:<set>`` (item id -> value)."""
+    ``gold_logprob:<bench>``, ``gold_choice_logprob:<bench>``, ``gold_logprob_norm:<bench>``
+    (with ``normalised``: when acc_norm is the headline), ``drift_nll``, ``heldout_nll:<set>``
+    (item id -> value)."""
     out: dict[str, dict[str, float]] = {}
     if gold_logprob:
-        fields = ("gold_logprob", "gold_logprob_norm") if normalised else ("gold_logprob",)
+        fields = ["gold_logprob", "gold_choice_logprob"] + ["gold_logprob_norm"] * normalised
         for bench, items in general.items():
             for field in fields:
                 vals = {r.id: getattr(r, field) for r in items if getattr(r, field) is not None}
@@ -1026,11 +1027,11 @@ def _metrics(table: Mapping[str, Any]) -> dict[str, float]:
     for label, row in (cont.get("models") or {}).items():
         for metric, test in row.get("vs_base", {}).items():
             m[f"{label}/{metric.replace(':', '/')}/delta"] = float(test["diff"])
-        if row.get("logprob_forgetting") is not None:
-            m[f"{label}/logprob_forgetting_mean"] = float(row["logprob_forgetting"]["diff"])
-        for key in ("reduction_logprob", "reduction_drift"):
-            if row.get(key) is not None:
-                m[f"{label}/{key}"] = float(row[key])
+        for measure, test in row.get("forgetting", {}).items():
+            m[f"{label}/forgetting/{measure}"] = float(test["diff"])
+        for measure, value in (row.get("reduction") or {}).items():
+            if value is not None:
+                m[f"{label}/reduction/{measure}"] = float(value)
     return m
 
 
