@@ -265,8 +265,8 @@ def test_continuous_metrics_of_a_damaged_tiny_model(
     assert cont["metrics"] == [
         "gold_logprob:arc_easy",
         "gold_logprob:piqa",
-        "gold_choice_logprob:arc_easy",
-        "gold_choice_logprob:piqa",
+        "gold_choice_prob:arc_easy",
+        "gold_choice_prob:piqa",
         "gold_logprob_norm:arc_easy",
         "gold_logprob_norm:piqa",
         "drift_nll",

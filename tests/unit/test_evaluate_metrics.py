@@ -50,7 +50,7 @@ def test_continuous_values_are_keyed_as_the_report_reads_them() -> None:
     vals = ev.continuous_values(general, cont)
     assert vals == {
         "gold_logprob:arc_easy": {"q1": -2.0},
-        "gold_choice_logprob:arc_easy": {"q1": -0.1},
+        "gold_choice_prob:arc_easy": {"q1": pytest.approx(math.exp(-0.1))},
         "gold_logprob_norm:arc_easy": {"q1": -0.2},
         "drift_nll": {"arc_easy:7": 1.5},
         "heldout_nll:gsm8k": {"t-1": 0.9},

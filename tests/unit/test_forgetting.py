@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,7 @@ def _values(shift_d: float, shift_r: float, n: int = 200, seed: int = 0) -> dict
             for b, items in base_lp.items()
         }
         out |= {
-            f"gold_choice_logprob:{b}": {k: -1.0 - shift / 5 + rng.gauss(0, 0.1) for k in items}
+            f"gold_choice_prob:{b}": {k: 0.5 - shift / 5 + rng.gauss(0, 0.1) for k in items}
             for b, items in base_lp.items()
         }
         out["drift_nll"] = {k: v + shift / 10 + rng.gauss(0, 0.02) for k, v in base_drift.items()}
@@ -169,8 +170,8 @@ def test_continuous_metrics_resolve_what_accuracy_cannot() -> None:
     assert cont["metrics"] == [
         "gold_logprob:arc",
         "gold_logprob:mmlu",
-        "gold_choice_logprob:arc",
-        "gold_choice_logprob:mmlu",
+        "gold_choice_prob:arc",
+        "gold_choice_prob:mmlu",
         "drift_nll",
         "heldout_nll:gsm8k",
     ]
@@ -181,25 +182,27 @@ def test_continuous_metrics_resolve_what_accuracy_cannot() -> None:
     assert arc["sd_diff"] == pytest.approx(0.3, abs=0.05)
     assert d["forgetting"]["gold_logprob"]["diff"] == pytest.approx(0.5, abs=0.08)  # base - model
     assert d["forgetting"]["gold_logprob"]["p_bootstrap"] < 0.01
-    assert d["forgetting"]["gold_choice_logprob"]["diff"] == pytest.approx(0.1, abs=0.03)
+    assert d["forgetting"]["gold_choice_prob"]["diff"] == pytest.approx(0.1, abs=0.03)
     assert d["forgetting"]["drift_nll"]["diff"] == pytest.approx(0.05, abs=0.01)
     assert d["heldout"]["diff"] == pytest.approx(-0.3, abs=0.02)  # learned the downstream task
     # D_R against D: half the forgetting and half the drift
     assert r["forgetting_diff"]["gold_logprob"]["diff"] == pytest.approx(0.25, abs=0.08)
     assert r["forgetting_diff"]["drift_nll"]["diff"] == pytest.approx(0.025, abs=0.01)
-    for measure in ("gold_logprob", "gold_choice_logprob", "drift_nll"):
+    for measure in ("gold_logprob", "gold_choice_prob", "drift_nll"):
         assert r["reduction"][measure] == pytest.approx(0.5, abs=0.2), measure
     verdicts = continuous_verdicts(table)
     assert {v["measure"] for v in verdicts if v["holds"]} == {
         "log P(gold)",
-        "log P(gold | choices)",
+        "P(gold | choices)",
         "drift from pi0",
     }
     md = render_markdown(table)
     assert "### sft_dr" in md and "| log P(gold) arc (nats/item) |" in md
     assert "forgetting in drift from pi0: sft_dr < sft_d holds" in md
     assert "Forgetting in continuous metrics" in md and "| sft_dr | drift from pi0 |" in md
-    assert "| sft_dr | log P(gold \\| choices) |" in md  # a table cell keeps its "|"
+    assert "| sft_dr | P(gold \\| choices) | +" in md  # a table cell keeps its "|"
+    # probabilities in percent
+    assert re.search(r"\| P\(gold \\\| choices\) arc \(soft accuracy\) \| \d+\.\d\d% \|", md)
     # the accuracy-based forgetting stays beside it
     assert "| sft_dr | +18.0% | +5.0% | +4.0% |" in md
 
@@ -209,7 +212,7 @@ def test_no_continuous_reduction_when_sft_on_d_does_not_forget() -> None:
         _scores(), ["math"], ["arc"], bootstrap_reps=200, values=_values(0.0, 0.2)
     )
     r = table["continuous"]["models"]["sft_dr"]
-    assert r["reduction"] == {"gold_logprob": None, "gold_choice_logprob": None, "drift_nll": None}
+    assert r["reduction"] == {"gold_logprob": None, "gold_choice_prob": None, "drift_nll": None}
     assert any("reduction in log P(gold) not computed" in c for c in table["continuous"]["caveats"])
     # tuned models scored on fewer items are paired on the shared ones
     values = _values(0.5, 0.25)

@@ -74,7 +74,7 @@ def metric_label(metric: str) -> str:
     return {
         "gold_logprob": f"log P(gold) {arg} (nats/item)",
         "gold_logprob_norm": f"log P(gold) per char {arg}",
-        "gold_choice_logprob": f"log P(gold | choices) {arg}",
+        "gold_choice_prob": f"P(gold | choices) {arg} (soft accuracy)",
         "drift_nll": "drift: NLL of pi0's answers (nats/token)",
         "heldout_nll": f"held-out NLL {arg} (nats/token)",
     }.get(name, metric)
@@ -82,6 +82,11 @@ def metric_label(metric: str) -> str:
 
 def _num(v: float | None, fmt: str = "+.4f") -> str:
     return "n/a" if v is None else format(float(v), fmt)
+
+
+def _fmts(metric: str) -> tuple[str, str]:
+    """Number formats (level, signed difference) of a metric: probabilities in percent."""
+    return (".2%", "+.2%") if metric.partition(":")[0] == "gold_choice_prob" else (".4f", "+.4f")
 
 
 def _ci(test: Mapping[str, Any] | None, fmt: str = "+.4f") -> str:
@@ -104,12 +109,12 @@ def continuous_model_rows(table: Mapping[str, Any], label: str) -> list[list[str
         rows.append(
             [
                 metric_label(metric),
-                _num(t["mean_b"], ".4f"),
-                _num(t["mean_a"], ".4f"),
-                _ci(t),
+                _num(t["mean_b"], _fmts(metric)[0]),
+                _num(t["mean_a"], _fmts(metric)[0]),
+                _ci(t, _fmts(metric)[1]),
                 _p(t["p_bootstrap"]),
                 str(t["n"]),
-                _num(t["sd_diff"], ".4f"),
+                _num(t["sd_diff"], _fmts(metric)[0]),
             ]
         )
     return rows
@@ -129,7 +134,7 @@ def continuous_forgetting_rows(table: Mapping[str, Any]) -> list[list[str]]:
         cells = [label]
         for m in measures:
             f = row["forgetting"].get(m)
-            cells += [_ci(f), _p(f["p_bootstrap"] if f else None)]
+            cells += [_ci(f, _fmts(m)[1]), _p(f["p_bootstrap"] if f else None)]
         h = row.get("heldout")
         cells += [_ci(h), _p(h["p_bootstrap"] if h else None)]
         rows.append(cells)
@@ -145,7 +150,7 @@ def continuous_reduction_rows(table: Mapping[str, Any]) -> list[list[str]]:
     for label, row in (cont.get("models") or {}).items():
         for m, test in (row.get("forgetting_diff") or {}).items():
             red = (row.get("reduction") or {}).get(m)
-            cells = [label, measures.get(m, m), _ci(test), _p(test["p_bootstrap"])]
+            cells = [label, measures.get(m, m), _ci(test, _fmts(m)[1]), _p(test["p_bootstrap"])]
             rows.append(cells + [_pct(red, True)])
     return rows
 
@@ -165,6 +170,7 @@ def continuous_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "model": label,
                     "baseline": cont.get("baseline"),
                     "measure": measures.get(m, m),
+                    "key": m,
                     "d_minus_r": diff,
                     "low": float(test["low"]),
                     "high": float(test["high"]),
@@ -180,29 +186,33 @@ def continuous_verdict_sentences(table: Mapping[str, Any]) -> list[str]:
     lines = []
     for v in continuous_verdicts(table):
         status = "holds" if v["holds"] else "is not shown"
+        f = _fmts(v["key"])[1]
         lines.append(
             f"forgetting in {v['measure']}: {v['model']} < {v['baseline']} {status} at this "
-            f"size: D - R = {v['d_minus_r']:+.4f} [95% CI {v['low']:+.4f}, {v['high']:+.4f}], "
-            f"p = {_p(v['p'])}."
+            f"size: D - R = {format(v['d_minus_r'], f)} [95% CI {format(v['low'], f)}, "
+            f"{format(v['high'], f)}], p = {_p(v['p'])}."
         )
     return lines
 
 
 CONTINUOUS_NOTE = (
     "Paired per item against the base. log P(gold): lm-eval's log-likelihood of the gold choice "
-    "on every general item (nats); among the choices: its log-softmax over the choices' "
-    "log-likelihoods, the continuous form of acc; per char: divided by its length, as acc_norm "
-    "compares. Drift: the NLL per token, under each model, of pi0's own greedy answers to a "
-    "fixed set of general questions (model - base estimates KL(pi0 || model) per token on "
-    "pi0's outputs). Held-out NLL: the NLL per token of held-out reference solutions in SFT's "
-    "chat format. Intervals and p: paired bootstrap over items."
+    "on every general item (nats). P(gold | choices): its probability among the choices "
+    "(softmax of their log-likelihoods), the accuracy of a model that answers by sampling: it "
+    "moves in points like acc, but every item counts, not only the ones that flip. Per char: "
+    "log P(gold) divided by the choice's length, as acc_norm compares. Drift: the NLL per token, "
+    "under each model, of pi0's own greedy answers to a fixed set of general questions (model - "
+    "base estimates KL(pi0 || model) per token on pi0's outputs). Held-out NLL: the NLL per "
+    "token of held-out reference solutions in SFT's chat format. Intervals and p: paired "
+    "bootstrap over items."
 )
 CONTINUOUS_F_NOTE = (
-    "F = the mean over general benchmarks of the gold log-probability lost (base - model, nats "
-    "per item; positive = forgetting); drift and held-out NLL change are model - base (nats per "
-    "token; drift positive = moved away from pi0, held-out negative = learned). Below, SFT on "
-    "D_R against SFT on D: D - R > 0 when D_R forgets (or drifts) less; reduction 1 - R/D only "
-    "where SFT on D's value is significantly positive."
+    "F = the mean over general benchmarks of what the gold choice lost (base - model: nats per "
+    "item for log P(gold), points for P(gold | choices); positive = forgetting); drift and "
+    "held-out NLL change are model - base (nats per token; drift positive = moved away from "
+    "pi0, held-out negative = learned). Below, SFT on D_R against SFT on D: D - R > 0 when D_R "
+    "forgets (or drifts) less; reduction 1 - R/D only where SFT on D's value is significantly "
+    "positive."
 )
 
 
@@ -244,8 +254,8 @@ def forgetting_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 CONTINUOUS_TEST = (
-    "paired bootstrap over items of D - R (log P(gold), raw and among the choices: resampled "
-    "within each general benchmark, the mean over benchmarks of log P_R(gold) - log P_D(gold); "
+    "paired bootstrap over items of D - R (log P(gold) and P(gold | choices): resampled within "
+    "each general benchmark, the mean over benchmarks of R's value minus D's; "
     f"drift: the mean of NLL_D - NLL_R on pi0's answers), two-sided, alpha = {ALPHA}"
 )
 

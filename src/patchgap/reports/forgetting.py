@@ -22,8 +22,10 @@ from patchgap.reports.stats import (
 #: Per model label, per benchmark: item id -> correct. Items are paired across models by id.
 Scores = Mapping[str, Mapping[str, Mapping[str, bool]]]
 
-#: Per model label, per metric: item id -> value. Metrics: ``gold_logprob:<bench>`` and
-#: ``gold_logprob_norm:<bench>`` (log-likelihood of the gold choice, and per character),
+#: Per model label, per metric: item id -> value. Metrics:
+#: ``gold_logprob:<bench>``, ``gold_choice_prob:<bench>`` and ``gold_logprob_norm:<bench>``
+#: (log-likelihood of the gold choice, its probability among the choices, its log-likelihood
+#: per character),
 #: ``drift_nll`` (nats/token of pi0's answers), ``heldout_nll:<set>`` (nats/token of references).
 Values = Mapping[str, Mapping[str, Mapping[str, float]]]
 
@@ -198,7 +200,7 @@ def _paired_values(values: Values, a: str, b: str, metric: str) -> tuple[list[fl
 #: Per-item measures of a general benchmark whose mean loss is a forgetting F, and their names.
 LOGPROB_MEASURES = {
     "gold_logprob": "log P(gold)",
-    "gold_choice_logprob": "log P(gold | choices)",
+    "gold_choice_prob": "P(gold | choices)",
 }
 #: Every forgetting measure compared between SFT on D_R and SFT on D (larger = more forgetting
 #: after the sign below: gold log-probabilities are lost, the drift NLL grows).
@@ -207,11 +209,12 @@ MEASURES = {**LOGPROB_MEASURES, "drift_nll": "drift from pi0"}
 
 def continuous_metrics(values: Values, general: Sequence[str]) -> list[str]:
     """The metric keys present in ``values``, in report order: each gold log-probability form per
-    general benchmark (raw, among the choices, per character), drift, held-out NLL per set."""
+    general benchmark (raw, its probability among the choices, per character), drift, held-out
+    NLL per set."""
     present = {m for per in values.values() for m in per}
     order = [
         f"{form}:{b}"
-        for form in ("gold_logprob", "gold_choice_logprob", "gold_logprob_norm")
+        for form in ("gold_logprob", "gold_choice_prob", "gold_logprob_norm")
         for b in general
     ]
     order += ["drift_nll"] + sorted(m for m in present if m.startswith("heldout_nll:"))
@@ -232,8 +235,8 @@ def continuous_table(
 
     Per model: ``vs_base[metric]`` (mean of model - base with a paired bootstrap 95% interval, p
     and the SD of the per-item differences); ``forgetting[measure]`` for the gold
-    log-probability forms, the mean over general benchmarks of what was lost (base - model, nats
-    per item; items resampled within each benchmark), and for ``drift_nll`` the drift (model -
+    forms, the mean over general benchmarks of what was lost (base - model; items resampled
+    within each benchmark), and for ``drift_nll`` the drift (model -
     base, nats per token); ``heldout``, the mean over held-out sets of the NLL change (model -
     base, nats per token; negative = learned). Per rewritten model also ``vs_baseline[metric]``
     (model - baseline), ``forgetting_diff[measure]`` (D - R: positive when D_R forgets or drifts

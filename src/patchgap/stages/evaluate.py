@@ -841,17 +841,24 @@ def continuous_values(
     normalised: bool = True,
 ) -> dict[str, dict[str, float]]:
     """One model's per-item continuous values keyed as the forgetting report reads them:
-    ``gold_logprob:<bench>``, ``gold_choice_logprob:<bench>``, ``gold_logprob_norm:<bench>``
-    (with ``normalised``: when acc_norm is the headline), ``drift_nll``, ``heldout_nll:<set>``
-    (item id -> value)."""
+    ``gold_logprob:<bench>``, ``gold_choice_prob:<bench>`` (the gold choice's probability among
+    the choices), ``gold_logprob_norm:<bench>`` (with ``normalised``: when acc_norm is the
+    headline), ``drift_nll``, ``heldout_nll:<set>`` (item id -> value)."""
     out: dict[str, dict[str, float]] = {}
     if gold_logprob:
-        fields = ["gold_logprob", "gold_choice_logprob"] + ["gold_logprob_norm"] * normalised
+        forms = {
+            "gold_logprob": lambda r: r.gold_logprob,
+            "gold_choice_prob": lambda r: (
+                None if r.gold_choice_logprob is None else math.exp(r.gold_choice_logprob)
+            ),
+        }
+        if normalised:
+            forms["gold_logprob_norm"] = lambda r: r.gold_logprob_norm
         for bench, items in general.items():
-            for field in fields:
-                vals = {r.id: getattr(r, field) for r in items if getattr(r, field) is not None}
+            for form, get in forms.items():
+                vals = {r.id: v for r in items if (v := get(r)) is not None}
                 if vals:
-                    out[f"{field}:{bench}"] = vals
+                    out[f"{form}:{bench}"] = vals
     for metric, rows in continuous.items():
         key = (
             f"heldout_nll:{metric.removeprefix(HELDOUT_PREFIX)}"
