@@ -5,9 +5,9 @@ Hugging Face token Secret and the model cache volume for the stages that load mo
 resource requests and limits, retries with exponential backoff, and a caching choice per stage.
 
 Hardening beyond non-root: kfp-kubernetes (2.17) expresses only runAsUser, runAsGroup and
-runAsNonRoot in a task's security context. allowPrivilegeEscalation, dropped capabilities, the
-seccomp profile and a read-only root filesystem cannot be set from here; the namespace's Pod
-Security labels report their absence and manifests/README.md says how a cluster adds them.
+runAsNonRoot in a task's security context. allowPrivilegeEscalation, dropped capabilities and the
+seccomp profile come from the cluster (manifests/cluster/pod-hardening, an admission policy); a
+read-only root filesystem is not set, for the reasons in manifests/README.md ("Pod hardening").
 """
 
 from kfp import dsl, kubernetes

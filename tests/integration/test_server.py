@@ -118,10 +118,14 @@ def test_store_up_status_env_down(home: Path) -> None:
         assert _grpc_refuses_a_client_without_certificate(ports[role]), role
     for folder in (home, server.server_dir, server.data_dir):
         assert oct(folder.stat().st_mode & 0o777) == "0o700", folder
-    # The object files themselves are the owner's alone too (SeaweedFS writes its small .vif
-    # volume descriptors 0644 whatever the umask; the 0700 folder keeps them private).
+    # The object files themselves are the owner's alone too, and so are the log and PID file.
     written = [p for p in server.data_dir.rglob("*") if p.suffix in (".dat", ".idx")]
     assert written and all(p.stat().st_mode & 0o077 == 0 for p in written)
+    for path in (server.log_file, server.pid_file):
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+    # Its Unix sockets (fixed paths in /tmp) take the umask: no other user may connect.
+    sockets = [s for _, n in Ports(port).all() for s in Path("/tmp").glob(f"seaweedfs-*-{n}.sock")]
+    assert sockets and all(p.lstat().st_mode & 0o077 == 0 for p in sockets)
 
     again = runner.invoke(app, ["up"])
     assert again.exit_code == 0 and "already running" in again.output
@@ -130,6 +134,11 @@ def test_store_up_status_env_down(home: Path) -> None:
     assert down.exit_code == 0 and "stopped" in down.output
     assert not server.pid_file.exists()
     assert not (Path(tempfile.gettempdir()) / f"seaweedfs-s3-{port}.sock").exists()
+    # Stopped, nothing of its state is open to others: SeaweedFS writes its volume descriptors
+    # (.vif) 0644 whatever the umask, and `down` (like `up`) clears those bits too.
+    state = [home, *home.rglob("*")]
+    assert any(p.suffix == ".vif" for p in state)
+    assert [p for p in state if p.lstat().st_mode & 0o077] == []
     stopped = runner.invoke(app, ["status"])
     assert stopped.exit_code == 1 and "stopped" in stopped.output
 

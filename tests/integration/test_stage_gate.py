@@ -161,3 +161,137 @@ def test_rewrite_and_gate_components_run_under_kfp_local(
     d_r = Path(result.output.path) / gate.D_R_FILE
     ids = [json.loads(x)["id"] for x in d_r.read_text().splitlines()]
     assert ids == ["g0", "g1", "g2"]
+
+
+def _strip(solution: str) -> str:
+    import re
+
+    body, _, answer = solution.rpartition("####")
+    return re.sub(r"<<[^>]*>>", "", body).strip() + f"\nThe answer is \\boxed{{{answer.strip()}}}."
+
+
+def _candidates_dir(tmp_path: Path, records: list[dict], texts_of) -> Path:
+    rows = []
+    for r in records:
+        texts = texts_of(r)
+        cands = [
+            {"index": k, "trial": 0, "sampling": "greedy" if k == 0 else "sample", "text": t}
+            for k, t in enumerate(texts)
+        ]
+        rows.append({"id": r["idx"], "question": r["question"], "candidates": cands})
+    cdir = tmp_path / "cands"
+    cdir.mkdir()
+    _write(cdir / "candidates-00000-of-00001.jsonl", rows)
+    return cdir
+
+
+def test_best_of_n_keeps_the_lowest_nll_feasible_candidate_and_reports_the_paired_gap(
+    tiny_llama: Path, gsm8k_records: list[dict], tmp_path: Path
+) -> None:
+    """Three right candidates and a wrong one per record: the gate scores all of them and keeps
+    the one pi0 finds most likely, greedy or sampled; the paired gap is over the accepted."""
+    from patchgap.reward.scoring import GroupRewardScorer
+
+    data = _write(tmp_path / "d.jsonl", gsm8k_records)
+
+    def texts_of(r: dict) -> list[str]:
+        clean = _strip(r["answer"])
+        return [clean, "Step by step.\n" + clean, clean.lower(), _wrong(r["answer"])]
+
+    cdir = _candidates_dir(tmp_path, gsm8k_records, texts_of)
+    cfg = gate.Config(model=str(tiny_llama), fields="gsm8k", reward={"judge": False})
+    out, rep = tmp_path / "dr", tmp_path / "rep"
+    metrics = gate.run(
+        cfg, {"dataset": data, "candidates": cdir}, {"dataset_r": out, "report": rep}
+    )
+
+    nll = GroupRewardScorer(cfg.reward, str(tiny_llama)).nll
+    rows = [json.loads(x) for x in (out / gate.D_R_FILE).read_text().splitlines()]
+    gaps = []
+    for r, rec in zip(rows, gsm8k_records, strict=True):
+        scores = nll.score(rec["question"], texts_of(rec)[:3])
+        best = min(range(3), key=lambda i: (scores[i], i))
+        prov = r["provenance"]
+        assert prov["status"] == "accepted" and prov["candidate_index"] == best
+        assert prov["sampling"] == ("greedy" if best == 0 else "sample")
+        assert prov["nll_pi0"] == pytest.approx(scores[best], rel=1e-4)
+        assert prov["gate_reasons"][3] == "wrong_answer"
+        gaps.append(prov["nll_reference"] - prov["nll_pi0"])
+    assert metrics["nll_gap_accepted_n"] == 5
+    assert metrics["nll_gap_accepted"] == pytest.approx(sum(gaps) / 5, rel=1e-6)
+    assert metrics["nll_gap_accepted_low"] <= metrics["nll_gap_accepted"]
+    assert metrics["nll_gap_accepted"] <= metrics["nll_gap_accepted_high"]
+    saved = json.loads((rep / "gate_metrics.json").read_text())
+    assert saved["accepted_greedy"] + saved.get("accepted_sample", 0) == 5
+    assert "paired (y* - rewrite) [95% CI]" in (rep / "gate_report.md").read_text()
+
+
+def test_reasoning_check_gate_keeps_faithful_rewrites_and_falls_back_on_answer_only(
+    tiny_llama: Path, gsm8k_records: list[dict], tmp_path: Path
+) -> None:
+    data = _write(tmp_path / "d.jsonl", gsm8k_records)
+
+    def texts_of(r: dict) -> list[str]:
+        answer = r["answer"].rpartition("####")[2].strip()
+        # Even records: only degenerate candidates; odd ones also a faithful rewrite.
+        texts = [f"The answer is {answer}.", r["question"] + f"\nThe answer is {answer}."]
+        return texts + ([_strip(r["answer"])] if int(r["idx"][1:]) % 2 else [])
+
+    cdir = _candidates_dir(tmp_path, gsm8k_records, texts_of)
+    cfg = gate.Config(
+        model=str(tiny_llama),
+        fields="gsm8k",
+        reward={"judge": True, "judge_kind": "reasoning_check"},
+    )
+    out, rep = tmp_path / "dr", tmp_path / "rep"
+    metrics = gate.run(
+        cfg, {"dataset": data, "candidates": cdir}, {"dataset_r": out, "report": rep}
+    )
+    rows = [json.loads(x) for x in (out / gate.D_R_FILE).read_text().splitlines()]
+    for r in rows:
+        prov = r["provenance"]
+        assert prov["gate_reasons"][:2] == ["judge_rejected", "judge_rejected"]
+        if int(r["id"][1:]) % 2:
+            assert prov["status"] == "accepted" and prov["candidate_index"] == 2
+            assert prov["judge_score"] == pytest.approx(1.0) and prov["judge_p_yes"] is None
+        else:
+            assert prov["status"] == "fallback"
+    assert metrics["accepted_count"] == 2
+    saved = json.loads((rep / "gate_metrics.json").read_text())
+    assert saved["judge_kind"] == "reasoning_check"
+    assert saved["judge_failed_quotes_question"] == 5 and saved["judge_failed_too_short"] >= 5
+    assert "| judge | reasoning_check: restates >= 0.75" in (rep / "gate_report.md").read_text()
+
+
+def test_calibrated_judge_sets_its_threshold_on_the_references_before_gating(
+    tiny_llama: Path, gsm8k_records: list[dict], tmp_path: Path
+) -> None:
+    from patchgap.reward.scoring import calibrated_threshold
+
+    data = _write(tmp_path / "d.jsonl", gsm8k_records)
+    cdir = _candidates_dir(tmp_path, gsm8k_records, lambda r: [_strip(r["answer"])])
+    reward = {"judge": True, "judge_kind": "pi0_calibrated", "judge_calibration": {"quantile": 0.5}}
+    cfg = gate.Config(model=str(tiny_llama), fields="gsm8k", reward=reward)
+    out, rep = tmp_path / "dr", tmp_path / "rep"
+    gate.run(cfg, {"dataset": data, "candidates": cdir}, {"dataset_r": out, "report": rep})
+
+    scorer = gate._scorer(cfg).load()
+    refs = [r["answer"] for r in gsm8k_records]
+    answers = [r["answer"].rpartition("####")[2].strip() for r in gsm8k_records]
+    margins = [
+        v[0].log_odds  # the default calibration score
+        for v in scorer.judge.verdicts(
+            [r["question"] for r in gsm8k_records], answers, [[s] for s in refs]
+        )
+    ]
+    saved = json.loads((rep / "gate_metrics.json").read_text())
+    assert saved["judge_kind"] == "pi0_calibrated" and saved["judge_calibration_references"] == 5
+    threshold = calibrated_threshold(margins, 0.5)
+    assert saved["judge_calibration_threshold"] == pytest.approx(threshold, rel=1e-4, abs=1e-6)
+    rows = [json.loads(x) for x in (out / gate.D_R_FILE).read_text().splitlines()]
+    for r in rows:
+        score = r["provenance"]["judge_score"]
+        if r["provenance"]["status"] == "accepted":
+            assert score >= saved["judge_calibration_threshold"]
+        else:
+            assert r["provenance"]["gate_reasons"] == ["judge_rejected"]

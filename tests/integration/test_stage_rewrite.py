@@ -28,18 +28,9 @@ def gsm8k_slice(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def lora_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from patchgap.lm.tiny import save_random_lora
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(tiny_llama)),
-        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
-    )
-    out = tmp_path_factory.mktemp("adapter") / "rewriter"
-    model.save_pretrained(out)
-    return out
+    return save_random_lora(tiny_llama, tmp_path_factory.mktemp("adapter") / "rewriter")
 
 
 def _config(model: Path, generation: dict | None = None, **kw: object) -> rewrite.Config:
@@ -155,6 +146,38 @@ def test_a_crash_then_restart_gives_the_same_candidates_and_d_r(
     assert len(ids) == len(set(ids)) == 6
 
 
+def test_a_stage_killed_before_its_output_manifest_keeps_its_state_and_resumes(
+    tiny_llama: Path, gsm8k_slice: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state beside an s3:// output goes only once the output's manifest is written: a stage
+    that dies while its output is uploaded resumes every batch instead of generating it again."""
+    from patchgap.stages.base import execute
+    from patchgap.storage.store import MANIFEST_NAME, Store
+
+    out = f"s3://{s3_bucket}/candidates"
+    real_put = Store.put_bytes
+
+    def dies_at_the_manifest(self: Store, data: bytes, uri: str) -> None:
+        if str(uri) == f"{out}/{MANIFEST_NAME}":
+            raise RuntimeError("killed before the output's manifest")
+        real_put(self, data, uri)
+
+    monkeypatch.setattr(Store, "put_bytes", dies_at_the_manifest)
+    with pytest.raises(RuntimeError, match="killed"):
+        execute(rewrite, _config(tiny_llama), {"dataset": str(gsm8k_slice)}, {"candidates": out})
+    store = Store.from_env()
+    assert store.list(out) and store.read_manifest(out) is None  # objects there, not complete
+    assert len(store.list(f"{out}.state")) == 3  # every finished batch is still kept
+    monkeypatch.setattr(Store, "put_bytes", real_put)
+
+    again = execute(
+        rewrite, _config(tiny_llama), {"dataset": str(gsm8k_slice)}, {"candidates": out}
+    )
+    assert again.metrics["batches"] == 3 and again.metrics["batches_resumed"] == 3
+    assert store.read_manifest(out) is not None
+    assert store.list(f"{out}.state") == []  # removed once the output is complete
+
+
 def test_a_corrupt_state_batch_is_regenerated_not_fatal(tmp_path: Path) -> None:
     state = rewrite.RewriteState(str(tmp_path / "state"), "fp", 0, 1)
     rows = [{"id": "a", "candidates": []}, {"id": "b", "candidates": []}]
@@ -168,3 +191,39 @@ def test_a_corrupt_state_batch_is_regenerated_not_fatal(tmp_path: Path) -> None:
         assert state.load(1, ["a", "b"]) is None
     state.clear()
     assert state.store.list(state.prefix) == []
+
+
+def test_best_of_n_gives_the_greedy_rewrite_plus_n_samples(
+    tiny_llama: Path, gsm8k_slice: Path, tmp_path: Path
+) -> None:
+    greedy_dir, best_dir = tmp_path / "greedy", tmp_path / "best"
+    rewrite.run(_config(tiny_llama), {"dataset": gsm8k_slice}, {"candidates": greedy_dir})
+    cfg = _config(tiny_llama, generation={"n": 3, "temperature": 1.0}, include_greedy=True)
+    assert cfg.candidates_per_record == 4
+    metrics = rewrite.run(cfg, {"dataset": gsm8k_slice}, {"candidates": best_dir})
+    assert metrics["candidates"] == 6 * 4
+    for one, best in zip(_rows(greedy_dir), _rows(best_dir), strict=True):
+        cands = best["candidates"]
+        assert [c["sampling"] for c in cands] == ["greedy", "sample", "sample", "sample"]
+        assert [c["index"] for c in cands] == [0, 1, 2, 3]
+        # Candidate 0 is exactly what a greedy-only run generates.
+        assert cands[0]["text"] == one["candidates"][0]["text"]
+        assert one["candidates"][0]["sampling"] == "greedy"
+    with pytest.raises(ValueError, match="include_greedy"):
+        _config(tiny_llama, include_greedy=True)  # temperature 0: every candidate is greedy
+
+
+def test_include_greedy_off_keeps_the_resume_fingerprint(gsm8k_slice: Path) -> None:
+    """Batches finished before the setting existed are still picked up when it is off."""
+    a = rewrite.fingerprint(_config(Path("m")), gsm8k_slice, None)
+    b = rewrite.fingerprint(
+        _config(Path("m"), generation={"n": 2, "temperature": 1.0}), gsm8k_slice, None
+    )
+    c = rewrite.fingerprint(
+        _config(Path("m"), generation={"n": 2, "temperature": 1.0}, include_greedy=True),
+        gsm8k_slice,
+        None,
+    )
+    assert len({a, b, c}) == 3
+    settings = _config(Path("m")).model_dump(mode="json")
+    assert settings["include_greedy"] is False  # present in the config, absent from the hash

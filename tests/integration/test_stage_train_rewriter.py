@@ -48,11 +48,17 @@ class FakeScorer:
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[str, list[str]]]] = []
+        self.solutions: list[list[str] | None] = []
 
     def score_groups(
-        self, questions: Sequence[str], answers: Sequence[str], groups: Sequence[Sequence[str]]
+        self,
+        questions: Sequence[str],
+        answers: Sequence[str],
+        groups: Sequence[Sequence[str]],
+        reference_solutions: Sequence[str] | None = None,
     ) -> list[list[RewardTerms]]:
         self.calls.append([(q, list(g)) for q, g in zip(questions, groups, strict=True)])
+        self.solutions.append(None if reference_solutions is None else list(reference_solutions))
         out = []
         for g in groups:
             seeds = [int(hashlib.sha256(t.encode()).hexdigest()[:8], 16) for t in g]
@@ -150,6 +156,10 @@ def test_tiny_model_grpo_steps_train_only_the_lora_on_whole_groups(
     for call in scorer.calls:
         assert len(call) == 2 and all(len(group) == 3 for _, group in call)
         assert len({q for q, _ in call}) == 2
+    # And each group's reference solution y*, for the reasoning-check judge, through TRL.
+    solutions = {json.loads(x)["answer"] for x in data.read_text().splitlines()}
+    for call, sols in zip(scorer.calls, scorer.solutions, strict=True):
+        assert sols is not None and len(sols) == len(call) and set(sols) <= solutions
     _assert_only_lora_moved(snaps)
 
     # Checkpoints of steps 1 and 2 in the embedded S3, each complete (manifest present).
@@ -187,10 +197,10 @@ _CHILD = textwrap.dedent(
     from patchgap.stages.base import main
 
     class Counting(FakeScorer):
-        def score_groups(self, q, a, g):
+        def score_groups(self, q, a, g, reference_solutions=None):
             with open({calls!r}, "a") as fh:
                 fh.write(json.dumps(len(g)) + "\\n")
-            return super().score_groups(q, a, g)
+            return super().score_groups(q, a, g, reference_solutions)
 
     tr._build_scorer = lambda config, model_src, device: Counting()
     kill_at = int(os.environ.get("KILL_AFTER_CHECKPOINT", "0"))
@@ -290,9 +300,14 @@ def test_one_grpo_step_on_smollm2_with_the_real_reward(
         scorer = real(config, model_src, device)
         inner = scorer.score_groups
 
-        def score_groups(q: Sequence[str], a: Sequence[str], g: Sequence[Sequence[str]]) -> Any:
+        def score_groups(
+            q: Sequence[str],
+            a: Sequence[str],
+            g: Sequence[Sequence[str]],
+            reference_solutions: Sequence[str] | None = None,
+        ) -> Any:
             groups.extend(list(x) for x in g)
-            return inner(q, a, g)
+            return inner(q, a, g, reference_solutions)
 
         scorer.score_groups = score_groups
         return scorer

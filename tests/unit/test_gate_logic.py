@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +125,88 @@ def test_report_files_and_metrics(tmp_path: Path) -> None:
     assert saved["reasons"] == {"wrong_answer": 15}  # 10 "bad 2" + 5 odd-record "good 1"
     assert "| acceptance rate | 50.0% |" in (tmp_path / "gate_report.md").read_text()
     assert (tmp_path / "gate_plot.png").stat().st_size > 1000
+
+
+def test_paired_gap_over_the_accepted_records_is_reported_apart_from_the_fallbacks(
+    tmp_path: Path,
+) -> None:
+    from patchgap.reports.stats import bootstrap_ci
+
+    stats = GateStats(sample_size=4, seed=0, judge="reasoning_check: ...")
+    gaps = []
+    for i in range(12):
+        rec = Record(f"r{i}", "q", f"reference {i}", "1")
+        greedy = {"index": 0, "trial": 0, "sampling": "greedy", "text": "greedy 1"}
+        sampled = {"index": 1, "trial": 0, "sampling": "sample", "text": "sampled 1"}
+        # Records 0-7 accepted (the sampled candidate wins on odd ones), 8-11 fall back.
+        accepted = i < 8
+        nll_greedy, nll_sampled = 1.0 + i / 10, (0.5 if i % 2 else 2.0) + i / 10
+        terms = [
+            _terms(accepted, nll=nll_greedy),
+            _terms(accepted, judge_ok=i % 2 == 1, nll=nll_sampled),
+        ]
+        d = gate.decide(rec.solution, [greedy, sampled], terms)
+        assert d.sampling == ("sample" if accepted and i % 2 else "greedy" if accepted else None)
+        if accepted:
+            gaps.append(2.0 - d.nll)
+        stats.add(rec, d, nll_ref=2.0, n_tokens=5, ref_tokens=8)
+    m = write_report(stats, tmp_path)
+    assert m["nll_gap_accepted_n"] == 8
+    assert m["nll_gap_accepted"] == pytest.approx(sum(gaps) / 8)
+    assert (m["nll_gap_accepted_low"], m["nll_gap_accepted_high"]) == bootstrap_ci(gaps, seed=0)
+    assert m["nll_gap_accepted_low"] <= m["nll_gap_accepted"] <= m["nll_gap_accepted_high"]
+    # Over all records the fallbacks dilute it: they keep y*, a gap of 0.
+    assert m["nll_gap"] == pytest.approx(sum(gaps) / 12)
+    assert (m["accepted_greedy"], m["accepted_sample"]) == (4, 4)
+    md = (tmp_path / "gate_report.md").read_text()
+    assert "gap on the accepted records, paired (y* - rewrite) [95% CI] | +" in md
+    assert "n=8 |" in md and "| judge | reasoning_check: ... |" in md
+    assert "| accepted sample candidate | 4 |" in md
+
+
+def test_judge_failures_are_counted_by_criterion(tmp_path: Path) -> None:
+    stats = GateStats(sample_size=2, seed=0)
+    rec = Record("r0", "q", "reference", "1")
+    failed = RewardTerms(
+        r_task=0.0,
+        r_dist=0.0,
+        r_div=0.0,
+        total=0.0,
+        answer_ok=True,
+        judge_ok=False,
+        judge_failed=("few_results", "too_short"),
+    )
+    d = gate.decide(rec.solution, _cands("The answer is 1.", "2"), [failed, _terms(False)])
+    assert d.status == "fallback" and d.reasons == ["judge_rejected", "wrong_answer"]
+    stats.add(rec, d, nll_ref=2.0, n_tokens=3, ref_tokens=3)
+    m = write_report(stats, tmp_path)
+    assert m["judge_failed_few_results"] == 1 and m["judge_failed_too_short"] == 1
+    assert m["nll_gap_accepted_n"] == 0 and math.isnan(m["nll_gap_accepted"])
+    assert "| judge: few_results | 1 |" in (tmp_path / "gate_report.md").read_text()
+
+
+def test_the_run_report_shows_the_accepted_gap_and_the_judge() -> None:
+    from patchgap.reports.results import PROMPT_ONLY, RL, RunResults, construction_rows
+
+    new = {
+        "records": 10.0,
+        "nll_gap": 0.05,
+        "nll_gap_accepted": 0.1,
+        "nll_gap_accepted_low": -0.02,
+        "nll_gap_accepted_high": 0.21,
+        "nll_gap_accepted_n": 5.0,
+        "accepted_greedy": 3.0,
+        "accepted_sample": 2.0,
+        "judge_description": "reasoning_check: restates >= 0.75 of the intermediate results",
+    }
+    old = {"records": 10.0, "nll_gap": -0.1, "judge": False}  # a gate from before the figure
+    results = RunResults(
+        "r", {}, gates={RL: new, PROMPT_ONLY: old}, rewrites={RL: [], PROMPT_ONLY: []}
+    )
+    rows = {r[0]: r[1:] for r in construction_rows(results)}
+    assert rows["NLL gap, accepted records only, paired [95% CI]"] == [
+        "n/a",
+        "+0.100 [-0.020, +0.210] n=5",
+    ]
+    assert rows["accepted greedy / sampled candidates"][1] == "3 / 2"
+    assert rows["judge"] == ["off", "reasoning_check"]

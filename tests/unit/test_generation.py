@@ -44,21 +44,10 @@ def prompts(tiny: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def lora(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter with random (non-zero) B matrices, so it changes what the model says."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from patchgap.lm.tiny import save_random_lora
 
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(str(tiny))
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 2.0)
     out = tmp_path_factory.mktemp("gen") / "adapter"
-    model.save_pretrained(out)
-    return out
+    return save_random_lora(tiny, out, r=4, alpha=8, b_std=2.0)
 
 
 def test_length_sorted_batches_cover_every_index_once_longest_first() -> None:

@@ -267,3 +267,132 @@ def test_length_buckets_keep_padding_low() -> None:
         longest = max(lengths[i] for i in b)
         assert sum(longest - lengths[i] for i in b) <= 0.1 * longest * len(b)
     assert [4] in buckets  # the outlier runs alone instead of padding everything to 300
+
+
+# --- judge kinds: pi0, pi0_calibrated, reasoning_check ----------------------------------------
+
+
+class _MarginJudge:
+    """P(YES) - P(NO) = the number after 'margin=' in a candidate (0 without one)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def verdicts(self, questions, references, groups):
+        import re
+
+        from patchgap.reward.scoring import JudgeVerdict
+
+        self.calls += 1
+        out = []
+        for g in groups:
+            row = []
+            for c in g:
+                m = re.search(r"margin=(-?[\d.]+)", c)
+                margin = float(m.group(1)) if m else 0.0
+                yes, no = 0.3 + margin / 2, 0.3 - margin / 2
+                row.append(JudgeVerdict(yes / (yes + no), yes, no))
+            out.append(row)
+        return out
+
+
+def _kind_scorer(kind: str, **reward):
+    from patchgap.reward.scoring import GroupRewardScorer, RewardConfig
+
+    config = RewardConfig(k=3, judge=True, judge_kind=kind, **reward)
+    judge = _MarginJudge() if kind != "reasoning_check" else None
+    return GroupRewardScorer(
+        config, "unused", judge=judge, nll=_FakeNLL(), embedder=_FakeEmbedder()
+    )
+
+
+def test_pi0_judge_accepts_at_a_margin_of_zero() -> None:
+    group = ["margin=-0.1 \\boxed{4}", "margin=0.0 \\boxed{4}", "margin=0.2 \\boxed{4}"]
+    terms = _kind_scorer("pi0").score_groups(["2 + 2?"], ["4"], [group])[0]
+    assert [t.judge_ok for t in terms] == [False, True, True]
+    assert [t.judge_score for t in terms] == pytest.approx([-0.1, 0.0, 0.2])
+
+
+def test_calibrated_judge_thresholds_at_a_quantile_of_the_references_margins() -> None:
+    from patchgap.errors import ConfigError
+    from patchgap.reward.scoring import calibrated_threshold
+
+    scorer = _kind_scorer(
+        "pi0_calibrated", judge_calibration={"quantile": 0.25, "score": "difference"}
+    )
+    with pytest.raises(ConfigError, match="not calibrated"):
+        scorer.score_groups(["q"], ["4"], [["\\boxed{4}"]])
+    refs = [f"margin={m} \\boxed{{4}}" for m in (-0.4, -0.2, -0.1, 0.0, 0.3)]
+    threshold = scorer.calibrate(["q"] * 5, ["4"] * 5, refs)
+    assert threshold == pytest.approx(calibrated_threshold([-0.4, -0.2, -0.1, 0.0, 0.3], 0.25))
+    assert threshold == pytest.approx(-0.2)
+    # A 135M pi0 never reaches P(YES) >= P(NO); calibrated, it still tells better from worse.
+    group = ["margin=-0.3 \\boxed{4}", "margin=-0.2 \\boxed{4}", "margin=-0.05 \\boxed{4}"]
+    terms = scorer.score_groups(["2 + 2?"], ["4"], [group])[0]
+    assert [t.judge_ok for t in terms] == [False, True, True]
+    m = scorer.metrics()
+    assert m["reward/judge_kind"] == "pi0_calibrated"
+    assert m["reward/judge_threshold"] == pytest.approx(-0.2)
+    assert m["reward/calibration_references"] == 5
+    assert m["reward/calibration_reference_acceptance"] == pytest.approx(0.8)
+    assert "pi0_calibrated: P(YES) - P(NO) >= -0.2" in scorer.describe_judge()
+
+
+def test_calibrated_judge_on_log_odds_by_default() -> None:
+    import math
+
+    scorer = _kind_scorer("pi0_calibrated", judge_calibration={"quantile": 0.5})
+    refs = [f"margin={m} \\boxed{{4}}" for m in (-0.2, -0.1, 0.0)]
+    threshold = scorer.calibrate(["q"] * 3, ["4"] * 3, refs)
+    assert threshold == pytest.approx(math.log(0.25 / 0.35))  # the median: P(YES) .25, P(NO) .35
+    terms = scorer.score_groups(["q"], ["4"], [["margin=-0.15 \\boxed{4}", refs[1], refs[2]]])[0]
+    assert [t.judge_ok for t in terms] == [False, True, True]
+    assert terms[2].judge_score == pytest.approx(0.0)
+    assert "log P(YES)/P(NO) >= -0.3365" in scorer.describe_judge()
+
+
+def test_calibration_sample_depends_on_the_ids_only() -> None:
+    from patchgap.reward.scoring import calibration_sample
+
+    ids = [f"gsm8k-{i}" for i in range(50)]
+    a = calibration_sample(ids, 8, key=str)
+    assert a == calibration_sample(list(reversed(ids)), 8, key=str) and len(a) == 8
+    assert calibration_sample(ids[:3], 8, key=str) == calibration_sample(ids[:3], 3, key=str)
+
+
+def test_reasoning_check_judge_needs_no_model_and_gates_degenerate_rewrites() -> None:
+    from patchgap.errors import ConfigError
+
+    question = "Natalia sold 48 clips in April and half as many in May. How many in all?"
+    reference = (
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+        "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+    )
+    group = [
+        "In May she sold 48 / 2 = 24 clips, so in April and May she sold 48 + 24 = 72 clips "
+        "altogether. \\boxed{72}",
+        "The answer is \\boxed{72}.",
+        "In May she sold 48 / 2 = 25 clips, so in April and May she sold 48 + 25 = 72 clips "
+        "altogether. \\boxed{72}",
+    ]
+    scorer = _kind_scorer("reasoning_check")
+    assert scorer.judge is None  # no model is loaded for it
+    with pytest.raises(ConfigError, match="reference solutions"):
+        scorer.score_groups([question], ["72"], [group])
+    terms = scorer.score_groups([question], ["72"], [group], reference_solutions=[reference])[0]
+    assert [t.r_task for t in terms] == [1.0, 0.0, 0.0]
+    assert terms[1].answer_ok and set(terms[1].judge_failed) == {"few_results", "too_short"}
+    assert "bad_arithmetic" in terms[2].judge_failed
+    assert terms[0].judge_p_yes is None and terms[0].judge_score == pytest.approx(1.0)
+    assert scorer.metrics()["reward/count_judge_accepted"] == 1
+
+
+def test_judge_off_is_the_answer_check_whatever_the_kind() -> None:
+    from patchgap.reward.scoring import GroupRewardScorer, RewardConfig
+
+    config = RewardConfig(k=3, judge=False, judge_kind="reasoning_check")
+    assert config.active_judge is None and not config.model_judge
+    scorer = GroupRewardScorer(config, None, nll=_FakeNLL(), embedder=_FakeEmbedder())
+    terms = scorer.score_groups(["2 + 2?"], ["4"], [["The answer is \\boxed{4}.", "\\boxed{5}"]])
+    assert [t.r_task for t in terms[0]] == [1.0, 0.0]
+    assert scorer.describe_judge() == "off (r_task = answer check)"

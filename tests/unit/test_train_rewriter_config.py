@@ -86,6 +86,41 @@ def test_prompt_rows_carry_the_reward_columns_and_drop_long_prompts() -> None:
     assert rows[0]["question"] == "What is 2 + 3?"
     # A record without a stored answer gets a* from its solution.
     assert rows[1]["reference_answer"] == "8"
+    # y* travels with the row for the reasoning-check judge.
+    assert rows[0]["reference_solution"] == "2 + 3 = 5. #### 5"
+
+
+def test_calibrated_judge_is_calibrated_on_the_training_references() -> None:
+    class Scorer:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def calibrate(self, questions, answers, solutions) -> None:
+            self.calls.append((list(questions), list(answers), list(solutions)))
+
+    rows = [
+        {
+            "id": f"r{i}",
+            "question": f"q{i}",
+            "reference_answer": str(i),
+            "reference_solution": f"s{i}",
+        }
+        for i in range(10)
+    ]
+    cfg = tr.Config(
+        model="m",
+        num_generations=2,
+        per_device_batch_size=2,
+        reward={"judge_kind": "pi0_calibrated", "judge_calibration": {"references": 4}},
+    )
+    scorer = Scorer()
+    tr._calibrate_judge(scorer, cfg, rows)
+    ((questions, answers, solutions),) = scorer.calls
+    assert len(questions) == 4 and [f"s{q[1:]}" for q in questions] == solutions
+    tr._calibrate_judge(
+        scorer, tr.Config(model="m", num_generations=2, per_device_batch_size=2), rows
+    )
+    assert len(scorer.calls) == 1  # the paper's judge needs no calibration
 
 
 def test_stage_declares_its_interface() -> None:

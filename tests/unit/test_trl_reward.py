@@ -188,3 +188,30 @@ def test_process_slices_of_a_refused_config_really_split_groups() -> None:
         else:
             with pytest.raises(GroupAlignmentError):
                 fn(**process_1)
+
+
+def test_reference_solutions_reach_the_scorer_when_the_dataset_has_them() -> None:
+    """The reasoning-check judge compares each rewrite with its reference solution y*."""
+
+    class SolutionScorer(RecordingScorer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.solutions: list[list[str] | None] = []
+
+        def score_groups(self, questions, reference_answers, groups, reference_solutions=None):
+            self.solutions.append(
+                None if reference_solutions is None else list(reference_solutions)
+            )
+            return super().score_groups(questions, reference_answers, groups)
+
+    scorer = SolutionScorer()
+    fn = GroupRewardFunction(scorer, num_generations=2)
+    batch = _batch(RECORDS, 2, [4, 1])
+    fn(**batch)  # a dataset without the column: nothing is passed
+    batch["reference_solution"] = [f"y* of {i}" for i in batch["id"]]
+    fn(**batch)
+    assert scorer.solutions == [None, ["y* of rec-4", "y* of rec-1"]]
+    # A run of K must share its reference solution too.
+    batch["reference_solution"][1] = "another y*"
+    with pytest.raises(GroupAlignmentError, match="reference_solution"):
+        fn(**batch)

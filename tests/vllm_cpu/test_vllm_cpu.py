@@ -29,22 +29,9 @@ NEAR_TIE = 0.05
 def adapter(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter on SmolLM2 with small random B matrices: it changes what the model says
     (so the adapter path is really exercised) and keeps it fluent."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from patchgap.lm.tiny import save_random_lora
 
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(smollm2)),
-        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False),
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.002)
-    out = tmp_path_factory.mktemp("vllm") / "adapter"
-    model.save_pretrained(out)
-    return out
+    return save_random_lora(smollm2, tmp_path_factory.mktemp("vllm") / "adapter", b_std=0.002)
 
 
 @pytest.fixture(scope="module")

@@ -403,6 +403,18 @@ def doctor(
     return checks
 
 
+def _launcher_credentials(providers: str) -> dict[str, Any]:
+    """The ``credentials`` of the launcher's default s3 provider; empty when unreadable."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(providers) or {}
+        credentials = data["s3"]["default"]["credentials"]
+    except (yaml.YAMLError, KeyError, TypeError):
+        return {}
+    return credentials if isinstance(credentials, dict) else {}
+
+
 def _kube_checks(namespace: str, secret_name: str, kube_context: str | None) -> list[Check]:
     try:
         from kubernetes import client as kclient
@@ -410,7 +422,10 @@ def _kube_checks(namespace: str, secret_name: str, kube_context: str | None) -> 
     except ImportError:
         return [Check("kubernetes", None, "kubernetes package not installed (extra: kfp)")]
     try:
-        kconfig.load_kube_config(context=kube_context)
+        # KUBECONFIG as it is now: the client reads it once, when it is first imported.
+        kconfig.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, context=kube_context
+        )
     except Exception:
         try:
             kconfig.load_incluster_config()
@@ -418,21 +433,28 @@ def _kube_checks(namespace: str, secret_name: str, kube_context: str | None) -> 
             return [Check("kubernetes", None, "no kube context available; cluster checks skipped")]
     v1 = kclient.CoreV1Api()
     out = []
+    from_env = False
     try:
         cm = v1.read_namespaced_config_map("kfp-launcher", namespace)
-        providers = (cm.data or {}).get("providers", "")
-        ok = "secretRef" in providers or "fromEnv: true" in providers
-        out.append(
-            Check(
-                "kfp-launcher ConfigMap",
-                ok,
-                "s3 provider with credentials" if ok else "no s3 provider credentials configured",
-            )
+        credentials = _launcher_credentials((cm.data or {}).get("providers", ""))
+        from_env = credentials.get("fromEnv") is True and "secretRef" not in credentials
+        ok = from_env or "secretRef" in credentials or "secretRef" in str(cm.data)
+        detail = (
+            "s3 provider takes credentials from the pod (fromEnv: true)"
+            if from_env
+            else "s3 provider with credentials"
+            if ok
+            else "no s3 provider credentials configured"
         )
+        out.append(Check("kfp-launcher ConfigMap", ok, detail))
     except Exception as err:
         out.append(
             Check("kfp-launcher ConfigMap", False, f"{namespace}/kfp-launcher: {_api_message(err)}")
         )
+    if from_env:
+        # IRSA, Workload Identity: the launcher and the stages use the pod's provider chain.
+        out.append(Check("s3 Secret", None, "not used: kfp-launcher has fromEnv: true"))
+        return out
     try:
         sec = v1.read_namespaced_secret(secret_name, namespace)
         keys = set((sec.data or {}).keys())

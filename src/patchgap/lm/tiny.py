@@ -226,3 +226,34 @@ def build_tiny_model(
         json.dumps({"arch": arch, "seed": seed, "vocab_size": len(tok)}, indent=2) + "\n"
     )
     return out_dir
+
+
+def save_random_lora(
+    model_path: str | Path,
+    out: str | Path,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    b_std: float | None = None,
+    seed: int = 0,
+) -> Path:
+    """A LoRA adapter on every linear layer of ``model_path`` with random, non-zero B matrices,
+    saved to ``out``: it changes what the model says, so tests and benchmarks exercise the
+    adapter path for real. ``b_std`` (e.g. 0.002 on a real model) keeps the text fluent; None
+    keeps PEFT's own random initialisation."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(model_path)),
+        LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False),
+    )
+    if b_std is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, b_std)
+    model.save_pretrained(str(out))
+    return Path(out)

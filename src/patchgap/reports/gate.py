@@ -1,4 +1,11 @@
-"""The gate report: streaming statistics of D versus D_R, and their Markdown, HTML and PNG forms."""
+"""The gate report: streaming statistics of D versus D_R, and their Markdown, HTML and PNG forms.
+
+Two NLL gaps are reported. The overall one (mean NLL of D minus mean NLL of D_R over every
+record) counts each fallback as a gap of 0, since D_R holds the reference there; the paired gap
+over the accepted records alone (reference NLL minus chosen rewrite NLL, record by record, with a
+seeded bootstrap 95% interval) says whether the rewrites that were kept sit closer to pi0 than
+the references they replace.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +54,10 @@ def mean_pairwise_distance(embeddings: np.ndarray) -> float:
     return (1.0 - cos_pairs / pairs) / 2.0
 
 
+def _is_finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def _summary(values: Sequence[float]) -> dict[str, float]:
     arr = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
     if arr.size == 0:
@@ -63,12 +74,22 @@ class GateStats:
     """Figures gathered one record at a time; memory grows only by a few numbers per record and
     a fixed-size seeded sample of texts for the diversity measures."""
 
-    def __init__(self, sample_size: int = 1000, seed: int = 0, max_n: int = 2, judge: bool = True):
+    def __init__(
+        self, sample_size: int = 1000, seed: int = 0, max_n: int = 2, judge: bool | str = True
+    ):
         self.records = 0
         self.accepted = 0
         self.fallback = 0
+        # The judge in words (the stage passes the scorer's description); True/False: on/off.
+        if isinstance(judge, bool):
+            judge = "on" if judge else "off (r_task = answer check)"
         self.judge = judge
+        self.seed = seed
         self.reasons: Counter[str] = Counter()
+        self.judge_failed: Counter[str] = Counter()
+        self.chosen_by: Counter[str] = Counter()
+        # Per accepted record with both NLLs finite: NLL(reference) - NLL(chosen rewrite).
+        self.gap_accepted = array("d")
         self.fallback_reasons: Counter[str] = Counter()
         self.trials: Counter[int] = Counter()
         self.nll_d = array("d")
@@ -91,6 +112,9 @@ class GateStats:
             nll_dr = decision.nll
             if decision.trial is not None:
                 self.trials[int(decision.trial)] += 1
+            self.chosen_by[getattr(decision, "sampling", None) or "unknown"] += 1
+            if _is_finite(nll_ref) and _is_finite(nll_dr):
+                self.gap_accepted.append(float(nll_ref) - float(nll_dr))  # type: ignore[arg-type]
         else:
             self.fallback += 1
             self.fallback_reasons[decision.fallback_reason or "unknown"] += 1
@@ -98,6 +122,11 @@ class GateStats:
         for reason in decision.reasons:
             if reason not in ("chosen", "feasible"):
                 self.reasons[reason] += 1
+        # Decisions made without per-candidate judge details carry none (an empty tuple).
+        failed_by_candidate = getattr(decision, "judge_failed", ()) or ()
+        for reason, failed in zip(decision.reasons, failed_by_candidate, strict=False):
+            if reason == "judge_rejected":
+                self.judge_failed.update(failed)
         self.nll_d.append(nll_ref if nll_ref is not None else math.nan)
         self.nll_dr.append(nll_dr if nll_dr is not None else math.nan)
         self.len_d.append(ref_tokens)
@@ -120,6 +149,28 @@ class GateStats:
             for n in range(1, self.max_n + 1):
                 self.diversity[f"{name}_distinct_{n}"] = distinct_n(texts, n)
 
+    def accepted_gap(self) -> dict[str, float]:
+        """The paired NLL gap over the accepted records: mean of NLL(y*) - NLL(chosen rewrite)
+        with a seeded percentile-bootstrap 95% interval (NaN when nothing was accepted)."""
+        from patchgap.reports.stats import bootstrap_ci
+
+        gaps = list(self.gap_accepted)
+        if not gaps:
+            nan = math.nan
+            return {
+                "nll_gap_accepted": nan,
+                "nll_gap_accepted_low": nan,
+                "nll_gap_accepted_high": nan,
+                "nll_gap_accepted_n": 0.0,
+            }
+        low, high = bootstrap_ci(gaps, seed=self.seed)
+        return {
+            "nll_gap_accepted": float(np.mean(gaps)),
+            "nll_gap_accepted_low": low,
+            "nll_gap_accepted_high": high,
+            "nll_gap_accepted_n": float(len(gaps)),
+        }
+
     def metrics(self) -> dict[str, float]:
         nll_d = _summary(self.nll_d)["mean"]
         nll_dr = _summary(self.nll_dr)["mean"]
@@ -134,7 +185,12 @@ class GateStats:
             "nll_gap": nll_d - nll_dr,
             "mean_tokens_d": _summary(self.len_d)["mean"],
             "mean_tokens_d_r": _summary(self.len_dr)["mean"],
+            **self.accepted_gap(),
         }
+        for how, n in sorted(self.chosen_by.items()):
+            out[f"accepted_{how}"] = float(n)
+        for criterion, n in sorted(self.judge_failed.items()):
+            out[f"judge_failed_{criterion}"] = float(n)
         out.update({f"diversity_{k}": v for k, v in self.diversity.items()})
         return out
 
@@ -193,19 +249,31 @@ def _sections(
                 ("accepted", stats.accepted),
                 ("fallback (reference solution kept)", stats.fallback),
                 ("acceptance rate", f"{metrics['acceptance_rate']:.1%}"),
-                ("judge", "on" if stats.judge else "off (r_task = answer check)"),
+                ("judge", stats.judge),
                 *((f"fallback: {k}", v) for k, v in stats.fallback_reasons.most_common()),
                 *((f"accepted at trial {k}", v) for k, v in sorted(stats.trials.items())),
+                *((f"accepted {k} candidate", v) for k, v in sorted(stats.chosen_by.items())),
                 *((f"input: {k}", v) for k, v in extra.items()),
             ],
         ),
-        ("Rejected candidates by reason", list(stats.reasons.most_common()) or [("none", 0)]),
+        (
+            "Rejected candidates by reason",
+            [
+                *stats.reasons.most_common(),
+                *((f"judge: {k}", v) for k, v in stats.judge_failed.most_common()),
+            ]
+            or [("none", 0)],
+        ),
         (
             "NLL under pi0 (mean token NLL, QA context)",
             [
                 ("D mean / median", f"{_fmt(nll_d['mean'])} / {_fmt(nll_d['median'])}"),
                 ("D_R mean / median", f"{_fmt(nll_dr['mean'])} / {_fmt(nll_dr['median'])}"),
-                ("gap (D - D_R)", _fmt(metrics["nll_gap"])),
+                ("gap (D - D_R), fallbacks count 0", _fmt(metrics["nll_gap"])),
+                (
+                    "gap on the accepted records, paired (y* - rewrite) [95% CI]",
+                    gap_text(metrics),
+                ),
             ],
         ),
         (
@@ -223,6 +291,17 @@ def _sections(
             [(k.replace("_", " "), _fmt(v)) for k, v in stats.diversity.items()],
         ),
     ]
+
+
+def gap_text(metrics: dict[str, Any]) -> str:
+    """``+0.123 [+0.050, +0.200] n=71`` for the paired gap on the accepted records."""
+    n = int(metrics.get("nll_gap_accepted_n") or 0)
+    if n == 0:
+        return "n/a (no accepted record)"
+    return (
+        f"{metrics['nll_gap_accepted']:+.3f} [{metrics['nll_gap_accepted_low']:+.3f}, "
+        f"{metrics['nll_gap_accepted_high']:+.3f}] n={n}"
+    )
 
 
 def write_report(
@@ -267,6 +346,7 @@ def write_report(
         "reasons": dict(stats.reasons),
         "fallback_reasons": dict(stats.fallback_reasons),
         "accepted_by_trial": {str(k): v for k, v in sorted(stats.trials.items())},
+        "judge_description": stats.judge,
         **extra,
     }
     (out_dir / METRICS_JSON).write_text(

@@ -113,6 +113,30 @@ def construction_rows(results: RunResults) -> list[list[str]]:
     ]
     for name, key, fmt in spec:
         rows.append([name, *(_num(results.gates[x].get(key), fmt) for x in labels)])
+        if key == "nll_gap":
+            # The gap above counts every fallback as 0; this one is over the accepted alone.
+            rows.append(
+                [
+                    "NLL gap, accepted records only, paired [95% CI]",
+                    *(_accepted_gap(results.gates[x]) for x in labels),
+                ]
+            )
+    if any(
+        results.gates[x].get(k) is not None
+        for x in labels
+        for k in ("accepted_greedy", "accepted_sample")
+    ):
+        rows.append(
+            [
+                "accepted greedy / sampled candidates",
+                *(
+                    f"{_num(results.gates[x].get('accepted_greedy', 0), '.0f')} / "
+                    f"{_num(results.gates[x].get('accepted_sample', 0), '.0f')}"
+                    for x in labels
+                ),
+            ]
+        )
+    rows.append(["judge", *(_judge(results.gates[x]) for x in labels)])
     rows.append(
         [
             "rewrite tokens/s",
@@ -123,6 +147,20 @@ def construction_rows(results: RunResults) -> list[list[str]]:
         ]
     )
     return rows
+
+
+def _accepted_gap(metrics: dict[str, Any]) -> str:
+    if metrics.get("nll_gap_accepted_n") is None:
+        return "n/a"  # a gate from before this figure existed
+    from patchgap.reports.gate import gap_text
+
+    return gap_text(metrics)
+
+
+def _judge(metrics: dict[str, Any]) -> str:
+    if metrics.get("judge_description"):
+        return str(metrics["judge_description"]).split(":", 1)[0]
+    return "pi0" if metrics.get("judge") else "off"
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

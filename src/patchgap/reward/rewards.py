@@ -32,9 +32,12 @@ class RewardTerms:
     """The reward of one rewrite and every term behind it.
 
     ``nll`` is the mean token NLL under pi0 (None when not measured: the rewrite was gated out);
-    ``judge_p_yes`` is the judge's P(YES) / (P(YES) + P(NO)) (None when the judge did not run: it
-    is off, or the final answer was already wrong). ``answer_ok`` and ``judge_ok`` are the two
-    halves of the gate, kept so the gate report can say why a rewrite failed.
+    ``judge_p_yes`` is a model judge's P(YES) / (P(YES) + P(NO)) (None when no model judge ran:
+    it is off or the reasoning check, or the final answer was already wrong); ``judge_score`` is
+    what the judge thresholds (a model judge's P(YES) - P(NO), the reasoning check's graded
+    score) and ``judge_failed`` the reasoning check's unmet criteria. ``answer_ok`` and
+    ``judge_ok`` are the two halves of the gate, kept so the gate report can say why a rewrite
+    failed.
     """
 
     r_task: float
@@ -45,6 +48,8 @@ class RewardTerms:
     judge_p_yes: float | None = None
     answer_ok: bool = False
     judge_ok: bool = False
+    judge_score: float | None = None
+    judge_failed: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,6 +197,8 @@ def group_rewards(
     lambda_dist: float = LAMBDA_DIST,
     lambda_div: float = LAMBDA_DIV,
     judge_p_yes: Sequence[float | None] | None = None,
+    judge_score: Sequence[float | None] | None = None,
+    judge_failed: Sequence[tuple[str, ...]] | None = None,
 ) -> list[RewardTerms]:
     """The full reward of one group from measured inputs; ``judge_ok=None`` means the judge is off.
 
@@ -214,6 +221,8 @@ def group_rewards(
     div = div_rewards(embeddings, feasible)
     total = gated_total(task, dist, div, lambda_dist, lambda_div)
     p_yes = list(judge_p_yes) if judge_p_yes is not None else [None] * k
+    scores = list(judge_score) if judge_score is not None else [None] * k
+    fails = [tuple(f) for f in judge_failed] if judge_failed is not None else [()] * k
     return [
         RewardTerms(
             r_task=task[i],
@@ -224,6 +233,8 @@ def group_rewards(
             judge_p_yes=p_yes[i],
             answer_ok=ans[i],
             judge_ok=judged[i],
+            judge_score=scores[i],
+            judge_failed=fails[i],
         )
         for i in range(k)
     ]

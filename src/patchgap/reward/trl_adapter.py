@@ -44,6 +44,7 @@ class GroupScorer(Protocol):
         questions: Sequence[str],
         reference_answers: Sequence[str],
         groups_of_candidates: Sequence[Sequence[str]],
+        reference_solutions: Sequence[str] | None = None,
     ) -> list[list[RewardTerms]]: ...
 
 
@@ -173,10 +174,11 @@ class GroupRewardFunction:
     """A GRPOTrainer reward function computing each group's paper reward together.
 
     ``question_column`` and ``answer_column`` name the dataset columns holding the question x and
-    the reference answer a*; ``id_column`` (if present in the dataset) makes the alignment check
-    robust to two records with the same prompt text. Per-term means go to TRL's ``log_metric``
-    as ``reward/<term>`` and are kept in :attr:`last_means`; :attr:`seconds` accumulates the time
-    spent scoring, for the reward's share of a GRPO step.
+    the reference answer a*; ``solution_column`` (if present in the dataset) the reference
+    solution y*, which the reasoning-check judge compares against; ``id_column`` (if present)
+    makes the alignment check robust to two records with the same prompt text. Per-term means go
+    to TRL's ``log_metric`` as ``reward/<term>`` and are kept in :attr:`last_means`;
+    :attr:`seconds` accumulates the time spent scoring, for the reward's share of a GRPO step.
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class GroupRewardFunction:
         question_column: str = "question",
         answer_column: str = "reference_answer",
         id_column: str | None = "id",
+        solution_column: str | None = "reference_solution",
         on_groups: Callable[[list[list[RewardTerms]]], None] | None = None,
     ) -> None:
         if num_generations < 2:
@@ -195,6 +198,7 @@ class GroupRewardFunction:
         self.question_column = question_column
         self.answer_column = answer_column
         self.id_column = id_column
+        self.solution_column = solution_column
         self.on_groups = on_groups
         self.last_means: dict[str, float] = {}
         self.last_terms: list[list[RewardTerms]] = []
@@ -221,13 +225,20 @@ class GroupRewardFunction:
             self.question_column: kwargs[self.question_column],
             self.answer_column: kwargs[self.answer_column],
         }
-        if self.id_column and self.id_column in kwargs:
-            columns[self.id_column] = kwargs[self.id_column]
+        for optional in (self.id_column, self.solution_column):
+            if optional and optional in kwargs:
+                columns[optional] = kwargs[optional]
         slices = split_groups(prompts, columns, self.k)
         questions = [str(columns[self.question_column][sl.start]) for sl in slices]
         answers = [str(columns[self.answer_column][sl.start]) for sl in slices]
         groups = [[_completion_text(c) for c in completions[sl]] for sl in slices]
-        terms = self.scorer.score_groups(questions, answers, groups)
+        if self.solution_column and self.solution_column in columns:
+            solutions = [str(columns[self.solution_column][sl.start]) for sl in slices]
+            terms = self.scorer.score_groups(
+                questions, answers, groups, reference_solutions=solutions
+            )
+        else:
+            terms = self.scorer.score_groups(questions, answers, groups)
         if len(terms) != len(groups) or any(len(t) != self.k for t in terms):
             raise GroupAlignmentError("scorer returned a different number of groups or rewrites")
         self.last_terms = terms

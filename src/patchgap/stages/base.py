@@ -5,8 +5,9 @@ A stage's ``run()`` only ever sees local paths, and every caller goes through :f
 ``python -m patchgap.stages.<name>`` and ``patchgap stage`` through :func:`run_from_args`, a KFP
 component body through :func:`run_component` (the launcher has already moved its artifacts).
 ``s3://`` inputs are downloaded (checksums verified), the stage runs in a work folder, and each
-``s3://`` output is uploaded with its manifest written last. An output whose manifest already
-records the same input hashes and config is not recomputed.
+``s3://`` output is uploaded with its manifest written last; a stage's resume state is removed
+only after that (:func:`after_outputs_kept`). An output whose manifest already records the same
+input hashes and config is not recomputed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -246,6 +248,39 @@ def with_store_state(config: C, stage: Any, outputs: Mapping[str, str]) -> C:
     return config.model_copy(update={"state_uri": uri.rstrip("/") + ".state"})
 
 
+#: Clean-ups a stage asked for while :func:`execute` runs it, run once its outputs are kept.
+_AFTER_OUTPUTS: ContextVar[list[Callable[[], None]] | None] = ContextVar(
+    "patchgap_after_outputs", default=None
+)
+
+
+def after_outputs_kept(cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` (removing a stage's resume state) once the stage's outputs are kept.
+
+    Under :func:`execute` that is after every ``s3://`` output's manifest is written; a stage
+    that removed its state at the end of ``run()`` would leave a kill during the upload with
+    neither the state nor a complete output, and the rerun would redo all the work. Called
+    outside :func:`execute` (a direct ``run()``), the outputs are already where they stay and
+    ``cleanup`` runs at once. A stage that fails never reaches it: its state is kept.
+    """
+    pending = _AFTER_OUTPUTS.get()
+    if pending is None:
+        cleanup()
+    else:
+        pending.append(cleanup)
+
+
+def _run_cleanups(stage_name: str, cleanups: list[Callable[[], None]]) -> None:
+    for cleanup in cleanups:
+        try:
+            cleanup()
+        except PatchgapError as err:
+            # The outputs are complete; leftover state only costs space, so the stage succeeds.
+            log.warning(
+                "%s: outputs kept, but their resume state was not removed: %s", stage_name, err
+            )
+
+
 @dataclass
 class StageResult:
     metrics: dict[str, float]
@@ -314,7 +349,12 @@ def execute(
                 local_out[name] = Path(uri.removeprefix("file://"))
             local_out[name].mkdir(parents=True, exist_ok=True)
 
-        metrics = stage.run(config, local_in, local_out)
+        cleanups: list[Callable[[], None]] = []
+        token = _AFTER_OUTPUTS.set(cleanups)
+        try:
+            metrics = stage.run(config, local_in, local_out)
+        finally:
+            _AFTER_OUTPUTS.reset(token)
         seconds = time.time() - t0
         metrics = {**metrics, "stage_seconds": round(seconds, 3)}
 
@@ -337,6 +377,8 @@ def execute(
             for name, uri in remote_out.items():
                 say(f"{stage.NAME}: uploading output {name} to {uri}")
                 store.upload_dir(local_out[name], uri, metadata=record)
+        # Only now, with every manifest written, may the state go (see after_outputs_kept).
+        _run_cleanups(stage.NAME, cleanups)
         return StageResult(metrics, False, seconds, dict(outputs))
     finally:
         tmp.cleanup()

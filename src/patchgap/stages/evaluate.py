@@ -22,7 +22,7 @@ from patchgap.config import StrictModel
 from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, DataError
 from patchgap.lm.generation import GenerationConfig
-from patchgap.stages.base import main
+from patchgap.stages.base import after_outputs_kept, main
 
 log = logging.getLogger("patchgap.stages.evaluate")
 
@@ -954,11 +954,14 @@ def run(
     }
     write_report(table, out, info, {"lm_eval": aggregates})
     # The report is complete: the per-benchmark state would only duplicate it.
-    state.clear()
     if config.state_uri is None:
         import shutil
 
+        # Inside the output folder: it must go before the output is uploaded.
         shutil.rmtree(out / "_state", ignore_errors=True)
+    else:
+        # In the store: only once the report's manifest is written.
+        after_outputs_kept(state.clear)
     return _metrics(table)
 
 

@@ -1,5 +1,8 @@
 """Stage gate: verify every candidate with r_task, keep the feasible one with the lowest NLL under
-pi0, fall back to the reference solution otherwise, and write D_R with provenance and a report."""
+pi0, fall back to the reference solution otherwise, and write D_R with provenance and a report.
+
+With several candidates per record (best-of-n: the rewrite stage's greedy one and n samples),
+every candidate is scored and the lowest-NLL feasible one is kept, whichever way it was made."""
 
 from __future__ import annotations
 
@@ -104,6 +107,9 @@ class Decision:
     nll: float | None
     judge_p_yes: float | None
     fallback_reason: str | None = None
+    judge_score: float | None = None
+    sampling: str | None = None  # how the chosen candidate was made: greedy or sample
+    judge_failed: tuple[tuple[str, ...], ...] = ()  # per candidate: unmet reasoning criteria
 
 
 def candidate_reason(text: str, answer_ok: bool, judge_ok: bool) -> str:
@@ -135,6 +141,7 @@ def decide(
         for c, t in zip(candidates, terms, strict=True)
     ]
     feasible = [i for i, t in enumerate(terms) if t.r_task >= 1.0 and reasons[i] == FEASIBLE]
+    judge_failed = tuple(tuple(getattr(t, "judge_failed", ()) or ()) for t in terms)
     if not feasible:
         return Decision(
             "fallback",
@@ -145,6 +152,7 @@ def decide(
             None,
             None,
             NO_CANDIDATES if not candidates else NONE_FEASIBLE,
+            judge_failed=judge_failed,
         )
 
     def key(i: int) -> tuple[float, int]:
@@ -162,6 +170,9 @@ def decide(
         reasons,
         terms[best].nll,
         terms[best].judge_p_yes,
+        judge_score=getattr(terms[best], "judge_score", None),
+        sampling=cand.get("sampling"),
+        judge_failed=judge_failed,
     )
 
 
@@ -186,6 +197,8 @@ def d_r_row(
             "nll_pi0": _finite(decision.nll if decision.status == "accepted" else nll_reference),
             "nll_reference": _finite(nll_reference),
             "judge_p_yes": _finite(decision.judge_p_yes),
+            "judge_score": _finite(decision.judge_score),
+            "sampling": decision.sampling,
         },
     }
 
@@ -285,10 +298,12 @@ def run(
     scorer = _scorer(config)
     scorer.load()  # a judge with unresolvable YES/NO tokens fails here, before any work
     tokenizer = scorer.nll.tokenizer
-    stats = GateStats(
-        config.diversity_sample, config.seed, config.distinct_n, judge=config.reward.judge
-    )
     spec = DatasetSpec(source=str(inputs["dataset"]), fields=config.fields, limit=config.limit)
+    if config.reward.active_judge == "pi0_calibrated":
+        _calibrate_judge(scorer, config, spec)
+    stats = GateStats(
+        config.diversity_sample, config.seed, config.distinct_n, judge=scorer.describe_judge()
+    )
     counts = Counts()
     tmp_dr = out / f".{D_R_FILE}.{os.getpid()}.tmp"
     tmp_acc = out / f".accepted.{os.getpid()}.tmp"
@@ -330,6 +345,8 @@ def run(
         "duplicate_candidate_lines": index.duplicates,
         "nll_context": config.reward.nll_context,
         "judge": config.reward.judge,
+        "judge_kind": config.reward.active_judge or "off",
+        **{f"judge_calibration_{k}": v for k, v in scorer.calibration.items()},
         "model": config.model,
     }
     metrics = write_report(stats, report_dir, extra)
@@ -340,13 +357,35 @@ def run(
         }
     )
     log.info(
-        "gate: %d records, acceptance %.1f%%, %d fallbacks, NLL gap %.3f",
+        "gate: %d records, acceptance %.1f%%, %d fallbacks, NLL gap %.3f (accepted only: %.3f "
+        "[%.3f, %.3f] over %d records)",
         stats.records,
         100 * metrics["acceptance_rate"],
         stats.fallback,
         metrics["nll_gap"],
+        metrics["nll_gap_accepted"],
+        metrics["nll_gap_accepted_low"],
+        metrics["nll_gap_accepted_high"],
+        int(metrics["nll_gap_accepted_n"]),
     )
     return metrics
+
+
+def _calibrate_judge(scorer: Any, config: Config, spec: Any) -> None:
+    """Set the pi0_calibrated judge's threshold on the reference solutions of the records whose
+    ids have the smallest sha256 (one pass over the dataset; the same references the
+    train-rewriter stage picks from the same D)."""
+    from patchgap.data.records import RejectSink, iter_records
+    from patchgap.reward.scoring import calibration_sample
+
+    # Rejected records are reported by the main pass; this one only looks for references.
+    records = (r for r in iter_records(spec, RejectSink(None)) if r.solution)
+    sample = calibration_sample(
+        records, config.reward.judge_calibration.references, key=lambda r: r.id
+    )
+    scorer.calibrate(
+        [r.question for r in sample], [r.answer for r in sample], [r.solution for r in sample]
+    )
 
 
 def _gate_batch(
@@ -356,7 +395,12 @@ def _gate_batch(
     cands = [list(row["candidates"]) if row is not None else [] for row in rows]
     texts = [[str(c.get("text", "")) for c in cs] for cs in cands]
     questions = [r.question for r in batch]
-    terms = scorer.score_groups(questions, [r.answer for r in batch], texts)
+    terms = scorer.score_groups(
+        questions,
+        [r.answer for r in batch],
+        texts,
+        reference_solutions=[r.solution for r in batch],
+    )
     ref_nll = [g[0] for g in scorer.nll.score_groups(questions, [[r.solution] for r in batch])]
     out = []
     for rec, cs, ts, nll_ref in zip(batch, cands, terms, ref_nll, strict=True):
@@ -391,6 +435,8 @@ def jsonl_to_parquet(src: Path, dest: Path, rows_per_group: int = 1000) -> int:
             ("nll_pi0", pa.float64()),
             ("nll_reference", pa.float64()),
             ("judge_p_yes", pa.float64()),
+            ("judge_score", pa.float64()),
+            ("sampling", pa.string()),
         ]
     )
     schema = pa.schema(
@@ -437,7 +483,9 @@ _README = """\
 `provenance`: status (accepted | fallback), candidate_index, trial, trials, num_candidates,
 gate_reasons (one per candidate: chosen, feasible, wrong_answer, no_final_answer,
 judge_rejected, empty), fallback_reason, nll_pi0 (mean token NLL of `solution` under pi0),
-nll_reference (of the reference solution), judge_p_yes.
+nll_reference (of the reference solution), judge_p_yes (a model judge's P(YES) share),
+judge_score (what the judge thresholds: P(YES) - P(NO), or the reasoning check's score),
+sampling (greedy or sample: how the chosen candidate was generated).
 
 Load with `datasets`: `load_dataset("json", data_files="d_r.jsonl")` or
 `load_dataset("parquet", data_files="_parquet/d_r.parquet")`.

@@ -1,5 +1,10 @@
 """Stage rewrite: the rewriter (pi0 + LoRA adapter, or pi0 alone as the prompt-only baseline)
-generates candidate rewrites for every record, sharded, streamed and resumable batch by batch."""
+generates candidate rewrites for every record, sharded, streamed and resumable batch by batch.
+
+Candidates per record: one greedy (the original code's way, ``generation.temperature: 0``), or
+``generation.n`` samples, or both for best-of-n (``include_greedy`` with a sampling temperature:
+the greedy rewrite plus n samples); the gate keeps the feasible one with the lowest NLL. Each
+candidate records how it was made (``sampling``: greedy or sample)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from patchgap.data.records import FieldMap, Record
 from patchgap.lm.generation import GenerationConfig
 from patchgap.progress import Progress
 from patchgap.prompts import REWRITE_TEMPLATE
+from patchgap.stages.base import after_outputs_kept
 
 log = logging.getLogger("patchgap.stages.rewrite")
 
@@ -53,6 +59,11 @@ class Config(StrictModel):
         description="backend, decoding (n candidates per record; temperature 0 = greedy, n 1), "
         "batching, seed, device and dtype of the rewriter (patchgap.lm.generation)",
     )
+    include_greedy: bool = Field(
+        False,
+        description="best-of-n: also generate the greedy rewrite besides the generation.n "
+        "samples (needs generation.temperature > 0); n + 1 candidates per record",
+    )
     max_retries: int = Field(
         0, ge=0, description="rounds of new samples for candidates whose final answer is wrong"
     )
@@ -80,7 +91,18 @@ class Config(StrictModel):
             raise ValueError(
                 f"shard_index {self.shard_index} must be < num_shards {self.num_shards}"
             )
+        if self.include_greedy and self.generation.temperature == 0.0:
+            raise ValueError(
+                "include_greedy adds the greedy rewrite to sampled ones, but "
+                "generation.temperature is 0 (every candidate is greedy already); set "
+                "generation.temperature > 0 (and generation.n samples) or include_greedy: false"
+            )
         return self
+
+    @property
+    def candidates_per_record(self) -> int:
+        """Candidates of the first try: the n samples (or the one greedy), plus the greedy one."""
+        return self.generation.n + (1 if self.include_greedy else 0)
 
 
 # Fields that change neither which records a batch holds nor what is generated for them.
@@ -213,6 +235,9 @@ def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
     from patchgap.stages.base import path_hash
 
     settings = config.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
+    if not settings.get("include_greedy"):
+        # Off, the setting changes nothing: batches finished before it existed stay valid.
+        settings.pop("include_greedy", None)
     parts = {
         "format": STATE_FORMAT,
         "config": settings,
@@ -258,8 +283,6 @@ class Rewriter:
     def rewrite(
         self, batch: Sequence[Record], shard: int, batch_index: int
     ) -> list[dict[str, Any]]:
-        from patchgap.answers import equivalent
-
         cfg, gen = self.config, self.config.generation
         prompts = [self.prompt(r) for r in batch]
         cands: list[list[dict[str, Any]]] = [[] for _ in batch]
@@ -269,32 +292,18 @@ class Rewriter:
             if not todo:
                 break
             temp = gen.temperature if trial == 0 else (gen.temperature or cfg.retry_temperature)
-            # Group by how many samples each record still needs, one generate call per group.
-            for k, idx in itertools.groupby(sorted(todo, key=lambda i: (todo[i], i)), key=todo.get):
-                rows = list(idx)
-                gens = self.generator.generate(
-                    [prompts[i] for i in rows],
-                    n=k,
-                    seed=batch_seed(gen.seed, shard, batch_index, trial * 1000 + k),
-                    temperature=temp,
+            # (temperature, candidates wanted per record) for each round of generate calls; the
+            # greedy rewrite comes first, so it is candidate 0 of its record.
+            rounds = [(temp, todo)]
+            if trial == 0 and cfg.include_greedy:
+                rounds.insert(0, (0.0, dict.fromkeys(todo, 1)))
+            for round_temp, wanted in rounds:
+                self._generate_round(
+                    batch, prompts, cands, wanted, round_temp, trial, shard, batch_index
                 )
-                for i, outs in zip(rows, gens, strict=True):
-                    for g in outs:
-                        ok = equivalent(g.text, batch[i].answer)
-                        cands[i].append(
-                            {
-                                "index": len(cands[i]),
-                                "trial": trial,
-                                "text": g.text,
-                                "num_tokens": g.num_tokens,
-                                "finish_reason": g.finish_reason,
-                                "answer_ok": ok,
-                            }
-                        )
-                    # Only the candidates that failed the answer check get new samples.
-                    need[i] = sum(
-                        1 for c in candidates_of_trial(cands[i], trial) if not c["answer_ok"]
-                    )
+            # Only the candidates that failed the answer check get new samples.
+            for i in todo:
+                need[i] = sum(1 for c in candidates_of_trial(cands[i], trial) if not c["answer_ok"])
         return [
             {
                 "id": r.id,
@@ -306,6 +315,48 @@ class Rewriter:
             }
             for r, c in zip(batch, cands, strict=True)
         ]
+
+    def _generate_round(
+        self,
+        batch: Sequence[Record],
+        prompts: Sequence[str],
+        cands: list[list[dict[str, Any]]],
+        wanted: Mapping[int, int],
+        temperature: float,
+        trial: int,
+        shard: int,
+        batch_index: int,
+    ) -> None:
+        """Generate ``wanted[i]`` candidates for record i at ``temperature``, appended to
+        ``cands[i]`` with their answer check."""
+        from patchgap.answers import equivalent
+
+        seed = self.config.generation.seed
+        sampling = "greedy" if temperature == 0.0 else "sample"
+        # Group by how many candidates each record needs, one generate call per group.
+        for k, idx in itertools.groupby(
+            sorted(wanted, key=lambda i: (wanted[i], i)), key=wanted.get
+        ):
+            rows = list(idx)
+            gens = self.generator.generate(
+                [prompts[i] for i in rows],
+                n=k,
+                seed=batch_seed(seed, shard, batch_index, trial * 1000 + k),
+                temperature=temperature,
+            )
+            for i, outs in zip(rows, gens, strict=True):
+                for g in outs:
+                    cands[i].append(
+                        {
+                            "index": len(cands[i]),
+                            "trial": trial,
+                            "sampling": sampling,
+                            "text": g.text,
+                            "num_tokens": g.num_tokens,
+                            "finish_reason": g.finish_reason,
+                            "answer_ok": equivalent(g.text, batch[i].answer),
+                        }
+                    )
 
     @property
     def backend(self) -> dict[str, str] | None:
@@ -368,7 +419,7 @@ def run(
     counts = Counts()
     todo = expected_records(dataset, config.limit, config.num_shards)
     if todo is not None:
-        todo = max(todo - len(state.done) * config.batch_records, 0) * config.generation.n
+        todo = max(todo - len(state.done) * config.batch_records, 0) * config.candidates_per_record
     rewriter = Rewriter(config, adapter, work=todo)
     tally = Tally()
     final = out_dir / shard_file_name(config.shard_index, config.num_shards)
@@ -400,11 +451,14 @@ def run(
         os.replace(tmp, final)
         # State only survives a crash; once the shard is complete it would just duplicate the
         # candidates (and pile up, one folder per fingerprint).
-        state.clear()
         if config.state_uri is None:
             import shutil
 
+            # Inside the output folder: it must go before the output is uploaded.
             shutil.rmtree(out_dir / "_state", ignore_errors=True)
+        else:
+            # In the store: only once the candidates' manifest is written.
+            after_outputs_kept(state.clear)
     finally:
         bar.close()
         backend = rewriter.backend

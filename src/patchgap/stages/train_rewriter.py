@@ -265,6 +265,7 @@ def build_prompt_rows(
                 "prompt": messages,
                 "question": rec.question,
                 "reference_answer": answer,
+                "reference_solution": rec.solution,
                 "id": rec.id,
             }
         )
@@ -449,6 +450,7 @@ def _train(
     )
 
     scorer = _build_scorer(config, model_src, device)
+    _calibrate_judge(scorer, config, rows)
     reward_fn = GroupRewardFunction(scorer, config.num_generations)
 
     # Only the main process logs rows; a per-rank name keeps the others off its file.
@@ -576,6 +578,21 @@ def _build_scorer(config: Config, model_src: str, device: str) -> Any:
         local = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else "cpu"
         reward = reward.model_copy(update={"device": local})
     return GroupRewardScorer(reward, pi0=model_src).load()
+
+
+def _calibrate_judge(scorer: Any, config: Config, rows: Sequence[dict[str, Any]]) -> None:
+    """Set the pi0_calibrated judge's threshold on the reference solutions of the training rows
+    (the ids with the smallest sha256, as the gate picks them from the same D)."""
+    from patchgap.reward.scoring import calibration_sample
+
+    if config.reward.active_judge != "pi0_calibrated":
+        return
+    sample = calibration_sample(rows, config.reward.judge_calibration.references, lambda r: r["id"])
+    scorer.calibrate(
+        [r["question"] for r in sample],
+        [r["reference_answer"] for r in sample],
+        [r["reference_solution"] for r in sample],
+    )
 
 
 def _write_outputs(

@@ -11,6 +11,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -388,7 +389,10 @@ class EmbeddedS3:
         ]
         # The child must not pick up a client's AWS_* settings as its own identity.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        with open(self.log_file, "wb") as log:
+        # The log names buckets and keys: the owner's alone, like everything the server writes.
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a log left by an older version may be 0644
+        with os.fdopen(fd, "wb") as log:
             self._proc = subprocess.Popen(
                 cmd,
                 cwd=self.server_dir,
@@ -399,7 +403,7 @@ class EmbeddedS3:
                 start_new_session=True,  # outlives `patchgap store up`, immune to its Ctrl+C
                 umask=0o077,  # every file it writes is the owner's alone
             )
-        self.pid_file.write_text(f"{self._proc.pid}\n")
+        write_private(self.pid_file, f"{self._proc.pid}\n")
         if wait:
             try:
                 self.wait_ready()
@@ -407,6 +411,7 @@ class EmbeddedS3:
             except BaseException:
                 self.stop()
                 raise
+        self.make_private()
         return self.status(probe=wait)
 
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -446,7 +451,33 @@ class EmbeddedS3:
         self.pid_file.unlink(missing_ok=True)
         self._proc = None
         self._remove_sockets()
+        self.make_private()
         return True
+
+    def make_private(self) -> list[Path]:
+        """Clear the group and other permission bits of every file and folder of the server's
+        state; returns what was changed.
+
+        The server runs under umask 077, so what it creates is 0600/0700, except its volume
+        descriptors (``*.vif``), which SeaweedFS writes 0644 whatever the umask. The 0700
+        folders already keep them from other users; this also makes the files themselves
+        private, at every start (descriptors of earlier runs) and stop (those made while it ran).
+        """
+        changed = []
+        for root in dict.fromkeys((self.server_dir, self.data_dir)):
+            if not root.is_dir():
+                continue
+            for path in (root, *root.rglob("*")):
+                try:
+                    st = path.lstat()
+                except FileNotFoundError:  # removed by the running server meanwhile
+                    continue
+                if stat.S_ISLNK(st.st_mode) or not st.st_mode & 0o077:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    path.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+                    changed.append(path)
+        return changed
 
     def _remove_sockets(self) -> None:
         # weed leaves per-port unix sockets (seaweedfs-<role>[-grpc]-<port>.sock) in the temp
