@@ -265,6 +265,8 @@ def test_continuous_metrics_of_a_damaged_tiny_model(
     assert cont["metrics"] == [
         "gold_logprob:arc_easy",
         "gold_logprob:piqa",
+        "gold_choice_prob:arc_easy",
+        "gold_choice_prob:piqa",
         "gold_logprob_norm:arc_easy",
         "gold_logprob_norm:piqa",
         "drift_nll",
@@ -279,7 +281,7 @@ def test_continuous_metrics_of_a_damaged_tiny_model(
         assert test["diff"] == pytest.approx(test["mean_a"] - test["mean_b"])
     assert row["vs_base"]["gold_logprob:piqa"]["n"] == 4
     assert metrics["sft_d/drift_nll/delta"] == row["vs_base"]["drift_nll"]["diff"]
-    assert "sft_d/logprob_forgetting_mean" in metrics
+    assert "sft_d/forgetting/gold_logprob" in metrics
     md = (out / "report.md").read_text()
     assert "## Continuous metrics against the base" in md and "### sft_d" in md
     assert "| drift: NLL of pi0's answers (nats/token) |" in md

@@ -37,7 +37,9 @@ def test_gold_logprob_and_its_per_character_form_from_a_sample_log() -> None:
 def test_continuous_values_are_keyed_as_the_report_reads_them() -> None:
     general = {
         "arc_easy": [
-            ev.ItemResult("q1", True, gold_logprob=-2.0, gold_logprob_norm=-0.2),
+            ev.ItemResult(
+                "q1", True, gold_logprob=-2.0, gold_logprob_norm=-0.2, gold_choice_logprob=-0.1
+            ),
             ev.ItemResult("q2", False),  # an item lm-eval gave no gold log-likelihood for
         ]
     }
@@ -48,6 +50,7 @@ def test_continuous_values_are_keyed_as_the_report_reads_them() -> None:
     vals = ev.continuous_values(general, cont)
     assert vals == {
         "gold_logprob:arc_easy": {"q1": -2.0},
+        "gold_choice_prob:arc_easy": {"q1": pytest.approx(math.exp(-0.1))},
         "gold_logprob_norm:arc_easy": {"q1": -0.2},
         "drift_nll": {"arc_easy:7": 1.5},
         "heldout_nll:gsm8k": {"t-1": 0.9},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,10 @@ def _values(shift_d: float, shift_r: float, n: int = 200, seed: int = 0) -> dict
             f"gold_logprob:{b}": {k: v - shift + rng.gauss(0, 0.3) for k, v in items.items()}
             for b, items in base_lp.items()
         }
+        out |= {
+            f"gold_choice_prob:{b}": {k: 0.5 - shift / 5 + rng.gauss(0, 0.1) for k in items}
+            for b, items in base_lp.items()
+        }
         out["drift_nll"] = {k: v + shift / 10 + rng.gauss(0, 0.02) for k, v in base_drift.items()}
         out["heldout_nll:gsm8k"] = {k: v - learn + rng.gauss(0, 0.02) for k, v in held.items()}
         return out
@@ -165,6 +170,8 @@ def test_continuous_metrics_resolve_what_accuracy_cannot() -> None:
     assert cont["metrics"] == [
         "gold_logprob:arc",
         "gold_logprob:mmlu",
+        "gold_choice_prob:arc",
+        "gold_choice_prob:mmlu",
         "drift_nll",
         "heldout_nll:gsm8k",
     ]
@@ -173,22 +180,29 @@ def test_continuous_metrics_resolve_what_accuracy_cannot() -> None:
     arc = d["vs_base"]["gold_logprob:arc"]
     assert arc["diff"] == pytest.approx(-0.5, abs=0.08) and arc["high"] < 0 and arc["n"] == 200
     assert arc["sd_diff"] == pytest.approx(0.3, abs=0.05)
-    assert d["logprob_forgetting"]["diff"] == pytest.approx(0.5, abs=0.08)  # base - model
-    assert d["logprob_forgetting"]["p_bootstrap"] < 0.01
+    assert d["forgetting"]["gold_logprob"]["diff"] == pytest.approx(0.5, abs=0.08)  # base - model
+    assert d["forgetting"]["gold_logprob"]["p_bootstrap"] < 0.01
+    assert d["forgetting"]["gold_choice_prob"]["diff"] == pytest.approx(0.1, abs=0.03)
+    assert d["forgetting"]["drift_nll"]["diff"] == pytest.approx(0.05, abs=0.01)
     assert d["heldout"]["diff"] == pytest.approx(-0.3, abs=0.02)  # learned the downstream task
     # D_R against D: half the forgetting and half the drift
-    assert r["logprob_forgetting_diff"]["diff"] == pytest.approx(0.25, abs=0.08)
-    assert r["reduction_logprob"] == pytest.approx(0.5, abs=0.2)
-    assert r["drift_diff"]["diff"] == pytest.approx(0.025, abs=0.01)
-    assert r["reduction_drift"] == pytest.approx(0.5, abs=0.2)
+    assert r["forgetting_diff"]["gold_logprob"]["diff"] == pytest.approx(0.25, abs=0.08)
+    assert r["forgetting_diff"]["drift_nll"]["diff"] == pytest.approx(0.025, abs=0.01)
+    for measure in ("gold_logprob", "gold_choice_prob", "drift_nll"):
+        assert r["reduction"][measure] == pytest.approx(0.5, abs=0.2), measure
     verdicts = continuous_verdicts(table)
     assert {v["measure"] for v in verdicts if v["holds"]} == {
-        "loss of log P(gold)",
+        "log P(gold)",
+        "P(gold | choices)",
         "drift from pi0",
     }
     md = render_markdown(table)
     assert "### sft_dr" in md and "| log P(gold) arc (nats/item) |" in md
-    assert "drift from pi0: sft_dr < sft_d holds" in md and "Forgetting in continuous metrics" in md
+    assert "forgetting in drift from pi0: sft_dr < sft_d holds" in md
+    assert "Forgetting in continuous metrics" in md and "| sft_dr | drift from pi0 |" in md
+    assert "| sft_dr | P(gold \\| choices) | +" in md  # a table cell keeps its "|"
+    # probabilities in percent
+    assert re.search(r"\| P\(gold \\\| choices\) arc \(soft accuracy\) \| \d+\.\d\d% \|", md)
     # the accuracy-based forgetting stays beside it
     assert "| sft_dr | +18.0% | +5.0% | +4.0% |" in md
 
@@ -198,10 +212,8 @@ def test_no_continuous_reduction_when_sft_on_d_does_not_forget() -> None:
         _scores(), ["math"], ["arc"], bootstrap_reps=200, values=_values(0.0, 0.2)
     )
     r = table["continuous"]["models"]["sft_dr"]
-    assert r["reduction_logprob"] is None and r["reduction_drift"] is None
-    assert any(
-        "loss of gold log-probability not computed" in c for c in table["continuous"]["caveats"]
-    )
+    assert r["reduction"] == {"gold_logprob": None, "gold_choice_prob": None, "drift_nll": None}
+    assert any("reduction in log P(gold) not computed" in c for c in table["continuous"]["caveats"])
     # tuned models scored on fewer items are paired on the shared ones
     values = _values(0.5, 0.25)
     values["sft_d"]["drift_nll"] = dict(list(values["sft_d"]["drift_nll"].items())[:50])

@@ -74,6 +74,7 @@ def metric_label(metric: str) -> str:
     return {
         "gold_logprob": f"log P(gold) {arg} (nats/item)",
         "gold_logprob_norm": f"log P(gold) per char {arg}",
+        "gold_choice_prob": f"P(gold | choices) {arg} (soft accuracy)",
         "drift_nll": "drift: NLL of pi0's answers (nats/token)",
         "heldout_nll": f"held-out NLL {arg} (nats/token)",
     }.get(name, metric)
@@ -81,6 +82,11 @@ def metric_label(metric: str) -> str:
 
 def _num(v: float | None, fmt: str = "+.4f") -> str:
     return "n/a" if v is None else format(float(v), fmt)
+
+
+def _fmts(metric: str) -> tuple[str, str]:
+    """Number formats (level, signed difference) of a metric: probabilities in percent."""
+    return (".2%", "+.2%") if metric.partition(":")[0] == "gold_choice_prob" else (".4f", "+.4f")
 
 
 def _ci(test: Mapping[str, Any] | None, fmt: str = "+.4f") -> str:
@@ -103,60 +109,68 @@ def continuous_model_rows(table: Mapping[str, Any], label: str) -> list[list[str
         rows.append(
             [
                 metric_label(metric),
-                _num(t["mean_b"], ".4f"),
-                _num(t["mean_a"], ".4f"),
-                _ci(t),
+                _num(t["mean_b"], _fmts(metric)[0]),
+                _num(t["mean_a"], _fmts(metric)[0]),
+                _ci(t, _fmts(metric)[1]),
                 _p(t["p_bootstrap"]),
                 str(t["n"]),
-                _num(t["sd_diff"], ".4f"),
+                _num(t["sd_diff"], _fmts(metric)[0]),
             ]
         )
     return rows
 
 
 def continuous_forgetting_rows(table: Mapping[str, Any]) -> list[list[str]]:
-    """One row per tuned model: forgetting in gold log-probability, drift from pi0 and held-out
-    NLL change (each with a 95% interval and p against the base), and for the rewritten models
-    the reductions against SFT on D with the paired p."""
+    """One row per tuned model: forgetting in each gold log-probability form, drift from pi0 and
+    held-out NLL change, each with a 95% interval and p against the base."""
     cont = table.get("continuous") or {}
-    head = ["model", "F log P(gold) [95% CI]", "p (F log P)", "drift [95% CI]", "p (drift)"]
-    head += ["held-out NLL change [95% CI]", "p (held-out)"]
-    head += ["reduction (log P)", "p (R vs D, log P)"]
-    head += ["reduction (drift)", "p (R vs D, drift)"]
-    rows = [head]
+    measures = cont.get("measures") or {}
+    rows = [["model"]]
+    for name in measures.values():
+        head = "drift" if name == "drift from pi0" else f"F {name}"
+        rows[0] += [f"{head} [95% CI]", f"p ({head})"]
+    rows[0] += ["held-out NLL change [95% CI]", "p (held-out)"]
     for label, row in (cont.get("models") or {}).items():
-        f, d, h = row.get("logprob_forgetting"), row["vs_base"].get("drift_nll"), row.get("heldout")
-        cells = [label, _ci(f), _p(f and f["p_bootstrap"]), _ci(d), _p(d and d["p_bootstrap"])]
-        cells += [_ci(h), _p(h and h["p_bootstrap"])]
-        if "vs_baseline" in row:
-            fd, dd = row.get("logprob_forgetting_diff"), row.get("drift_diff")
-            cells += [_pct(row.get("reduction_logprob"), True), _p(fd and fd["p_bootstrap"])]
-            cells += [_pct(row.get("reduction_drift"), True), _p(dd and dd["p_bootstrap"])]
-        else:
-            cells += ["-", "-", "-", "-"]
+        cells = [label]
+        for m in measures:
+            f = row["forgetting"].get(m)
+            cells += [_ci(f, _fmts(m)[1]), _p(f["p_bootstrap"] if f else None)]
+        h = row.get("heldout")
+        cells += [_ci(h), _p(h["p_bootstrap"] if h else None)]
         rows.append(cells)
     return rows
 
 
-def continuous_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """For every rewritten model: does SFT on D_R lose less gold log-probability, and drift less
-    from pi0, than SFT on D, by the paired tests (``holds``: favours D_R with p < ALPHA)?"""
+def continuous_reduction_rows(table: Mapping[str, Any]) -> list[list[str]]:
+    """One row per rewritten model and measure: D - R against SFT on D with its interval and p,
+    and the reduction 1 - R / D."""
     cont = table.get("continuous") or {}
+    measures = cont.get("measures") or {}
+    rows = [["model", "measure", "D - R [95% CI]", "p", "reduction 1 - R/D"]]
+    for label, row in (cont.get("models") or {}).items():
+        for m, test in (row.get("forgetting_diff") or {}).items():
+            red = (row.get("reduction") or {}).get(m)
+            cells = [label, measures.get(m, m), _ci(test, _fmts(m)[1]), _p(test["p_bootstrap"])]
+            rows.append(cells + [_pct(red, True)])
+    return rows
+
+
+def continuous_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """For every rewritten model and measure: does SFT on D_R lose less gold log-probability, or
+    drift less from pi0, than SFT on D, by the paired tests (``holds``: favours D_R with
+    p < ALPHA)?"""
+    cont = table.get("continuous") or {}
+    measures = cont.get("measures") or {}
     out = []
     for label, row in (cont.get("models") or {}).items():
-        for measure, key in (
-            ("loss of log P(gold)", "logprob_forgetting_diff"),
-            ("drift from pi0", "drift_diff"),
-        ):
-            test = row.get(key)
-            if not test:
-                continue
+        for m, test in (row.get("forgetting_diff") or {}).items():
             diff, p = float(test["diff"]), float(test["p_bootstrap"])
             out.append(
                 {
                     "model": label,
                     "baseline": cont.get("baseline"),
-                    "measure": measure,
+                    "measure": measures.get(m, m),
+                    "key": m,
                     "d_minus_r": diff,
                     **_verdict(diff, test, p),
                 }
@@ -179,27 +193,33 @@ def continuous_verdict_sentences(table: Mapping[str, Any]) -> list[str]:
     lines = []
     for v in continuous_verdicts(table):
         status = "holds" if v["holds"] else "is not shown"
+        f = _fmts(v["key"])[1]
         lines.append(
-            f"{v['measure']}: {v['model']} < {v['baseline']} {status} at this size: D - R = "
-            f"{v['d_minus_r']:+.4f} [95% CI {v['low']:+.4f}, {v['high']:+.4f}], p = {_p(v['p'])}."
+            f"forgetting in {v['measure']}: {v['model']} < {v['baseline']} {status} at this "
+            f"size: D - R = {format(v['d_minus_r'], f)} [95% CI {format(v['low'], f)}, "
+            f"{format(v['high'], f)}], p = {_p(v['p'])}."
         )
     return lines
 
 
 CONTINUOUS_NOTE = (
-    "Paired per item against the base: log P(gold) is lm-eval's log-likelihood of the gold "
-    "choice on every general item (per char: divided by its length, as acc_norm compares); "
-    "drift is the NLL per token, under each model, of pi0's own greedy answers to a fixed set of "
-    "general questions (model - base estimates KL(pi0 || model) per token on pi0's outputs); "
-    "held-out NLL is the NLL per token of held-out reference solutions in SFT's chat format. "
-    "Intervals and p: paired bootstrap over items."
+    "Paired per item against the base. log P(gold): lm-eval's log-likelihood of the gold choice "
+    "on every general item (nats). P(gold | choices): its probability among the choices "
+    "(softmax of their log-likelihoods), the accuracy of a model that answers by sampling: it "
+    "moves in points like acc, but every item counts, not only the ones that flip. Per char: "
+    "log P(gold) divided by the choice's length, as acc_norm compares. Drift: the NLL per token, "
+    "under each model, of pi0's own greedy answers to a fixed set of general questions (model - "
+    "base estimates KL(pi0 || model) per token on pi0's outputs). Held-out NLL: the NLL per "
+    "token of held-out reference solutions in SFT's chat format. Intervals and p: paired "
+    "bootstrap over items."
 )
 CONTINUOUS_F_NOTE = (
-    "F log P(gold) = mean over general benchmarks of the gold log-probability lost (base - "
-    "model, nats per item; positive = forgetting); drift and held-out NLL change are model - "
-    "base (nats per token; drift positive = moved away from pi0, held-out negative = learned); "
-    "reduction = 1 - R / D against SFT on D, shown only when SFT on D's value is significantly "
-    "positive; p (R vs D): paired bootstrap of D - R."
+    "F = the mean over general benchmarks of what the gold choice lost (base - model: nats per "
+    "item for log P(gold), points for P(gold | choices); positive = forgetting); drift and "
+    "held-out NLL change are model - base (nats per token; drift positive = moved away from "
+    "pi0, held-out negative = learned). Below, SFT on D_R against SFT on D: D - R > 0 when D_R "
+    "forgets (or drifts) less; reduction 1 - R/D only where SFT on D's value is significantly "
+    "positive."
 )
 
 
@@ -237,9 +257,9 @@ def forgetting_verdicts(table: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 CONTINUOUS_TEST = (
-    "paired bootstrap over items of D - R (log P(gold): resampled within each general "
-    "benchmark, the mean over benchmarks of log P_R(gold) - log P_D(gold); drift: the mean of "
-    f"NLL_D - NLL_R on pi0's answers), two-sided, alpha = {ALPHA}"
+    "paired bootstrap over items of D - R (log P(gold) and P(gold | choices): resampled within "
+    "each general benchmark, the mean over benchmarks of R's value minus D's; "
+    f"drift: the mean of NLL_D - NLL_R on pi0's answers), two-sided, alpha = {ALPHA}"
 )
 
 
@@ -275,7 +295,7 @@ def render_text(table: Mapping[str, Any], width: int) -> str:
         (f"Forgetting against {table['baseline']}", "", forgetting_rows(table)),
     ]
     if table.get("continuous"):
-        grids.append(("Continuous forgetting (paired)", "", continuous_forgetting_rows(table)))
+        grids.append(("Forgetting, continuous (paired)", "", continuous_forgetting_rows(table)))
     for title, first, rows in grids:
         grid = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
         for head in (first, *(r[0] for r in rows[1:])):
@@ -290,6 +310,8 @@ def render_text(table: Mapping[str, Any], width: int) -> str:
 
 
 def md_table(rows: list[list[str]]) -> str:
+    # a "|" inside a cell (log P(gold | choices)) would end the cell
+    rows = [[c.replace("|", "\\|") for c in r] for r in rows]
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     return "\n".join(out)
@@ -382,6 +404,9 @@ def table_sections(table: Mapping[str, Any], level: str, note: str) -> list[str]
     if cont and cont.get("models"):
         lines += [f"{level}# Forgetting in continuous metrics", "", CONTINUOUS_F_NOTE, ""]
         lines += [md_table(continuous_forgetting_rows(table)), ""]
+        reductions = continuous_reduction_rows(table)
+        if len(reductions) > 1:
+            lines += [md_table(reductions), ""]
     verdicts = verdict_sentences(table)
     more = continuous_verdict_sentences(table)
     if verdicts or more:
@@ -436,6 +461,11 @@ def render_html(
             )
             + f"<h3>Forgetting in continuous metrics</h3><p>{html.escape(CONTINUOUS_F_NOTE)}</p>"
             + _html_table(continuous_forgetting_rows(table))
+            + (
+                _html_table(continuous_reduction_rows(table))
+                if len(continuous_reduction_rows(table)) > 1
+                else ""
+            )
             + "<ul>"
             + "".join(f"<li>{html.escape(v)}</li>" for v in continuous_verdict_sentences(table))
             + f"</ul><p>Test: {html.escape(CONTINUOUS_TEST)}.</p>"

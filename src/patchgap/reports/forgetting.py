@@ -22,8 +22,10 @@ from patchgap.reports.stats import (
 #: Per model label, per benchmark: item id -> correct. Items are paired across models by id.
 Scores = Mapping[str, Mapping[str, Mapping[str, bool]]]
 
-#: Per model label, per metric: item id -> value. Metrics: ``gold_logprob:<bench>`` and
-#: ``gold_logprob_norm:<bench>`` (log-likelihood of the gold choice, and per character),
+#: Per model label, per metric: item id -> value. Metrics:
+#: ``gold_logprob:<bench>``, ``gold_choice_prob:<bench>`` and ``gold_logprob_norm:<bench>``
+#: (log-likelihood of the gold choice, its probability among the choices, its log-likelihood
+#: per character),
 #: ``drift_nll`` (nats/token of pi0's answers), ``heldout_nll:<set>`` (nats/token of references).
 Values = Mapping[str, Mapping[str, Mapping[str, float]]]
 
@@ -195,11 +197,26 @@ def _paired_values(values: Values, a: str, b: str, metric: str) -> tuple[list[fl
     return [float(va[i]) for i in ids], [float(vb[i]) for i in ids]
 
 
+#: Per-item measures of a general benchmark whose mean loss is a forgetting F, and their names.
+LOGPROB_MEASURES = {
+    "gold_logprob": "log P(gold)",
+    "gold_choice_prob": "P(gold | choices)",
+}
+#: Every forgetting measure compared between SFT on D_R and SFT on D (larger = more forgetting
+#: after the sign below: gold log-probabilities are lost, the drift NLL grows).
+MEASURES = {**LOGPROB_MEASURES, "drift_nll": "drift from pi0"}
+
+
 def continuous_metrics(values: Values, general: Sequence[str]) -> list[str]:
-    """The metric keys present in ``values``, in report order: gold log-prob per general
-    benchmark, its per-character variant, drift, held-out NLL per set."""
+    """The metric keys present in ``values``, in report order: each gold log-probability form per
+    general benchmark (raw, its probability among the choices, per character), drift, held-out
+    NLL per set."""
     present = {m for per in values.values() for m in per}
-    order = [f"gold_logprob:{b}" for b in general] + [f"gold_logprob_norm:{b}" for b in general]
+    order = [
+        f"{form}:{b}"
+        for form in ("gold_logprob", "gold_choice_prob", "gold_logprob_norm")
+        for b in general
+    ]
     order += ["drift_nll"] + sorted(m for m in present if m.startswith("heldout_nll:"))
     return [m for m in order if m in present]
 
@@ -217,77 +234,78 @@ def continuous_table(
     ``baseline``), items paired by id.
 
     Per model: ``vs_base[metric]`` (mean of model - base with a paired bootstrap 95% interval, p
-    and the SD of the per-item differences); ``logprob_forgetting``, the mean over general
-    benchmarks of the gold log-probability lost (base - model, nats per item; items resampled
-    within each benchmark); ``heldout``, the mean over held-out sets of the NLL change (model -
+    and the SD of the per-item differences); ``forgetting[measure]`` for the gold
+    forms, the mean over general benchmarks of what was lost (base - model; items resampled
+    within each benchmark), and for ``drift_nll`` the drift (model -
+    base, nats per token); ``heldout``, the mean over held-out sets of the NLL change (model -
     base, nats per token; negative = learned). Per rewritten model also ``vs_baseline[metric]``
-    (model - baseline), ``logprob_forgetting_diff`` (F_D - F_R: positive when D_R forgets less),
-    ``drift_diff`` (drift_D - drift_R: positive when D_R drifts less) and the reductions
-    ``1 - F_R / F_D`` and ``1 - drift_R / drift_D``, given only when SFT on D's forgetting (or
-    drift) is positive and significant (else a caveat).
+    (model - baseline), ``forgetting_diff[measure]`` (D - R: positive when D_R forgets or drifts
+    less) and ``reduction[measure]`` = 1 - R / D, given only where SFT on D's value is positive
+    and significant (else None and a caveat).
     """
     metrics = continuous_metrics(values, general)
-    lp = [b for b in general if f"gold_logprob:{b}" in metrics]
     heldout = [m for m in metrics if m.startswith("heldout_nll:")]
     caveats: list[str] = []
     models: dict[str, Any] = {}
     if base not in values:
         return {"base": base, "metrics": metrics, "models": {}, "caveats": caveats}
+
+    def stratified(a: str, b: str, form: str) -> dict[str, float] | None:
+        """Mean over general benchmarks of mean(a) - mean(b) on ``form``, or None."""
+        pairs = {bench: _paired_values(values, a, b, f"{form}:{bench}") for bench in general}
+        pairs = {bench: p for bench, p in pairs.items() if p[0]}
+        return stratified_paired_mean(pairs, bootstrap_reps, seed) if pairs else None
+
+    def paired(a: str, b: str, metric: str) -> dict[str, Any] | None:
+        x, y = _paired_values(values, a, b, metric)
+        return paired_mean_diff(x, y, bootstrap_reps, seed).as_dict() if x else None
+
     for label in values:
         if label == base:
             continue
-        row: dict[str, Any] = {"vs_base": {}}
+        row: dict[str, Any] = {"vs_base": {}, "forgetting": {}}
         for m in metrics:
-            a, b = _paired_values(values, label, base, m)
-            if a:
-                row["vs_base"][m] = paired_mean_diff(a, b, bootstrap_reps, seed).as_dict()
-        pairs = {b: _paired_values(values, base, label, f"gold_logprob:{b}") for b in lp}
-        pairs = {b: p for b, p in pairs.items() if p[0]}
-        if pairs:
-            row["logprob_forgetting"] = stratified_paired_mean(pairs, bootstrap_reps, seed)
+            if (test := paired(label, base, m)) is not None:
+                row["vs_base"][m] = test
+        for form in LOGPROB_MEASURES:
+            if (f := stratified(base, label, form)) is not None:
+                row["forgetting"][form] = f
+        if "drift_nll" in row["vs_base"]:
+            row["forgetting"]["drift_nll"] = row["vs_base"]["drift_nll"]
         held = {m: _paired_values(values, label, base, m) for m in heldout}
         held = {m: p for m, p in held.items() if p[0]}
         if held:
             row["heldout"] = stratified_paired_mean(held, bootstrap_reps, seed)
         models[label] = row
     if baseline is not None and baseline in models:
-        f_d = models[baseline]
+        f_d = models[baseline]["forgetting"]
         for label in rewritten:
             if label not in models or label == baseline:
                 continue
             row = models[label]
             row["vs_baseline"] = {}
             for m in metrics:
-                a, b = _paired_values(values, label, baseline, m)
-                if a:
-                    row["vs_baseline"][m] = paired_mean_diff(a, b, bootstrap_reps, seed).as_dict()
-            pairs = {b: _paired_values(values, label, baseline, f"gold_logprob:{b}") for b in lp}
-            pairs = {b: p for b, p in pairs.items() if p[0]}
-            if pairs:
-                row["logprob_forgetting_diff"] = stratified_paired_mean(pairs, bootstrap_reps, seed)
-            a, b = _paired_values(values, baseline, label, "drift_nll")
-            if a:
-                row["drift_diff"] = paired_mean_diff(a, b, bootstrap_reps, seed).as_dict()
-            row["reduction_logprob"] = _continuous_reduction(
-                row.get("logprob_forgetting"),
-                f_d.get("logprob_forgetting"),
-                label,
-                baseline,
-                "loss of gold log-probability",
-                caveats,
-            )
-            row["reduction_drift"] = _continuous_reduction(
-                row["vs_base"].get("drift_nll"),
-                f_d["vs_base"].get("drift_nll"),
-                label,
-                baseline,
-                "drift from pi0",
-                caveats,
-            )
+                if (test := paired(label, baseline, m)) is not None:
+                    row["vs_baseline"][m] = test
+            diffs: dict[str, Any] = {}
+            for form in LOGPROB_MEASURES:  # log P_R - log P_D = F_D - F_R
+                if (d := stratified(label, baseline, form)) is not None:
+                    diffs[form] = d
+            if (d := paired(baseline, label, "drift_nll")) is not None:  # NLL_D - NLL_R
+                diffs["drift_nll"] = d
+            row["forgetting_diff"] = diffs
+            row["reduction"] = {
+                m: _continuous_reduction(
+                    row["forgetting"].get(m), f_d.get(m), label, baseline, MEASURES[m], caveats
+                )
+                for m in MEASURES
+                if m in row["forgetting"] and m in f_d
+            }
     return {
         "base": base,
         "baseline": baseline if baseline in models else None,
         "metrics": metrics,
+        "measures": dict(MEASURES),
         "models": models,
         "caveats": caveats,
     }
@@ -308,7 +326,7 @@ def _continuous_reduction(
     p = float(d.get("p_bootstrap", 1.0))
     if float(d["diff"]) <= 0 or p >= ALPHA:
         caveats.append(
-            f"{label}: reduction of the {what} not computed: SFT on D ({baseline}) shows "
+            f"{label}: reduction in {what} not computed: SFT on D ({baseline}) shows "
             f"{float(d['diff']):+.4f} (p = {p:.3g}), not a significant positive amount, so "
             "1 - R/D would only measure noise."
         )

@@ -708,9 +708,8 @@ def continuous_eval(
     """One model's NLL of pi0's drift answers (``answers``, may be empty) and of the held-out
     reference solutions (``heldout``), per item: ``nll`` (nats per token), ``tokens``,
     ``nll_sum``. ``on_metric`` is called as each metric finishes (to save it)."""
-    from patchgap.lm.likelihood import CompletionScorer, chat_completion_ids
+    from patchgap.lm.likelihood import CompletionScorer
     from patchgap.progress import Progress
-    from patchgap.prompts import render
 
     if not answers and not heldout:
         return {}
@@ -721,31 +720,9 @@ def continuous_eval(
         trust_remote_code=config.generation.trust_remote_code,
         max_batch_tokens=config.nll_batch_tokens,
     )
-    tok = scorer.tokenizer
-    jobs: list[tuple[str, list[str], list[tuple[list[int], list[int]]]]] = []
-    if answers:
-        # An answer cut at its token limit never closed its turn: score only its own tokens.
-        pairs = [
-            chat_completion_ids(
-                tok, a["question"], a["answer"], close_turn=a["finish_reason"] == "stop"
-            )
-            for a in answers
-        ]
-        jobs.append((DRIFT, [str(a["id"]) for a in answers], pairs))
-    for name, records in heldout.items():
-        template = config.heldout.prompt_template
-        pairs = [
-            chat_completion_ids(
-                tok,
-                render(template, question=r.question),
-                r.solution,
-                max_tokens=config.heldout.max_tokens,
-            )
-            for r in records
-        ]
-        jobs.append((f"{HELDOUT_PREFIX}{name}", [str(r.id) for r in records], pairs))
-    results: dict[str, list[dict[str, Any]]] = {}
     try:
+        jobs = _nll_jobs(config, scorer.tokenizer, answers, heldout)
+        results: dict[str, list[dict[str, Any]]] = {}
         for metric, ids, pairs in jobs:
             t0 = time.time()
             with Progress(f"{model_path.name} {metric}", "items", total=len(pairs)) as bar:
@@ -779,6 +756,42 @@ def continuous_eval(
         del scorer
         gc.collect()
     return results
+
+
+def _nll_jobs(
+    config: Config,
+    tok: Any,
+    answers: Sequence[Mapping[str, Any]],
+    heldout: Mapping[str, Sequence[Any]],
+) -> list[tuple[str, list[str], list[tuple[list[int], list[int]]]]]:
+    """(metric, item ids, (prompt, completion) token ids) for every NLL ``continuous_eval``
+    scores."""
+    from patchgap.lm.likelihood import chat_completion_ids
+    from patchgap.prompts import render
+
+    jobs: list[tuple[str, list[str], list[tuple[list[int], list[int]]]]] = []
+    if answers:
+        # An answer cut at its token limit never closed its turn: score only its own tokens.
+        pairs = [
+            chat_completion_ids(
+                tok, a["question"], a["answer"], close_turn=a["finish_reason"] == "stop"
+            )
+            for a in answers
+        ]
+        jobs.append((DRIFT, [str(a["id"]) for a in answers], pairs))
+    for name, records in heldout.items():
+        template = config.heldout.prompt_template
+        pairs = [
+            chat_completion_ids(
+                tok,
+                render(template, question=r.question),
+                r.solution,
+                max_tokens=config.heldout.max_tokens,
+            )
+            for r in records
+        ]
+        jobs.append((f"{HELDOUT_PREFIX}{name}", [str(r.id) for r in records], pairs))
+    return jobs
 
 
 def _drift_answers(
@@ -841,16 +854,24 @@ def continuous_values(
     normalised: bool = True,
 ) -> dict[str, dict[str, float]]:
     """One model's per-item continuous values keyed as the forgetting report reads them:
-    ``gold_logprob:<bench>``, ``gold_logprob_norm:<bench>`` (with ``normalised``: when acc_norm
-    is the headline), ``drift_nll``, ``heldout_nll:<set>`` (item id -> value)."""
+    ``gold_logprob:<bench>``, ``gold_choice_prob:<bench>`` (the gold choice's probability among
+    the choices), ``gold_logprob_norm:<bench>`` (with ``normalised``: when acc_norm is the
+    headline), ``drift_nll``, ``heldout_nll:<set>`` (item id -> value)."""
     out: dict[str, dict[str, float]] = {}
     if gold_logprob:
-        fields = ("gold_logprob", "gold_logprob_norm") if normalised else ("gold_logprob",)
+        forms = {
+            "gold_logprob": lambda r: r.gold_logprob,
+            "gold_choice_prob": lambda r: (
+                None if r.gold_choice_logprob is None else math.exp(r.gold_choice_logprob)
+            ),
+        }
+        if normalised:
+            forms["gold_logprob_norm"] = lambda r: r.gold_logprob_norm
         for bench, items in general.items():
-            for field in fields:
-                vals = {r.id: getattr(r, field) for r in items if getattr(r, field) is not None}
+            for form, get in forms.items():
+                vals = {r.id: v for r in items if (v := get(r)) is not None}
                 if vals:
-                    out[f"{field}:{bench}"] = vals
+                    out[f"{form}:{bench}"] = vals
     for metric, rows in continuous.items():
         key = (
             f"heldout_nll:{metric.removeprefix(HELDOUT_PREFIX)}"
@@ -1029,11 +1050,11 @@ def _metrics(table: Mapping[str, Any]) -> dict[str, float]:
     for label, row in (cont.get("models") or {}).items():
         for metric, test in row.get("vs_base", {}).items():
             m[f"{label}/{metric.replace(':', '/')}/delta"] = float(test["diff"])
-        if row.get("logprob_forgetting") is not None:
-            m[f"{label}/logprob_forgetting_mean"] = float(row["logprob_forgetting"]["diff"])
-        for key in ("reduction_logprob", "reduction_drift"):
-            if row.get(key) is not None:
-                m[f"{label}/{key}"] = float(row[key])
+        for measure, test in row.get("forgetting", {}).items():
+            m[f"{label}/forgetting/{measure}"] = float(test["diff"])
+        for measure, value in (row.get("reduction") or {}).items():
+            if value is not None:
+                m[f"{label}/reduction/{measure}"] = float(value)
     return m
 
 
