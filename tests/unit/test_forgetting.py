@@ -205,6 +205,12 @@ def test_continuous_metrics_resolve_what_accuracy_cannot() -> None:
     assert re.search(r"\| P\(gold \\\| choices\) arc \(soft accuracy\) \| \d+\.\d\d% \|", md)
     # the accuracy-based forgetting stays beside it
     assert "| sft_dr | +18.0% | +5.0% | +4.0% |" in md
+    # D_R against D, metric by metric: the downstream fit (held-out NLL) is the same
+    vs_d = md.split("## SFT on D_R against SFT on D")[1].split("## Forgetting")[0]
+    assert "| metric | sft_d | sft_dr | delta (model - sft_d) [95% CI] |" in vs_d
+    held = next(line for line in vs_d.splitlines() if line.startswith("| held-out NLL gsm8k"))
+    low, high = (float(x) for x in re.findall(r"\[([-+.\d]+), ([-+.\d]+)\]", held)[0])
+    assert low < 0 < high
 
 
 def test_no_continuous_reduction_when_sft_on_d_does_not_forget() -> None:

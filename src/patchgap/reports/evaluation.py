@@ -95,15 +95,19 @@ def _ci(test: Mapping[str, Any] | None, fmt: str = "+.4f") -> str:
     return f"{_num(test['diff'], fmt)} [{_num(test['low'], fmt)}, {_num(test['high'], fmt)}]"
 
 
-def continuous_model_rows(table: Mapping[str, Any], label: str) -> list[list[str]]:
-    """One tuned model's continuous metrics against the base: the base's and the model's mean,
-    the mean paired difference (model - base) with its 95% interval, p, n and the SD of the
+def continuous_model_rows(
+    table: Mapping[str, Any], label: str, against: str = "base"
+) -> list[list[str]]:
+    """One tuned model's continuous metrics against the base (``against="base"``) or, for a
+    rewritten model, against SFT on D (``"baseline"``): the other model's and this model's mean,
+    the mean paired difference (this - other) with its 95% interval, p, n and the SD of the
     per-item differences."""
     cont = table.get("continuous") or {}
     row = (cont.get("models") or {}).get(label) or {}
-    rows = [["metric", "base", label, "delta (model - base) [95% CI]", "p", "n", "SD of delta"]]
+    other = cont.get(against) or against
+    rows = [["metric", other, label, f"delta (model - {other}) [95% CI]", "p", "n", "SD of delta"]]
     for metric in cont.get("metrics", []):
-        t = row.get("vs_base", {}).get(metric)
+        t = row.get(f"vs_{against}", {}).get(metric)
         if not t:
             continue
         rows.append(
@@ -222,6 +226,11 @@ CONTINUOUS_F_NOTE = (
     "positive."
 )
 
+CONTINUOUS_VS_D_NOTE = (
+    "The same metrics paired per item between each model tuned on a rewritten D_R and SFT on D: "
+    "a held-out NLL delta near 0 means the same downstream fit (the gain difference is minus "
+    "it), a positive P(gold | choices) or negative drift delta means D_R kept more of pi0."
+)
 
 ALPHA = 0.05
 VERDICT_TEST = (
@@ -393,6 +402,12 @@ def table_sections(table: Mapping[str, Any], level: str, note: str) -> list[str]
         lines += [f"{level} Continuous metrics against the base", "", CONTINUOUS_NOTE, ""]
         for label in cont["models"]:
             lines += [f"{level}# {label}", "", md_table(continuous_model_rows(table, label)), ""]
+        paired_with_d = [k for k, r in cont["models"].items() if r.get("vs_baseline")]
+        if paired_with_d:
+            lines += [f"{level} SFT on D_R against SFT on D", "", CONTINUOUS_VS_D_NOTE, ""]
+            for label in paired_with_d:
+                rows = continuous_model_rows(table, label, "baseline")
+                lines += [f"{level}# {label}", "", md_table(rows), ""]
     lines += [
         f"{level} Forgetting",
         "",
@@ -458,6 +473,12 @@ def render_html(
             + "".join(
                 f"<h3>{html.escape(label)}</h3>{_html_table(continuous_model_rows(table, label))}"
                 for label in cont["models"]
+            )
+            + "".join(
+                f"<h3>{html.escape(label)} against SFT on D</h3>"
+                + _html_table(continuous_model_rows(table, label, "baseline"))
+                for label, row in cont["models"].items()
+                if row.get("vs_baseline")
             )
             + f"<h3>Forgetting in continuous metrics</h3><p>{html.escape(CONTINUOUS_F_NOTE)}</p>"
             + _html_table(continuous_forgetting_rows(table))
