@@ -1,6 +1,6 @@
 """SFT calibration sweep: which learning rate and epochs make SFT on D both fit and forget.
 
-    .venv/bin/python benchmarks/sft_sweep.py [--grid 2e-5:1,1e-4:1,2e-5:3,1e-4:3]
+    .venv/bin/python benchmarks/sft_sweep.py [--grid 2e-5:1,1e-4:1,2e-5:2,1e-4:2]
         [--items 40] [--heldout-items 60] [--drift-questions 24] [--json sweep.json]
         # --report-only sweep.json prints the table again
 
@@ -65,7 +65,7 @@ def stage_d(work: Path, records: int, seed: int) -> Path:
     out = work / f"gsm8k-train-{records}-seed{seed}.jsonl"
     if not out.is_file():
         spec = DatasetSpec(source="gsm8k:train", limit=records, seed=seed)
-        write_records_jsonl(load_records(spec), out)
+        write_records_jsonl(load_records(spec).records, out)
     return out
 
 
@@ -191,7 +191,7 @@ def tag_plain(c: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--grid", default="2e-5:1,1e-4:1,2e-5:3,1e-4:3", help="lr:epochs,...")
+    p.add_argument("--grid", default="2e-5:1,1e-4:1,2e-5:2,1e-4:2", help="lr:epochs,...")
     p.add_argument("--records", type=int, default=128)
     p.add_argument("--data-seed", type=int, default=1)
     p.add_argument("--items", type=int, default=40, help="items per general benchmark")
