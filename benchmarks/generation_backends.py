@@ -4,6 +4,7 @@ vLLM's CPU build, and one record at a time.
 
     make setup-vllm
     .venv-vllm/bin/python benchmarks/generation_backends.py [--records 16] [--new-tokens 160]
+        [--repeats 3] [--keep DIR]   # --keep: each way's result is kept there; a rerun skips it
 
 pi0 is SmolLM2-135M-Instruct in float32 on the CPU; the prompts are the rewriting prompt over
 GSM8K train problems from the data directory; decoding is greedy. The real rewrite case carries
@@ -14,9 +15,11 @@ where it applies, and vLLM also without it: the target's denominator is vLLM-CPU
 Each way runs in a child process of its own, one after the other: vLLM binds its OpenMP threads
 to the cores, which would slow a torch measured after it in the same process, and each engine
 frees its memory on exit. vLLM gets both cores (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``). Engine
-start (model load, KV cache, compile or warm-up) is timed apart from generation; tokens/s is
-new tokens over generation seconds. Texts are compared with patchgap's batched decode of the same
-model (with the adapter, or without it for vLLM's raw row).
+start (model load, KV cache, compile or warm-up) is timed apart from generation; then the same
+prompts are generated ``--repeats`` times with the engine warm and tokens/s is new tokens over
+the median generation seconds (a single pass of a few dozen seconds moved by up to 15% between
+two vLLM engines that compute the same thing). Texts (of the first pass) are compared with
+patchgap's batched decode of the same model (with the adapter, or without it for vLLM's raw row).
 
 The last line is ``best_vs_vllm=<ratio>``: the fastest way patchgap offers on a CPU with the
 adapter (its transformers decode, or vLLM-CPU with the adapter merged, as ``backend: auto``
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,8 +74,9 @@ def _adapter(folder: Path) -> Path:
     return save_random_lora(prepare_smollm2(), folder, r=64, alpha=32, b_std=0.002)
 
 
-def _run_one(way: str, prompts: list[str], adapter: Path, new_tokens: int) -> dict:
-    """One way, in this (child) process: start seconds, generation seconds, texts, tokens."""
+def _run_one(way: str, prompts: list[str], adapter: Path, new_tokens: int, repeats: int) -> dict:
+    """One way, in this (child) process: start seconds, the median of ``repeats`` generation
+    passes' seconds (each pass's too), the first pass's texts and tokens."""
     from patchgap.lm.generation import GenerationConfig, make_generator
     from patchgap.lm.models import prepare_smollm2
 
@@ -88,7 +93,7 @@ def _run_one(way: str, prompts: list[str], adapter: Path, new_tokens: int) -> di
         )
         gen = make_generator(model, adapter if uses_adapter else None, gen_cfg)
     elif way == "generate_batch":
-        return _generate_batch(model, adapter, prompts, new_tokens)
+        return _generate_batch(model, adapter, prompts, new_tokens, repeats)
     else:
         gen_cfg = GenerationConfig(
             backend="transformers",
@@ -98,18 +103,24 @@ def _run_one(way: str, prompts: list[str], adapter: Path, new_tokens: int) -> di
         )
         gen = make_generator(model, adapter if uses_adapter else None, gen_cfg)
     start = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    outs = gen.generate(prompts)
-    seconds = time.perf_counter() - t0
+    passes, outs = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        got = gen.generate(prompts)
+        passes.append(time.perf_counter() - t0)
+        outs = outs or got
     return {
         "start_s": start,
-        "seconds": seconds,
+        "passes_s": passes,
+        "seconds": statistics.median(passes),
         "tokens": sum(o[0].num_tokens for o in outs),
         "texts": [o[0].text for o in outs],
     }
 
 
-def _generate_batch(model: Path, adapter: Path, prompts: list[str], new_tokens: int) -> dict:
+def _generate_batch(
+    model: Path, adapter: Path, prompts: list[str], new_tokens: int, repeats: int
+) -> dict:
     import torch
     from transformers import GenerationConfig as HFGenerationConfig
 
@@ -132,10 +143,13 @@ def _generate_batch(model: Path, adapter: Path, prompts: list[str], new_tokens: 
         pad_token_id=tok.pad_token_id or tok.eos_token_id,
     )
     start = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    # No inference_mode: generate_batch decodes in a thread of its own, outside it.
-    out = lm.generate_batch(inputs=ids, generation_config=hf_cfg)
-    seconds = time.perf_counter() - t0
+    passes, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        # No inference_mode: generate_batch decodes in a thread of its own, outside it.
+        got = lm.generate_batch(inputs=ids, generation_config=hf_cfg)
+        passes.append(time.perf_counter() - t0)
+        out = out or got
     ordered = [out[k] for k in sorted(out, key=lambda k: int(k.split("_")[-1]))]
     texts, tokens = [], 0
     for o in ordered:
@@ -144,7 +158,13 @@ def _generate_batch(model: Path, adapter: Path, prompts: list[str], new_tokens: 
         gen_ids = list(o.generated_tokens)
         tokens += len(gen_ids)
         texts.append(tok.decode(gen_ids, skip_special_tokens=True))
-    return {"start_s": start, "seconds": seconds, "tokens": tokens, "texts": texts}
+    return {
+        "start_s": start,
+        "passes_s": passes,
+        "seconds": statistics.median(passes),
+        "tokens": tokens,
+        "texts": texts,
+    }
 
 
 def main() -> None:
@@ -154,11 +174,13 @@ def main() -> None:
     ap.add_argument("--only", help=argparse.SUPPRESS)  # child mode: one way, JSON to --out
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=3, help="generation passes per way")
+    ap.add_argument("--keep", type=Path, help="keep each way's result here; a rerun skips it")
     ap.add_argument("--skip", default="", help="comma-separated ways to leave out")
     args = ap.parse_args()
     prompts = _prompts(args.records)
     if args.only:
-        result = _run_one(args.only, prompts, Path(args.adapter), args.new_tokens)
+        result = _run_one(args.only, prompts, Path(args.adapter), args.new_tokens, args.repeats)
         Path(args.out).write_text(json.dumps(result))
         return
     from patchgap.lm.generation import vllm_build
@@ -169,14 +191,22 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = _adapter(Path(tmp) / "adapter")
+        keep = args.keep or Path(tmp)
+        keep.mkdir(parents=True, exist_ok=True)
+        adapter = keep / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            adapter = _adapter(adapter)
         for key, what, _, _ in WAYS:
             if key in skip:
                 continue
-            out = Path(tmp) / f"{key}.json"
+            out = keep / f"{key}-{args.records}x{args.new_tokens}-r{args.repeats}.json"
+            if out.is_file():
+                print(f"{what}: kept from {out}", file=sys.stderr)
+                results[key] = json.loads(out.read_text())
+                continue
             cmd = [sys.executable, __file__, "--only", key, "--adapter", str(adapter)]
             cmd += ["--out", str(out), "--records", str(args.records)]
-            cmd += ["--new-tokens", str(args.new_tokens)]
+            cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
             print(f"running {what} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -187,6 +217,7 @@ def main() -> None:
     ref_raw = results.get("ours_raw", {}).get("texts")
     print(f"\n{args.records} GSM8K rewrite prompts, greedy, {args.new_tokens} new tokens, fp32,")
     print("SmolLM2-135M-Instruct on the CPU; identical = texts equal to patchgap's batched decode")
+    print(f"generation s: the median of {args.repeats} passes with the engine warm")
     print(f"{'way':<56} {'start s':>8} {'gen s':>7} {'tokens':>7} {'tok/s':>7} {'identical':>9}")
     for key, what, uses_adapter, _ in WAYS:
         if key not in results:
