@@ -155,6 +155,37 @@ def general_items(ev: Any, cfg: Any, path: Path, data_dir: Path, tasks: Path) ->
     return values, seconds
 
 
+def eval_setup(
+    args: argparse.Namespace, **generation: Any
+) -> tuple[Any, Path, Path, Any, Path] | None:
+    """What every measurement script needs from the command line: the evaluate module, the data
+    directory, pi0, the evaluate stage's Config (benchmarks, items, seed, drift and held-out
+    sizes from ``args``; ``generation`` settings beside device and backend) and rendered lm-eval
+    tasks; None (after saying why) without a data directory."""
+    from patchgap.data.evalsets import render_lm_eval_tasks
+    from patchgap.lm.models import prepare_smollm2
+    from patchgap.settings import data_dir as default_data_dir
+    from patchgap.stages import evaluate as ev
+
+    data_dir = default_data_dir()
+    if data_dir is None:
+        print("no data directory: set PATCHGAP_DATA_DIR to a folder laid out like shared/data")
+        return None
+    args.work.mkdir(parents=True, exist_ok=True)
+    cfg = ev.Config(
+        general=args.benchmarks.split(","),
+        limit=args.items,
+        seed=args.seed,
+        mc_metric=getattr(args, "mc_metric", "acc_norm"),
+        generation={"device": "cpu", "backend": "transformers", **generation},
+        drift={"questions": args.drift_questions, "max_new_tokens": args.drift_tokens},
+        heldout={"limit": args.heldout_items},
+        data_dir=str(data_dir),
+    )
+    tasks = render_lm_eval_tasks(args.work / "tasks", data_dir)
+    return ev, data_dir, prepare_smollm2(), cfg, tasks
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=60, help="items per general benchmark")
@@ -180,35 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         report(json.loads(args.report_only.read_text()))
         return 0
 
-    from patchgap.data.evalsets import render_lm_eval_tasks
-    from patchgap.lm.models import prepare_smollm2
     from patchgap.reports.stats import paired_mean_diff
-    from patchgap.settings import data_dir as default_data_dir
-    from patchgap.stages import evaluate as ev
 
-    data_dir = default_data_dir()
-    if data_dir is None:
-        print("no data directory: set PATCHGAP_DATA_DIR to a folder laid out like shared/data")
+    setup = eval_setup(args, max_new_tokens=args.gsm8k_tokens)
+    if setup is None:
         return 2
-    args.work.mkdir(parents=True, exist_ok=True)
-    base = prepare_smollm2()
+    ev, data_dir, base, cfg, tasks = setup
     perturbed = perturbed_model(base, args, args.work, data_dir)
     models = {"base": base, "perturbed": perturbed}
-    cfg = ev.Config(
-        general=args.benchmarks.split(","),
-        limit=args.items,
-        seed=args.seed,
-        mc_metric=args.mc_metric,
-        generation={
-            "device": "cpu",
-            "max_new_tokens": args.gsm8k_tokens,
-            "backend": "transformers",
-        },
-        drift={"questions": args.drift_questions, "max_new_tokens": args.drift_tokens},
-        heldout={"limit": args.heldout_items},
-        data_dir=str(data_dir),
-    )
-    tasks = render_lm_eval_tasks(args.work / "tasks", data_dir)
     # Every measured step is kept in a file: a run stopped halfway resumes where it was.
     done = Steps(args.work / f"steps-{perturbed.name}-{args.items}-{args.seed}.json")
     # metric -> model -> (wall, CPU) seconds per item

@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from forgetting_power import Clock, Steps, general_items  # noqa: E402
+from forgetting_power import Clock, Steps, eval_setup, general_items  # noqa: E402
 
 
 def parse_grid(text: str) -> list[tuple[float, float]]:
@@ -209,29 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         report(json.loads(args.report_only.read_text()))
         return 0
 
-    from patchgap.data.evalsets import render_lm_eval_tasks
-    from patchgap.lm.models import prepare_smollm2
-    from patchgap.settings import data_dir as default_data_dir
-    from patchgap.stages import evaluate as ev
-
-    data_dir = default_data_dir()
-    if data_dir is None:
-        print("no data directory: set PATCHGAP_DATA_DIR to a folder laid out like shared/data")
+    setup = eval_setup(args)
+    if setup is None:
         return 2
-    args.work.mkdir(parents=True, exist_ok=True)
-    base = prepare_smollm2()
+    ev, data_dir, base, cfg, tasks = setup
     d = stage_d(args.work, args.records, args.data_seed)
-    cfg = ev.Config(
-        general=args.benchmarks.split(","),
-        limit=args.items,
-        seed=args.seed,
-        mc_metric="acc_norm",
-        generation={"device": "cpu", "backend": "transformers"},
-        drift={"questions": args.drift_questions, "max_new_tokens": args.drift_tokens},
-        heldout={"limit": args.heldout_items},
-        data_dir=str(data_dir),
-    )
-    tasks = render_lm_eval_tasks(args.work / "tasks", data_dir)
     done = Steps(args.work / f"sweep-{args.items}-{args.heldout_items}-{args.seed}.json")
 
     answers = done.get("answers")
