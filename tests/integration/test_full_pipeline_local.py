@@ -1,5 +1,6 @@
 """The ``full`` pipeline end to end under kfp.local (subprocess runner) with a tiny random model
-on the real embedded S3: every stage runs, the run manifest and the artifacts land in the bucket."""
+on the real embedded S3: every stage runs, the run manifest and the artifacts land in the bucket,
+and the same run YAML run again (as after a crash) finds the first run's checkpoints."""
 
 from __future__ import annotations
 
@@ -118,3 +119,36 @@ def test_full_pipeline_runs_and_publishes_the_run(
     assert "forgetting(sft_dr) < forgetting(sft_d)" in report
     assert "forgetting(sft_dr_prompt) < forgetting(sft_d)" in report
     assert (doc.parent / "results-scatter.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Run again, as a user does after a crash: D is staged anew (a manifest with another time)
+    # and the pipeline gets a new run id, yet train-rewriter must find its checkpoints (here the
+    # last one, so it trains no step again) and every stage must see the same input hashes.
+    again = prepare_run(cfg, start_embedded_s3=False, say=lines.append)
+    assert again.run_id != prepared.run_id
+    assert run_pipeline(again, say=lines.append)["status"] == "succeeded"
+
+    def stage_records(run_id: str) -> dict[str, dict]:
+        root = tmp_path / "home" / "runs" / run_id / "pipeline-root"
+        return {
+            p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())
+            for p in root.glob("*/*/*/_stage.json")
+        }
+
+    first, second = stage_records(prepared.run_id), stage_records(again.run_id)
+    assert first.keys() == second.keys() and len(first) >= 5
+    trained = second["train-rewriter/training"]["metrics"]
+    assert trained["resumed_from_step"] == 2 and trained["global_step"] == 2
+    for name, record in first.items():
+        want, got = dict(record["input_hashes"]), dict(second[name]["input_hashes"])
+        if name.startswith("gate"):  # the rewrite's shard summaries carry its timings
+            want.pop("candidates"), got.pop("candidates")
+        assert got == want, name
+
+    def rewrite_fingerprints(run_id: str) -> list[str]:
+        root = tmp_path / "home" / "runs" / run_id / "pipeline-root"
+        summaries = sorted(root.glob("*/merge-shards*/merged/shard-*/summary-*.json"))
+        return [json.loads(p.read_text())["fingerprint"] for p in summaries]
+
+    # The restored adapter is the trained one, so the rewrite would find its kept batches.
+    assert len(rewrite_fingerprints(prepared.run_id)) == 4
+    assert rewrite_fingerprints(again.run_id) == rewrite_fingerprints(prepared.run_id)

@@ -253,7 +253,8 @@ def test_weights_first_linear_keeps_outputs_and_restores_the_modules(
 def test_adapter_fingerprint_follows_weights_and_settings_not_folder_bytes(
     lora: Path, tmp_path: Path
 ) -> None:
-    """A resumed save of the same adapter (other card, metadata, base path) keeps its identity."""
+    """A resumed save of the same adapter (other card, metadata, base path, module order) keeps
+    its identity."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -267,6 +268,9 @@ def test_adapter_fingerprint_follows_weights_and_settings_not_folder_bytes(
     (same / "patchgap_adapter.json").write_text('{"steps": 12}\n')
     cfg = json.loads((same / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "/elsewhere/pi0"
+    # PEFT writes target_modules, a set, in the order of the saving process's string hashes.
+    assert isinstance(cfg["target_modules"], list) and len(cfg["target_modules"]) > 1
+    cfg["target_modules"] = list(reversed(cfg["target_modules"]))
     (same / "adapter_config.json").write_text(json.dumps(cfg, indent=4))
     weights = load_file(str(same / "adapter_model.safetensors"))
     save_file(

@@ -92,3 +92,38 @@ def test_rewrite_fingerprint_ignores_device_and_batch_size_only(tmp_path: Path) 
     assert fp(seed=1) != base
     elsewhere = rewrite.Config(state_uri="s3://b/s", progress=False)
     assert rewrite.fingerprint(elsewhere, data, None) == base
+
+
+def test_the_same_data_staged_twice_keeps_every_stage_fingerprint(tmp_path: Path) -> None:
+    """A rerun of the pipeline stages D again, with a manifest written at another time: the
+    stages must still find their checkpoints and kept batches, so no fingerprint may see it."""
+    import json
+
+    from patchgap.stages import sft
+    from patchgap.stages.base import path_hash
+    from patchgap.storage.store import MANIFEST_NAME, write_manifest
+
+    def staged(name: str, created_at: str, answer: str = "#### 1") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "records.jsonl").write_text(json.dumps({"question": "q", "answer": answer}))
+        write_manifest(folder, {"source": "s3://b/datasets/d.jsonl"})
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        (folder / MANIFEST_NAME).write_text(json.dumps({**manifest, "created_at": created_at}))
+        return folder
+
+    first = staged("first", "2026-11-30T07:51:29+00:00")
+    again = staged("again", "2026-11-30T08:26:34+00:00")
+    other = staged("other", "2026-11-30T07:51:29+00:00", answer="#### 2")
+    assert (first / MANIFEST_NAME).read_bytes() != (again / MANIFEST_NAME).read_bytes()
+
+    assert path_hash(first) == path_hash(again) != path_hash(other)
+    rw = rewrite.Config()
+    assert rewrite.fingerprint(rw, first, None) == rewrite.fingerprint(rw, again, None)
+    assert rewrite.fingerprint(rw, first, None) != rewrite.fingerprint(rw, other, None)
+    st = sft.Config(model="m")
+    assert sft.fingerprint(st, first) == sft.fingerprint(st, again) != sft.fingerprint(st, other)
+    tr = train_rewriter.Config(model="m")
+    assert train_rewriter.fingerprint(
+        tr, train_rewriter._dataset_identity(tr, first)
+    ) == train_rewriter.fingerprint(tr, train_rewriter._dataset_identity(tr, again))

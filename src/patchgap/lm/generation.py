@@ -311,6 +311,8 @@ def adapter_rank(adapter_path: str | Path) -> int:
 
 # adapter_config.json fields that name where or with what an adapter was saved, not what it does.
 _ADAPTER_CONFIG_PROVENANCE = ("base_model_name_or_path", "revision", "peft_version", "auto_mapping")
+# adapter_config.json fields that are sets of module names: their order means nothing.
+_ADAPTER_CONFIG_SETS = ("target_modules", "modules_to_save", "exclude_modules")
 
 
 def adapter_fingerprint(adapter_path: str | Path) -> str:
@@ -330,6 +332,10 @@ def adapter_fingerprint(adapter_path: str | Path) -> str:
         raise ConfigError(f"adapter {folder}: no .safetensors weights (only safetensors load)")
     h = hashlib.sha256()
     kept = {k: v for k, v in cfg.items() if k not in _ADAPTER_CONFIG_PROVENANCE}
+    for key in _ADAPTER_CONFIG_SETS:
+        # PEFT saves these sets as lists in set order, which changes from process to process.
+        if isinstance(kept.get(key), list):
+            kept[key] = sorted(kept[key], key=str)
     h.update(json.dumps(kept, sort_keys=True).encode())
     for f in weights:
         with f.open("rb") as fh:

@@ -42,6 +42,9 @@ C = TypeVar("C", bound=StrictModel)
 
 #: Top-level keys of a run YAML that a stage section inherits when it, or else one of its nested
 #: sections (``generation``, ``reward``), declares the field.
+#: The provenance record each stage writes into every local output folder.
+STAGE_RECORD = "_stage.json"
+
 SHARED_KEYS = ("model", "seed", "trust_remote_code", "device", "dtype")
 
 #: The stage sections of a run YAML, in pipeline order.
@@ -181,13 +184,23 @@ def config_hash(config: BaseModel) -> str:
 
 
 def path_hash(path: Path) -> str:
-    """sha256 over a file, or over every file of a folder (relative names and contents)."""
+    """sha256 over a file, or over every file of a folder (relative names and contents).
+
+    A folder's manifests and stage records are left out: they carry the time they were written
+    (and the stage's timings), so the same data staged or produced again, by a rerun of the
+    pipeline after a crash, would otherwise hash differently, and every stage keyed on it
+    (checkpoints, kept batches, finished outputs) would start over. The manifest lists the other
+    files' hashes, so leaving it out loses nothing of the content.
+    """
+    from patchgap.storage.store import MANIFEST_NAME
+
     h = hashlib.sha256()
     if path.is_file():
         files = [path]
         base = path.parent
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+        skip = {MANIFEST_NAME, STAGE_RECORD}
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip)
         base = path
     for f in files:
         h.update(str(f.relative_to(base)).encode())
@@ -369,7 +382,7 @@ def execute(
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         for p in local_out.values():
-            (p / "_stage.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+            (p / STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         if remote_out:
             from patchgap.storage.store import Store
 
