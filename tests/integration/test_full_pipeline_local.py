@@ -58,6 +58,8 @@ def _config(tmp: Path, model: Path, bucket: str, *, prompt_only: bool) -> Path:
     return path
 
 
+# Two pipeline runs: twice the suite's 900 s limit, for a loaded 2-core machine.
+@pytest.mark.timeout(1800)
 def test_full_pipeline_runs_and_publishes_the_run(
     tmp_path: Path, tiny_llama: Path, s3_server, s3_bucket: str, data_dir: Path, monkeypatch
 ) -> None:
