@@ -220,6 +220,14 @@ def test_no_continuous_reduction_when_sft_on_d_does_not_forget() -> None:
     r = table["continuous"]["models"]["sft_dr"]
     assert r["reduction"] == {"gold_logprob": None, "gold_choice_prob": None, "drift_nll": None}
     assert any("reduction in log P(gold) not computed" in c for c in table["continuous"]["caveats"])
+    # D_R loses 0.2 nats where D loses none: the sentence says the reverse holds, not "not shown"
+    from patchgap.reports.evaluation import continuous_verdict_sentences
+
+    lines = continuous_verdict_sentences(table)
+    logp = next(line for line in lines if line.startswith("forgetting in log P(gold)"))
+    assert "sft_dr < sft_d does not hold, the reverse does, at this size: D - R = -0." in logp
+    assert "p = <0.001" in logp
+    assert not any("is not shown" in line for line in lines if "log P(gold)" in line)
     # tuned models scored on fewer items are paired on the shared ones
     values = _values(0.5, 0.25)
     values["sft_d"]["drift_nll"] = dict(list(values["sft_d"]["drift_nll"].items())[:50])

@@ -12,17 +12,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from patchgap.reports.stats import format_p as _p
+
 
 def _pct(v: float | None, signed: bool = False) -> str:
     if v is None:
         return "n/a"
     return f"{v:+.1%}" if signed else f"{v:.1%}"
-
-
-def _p(v: float | None) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.3g}" if v >= 0.001 else "<0.001"
 
 
 def accuracy_rows(table: Mapping[str, Any]) -> list[list[str]]:
@@ -189,14 +185,23 @@ def _verdict(diff: float, test: dict, p: float) -> dict:
         "high": float(test["high"]),
         "p": p,
         "holds": diff > 0 and p < ALPHA,
+        "reversed": diff < 0 and p < ALPHA,  # D_R significantly forgets more
         "direction": "less" if diff > 0 else ("more" if diff < 0 else "equal"),
     }
+
+
+def _status(verdict: Mapping[str, Any]) -> str:
+    if verdict["holds"]:
+        return "holds"
+    if verdict.get("reversed"):
+        return "does not hold, the reverse does,"
+    return "is not shown"
 
 
 def continuous_verdict_sentences(table: Mapping[str, Any]) -> list[str]:
     lines = []
     for v in continuous_verdicts(table):
-        status = "holds" if v["holds"] else "is not shown"
+        status = _status(v)
         f = _fmts(v["key"])[1]
         lines.append(
             f"forgetting in {v['measure']}: {v['model']} < {v['baseline']} {status} at this "
@@ -276,7 +281,7 @@ def verdict_sentences(table: Mapping[str, Any]) -> list[str]:
     lines = []
     for v in forgetting_verdicts(table):
         claim = f"forgetting({v['model']}) < forgetting({v['baseline']})"
-        status = "holds" if v["holds"] else "is not shown"
+        status = _status(v)
         lines.append(
             f"{claim} {status} at this size: F_D - F_R = {v['f_d_minus_f_r']:+.1%} "
             f"[95% CI {v['low']:+.1%}, {v['high']:+.1%}], p = {_p(v['p'])}; the point estimate "

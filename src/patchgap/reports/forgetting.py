@@ -13,6 +13,7 @@ from typing import Any
 from patchgap.errors import ConfigError
 from patchgap.reports.stats import (
     accuracy,
+    format_p,
     paired_mean_diff,
     paired_test,
     stratified_mean_diff,
@@ -327,7 +328,7 @@ def _continuous_reduction(
     if float(d["diff"]) <= 0 or p >= ALPHA:
         caveats.append(
             f"{label}: reduction in {what} not computed: SFT on D ({baseline}) shows "
-            f"{float(d['diff']):+.4f} (p = {p:.3g}), not a significant positive amount, so "
+            f"{float(d['diff']):+.4f} (p = {format_p(p)}), not a significant positive amount, so "
             "1 - R/D would only measure noise."
         )
         return None

@@ -334,3 +334,10 @@ def required_n(sd: float, effect: float, alpha: float = 0.05, power: float = 0.8
         return 1
     k = (_z(1 - alpha / 2) + _z(power)) * sd / abs(effect)
     return max(1, math.ceil(k * k))
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as the reports print it: three significant digits, "<0.001" below that."""
+    if p is None:
+        return "n/a"
+    return f"{p:.3g}" if p >= 0.001 else "<0.001"
