@@ -129,11 +129,15 @@ def test_full_pipeline_runs_and_publishes_the_run(
     assert again.run_id != prepared.run_id
     assert run_pipeline(again, say=lines.append)["status"] == "succeeded"
 
+    from patchgap.stages.base import STAGE_RECORD
+
+    def pipeline_root(run_id: str) -> Path:
+        return tmp_path / "home" / "runs" / run_id / "pipeline-root"
+
     def stage_records(run_id: str) -> dict[str, dict]:
-        root = tmp_path / "home" / "runs" / run_id / "pipeline-root"
         return {
             p.parent.parent.name + "/" + p.parent.name: json.loads(p.read_text())
-            for p in root.glob("*/*/*/_stage.json")
+            for p in pipeline_root(run_id).glob(f"*/*/*/{STAGE_RECORD}")
         }
 
     first, second = stage_records(prepared.run_id), stage_records(again.run_id)
@@ -147,8 +151,8 @@ def test_full_pipeline_runs_and_publishes_the_run(
         assert got == want, name
 
     def rewrite_fingerprints(run_id: str) -> list[str]:
-        root = tmp_path / "home" / "runs" / run_id / "pipeline-root"
-        summaries = sorted(root.glob("*/merge-shards*/merged/shard-*/summary-*.json"))
+        merged = pipeline_root(run_id).glob("*/merge-shards*/merged/shard-*/summary-*.json")
+        summaries = sorted(merged)
         return [json.loads(p.read_text())["fingerprint"] for p in summaries]
 
     # The restored adapter is the trained one, so the rewrite would find its kept batches.

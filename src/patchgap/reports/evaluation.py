@@ -193,7 +193,7 @@ def _verdict(diff: float, test: dict, p: float) -> dict:
 def _status(verdict: Mapping[str, Any]) -> str:
     if verdict["holds"]:
         return "holds"
-    if verdict.get("reversed"):
+    if verdict["reversed"]:
         return "does not hold, the reverse does,"
     return "is not shown"
 

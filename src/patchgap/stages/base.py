@@ -40,11 +40,11 @@ log = logging.getLogger("patchgap.stages")
 
 C = TypeVar("C", bound=StrictModel)
 
-#: Top-level keys of a run YAML that a stage section inherits when it, or else one of its nested
-#: sections (``generation``, ``reward``), declares the field.
 #: The provenance record each stage writes into every local output folder.
 STAGE_RECORD = "_stage.json"
 
+#: Top-level keys of a run YAML that a stage section inherits when it, or else one of its nested
+#: sections (``generation``, ``reward``), declares the field.
 SHARED_KEYS = ("model", "seed", "trust_remote_code", "device", "dtype")
 
 #: The stage sections of a run YAML, in pipeline order.
