@@ -40,6 +40,103 @@ def test_chat_template_comes_from_the_gguf(smollm2: Path) -> None:
     assert tok.model_max_length == 8192
 
 
+def _gguf_field(name: str):  # noqa: ANN202 - a GGUF scalar or string
+    from gguf import GGUFReader
+
+    return GGUFReader(models.smollm2_gguf_path()).fields[name].contents()
+
+
+def test_special_token_ids_are_the_ggufs(smollm2: Path) -> None:
+    """bos, eos and pad of the converted tokenizer, config and generation config are the ids
+    the GGUF metadata states (read here with the gguf library, not through the converter)."""
+    expected = {
+        "bos": int(_gguf_field("tokenizer.ggml.bos_token_id")),
+        "eos": int(_gguf_field("tokenizer.ggml.eos_token_id")),
+        "pad": int(_gguf_field("tokenizer.ggml.padding_token_id")),
+    }
+    assert expected == {"bos": 1, "eos": 2, "pad": 2}  # SmolLM2: <|im_start|>, <|im_end|>
+    tok = models.load_tokenizer(smollm2)
+    assert {k: getattr(tok, f"{k}_token_id") for k in expected} == expected
+    assert tok.eos_token == "<|im_end|>" and tok.bos_token == "<|im_start|>"
+    generation = json.loads((smollm2 / "generation_config.json").read_text())
+    config = json.loads((smollm2 / "config.json").read_text())
+    for key, token_id in expected.items():
+        assert generation[f"{key}_token_id"] == token_id
+        assert config[f"{key}_token_id"] == token_id
+    assert tok.chat_template == _gguf_field("tokenizer.chat_template")
+    assert models.prepared_info(smollm2)["special_tokens"]["eos"] == expected["eos"]
+
+
+def test_generation_stops_at_im_end(smollm2: Path) -> None:
+    """A chat answer ends its turn with <|im_end|> well before the token limit."""
+    import torch
+
+    lm = models.shared_model(smollm2, "auto", "cpu")
+    try:
+        tok = lm.tokenizer
+        prompt = models.apply_chat(tok, [{"role": "user", "content": "What is 2+3?"}])
+        batch = tok([prompt], return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = lm.model.generate(**batch, max_new_tokens=64, do_sample=False)
+    finally:
+        models.clear_shared_models()
+    new = out[0, batch["input_ids"].shape[1] :].tolist()
+    assert len(new) < 64
+    assert new[-1] == tok.convert_tokens_to_ids("<|im_end|>") == 2
+    assert "<|im_start|>" not in tok.decode(new)
+
+
+def test_conversion_check_refuses_a_wrong_eos(smollm2: Path, tmp_path: Path) -> None:
+    """A folder whose tokenizer names another eos than the GGUF is an error naming both."""
+    import shutil
+
+    from patchgap.errors import ConfigError
+
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2 / name, folder / name)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_start|>"  # what transformers 5.17's GGUF loader picks
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"eos 1 \('<\|im_start\|>'\), GGUF 2"):
+        models.check_conversion(folder, models.smollm2_gguf_path())
+
+
+def test_conversion_by_other_versions_is_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished folder whose marker names another converter or library version is stale:
+    converted again, not reused."""
+    calls: list[Path] = []
+
+    def fake_convert(gguf: Path, out: Path) -> dict[str, int]:
+        calls.append(out)
+        out.mkdir(parents=True)
+        return {"eos": 2}
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(models, "_sanity_generate", lambda folder: "5")
+    path = models.prepare_smollm2(tmp_path)
+    assert models.is_prepared(path) and len(calls) == 1
+    marker = path / models.COMPLETE_MARKER
+    info = json.loads(marker.read_text())
+    info["versions"]["transformers"] = "4.57.0"
+    marker.write_text(json.dumps(info))
+    assert (
+        models.stale_reason(path)
+        == "made by other versions: transformers 4.57.0 -> "
+        + (models.converter_versions()["transformers"])
+    )
+    models.prepare_smollm2(tmp_path)
+    assert len(calls) == 2 and models.is_prepared(path)
+    del info["versions"]  # a folder from before versions were recorded
+    marker.write_text(json.dumps(info))
+    assert not models.is_prepared(path)
+    models.prepare_smollm2(tmp_path)
+    assert len(calls) == 3
+
+
 def test_q4_1_dequantisation_matches_gguf(smollm2: Path) -> None:
     """An unpermuted weight equals the gguf library's own dequantisation of the file."""
     import numpy as np
@@ -73,10 +170,11 @@ def test_half_written_folder_is_rebuilt(tmp_path: Path, monkeypatch: pytest.Monk
     """A folder without the completion marker is converted again; a finished one is kept."""
     calls: list[Path] = []
 
-    def fake_convert(gguf: Path, out: Path) -> None:
+    def fake_convert(gguf: Path, out: Path) -> dict[str, int]:
         calls.append(out)
         out.mkdir(parents=True)
         (out / "config.json").write_text("{}")
+        return {}
 
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
     monkeypatch.setattr(models, "_sanity_generate", lambda folder: "5")

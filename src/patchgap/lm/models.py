@@ -32,6 +32,19 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
 COMPLETE_MARKER = ".patchgap-complete.json"
 SANITY_PROMPT = "What is 2+3?"
+#: The sanity answer must end its turn (emit eos) within this many tokens.
+SANITY_MAX_TOKENS = 48
+#: Raised whenever :func:`_convert_gguf` changes what it writes, so older folders are redone.
+CONVERTER_REVISION = 2
+#: Libraries whose behaviour decides what a conversion writes (tokenizer specials, weights).
+CONVERTER_LIBRARIES = ("transformers", "tokenizers", "gguf", "torch", "safetensors")
+#: GGUF metadata keys of the special tokens, by the name transformers gives them.
+GGUF_SPECIAL_KEYS = {
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "pad": "tokenizer.ggml.padding_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id",
+}
 
 _DTYPES = {
     "float32": "float32",
@@ -78,9 +91,40 @@ def known_model(name: str) -> KnownModel | None:
     return None
 
 
+def converter_versions() -> dict[str, str]:
+    """What a conversion made now would be made by: the converter's revision and the versions
+    of the libraries that decide its output (recorded in each folder's completion marker)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"converter": str(CONVERTER_REVISION)}
+    for name in CONVERTER_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
 def is_prepared(folder: Path) -> bool:
-    """True when a conversion into ``folder`` ran to the end (its marker is written last)."""
-    return (Path(folder) / COMPLETE_MARKER).is_file()
+    """True when a conversion into ``folder`` ran to the end (its marker is written last) under
+    the converter revision and library versions installed now; a folder made by other versions
+    is converted again, since a library upgrade can change the tokenizer's special tokens."""
+    return stale_reason(folder) is None
+
+
+def stale_reason(folder: Path) -> str | None:
+    """Why ``folder`` is not a usable conversion (missing, half-written, made by other
+    versions), or ``None`` when it is."""
+    marker = Path(folder) / COMPLETE_MARKER
+    if not marker.is_file():
+        return "not converted yet" if not Path(folder).exists() else "conversion did not finish"
+    try:
+        made_by = json.loads(marker.read_text()).get("versions") or {}
+    except (OSError, ValueError, AttributeError):
+        return "unreadable completion marker"
+    now = converter_versions()
+    changed = [f"{k} {made_by.get(k, '?')} -> {v}" for k, v in now.items() if made_by.get(k) != v]
+    return "made by other versions: " + ", ".join(changed) if changed else None
 
 
 def folder_size(folder: Path) -> int:
@@ -144,6 +188,8 @@ def prepare_smollm2(cache_dir: Path | None = None, force: bool = False) -> Path:
     if is_prepared(target) and not force:
         return target
     gguf = smollm2_gguf_path()
+    if target.exists() and not force:
+        log.info("converting %s again: %s", target, stale_reason(target))
     with _file_lock(root / f".{SMOLLM2_FOLDER}.lock"):
         # Another process may have finished while we waited for the lock.
         if is_prepared(target) and not force:
@@ -153,11 +199,13 @@ def prepare_smollm2(cache_dir: Path | None = None, force: bool = False) -> Path:
         if work.exists():
             shutil.rmtree(work)
         try:
-            _convert_gguf(gguf, work)
+            specials = _convert_gguf(gguf, work)
             sample = _sanity_generate(work)
             info = {
                 "source": str(gguf),
                 "source_bytes": gguf.stat().st_size,
+                "versions": converter_versions(),
+                "special_tokens": specials,
                 "seconds": round(time.perf_counter() - started, 1),
                 "sanity_prompt": SANITY_PROMPT,
                 "sanity_output": sample,
@@ -202,11 +250,74 @@ def prepared_info(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def gguf_tokenizer_metadata(gguf: Path) -> dict[str, Any]:
+    """The tokenizer facts a GGUF file states itself: the special tokens' ids and texts
+    (``bos``, ``eos``, ``pad``, ``unk``, where present) and the chat template."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf)
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    tokens = field("tokenizer.ggml.tokens") or []
+    specials: dict[str, tuple[int, str]] = {}
+    for name, key in GGUF_SPECIAL_KEYS.items():
+        token_id = field(key)
+        if token_id is None:
+            continue
+        token_id = int(token_id)
+        if not 0 <= token_id < len(tokens):
+            raise ConfigError(f"{gguf}: {key} = {token_id} is outside the vocabulary")
+        specials[name] = (token_id, tokens[token_id])
+    return {"specials": specials, "chat_template": field("tokenizer.chat_template")}
+
+
+def check_conversion(folder: Path, gguf: Path) -> dict[str, int]:
+    """The special-token ids of the tokenizer saved in ``folder``, as a fresh load sees them;
+    :class:`ConfigError` unless they, the generation config's and the chat template are the
+    GGUF's own."""
+    from transformers import AutoTokenizer
+
+    meta = gguf_tokenizer_metadata(gguf)
+    tok = AutoTokenizer.from_pretrained(folder)
+    generation = json.loads((Path(folder) / "generation_config.json").read_text())
+    wrong = []
+    for name, (token_id, text) in meta["specials"].items():
+        got = getattr(tok, f"{name}_token_id")
+        if got != token_id:
+            wrong.append(
+                f"{name} {got} ({getattr(tok, f'{name}_token')!r}), GGUF {token_id} ({text!r})"
+            )
+        if name in ("bos", "eos", "pad") and generation.get(f"{name}_token_id") != token_id:
+            wrong.append(
+                f"generation_config {name}_token_id {generation.get(f'{name}_token_id')}, "
+                f"GGUF {token_id}"
+            )
+    if meta["chat_template"] and tok.chat_template != meta["chat_template"]:
+        wrong.append("chat template differs from the GGUF's")
+    if wrong:
+        raise ConfigError(f"conversion of {gguf.name} is wrong: " + "; ".join(wrong))
+    return {name: token_id for name, (token_id, _) in meta["specials"].items()}
+
+
+def _convert_gguf(gguf: Path, out: Path) -> dict[str, int]:
+    """Write ``gguf`` to ``out`` as a float32 safetensors folder; returns the checked
+    special-token ids."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    meta = gguf_tokenizer_metadata(gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers' GGUF tokenizer loader picks its own special tokens (5.17 takes
+    # <|im_start|> as SmolLM2's eos); the file's metadata is the authority, so set every one the
+    # file names from it. Otherwise generation never stops at the end of a turn and SFT labels
+    # end with the wrong token.
+    for name, (_, text) in meta["specials"].items():
+        setattr(tok, f"{name}_token", text)
+    if meta["chat_template"]:
+        tok.chat_template = meta["chat_template"]
     if not tok.chat_template:
         raise ConfigError(f"{gguf} has no chat template in its metadata")
     if tok.pad_token is None:
@@ -221,6 +332,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     # The GGUF leaves the limit unset (a huge sentinel); truncation needs the real context.
     tok.model_max_length = model.config.max_position_embeddings
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,
@@ -230,16 +343,35 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     out.mkdir(parents=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    return check_conversion(out, gguf)
 
 
 def _sanity_generate(folder: Path) -> str:
-    """Greedy answer of the saved folder to :data:`SANITY_PROMPT`; raise when it is empty."""
+    """Greedy answer of the saved folder to :data:`SANITY_PROMPT`; raise when it is empty or
+    does not end its turn with the eos token within :data:`SANITY_MAX_TOKENS`."""
+    import torch
+
     model = load_causal_lm(folder, device="cpu")
     tok = load_tokenizer(folder)
-    text = generate_text(model, tok, [SANITY_PROMPT], max_new_tokens=16)[0]
+    prompt = apply_chat(tok, [{"role": "user", "content": SANITY_PROMPT}])
+    batch = tok([prompt], return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(
+            **batch,
+            max_new_tokens=SANITY_MAX_TOKENS,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    new = out[0, batch["input_ids"].shape[1] :].tolist()
+    text = tok.decode(new, skip_special_tokens=True).strip()
     if not any(ch.isalnum() for ch in text):
         raise ConfigError(
             f"converted model in {folder} generates no text ({text!r}); rerun --force"
+        )
+    if tok.eos_token_id not in new:
+        raise ConfigError(
+            f"converted model in {folder} does not stop at its eos token {tok.eos_token!r} "
+            f"within {SANITY_MAX_TOKENS} tokens ({text!r}); the special tokens are wrong"
         )
     return text
 
