@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 # images: cuda (default) or cpu (local runs and the container test tier).
 VARIANT ?= cuda
 
-.PHONY: setup setup-vllm demo test test-unit test-slow test-faults test-containers test-vllm lint format compile images clean
+# `make ci`: what CI runs (.ci/run: every tier, empty caches of its own), in a fresh clone of HEAD.
+.PHONY: ci setup setup-vllm demo test test-unit test-slow test-faults test-containers test-vllm lint format compile images clean
 
 $(VENV)/.installed: pyproject.toml images/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +30,9 @@ demo: setup ## run the main job on the embedded default (SmolLM2, local S3)
 
 test: setup ## unit + integration tiers (what CI runs)
 	$(VENV)/bin/pytest -m "not slow and not gpu and not faults and not containers and not vllm" $(PYTEST_ARGS)
+
+ci: ## .ci/run in a fresh clone of HEAD with empty caches, as CI runs it (about 30 min)
+	./.ci/fresh-clone
 
 test-faults: setup ## fault injection: SIGKILLed stages, S3 restarts, overlapping runs, bad input
 	$(VENV)/bin/pytest tests/faults -m faults $(PYTEST_ARGS)

@@ -9,7 +9,8 @@
 #                           holds torch, else from https://download.pytorch.org/whl/cpu.
 #   PYTHON_IMAGE            base of everything (default python:3.11-slim-bookworm). When it
 #                           cannot be pulled, a Debian bookworm rootfs is built with mmdebstrap
-#                           and imported as localhost/patchgap-python:3.11-bookworm.
+#                           and imported as localhost/patchgap-python:3.11-bookworm
+#                           (mmdebstrap is installed with apt-get when missing).
 #   CA_BUNDLE               podman only: a CA bundle mounted over the image's during the build
 #                           (default /etc/ssl/certs/ca-certificates.crt), for TLS-inspecting
 #                           proxies. Builds use the host network.
@@ -32,10 +33,22 @@ if ! "$engine" image inspect "$python_image" >/dev/null 2>&1 \
    && ! "$engine" pull "$python_image" >/dev/null 2>&1; then
   python_image=localhost/patchgap-python:3.11-bookworm
   if ! "$engine" image inspect "$python_image" >/dev/null 2>&1; then
-    command -v mmdebstrap >/dev/null 2>&1 || {
-      echo "error: cannot pull ${PYTHON_IMAGE:-python:3.11-slim-bookworm} and mmdebstrap is" \
-           "missing for the fallback; apt-get install mmdebstrap, or set PYTHON_IMAGE" >&2
-      exit 2; }
+    if ! command -v mmdebstrap >/dev/null 2>&1; then
+      # The fallback's one system package, installed here where it is needed (a new machine
+      # has none of it), as images/engine.sh installs podman.
+      sudo=""
+      [[ "$(id -u)" == 0 ]] || sudo=sudo
+      if command -v apt-get >/dev/null 2>&1 && { [[ -z "$sudo" ]] || sudo -n true 2>/dev/null; }
+      then
+        echo "installing mmdebstrap (apt-get install mmdebstrap) for the base-image fallback" >&2
+        $sudo apt-get update -q >&2
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q mmdebstrap >&2
+      else
+        echo "error: cannot pull ${PYTHON_IMAGE:-python:3.11-slim-bookworm} and mmdebstrap is" \
+             "missing for the fallback; apt-get install mmdebstrap, or set PYTHON_IMAGE" >&2
+        exit 2
+      fi
+    fi
     echo "cannot pull the Python base image; building $python_image with mmdebstrap"
     tmp="$(mktemp -d)"
     trap 'rm -rf "$tmp"' EXIT
