@@ -324,9 +324,13 @@ def test_an_unknown_run_schedule_or_experiment_is_one_line(
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["submit", "fulll"], "pipeline 'fulll': not a file and not one of full, rewrite, watch"),
+        (
+            ["submit", "fulll"],
+            "pipeline 'fulll': not a file and not one of full, rewrite, watch; did you mean "
+            "'full'?",
+        ),
         (["submit", "no/such.yaml"], "pipeline 'no/such.yaml': not a file"),
-        (["schedule", "create", "x", "--pipeline", "wacth"], "pipeline 'wacth': not a file"),
+        (["schedule", "create", "x", "--pipeline", "wacth"], "did you mean 'watch'?"),
         (["submit", "{config}"], "demo.yaml: not a compiled KFP pipeline"),
     ],
 )
