@@ -448,3 +448,15 @@ def test_the_installed_command_prints_only_the_line(
         assert res.stdout == ""
         (line,) = res.stderr.splitlines()
         assert line.startswith(f"error: KFP host {url}: "), line
+
+
+def test_wait_does_not_retry_a_host_it_never_reached(
+    closed_port: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(cluster.time, "sleep", slept.append)
+    # With a namespace kfp.Client skips its health check: the first poll is the first contact.
+    target = cluster.KfpTarget(host=closed_port, namespace="team-a")
+    with pytest.raises(PatchgapError, match=f"KFP host {closed_port}: connection refused"):
+        cluster.wait_run(target, "r-1", poll_seconds=30)
+    assert slept == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import io
 import logging
 import math
@@ -264,24 +265,19 @@ class KfpTarget:
         return f"{host}/#/runs/details/{run_id}"
 
 
-_CLIENT_CLASS: type | None = None
-
-
+@functools.cache
 def _client_class() -> type:
     """``kfp.Client`` whose health check tries once: the SDK's tries five times 5 s apart,
     logging a traceback each time, whatever the error (a 401 or a TLS error included), and calls
     it from ``__init__``."""
-    global _CLIENT_CLASS
-    if _CLIENT_CLASS is None:
-        import kfp
+    import kfp
 
-        class Client(kfp.Client):
-            def get_kfp_healthz(self, sleep_duration: int = 5) -> Any:  # noqa: ARG002
-                _with_limits(self._healthz_api.api_client)
-                return self._healthz_api.healthz_service_get_healthz()
+    class Client(kfp.Client):
+        def get_kfp_healthz(self, sleep_duration: int = 5) -> Any:  # noqa: ARG002
+            _with_limits(self._healthz_api.api_client)
+            return self._healthz_api.healthz_service_get_healthz()
 
-        _CLIENT_CLASS = Client
-    return _CLIENT_CLASS
+    return Client
 
 
 def _with_limits(api_client: Any) -> None:
@@ -619,10 +615,10 @@ def wait_run(
         except PatchgapError as err:
             code = getattr(err.__cause__, "status", None)
             failures += 1
-            # A day-long wait rides out API server restarts (5xx, refused), but a wrong host,
-            # id, token or certificate shows at the first poll and does not heal.
-            heals = code is None or code >= 500
-            if last is None or not heals or failures > WAIT_RETRIES:
+            # A day-long wait rides out API server restarts (5xx, refused), but a wrong id,
+            # token or certificate does not heal, and neither does a host never reached.
+            heals = (code is not None and code >= 500) or (code is None and last is not None)
+            if not heals or failures > WAIT_RETRIES:
                 raise
             log.warning("%s; poll %d of %d, retrying", err, failures, WAIT_RETRIES)
             time.sleep(poll_seconds)
