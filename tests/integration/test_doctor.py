@@ -267,3 +267,35 @@ def test_doctor_against_a_refusing_host_prints_its_table_alone(
     assert rows["kfp host"]["ok"] is False
     assert "HTTP 401 Unauthorized; set KFP_TOKEN" in rows["kfp host"]["detail"]
     assert len(fake_kfp.find("GET", "/healthz")) == 1
+
+
+def _secret(name: str, *keys: str) -> dict:
+    data = {k: "eA==" for k in keys}  # base64 of "x"
+    return {"kind": "Secret", "apiVersion": "v1", "metadata": {"name": name}, "data": data}
+
+
+SECRETS_PATH = "/api/v1/namespaces/patchgap/secrets/"
+
+
+def test_the_secret_the_launcher_names_is_the_one_checked(fake_kube: dict[str, dict]) -> None:
+    base = next(yaml.safe_load_all((ROOT / "manifests/base/kfp-launcher.yaml").read_text()))
+    fake_kube[LAUNCHER_PATH] = base
+    fake_kube[SECRETS_PATH + "patchgap-s3"] = _secret(
+        "patchgap-s3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
+    )
+    checks = _by_name(cluster._kube_checks("patchgap", "patchgap-s3", None))
+    launcher = checks["kfp-launcher ConfigMap"]
+    assert launcher.ok is True
+    assert launcher.detail == "s3 provider reads credentials from Secret patchgap/patchgap-s3"
+    assert checks["s3 Secret"].ok is True and "kfp-launcher s3 Secret" not in checks
+
+    # A launcher reading another Secret, with other key names: that one is checked too.
+    providers = base["data"]["providers"].replace("secretName: patchgap-s3", "secretName: kfp-s3")
+    providers = providers.replace("accessKeyKey: AWS_ACCESS_KEY_ID", "accessKeyKey: accesskey")
+    fake_kube[LAUNCHER_PATH] = {**base, "data": {**base["data"], "providers": providers}}
+    fake_kube[SECRETS_PATH + "kfp-s3"] = _secret("kfp-s3", "AWS_SECRET_ACCESS_KEY")
+    checks = _by_name(cluster._kube_checks("patchgap", "patchgap-s3", None))
+    assert checks["kfp-launcher ConfigMap"].detail.endswith("from Secret patchgap/kfp-s3")
+    assert checks["s3 Secret"].ok is True
+    assert checks["kfp-launcher s3 Secret"].ok is False
+    assert checks["kfp-launcher s3 Secret"].detail == "patchgap/kfp-s3 lacks accesskey"

@@ -894,19 +894,34 @@ def _kube_checks(namespace: str, secret_name: str, kube_context: str | None) -> 
     v1 = kclient.CoreV1Api()
     out = []
     from_env = False
+    # The Secret the launcher names (secretRef), with the keys it reads; the stages read
+    # AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY from --secret, the compiled pipelines' Secret.
+    launcher_ref: tuple[str, list[str]] | None = None
     try:
         cm = v1.read_namespaced_config_map("kfp-launcher", namespace)
         credentials = _launcher_credentials((cm.data or {}).get("providers", ""))
-        from_env = credentials.get("fromEnv") is True and "secretRef" not in credentials
-        ok = from_env or "secretRef" in credentials or "secretRef" in str(cm.data)
-        detail = (
-            "s3 provider takes credentials from the pod (fromEnv: true)"
-            if from_env
-            else "s3 provider with credentials"
-            if ok
-            else "no s3 provider credentials configured"
-        )
-        out.append(Check("kfp-launcher ConfigMap", ok, detail))
+        ref = credentials.get("secretRef")
+        from_env = credentials.get("fromEnv") is True and ref is None
+        if isinstance(ref, dict) and ref.get("secretName"):
+            keys = [str(ref.get(k) or "") for k in ("accessKeyKey", "secretKeyKey")]
+            launcher_ref = (str(ref["secretName"]), [k for k in keys if k])
+        if from_env:
+            check = Check(
+                "kfp-launcher ConfigMap",
+                True,
+                "s3 provider takes credentials from the pod (fromEnv: true)",
+            )
+        elif launcher_ref is not None:
+            check = Check(
+                "kfp-launcher ConfigMap",
+                True,
+                f"s3 provider reads credentials from Secret {namespace}/{launcher_ref[0]}",
+            )
+        elif "secretRef" in str(cm.data):
+            check = Check("kfp-launcher ConfigMap", True, "s3 provider override with a secretRef")
+        else:
+            check = Check("kfp-launcher ConfigMap", False, "no s3 provider credentials configured")
+        out.append(check)
     except Exception as err:
         out.append(
             Check("kfp-launcher ConfigMap", False, f"{namespace}/kfp-launcher: {_api_message(err)}")
@@ -915,20 +930,26 @@ def _kube_checks(namespace: str, secret_name: str, kube_context: str | None) -> 
         # IRSA, Workload Identity: the launcher and the stages use the pod's provider chain.
         out.append(Check("s3 Secret", None, "not used: kfp-launcher has fromEnv: true"))
         return out
-    try:
-        sec = v1.read_namespaced_secret(secret_name, namespace)
-        keys = set((sec.data or {}).keys())
-        need = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-        missing = sorted(need - keys)
+    stage_keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    if launcher_ref is not None and launcher_ref[0] == secret_name:
         out.append(
-            Check(
-                "s3 Secret",
-                not missing,
-                f"{namespace}/{secret_name} has the keys"
-                if not missing
-                else f"{namespace}/{secret_name} lacks {', '.join(missing)}",
-            )
+            _secret_check(v1, "s3 Secret", namespace, secret_name, stage_keys + launcher_ref[1])
         )
-    except Exception as err:
-        out.append(Check("s3 Secret", False, f"{namespace}/{secret_name}: {_api_message(err)}"))
+        return out
+    out.append(_secret_check(v1, "s3 Secret", namespace, secret_name, stage_keys))
+    if launcher_ref is not None:
+        name, keys = launcher_ref
+        out.append(_secret_check(v1, "kfp-launcher s3 Secret", namespace, name, keys))
     return out
+
+
+def _secret_check(v1: Any, row: str, namespace: str, name: str, keys: list[str]) -> Check:
+    """Whether Secret ``namespace/name`` exists and holds ``keys``."""
+    try:
+        sec = v1.read_namespaced_secret(name, namespace)
+    except Exception as err:
+        return Check(row, False, f"{namespace}/{name}: {_api_message(err)}")
+    missing = sorted(set(keys) - set((sec.data or {}).keys()))
+    if missing:
+        return Check(row, False, f"{namespace}/{name} lacks {', '.join(missing)}")
+    return Check(row, True, f"{namespace}/{name} has {', '.join(sorted(set(keys)))}")
