@@ -52,7 +52,7 @@ format: setup
 	$(VENV)/bin/ruff format src tests components pipelines benchmarks
 
 compile: setup
-	$(VENV)/bin/patchgap compile
+	$(VENV)/bin/patchgap compile --out pipelines/compiled
 
 images: ## build the images with docker or podman (VARIANT=cpu for the CPU torch wheel)
 	VARIANT=$(VARIANT) ./images/build.sh

@@ -148,14 +148,14 @@ def test_watch_records_only_after_gate(compiled) -> None:
 @pytest.mark.parametrize("name", ["full", "rewrite", "watch"])
 def test_committed_yaml_is_not_stale(compiled, name: str) -> None:
     committed = COMPILED / f"{name}.yaml"
-    assert committed.is_file(), f"{committed} missing: run `patchgap compile` and commit"
+    assert committed.is_file(), f"{committed} missing: run `make compile` and commit"
     spec, plat = compiled[name]
     old = list(yaml.safe_load_all(committed.read_text()))
     # The SDK version line differs between kfp releases; everything else must match.
     for doc in (old[0], spec):
         doc.pop("sdkVersion", None)
     assert old[0] == spec and old[1] == plat, (
-        f"{committed} is stale: run `patchgap compile` (make compile) and commit the result"
+        f"{committed} is stale: run `make compile` and commit the result"
     )
 
 
@@ -174,3 +174,51 @@ def test_s3_secret_is_optional_and_light_steps_have_resources(compiled, name: st
         if "accelerator" not in res:  # the ops steps
             assert res["resourceCpuRequest"] and res["resourceCpuLimit"], exec_name
             assert res["resourceMemoryRequest"], exec_name
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_compile_writes_the_named_pipeline_into_the_current_folder_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from patchgap.cli.main import cli
+    from patchgap.pipelines.compile import compiled_dir
+
+    monkeypatch.delenv("PATCHGAP_IMAGE_REGISTRY", raising=False)
+    monkeypatch.delenv("PATCHGAP_IMAGE_TAG", raising=False)
+    shipped = _snapshot(compiled_dir())
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["compile", "watch"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [str(tmp_path / "watch.yaml")]
+    assert [p.name for p in tmp_path.iterdir()] == ["watch.yaml"]
+    assert (tmp_path / "watch.yaml").read_bytes() == (COMPILED / "watch.yaml").read_bytes()
+    # The package's own compiled pipelines (what `submit watch` reads) are left alone.
+    assert _snapshot(compiled_dir()) == shipped
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["compile", "wacth"], "pipeline 'wacth': not one of full, rewrite, watch; did you mean "),
+        (["compile", "--out", "taken"], "--out taken: not a folder"),
+    ],
+)
+def test_compile_refuses_an_unknown_name_or_out_as_one_line(
+    args: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from patchgap.cli.main import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file\n")
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2 and res.stdout == ""
+    (line,) = res.stderr.splitlines()
+    assert line.startswith("error: ") and says in line, line
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]

@@ -1,7 +1,8 @@
 """The built wheel is what a user installs: it holds the components, the pipelines with their
 compiled YAML and the shipped configs inside the ``patchgap`` package (no generic top-level
 ``components`` or ``pipelines``), and `patchgap compile` from it, outside any checkout,
-reproduces the committed YAML byte for byte, whatever the interpreter's hash seed."""
+reproduces the committed YAML byte for byte, whatever the interpreter's hash seed, into the
+current folder by default and never into the installed package."""
 
 from __future__ import annotations
 
@@ -103,3 +104,34 @@ def test_installed_wheel_compiles_the_committed_yaml(venv: Path, tmp_path: Path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         for name, data in committed.items():
             assert (out / name).read_bytes() == data, f"{name} differs from the committed YAML"
+
+    # Without --out: the current folder, whichever it is; the installed package stays as shipped.
+    shipped = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", _COMPILED_DIR],
+            cwd=tmp_path,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    assert str(venv) in str(shipped)
+    before = {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()}
+    here = tmp_path / "here"
+    here.mkdir()
+    proc = subprocess.run(
+        [str(venv / "bin" / "patchgap"), "compile", "watch"],
+        cwd=here,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [p.name for p in here.iterdir()] == ["watch.yaml"]
+    assert (here / "watch.yaml").read_bytes() == committed["watch.yaml"]
+    assert {p.name: p.stat().st_mtime_ns for p in shipped.iterdir()} == before
+
+
+_COMPILED_DIR = "from patchgap.pipelines.compile import compiled_dir; print(compiled_dir())"

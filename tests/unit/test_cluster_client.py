@@ -4,7 +4,11 @@ assert on the requests that would reach the KFP API."""
 # No `from __future__ import annotations` here: KFP reads the component annotations at runtime.
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -116,12 +120,6 @@ def test_schedule_rejects_bad_triggers_before_any_request(
     assert fake_kfp.requests == []
 
 
-def test_unknown_recurring_run_is_one_clear_line(fake_kfp) -> None:
-    res = CliRunner().invoke(cli, ["schedule", "delete", "rr-404", "--host", fake_kfp.url])
-    assert res.exit_code != 0
-    assert "rr-404" in str(res.exception) and "404" in str(res.exception)
-
-
 def test_cli_submit_prints_run_id_and_link(fake_kfp, package: Path) -> None:
     res = CliRunner().invoke(
         cli, ["submit", str(package), "--host", fake_kfp.url, "-p", "text=hi", "-p", "shards=2"]
@@ -176,7 +174,7 @@ def test_wait_outlives_a_few_server_errors_but_not_a_missing_run(fake_kfp) -> No
     fake_kfp.add_run("r-2", "RUNNING", *["HTTP 503"] * (cluster.WAIT_RETRIES + 1), "SUCCEEDED")
     with pytest.raises(PatchgapError, match="r-2: HTTP 503"):
         cluster.wait_run(target, "r-2", poll_seconds=0)
-    with pytest.raises(PatchgapError, match="r-404: HTTP 404"):
+    with pytest.raises(PatchgapError, match="KFP run r-404 not found"):
         cluster.wait_run(target, "r-404", poll_seconds=0)
     assert len(fake_kfp.find("GET", "/runs/r-404")) == 1  # a 4xx is not retried
 
@@ -201,6 +199,264 @@ def test_runs_list_and_get(fake_kfp) -> None:
     table = CliRunner().invoke(cli, ["runs", "get", "r-b", "--host", fake_kfp.url])
     assert table.exit_code == 0, table.output
     assert "FAILED" in table.stdout and "gate: acceptance 0.1" in table.stdout
-    missing = CliRunner().invoke(cli, ["runs", "get", "r-404", "--host", fake_kfp.url])
-    assert isinstance(missing.exception, PatchgapError)
-    assert "r-404" in str(missing.exception) and "404" in str(missing.exception)
+
+
+# ------------------------------------------------------------- one line and exit 2, everywhere
+
+
+def _error_line(res: Any) -> str:
+    """The one line a failed command printed; nothing else may reach the terminal."""
+    assert res.exit_code == 2, res.output
+    assert res.stdout == "", res.stdout
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    return lines[0]
+
+
+# Every KFP command but doctor (its failures are rows of its table: tests/integration).
+COMMANDS = {
+    "submit": ["submit", "{package}", "-p", "text=hi"],
+    "runs list": ["runs", "list"],
+    "runs get": ["runs", "get", "r-1"],
+    "runs wait": ["runs", "wait", "r-1", "--poll", "0"],
+    "schedule create": ["schedule", "create", "nightly", "--pipeline", "{package}"]
+    + ["--cron", "0 0 2 * * *"],
+    "schedule list": ["schedule", "list"],
+    "schedule enable": ["schedule", "enable", "rr-1"],
+    "schedule disable": ["schedule", "disable", "rr-1"],
+    "schedule delete": ["schedule", "delete", "rr-1"],
+}
+
+
+def _bad_host(kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """(url, what its one line must say) for each way a host can be wrong."""
+    monkeypatch.delenv("KFP_TOKEN", raising=False)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    if kind == "refused":
+        return request.getfixturevalue("closed_port"), "connection refused"
+    if kind == "unreachable":
+        monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 0.2)
+        monkeypatch.setattr(cluster, "CONNECT_RETRIES", 0)
+        return request.getfixturevalue("blackhole_port"), "unreachable (no connection within 0.2 s"
+    if kind == "tls untrusted":
+        api = request.getfixturevalue("fake_kfp_tls")
+        return api.url, "TLS certificate not trusted (self-signed certificate)"
+    api = request.getfixturevalue("fake_kfp")
+    if kind == "tls to plain http":
+        return api.url.replace("http://", "https://"), "the server does not speak TLS; use http://"
+    if kind == "401":
+        api.token = "s3cret"
+        return api.url, "HTTP 401 Unauthorized; set KFP_TOKEN to a bearer token"
+    assert kind == "403"
+    api.forbidden = True
+    return api.url, "HTTP 403 Forbidden (User is not authorized to access the namespace)"
+
+
+HOST_FAILURES = ["refused", "unreachable", "tls untrusted", "tls to plain http", "401", "403"]
+
+
+@pytest.mark.parametrize("kind", HOST_FAILURES)
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_bad_host_is_one_line_and_exit_2_for_every_command(
+    command: str,
+    kind: str,
+    package: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, says = _bad_host(kind, request, monkeypatch)
+    args = [a.replace("{package}", str(package)) for a in COMMANDS[command]]
+    line = _error_line(CliRunner().invoke(cli, [*args, "--host", url]))
+    assert line.startswith(f"error: KFP host {url}: "), line
+    assert says in line, line
+
+
+def test_a_private_ca_is_trusted_through_ssl_cert_file(
+    fake_kfp_tls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_kfp_tls.add_run("r-a", "SUCCEEDED")
+    monkeypatch.setenv("SSL_CERT_FILE", str(fake_kfp_tls.certificate))
+    res = CliRunner().invoke(cli, ["runs", "get", "r-a", "--host", fake_kfp_tls.url])
+    assert res.exit_code == 0, res.output
+    assert "SUCCEEDED" in res.stdout
+
+
+def test_the_token_from_kfp_token_is_sent(fake_kfp, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_kfp.token = "s3cret"
+    fake_kfp.add_run("r-a", "SUCCEEDED")
+    monkeypatch.setenv("KFP_TOKEN", "s3cret")
+    res = CliRunner().invoke(cli, ["runs", "get", "r-a", "--host", fake_kfp.url])
+    assert res.exit_code == 0, res.output
+    monkeypatch.setenv("KFP_TOKEN", "stale")
+    line = _error_line(CliRunner().invoke(cli, ["runs", "get", "r-a", "--host", fake_kfp.url]))
+    assert "HTTP 401 Unauthorized; the token (KFP_TOKEN) was not accepted" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["runs", "get", "r-404"],
+            "KFP run r-404 not found on KFP host {url}; see `patchgap runs list`",
+        ),
+        (["runs", "wait", "r-404"], "KFP run r-404 not found on KFP host {url}"),
+        (["schedule", "enable", "rr-404"], "KFP recurring run rr-404 not found on KFP host {url}"),
+        (["schedule", "disable", "rr-404"], "KFP recurring run rr-404 not found on KFP host"),
+        (
+            ["schedule", "delete", "rr-404"],
+            "not found on KFP host {url}; see `patchgap schedule list`",
+        ),
+        (["runs", "list", "-e", "nightly"], "KFP experiment 'nightly' not found on {url}"),
+        (["schedule", "list", "-e", "nightly"], "KFP experiment 'nightly' not found on {url}"),
+        (
+            ["runs", "get", "r-404", "-n", "team-a"],
+            "not found on KFP host {url} in namespace team-a",
+        ),
+    ],
+)
+def test_an_unknown_run_schedule_or_experiment_is_one_line(
+    fake_kfp, args: list[str], says: str
+) -> None:
+    line = _error_line(CliRunner().invoke(cli, [*args, "--host", fake_kfp.url]))
+    assert says.format(url=fake_kfp.url) in line, line
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["submit", "fulll"],
+            "pipeline 'fulll': not a file and not one of full, rewrite, watch; did you mean "
+            "'full'?",
+        ),
+        (["submit", "no/such.yaml"], "pipeline 'no/such.yaml': not a file"),
+        (["schedule", "create", "x", "--pipeline", "wacth"], "did you mean 'watch'?"),
+        (["submit", "{config}"], "demo.yaml: not a compiled KFP pipeline"),
+    ],
+)
+def test_an_unknown_pipeline_is_one_line_before_any_request(
+    fake_kfp, args: list[str], says: str
+) -> None:
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    args = [a.replace("{config}", str(config)) for a in args]
+    line = _error_line(CliRunner().invoke(cli, [*args, "--host", fake_kfp.url]))
+    assert says in line, line
+    assert fake_kfp.requests == []
+
+
+def test_submit_reads_each_parameter_as_its_declared_type(fake_kfp) -> None:
+    params = {
+        "dataset_uri": "s3://patchgap/datasets/d.jsonl",
+        "num_shards": "4",
+        "min_acceptance_rate": "0.25",
+        "prompt_only_baseline": "True",
+        "node_selector": '{"pool": "a100"}',
+        "tolerations": "[]",
+        "gate_config": '{"distinct_n": 2}',  # a STRING parameter holding JSON stays text
+        "dataset_fields": "123",  # and one that looks like a number too
+    }
+    args = [a for k, v in params.items() for a in ("-p", f"{k}={v}")]
+    res = CliRunner().invoke(cli, ["submit", "full", "--host", fake_kfp.url, *args])
+    assert res.exit_code == 0, res.output
+    (run,) = fake_kfp.find("POST", "/apis/v2beta1/runs")
+    assert run.body["runtime_config"]["parameters"] == {
+        "dataset_uri": "s3://patchgap/datasets/d.jsonl",
+        "num_shards": 4,
+        "min_acceptance_rate": 0.25,
+        "prompt_only_baseline": True,
+        "node_selector": {"pool": "a100"},
+        "tolerations": [],
+        "gate_config": '{"distinct_n": 2}',
+        "dataset_fields": "123",
+    }
+
+
+@pytest.mark.parametrize(
+    ("param", "says"),
+    [
+        (
+            "num_shard=4",
+            "-p num_shard: pipeline full.yaml has no parameter 'num_shard'; did you "
+            "mean 'num_shards'?",
+        ),
+        ("num_shards=four", "-p num_shards=four: pipeline full.yaml expects an integer"),
+        ("num_shards=2.5", "-p num_shards=2.5: pipeline full.yaml expects an integer"),
+        ("min_acceptance_rate=high", "expects a number (NUMBER_DOUBLE)"),
+        ("min_acceptance_rate=nan", "expects a number (NUMBER_DOUBLE)"),
+        ("prompt_only_baseline=maybe", "expects true or false (BOOLEAN)"),
+        ("node_selector=[1, 2]", "expects a mapping"),
+        ("tolerations={effect: NoSchedule}", "expects a list"),
+        ("tolerations=[unclosed", "expects a list"),
+        ("nothing", "-p 'nothing': expected KEY=VALUE"),
+    ],
+)
+def test_a_bad_parameter_is_one_line_before_any_request(fake_kfp, param: str, says: str) -> None:
+    args = ["-p", "dataset_uri=s3://b/d.jsonl", "-p", param, "--host", fake_kfp.url]
+    schedule = ["schedule", "create", "x", "--pipeline", "full", "--interval", "3600"]
+    for command in (["submit", "full"], schedule):
+        assert says in _error_line(CliRunner().invoke(cli, [*command, *args]))
+    assert fake_kfp.requests == []
+
+
+def test_a_missing_required_parameter_is_one_line_before_any_request(fake_kfp) -> None:
+    line = _error_line(CliRunner().invoke(cli, ["submit", "rewrite", "--host", fake_kfp.url]))
+    assert (
+        "pipeline rewrite.yaml: required parameters adapter_uri, dataset_uri not given; pass "
+        "-p adapter_uri=... -p dataset_uri=..." in line
+    )
+    with pytest.raises(ConfigError, match="required parameter dataset_uri not given"):
+        cluster.submit(cluster.KfpTarget(host=fake_kfp.url), str(pipeline_package("full")))
+    assert fake_kfp.requests == []
+
+
+# The console script as installed; the timeouts can be shortened for the unreachable host.
+_ENTRY = (
+    "import sys; import patchgap.kfp.client as c; from patchgap.cli.main import app; "
+    "c.CONNECT_TIMEOUT_S, c.CONNECT_RETRIES = float(sys.argv.pop(1)), 0; sys.argv[0] = "
+    "'patchgap'; app()"
+)
+
+
+def _patchgap(args: list[str], connect_timeout: float = 10.0) -> subprocess.CompletedProcess:
+    unset = ("KFP_TOKEN", "KF_PIPELINES_ENDPOINT", "SSL_CERT_FILE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    return subprocess.run(
+        [sys.executable, "-c", _ENTRY, str(connect_timeout), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_the_installed_command_prints_only_the_line(
+    closed_port: str, blackhole_port: str, fake_kfp, fake_kfp_tls
+) -> None:
+    """In a process of its own, with no test harness holding the loggers: kfp.Client's prints,
+    warnings and urllib3's logged retries must not reach the terminal either."""
+    fake_kfp.token = "s3cret"
+    cases = [
+        (["runs", "list", "--host", closed_port], closed_port, 10.0),
+        (["submit", "full", "-p", "dataset_uri=s3://b/d", "--host", closed_port], closed_port, 10),
+        (["schedule", "list", "--host", fake_kfp.url], fake_kfp.url, 10.0),
+        (["runs", "get", "r-1", "--host", fake_kfp_tls.url], fake_kfp_tls.url, 10.0),
+        (["runs", "wait", "r-1", "--host", blackhole_port], blackhole_port, 0.3),
+    ]
+    for args, url, connect_timeout in cases:
+        res = _patchgap(args, connect_timeout)
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert res.stdout == ""
+        (line,) = res.stderr.splitlines()
+        assert line.startswith(f"error: KFP host {url}: "), line
+
+
+def test_wait_does_not_retry_a_host_it_never_reached(
+    closed_port: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(cluster.time, "sleep", slept.append)
+    # With a namespace kfp.Client skips its health check: the first poll is the first contact.
+    target = cluster.KfpTarget(host=closed_port, namespace="team-a")
+    with pytest.raises(PatchgapError, match=f"KFP host {closed_port}: connection refused"):
+        cluster.wait_run(target, "r-1", poll_seconds=30)
+    assert slept == []

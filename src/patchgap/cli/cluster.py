@@ -1,17 +1,41 @@
 """``patchgap submit``, ``patchgap runs ...``, ``patchgap schedule ...`` and ``patchgap doctor``:
-the KFP client side."""
+the KFP client side. A failure (bad parameter, unknown pipeline or run, unreachable host, refused
+token) is one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from patchgap.cli import print_error
 from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
+from patchgap.errors import PatchgapError
 from patchgap.kfp import client as ops
 from patchgap.pipelines.compile import pipeline_package
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line_errors(command: F) -> F:
+    """Print a user error as one line and exit 2, here rather than only in the entry point, so
+    that the command behaves the same under any runner."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PatchgapError as err:
+            print_error(err)
+            raise typer.Exit(2) from None
+
+    return cast(F, run)
+
 
 schedule_app = typer.Typer(
     help="Recurring runs (e.g. the watch pipeline over new datasets).", no_args_is_help=True
@@ -61,6 +85,7 @@ def _wait(
         raise typer.Exit(1)
 
 
+@_one_line_errors
 def submit(
     pipeline: str = typer.Argument("full", help="full | rewrite | watch | a compiled YAML path"),
     host: str | None = HOST,
@@ -78,13 +103,15 @@ def submit(
     poll: float = POLL,
     output_format: Format = OUTPUT_FORMAT,
 ) -> None:
-    """Submit one run of a compiled pipeline to KFP; prints the run id and its UI link."""
+    """Submit one run of a compiled pipeline to KFP; prints the run id and its UI link. The -p
+    parameters are checked against the pipeline's declared inputs before the host is contacted."""
     out = Output(output_format)
     target = ops.KfpTarget(host=host, namespace=namespace)
+    package = pipeline_package(pipeline)
     res = ops.submit(
         target,
-        pipeline_package(pipeline),
-        params=ops.parse_params(params),
+        package,
+        params=ops.typed_params(package, ops.parse_params(params)),
         experiment=experiment,
         run_name=run_name,
         service_account=service_account,
@@ -101,6 +128,7 @@ def submit(
 
 
 @runs_app.command("list")
+@_one_line_errors
 def runs_list(
     host: str | None = HOST,
     namespace: str | None = NAMESPACE,
@@ -114,6 +142,7 @@ def runs_list(
 
 
 @runs_app.command("get")
+@_one_line_errors
 def runs_get(
     run_id: str = typer.Argument(...),
     host: str | None = HOST,
@@ -129,6 +158,7 @@ def runs_get(
 
 
 @runs_app.command("wait")
+@_one_line_errors
 def runs_wait(
     run_id: str = typer.Argument(...),
     host: str | None = HOST,
@@ -143,6 +173,7 @@ def runs_wait(
 
 
 @schedule_app.command("create")
+@_one_line_errors
 def schedule_create(
     name: str = typer.Argument(..., help="recurring run name"),
     pipeline: str = typer.Option("watch", "--pipeline", help="full | rewrite | watch | YAML path"),
@@ -160,15 +191,16 @@ def schedule_create(
     disabled: bool = typer.Option(False, "--disabled", help="create it paused"),
 ) -> None:
     """Create a recurring run (no catch-up: a missed window never triggers a burst)."""
+    package = pipeline_package(pipeline)
     rid = ops.create_schedule(
         ops.KfpTarget(host=host, namespace=namespace),
         ops.Schedule(
             name=name,
-            pipeline=str(pipeline_package(pipeline)),
+            pipeline=str(package),
             cron=cron,
             interval_seconds=interval,
             max_concurrency=max_concurrency,
-            params=ops.parse_params(params),
+            params=ops.typed_params(package, ops.parse_params(params)),
             experiment=experiment,
             service_account=service_account,
             pipeline_root=pipeline_root,
@@ -179,6 +211,7 @@ def schedule_create(
 
 
 @schedule_app.command("list")
+@_one_line_errors
 def schedule_list(
     host: str | None = HOST,
     namespace: str | None = NAMESPACE,
@@ -202,6 +235,7 @@ def schedule_list(
 
 
 def _state_command(action: str):  # noqa: ANN202 - typer reads the signature of the inner function
+    @_one_line_errors
     def command(
         recurring_run_id: str = typer.Argument(...),
         host: str | None = HOST,
@@ -218,10 +252,11 @@ def _state_command(action: str):  # noqa: ANN202 - typer reads the signature of 
     return command
 
 
-for _action in ("enable", "disable", "delete"):
+for _action in ops.SCHEDULE_ACTIONS:
     schedule_app.command(_action)(_state_command(_action))
 
 
+@_one_line_errors
 def doctor(
     bucket: str = typer.Option("patchgap", "--bucket", envvar="PATCHGAP_BUCKET"),
     host: str | None = HOST,

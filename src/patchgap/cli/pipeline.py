@@ -10,14 +10,24 @@ from patchgap.cli.output import plain_printer
 
 
 def compile_pipelines(
+    names: list[str] | None = typer.Argument(
+        None, help="full | rewrite | watch (default: all)", show_default=False
+    ),
     out_dir: Path | None = typer.Option(
-        None, "--out", help="folder for the YAML (default: pipelines/compiled)"
+        None, "--out", help="folder for <name>.yaml (default: the current folder)"
     ),
 ) -> None:
-    """Compile every pipeline (full, rewrite, watch) to YAML for KFP."""
+    """Compile pipelines to YAML for KFP: <name>.yaml in the current folder or --out DIR."""
+    from patchgap.cli import print_error
+    from patchgap.errors import PatchgapError
     from patchgap.pipelines.compile import compile_all
 
-    for path in compile_all(out_dir):
+    try:
+        written = compile_all(out_dir, names)
+    except PatchgapError as err:
+        print_error(err)
+        raise typer.Exit(2) from None
+    for path in written:
         typer.echo(str(path))
 
 
