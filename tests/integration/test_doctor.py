@@ -122,10 +122,10 @@ def test_missing_bucket_and_unreachable_host_fail_with_reasons(s3_server, monkey
     assert checks["kfp host"].ok is False
 
 
-def test_cli_exits_non_zero_when_a_check_fails(s3_server, monkeypatch):
+def test_cli_exits_2_when_a_check_fails(s3_server, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", "/nonexistent/kubeconfig")
     res = CliRunner().invoke(cli, ["doctor", "--bucket", "no-such-bucket-patchgap"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2
     assert "FAIL" in res.output and "s3 bucket" in res.output
 
 
@@ -221,7 +221,7 @@ def test_credentials_from_a_profile_file_are_the_ones_the_bucket_check_uses(
     res = _patchgap(["doctor", "--bucket", s3_bucket, "-o", "json"], env)
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert rows["s3 credentials"]["ok"] is False and rows["s3 bucket"]["ok"] is None
-    assert res.returncode == 1 and res.stderr == ""
+    assert res.returncode == 2 and res.stderr == ""
 
 
 @pytest.mark.parametrize("kind", ["refused", "401", "403", "tls untrusted", "tls to plain http"])
@@ -261,7 +261,7 @@ def test_doctor_against_a_refusing_host_prints_its_table_alone(
     env = {k: v for k, v in os.environ.items() if k not in ("KFP_TOKEN", "KF_PIPELINES_ENDPOINT")}
     env["KUBECONFIG"] = "/nonexistent/kubeconfig"
     res = _patchgap(["doctor", "--bucket", s3_bucket, "--host", fake_kfp.url, "-o", "json"], env)
-    assert res.returncode == 1 and res.stderr == "", res.stderr[-2000:]
+    assert res.returncode == 2 and res.stderr == "", res.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(res.stdout)}
     assert rows["s3 bucket"]["ok"] is True
     assert rows["kfp host"]["ok"] is False

@@ -278,5 +278,7 @@ def doctor(
     for c in checks:
         table.add_row(c.name, mark[c.ok], c.detail)
     Output(output_format).result([dataclasses.asdict(c) for c in checks], table)
+    # A failed check is a setting to fix (host, token, bucket, Secret): the exit code of every
+    # other user mistake, each named on its own row.
     if any(c.ok is False for c in checks):
-        raise typer.Exit(1)
+        raise typer.Exit(2)
