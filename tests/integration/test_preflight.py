@@ -252,3 +252,50 @@ def test_custom_local_evalsets_go_to_s3_and_load_from_there(
     finally:
         mp.undo()
     assert from_s3 == ev._math_items(here, data_dir)
+
+
+def test_submit_config_checks_puts_local_inputs_in_s3_and_sends_the_arguments(
+    tmp_path: Path, data_dir: Path, tiny_llama: Path, s3_server: Any, s3_bucket: str, fake_kfp: Any
+) -> None:
+    from typer.testing import CliRunner
+
+    from patchgap.cli.main import cli
+
+    store = s3_server.store
+    evalset = _olympiad_set(tmp_path / "olympiad.jsonl")
+    cfg = _run_yaml(
+        tmp_path,
+        evalset,
+        {**FIELDS, "lists": {"answer": "first"}},
+        run={"bucket": s3_bucket, "dataset": {"source": "gsm8k:train", "limit": 8, "seed": 0}},
+    )
+    raw = yaml.safe_load(cfg.read_text())
+    raw["model"] = str(tiny_llama)
+    cfg.write_text(yaml.safe_dump(raw))
+    args = ["submit", "--config", str(cfg), "--host", fake_kfp.url, "-p", "num_shards=3"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "preflight of" in res.output and "run id: run-0001" in res.output
+    (run,) = fake_kfp.find("POST", "/apis/v2beta1/runs")
+    assert '"name": "patchgap-full"' in json.dumps(run.body["pipeline_spec"])
+    params = run.body["runtime_config"]["parameters"]
+    assert params["num_shards"] == 3  # --param wins over the run YAML
+    assert params["dataset_uri"].startswith(f"s3://{s3_bucket}/datasets/") and store.exists(
+        params["dataset_uri"]
+    )
+    model_uri = f"s3://{s3_bucket}/models/{tiny_llama.name}"
+    assert json.loads(params["sft_config"])["model"] == model_uri
+    assert store.read_manifest(model_uri) is not None
+    evaluate = json.loads(params["evaluate_config"])
+    (custom,) = evaluate["math"]
+    assert custom["path"] == f"s3://{s3_bucket}/benchmarks/custom/olympiad/olympiad.jsonl"
+    assert store.exists(custom["path"])
+    assert evaluate["benchmark_paths"]["gsm8k"] == f"s3://{s3_bucket}/benchmarks/gsm8k/test.jsonl"
+
+    # A run YAML that fails its preflight uploads and submits nothing.
+    before = len(fake_kfp.requests)
+    raw["evaluate"]["math"][0]["fields"] = FIELDS
+    cfg.write_text(yaml.safe_dump(raw))
+    bad = CliRunner().invoke(cli, ["submit", "--config", str(cfg), "--host", fake_kfp.url])
+    assert bad.exit_code != 0 and "set lists: {answer: join|first|last}" in str(bad.exception)
+    assert len(fake_kfp.requests) == before

@@ -77,14 +77,27 @@ def submit(
     timeout: float | None = TIMEOUT,
     poll: float = POLL,
     output_format: Format = OUTPUT_FORMAT,
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="run YAML: checked, its local inputs put in S3; gives the pipeline and arguments",
+    ),
 ) -> None:
     """Submit one run of a compiled pipeline to KFP; prints the run id and its UI link."""
     out = Output(output_format)
     target = ops.KfpTarget(host=host, namespace=namespace)
+    arguments: dict = {}
+    if config is not None:  # --param still overrides what the run YAML gives
+        from pathlib import Path
+
+        from patchgap.run.submission import submission_arguments
+
+        pipeline, arguments = submission_arguments(Path(config), say=out.say)
     res = ops.submit(
         target,
         pipeline_package(pipeline),
-        params=ops.parse_params(params),
+        params={**arguments, **ops.parse_params(params)},
         experiment=experiment,
         run_name=run_name,
         service_account=service_account,

@@ -24,8 +24,9 @@ def inputs_to_s3(prepared: PreparedRun, say: Say) -> None:
 
 def model_to_s3(prepared: PreparedRun, say: Say) -> str:
     """Upload pi0's prepared folder to ``s3://<bucket>/models/<name>`` (with its manifest) and
-    return that URI, which every stage resolves by downloading it into its cache."""
-    if prepared.model_path.startswith("s3://"):
+    return that URI, which every stage resolves by downloading it into its cache; a reference
+    that is no local folder is returned as it is."""
+    if not Path(prepared.model_path).is_dir():  # an s3:// folder, or a hub id the steps resolve
         return prepared.model_path
     from patchgap.lm.models import push_model
 

@@ -94,9 +94,13 @@ def endpoint_configured() -> bool:
     return any(os.environ.get(name) for name in ENDPOINT_ENV)
 
 
-def run_preflight(config_path: Path, *, docker: bool | None = None, say: Say = print) -> Preflight:
+def run_preflight(
+    config_path: Path, *, docker: bool | None = None, hub_here: bool = True, say: Say = print
+) -> Preflight:
     """Run every check of ``config_path`` and print one line each; never raises for a user
-    mistake (see :meth:`Preflight.raise_for_failures`). ``docker`` None: as ``run.runner``."""
+    mistake (see :meth:`Preflight.raise_for_failures`). ``docker`` None: as ``run.runner``.
+    ``hub_here`` False: hub models are resolved elsewhere (pods), so this machine's HF cache
+    does not matter."""
     path = Path(config_path)
     report = Preflight(path)
     t0 = time.time()
@@ -131,7 +135,7 @@ def run_preflight(config_path: Path, *, docker: bool | None = None, say: Say = p
         record(f"data {where}", lambda s=spec, w=where: _check_dataset(path, w, s))
     for what, fn in evalset_checks(raw, path):
         record(what, fn)
-    for what, fn in model_checks(raw, settings, path):
+    for what, fn in model_checks(raw, settings, path, hub_here=hub_here):
         record(what, fn)
     if docker if docker is not None else settings.runner == "docker":
         checks = iter(docker_checks(settings.pipeline))
@@ -381,7 +385,7 @@ def _drift(questions: list[tuple[str, str, str]], cfg: Any) -> tuple[Status, str
 
 
 def model_checks(
-    raw: dict[str, Any], settings: RunSettings, path: Path
+    raw: dict[str, Any], settings: RunSettings, path: Path, *, hub_here: bool = True
 ) -> list[tuple[str, CheckFn]]:
     """One check per distinct model reference: pi0, the judge models and embedders of the
     reward sections, and the rewrite pipeline's adapter. Nothing is loaded or converted."""
@@ -409,14 +413,16 @@ def model_checks(
         checks.append(
             (
                 f"{kind} {ref} [{', '.join(keys)}]",
-                lambda k=kind, r=ref, w=where, key=keys[0]: _check_model(k, r, w, key, settings),
+                lambda k=kind, r=ref, w=where, key=keys[0]: _check_model(
+                    k, r, w, key, settings, hub_here
+                ),
             )
         )
     return checks
 
 
 def _check_model(
-    kind: str, ref: str, where: str, key: str, settings: RunSettings
+    kind: str, ref: str, where: str, key: str, settings: RunSettings, hub_here: bool = True
 ) -> tuple[Status, str]:
     from patchgap.lm import models
 
@@ -440,7 +446,7 @@ def _check_model(
             raise ConfigError(f"{where}: {err}") from None
         if local != ref or Path(ref).expanduser().is_dir():
             return "ok", f"local folder {local}"
-        return _check_hub(ref, where, key, settings, embedder=True)
+        return _check_hub(ref, where, key, settings, embedder=True, here=hub_here)
     if ref.startswith("s3://"):
         return _check_s3_model(ref, where, kind)
     local = Path(ref).expanduser()
@@ -452,7 +458,7 @@ def _check_model(
         return "ok", f"local folder {local}"
     if kind == "adapter" or ref.startswith(("/", "./", "../", "~")) or local.exists():
         raise ConfigError(f"{where}: {ref} does not exist (or is not a folder); fix the path")
-    return _check_hub(ref, where, key, settings, embedder=False)
+    return _check_hub(ref, where, key, settings, embedder=False, here=hub_here)
 
 
 def _check_s3_model(uri: str, where: str, kind: str) -> tuple[Status, str]:
@@ -479,7 +485,7 @@ def hub_offline() -> bool:
 
 
 def _check_hub(
-    repo_id: str, where: str, key: str, settings: RunSettings, *, embedder: bool
+    repo_id: str, where: str, key: str, settings: RunSettings, *, embedder: bool, here: bool
 ) -> tuple[Status, str]:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
@@ -495,6 +501,8 @@ def _check_hub(
     cached = try_to_load_from_cache(repo_id, "config.json")
     if isinstance(cached, str):
         return "ok", f"hub id, in the local HF cache ({Path(cached).parent})"
+    if not here:
+        return "later", "hub id: resolved where the steps run (HF_TOKEN there for gated models)"
     if not hub_offline():
         return "later", (
             "hub id, not in the local HF cache: downloaded when a stage loads it (needs hub "

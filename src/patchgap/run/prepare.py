@@ -79,12 +79,13 @@ def new_run_id() -> str:
 
 
 def prepare_run(
-    config_path: Path, *, start_embedded_s3: bool = True, say: Say = print
+    config_path: Path, *, start_embedded_s3: bool = True, hub_here: bool = True, say: Say = print
 ) -> PreparedRun:
-    """Start (or reuse) the embedded S3, validate and stage D, and prepare pi0."""
+    """Start (or reuse) the embedded S3, validate and stage D, and prepare pi0. ``hub_here``
+    False keeps a hub id or ``s3://`` pi0 as it is, for steps that resolve it themselves (pods)."""
     import os
 
-    from patchgap.lm.models import resolve_model
+    from patchgap.lm.models import known_model, resolve_model
     from patchgap.storage.store import Store
 
     raw, settings = load_run_settings(config_path)
@@ -100,7 +101,9 @@ def prepare_run(
 
     dataset_uri, counts = stage_dataset(config_path, settings, store, say)
     model = str(raw.get("model", "smollm2"))
-    if model.lower() in ("smollm2", "smollm2-135m-instruct"):
+    if not hub_here and not Path(model).expanduser().is_dir() and known_model(model) is None:
+        model_path = model
+    elif model.lower() in ("smollm2", "smollm2-135m-instruct"):
         from patchgap.lm.models import prepare_smollm2
 
         model_path = str(prepare_smollm2())
