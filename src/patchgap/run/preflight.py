@@ -137,10 +137,9 @@ def run_preflight(
         record(what, fn)
     for what, fn in model_checks(raw, settings, path, hub_here=hub_here):
         record(what, fn)
-    if docker if docker is not None else settings.runner == "docker":
-        checks = iter(docker_checks(settings.pipeline))
+    if settings.runner == "docker" if docker is None else docker:
         # Each needs the one before it: no images are looked up without an engine.
-        for what, fn in checks:
+        for what, fn in docker_checks(settings.pipeline):
             if not record(what, fn).ok:
                 break
     report.seconds = time.time() - t0
