@@ -102,16 +102,29 @@ def submit(
     timeout: float | None = TIMEOUT,
     poll: float = POLL,
     output_format: Format = OUTPUT_FORMAT,
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="run YAML: checked, its local inputs put in S3; gives the pipeline and arguments",
+    ),
 ) -> None:
     """Submit one run of a compiled pipeline to KFP; prints the run id and its UI link. The -p
     parameters are checked against the pipeline's declared inputs before the host is contacted."""
     out = Output(output_format)
     target = ops.KfpTarget(host=host, namespace=namespace)
+    arguments: dict = {}
+    if config is not None:  # --param still overrides what the run YAML gives
+        from pathlib import Path
+
+        from patchgap.run.submission import submission_arguments
+
+        pipeline, arguments = submission_arguments(Path(config), say=out.say)
     package = pipeline_package(pipeline)
     res = ops.submit(
         target,
         package,
-        params=ops.typed_params(package, ops.parse_params(params)),
+        params=ops.typed_params(package, ops.parse_params(params), base=arguments),
         experiment=experiment,
         run_name=run_name,
         service_account=service_account,

@@ -1,5 +1,6 @@
-"""``patchgap demo``: the main job on the embedded default. Starts the local S3 server, stages the
-demo dataset in it, prepares the demo model, then runs the full pipeline of configs/demo.yaml."""
+"""``patchgap demo``: the main job on the embedded default. Checks every input of configs/demo.yaml
+(the preflight), starts the local S3 server, stages the demo dataset in it, prepares the demo
+model, then runs the full pipeline."""
 
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ def demo(
     """Run all five stages on a small real model with local S3 (what `make demo` calls)."""
     from patchgap.logs import setup_logging
     from patchgap.run.execute import run_pipeline
-    from patchgap.run.prepare import prepare_run
+    from patchgap.run.preflight import check_and_prepare
 
     setup_logging()
     say = plain_printer()
     cfg_path = config or default_demo_config()
-    prepared = prepare_run(cfg_path, start_embedded_s3=True, say=say)
+    # The preflight first: a broken input is reported before the server starts.
+    prepared = check_and_prepare(cfg_path, start_embedded_s3=True, say=say)
     if prepare_only:
         return
     run_pipeline(prepared, say=say)

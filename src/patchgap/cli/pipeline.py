@@ -41,15 +41,26 @@ def run(
         "--embedded-s3/--no-embedded-s3",
         help="start the local S3 server if no endpoint is set",
     ),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="only the preflight: check the YAML, data, evaluation sets, models (and images "
+        "with --docker); starts and writes nothing; exit 0 when all pass, 2 otherwise",
+    ),
 ) -> None:
-    """Run a pipeline on this machine: stage data and model in S3, run, publish the run."""
+    """Run a pipeline on this machine: check every input, stage data and model in S3, run,
+    publish the run."""
     from patchgap.logs import setup_logging
-    from patchgap.run.execute import run_pipeline
-    from patchgap.run.prepare import prepare_run
+    from patchgap.run.preflight import check_and_prepare, run_preflight
 
     setup_logging()
     say = plain_printer()
-    prepared = prepare_run(config, start_embedded_s3=embedded_s3, say=say)
-    if docker:
-        prepared.settings = prepared.settings.model_copy(update={"runner": "docker"})
+    if check:
+        report = run_preflight(config, docker=docker or None, say=say)
+        report.raise_for_failures()
+        say(report.summary())
+        return
+    from patchgap.run.execute import run_pipeline
+
+    prepared = check_and_prepare(config, docker=docker, start_embedded_s3=embedded_s3, say=say)
     run_pipeline(prepared, say=say)

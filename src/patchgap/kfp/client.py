@@ -113,13 +113,16 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def typed_params(package: str | Path, raw: Mapping[str, str]) -> dict[str, Any]:
+def typed_params(
+    package: str | Path, raw: Mapping[str, str], base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Read ``-p`` values as the types ``package`` declares (a STRING stays text even when it
-    looks like a number or JSON); an unknown name or a value of the wrong type is refused."""
+    looks like a number or JSON) over ``base`` (typed values, e.g. from a run YAML); an unknown
+    name, a value of the wrong type or a required parameter left out is refused."""
     import yaml
 
     inputs = pipeline_inputs(package)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = dict(base or {})
     for key, text in raw.items():
         spec = _declared(inputs, key, package)
         want = spec.type

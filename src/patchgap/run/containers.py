@@ -1,6 +1,7 @@
 """What ``patchgap run --docker`` needs beyond the subprocess run: checks, before any stage
 starts, that a container engine answers, that the stage images are built and that a container
-reaches the S3 endpoint; pi0 and the evaluation sets uploaded to S3 (containers see no host
+reaches the S3 endpoint (the engine and image checks also run in the preflight, before anything
+starts); pi0 and the evaluation sets put in S3 (:mod:`patchgap.run.inputs`: containers see no host
 path); the arguments of kfp.local's DockerRunner."""
 
 from __future__ import annotations
@@ -112,71 +113,6 @@ def check_s3_from_container(client: Any, prepared: PreparedRun, env: dict[str, s
         ) from None
 
 
-def model_to_s3(prepared: PreparedRun, say: Say) -> str:
-    """Upload pi0's prepared folder to ``s3://<bucket>/models/<name>`` (with its manifest) and
-    return that URI, which every stage resolves by downloading it into its cache."""
-    from pathlib import Path
-
-    if prepared.model_path.startswith("s3://"):
-        return prepared.model_path
-    from patchgap.lm.models import push_model
-
-    uri = f"s3://{prepared.settings.bucket}/models/{Path(prepared.model_path).name}"
-    push_model(prepared.model_path, uri)
-    say(f"model: {prepared.model_path} -> {uri} (the containers load it from S3)")
-    return uri
-
-
-def benchmarks_to_s3(prepared: PreparedRun, say: Say) -> None:
-    """Upload the named evaluation sets the evaluate section reads from the data directory to
-    ``s3://<bucket>/benchmarks/`` and point its ``benchmark_paths`` at them."""
-    from pathlib import Path
-
-    from patchgap.data.evalsets import HELDOUT_SETS, MATH_SETS, MC_SETS
-    from patchgap.settings import data_dir
-    from patchgap.stages.base import section_config
-    from patchgap.stages.evaluate import Config
-    from patchgap.storage.store import Store
-
-    raw = prepared.raw
-    cfg = section_config(Config, raw, "evaluate", f"{prepared.config_path} [evaluate]")
-    names = [m.name for m in cfg.math if m.path is None] + cfg.general + cfg.choice
-    # the held-out solutions and the drift questions come from named sets too
-    names += cfg.heldout.sets if cfg.heldout.enabled else []
-    names += (cfg.drift.benchmarks or []) if cfg.drift.enabled else []
-    folder = Path(cfg.data_dir) if cfg.data_dir else data_dir()
-    paths = dict(cfg.benchmark_paths)
-    store = Store.from_env()
-    for name in dict.fromkeys(names):
-        if name in MATH_SETS:
-            rel = MATH_SETS[name].path
-        elif name in HELDOUT_SETS:
-            rel = HELDOUT_SETS[name][0]
-        else:
-            rel = MC_SETS.get(name, ("", ""))[1]
-        if name in paths or not rel:  # given already, or an lm-eval task with its own data
-            continue
-        src = folder / rel if folder is not None else None
-        if src is None or not src.exists():
-            raise ConfigError(
-                f"{prepared.config_path} [evaluate]: benchmark {name} not found at {src} "
-                "(set PATCHGAP_DATA_DIR, or benchmark_paths to an s3:// URI)"
-            )
-        paths[name] = f"s3://{prepared.settings.bucket}/benchmarks/{rel}"
-        if src.is_dir():
-            store.upload_dir(src, paths[name])
-        else:
-            store.put_file(src, paths[name])
-    if paths != cfg.benchmark_paths:
-        say(
-            f"benchmarks: {', '.join(sorted(paths))} -> s3://{prepared.settings.bucket}/benchmarks/"
-        )
-        prepared.raw = {
-            **raw,
-            "evaluate": {**(raw.get("evaluate") or {}), "benchmark_paths": paths},
-        }
-
-
 def run_step_container(
     client: Any, image: str, command: list[str], volumes: dict[str, Any], **run_args: Any
 ) -> int:
@@ -196,8 +132,11 @@ def run_step_container(
 
 
 def prepare_docker(prepared: PreparedRun, say: Say) -> dict[str, Any]:
-    """All checks, then the model upload; returns the DockerRunner keyword arguments."""
+    """All checks, then pi0 and the evaluation sets into S3; returns the DockerRunner keyword
+    arguments."""
     from kfp.local import docker_task_handler
+
+    from patchgap.run.inputs import inputs_to_s3
 
     client = engine_client()
     try:
@@ -206,8 +145,7 @@ def prepare_docker(prepared: PreparedRun, say: Say) -> dict[str, Any]:
         check_s3_from_container(client, prepared, env)
     finally:
         client.close()
-    prepared.model_path = model_to_s3(prepared, say)
-    benchmarks_to_s3(prepared, say)
+    inputs_to_s3(prepared, say)
     # kfp.local looks this function up at each step; the images are checked above, so kfp's
     # own pull-if-missing is not needed.
     docker_task_handler.run_docker_container = run_step_container

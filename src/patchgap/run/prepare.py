@@ -1,6 +1,8 @@
 """Prepare the main job (``patchgap run`` / ``patchgap demo``): read and validate a run YAML,
 start the embedded S3 when asked, stage the dataset in the store and resolve the model, so that
-:mod:`patchgap.run.execute` only has to run the pipeline."""
+:mod:`patchgap.run.execute` only has to run the pipeline. The commands run the preflight of
+:mod:`patchgap.run.preflight` first (its ``check_and_prepare``), which checks every input
+before anything here starts or writes."""
 
 from __future__ import annotations
 
@@ -77,14 +79,13 @@ def new_run_id() -> str:
 
 
 def prepare_run(
-    config_path: Path, *, start_embedded_s3: bool = True, say: Say = print
+    config_path: Path, *, start_embedded_s3: bool = True, hub_here: bool = True, say: Say = print
 ) -> PreparedRun:
-    """Start (or reuse) the embedded S3, validate and stage D, and prepare pi0."""
+    """Start (or reuse) the embedded S3, validate and stage D, and prepare pi0. ``hub_here``
+    False keeps a hub id or ``s3://`` pi0 as it is, for steps that resolve it themselves (pods)."""
     import os
-    import tempfile
 
-    from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
-    from patchgap.lm.models import resolve_model
+    from patchgap.lm.models import known_model, resolve_model
     from patchgap.storage.store import Store
 
     raw, settings = load_run_settings(config_path)
@@ -97,6 +98,40 @@ def prepare_run(
         say(f"S3: embedded SeaweedFS at {server.endpoint} (pid {status.pid}); {server.env_file}")
     store = Store.from_env()
     store.ensure_bucket(settings.bucket)
+
+    dataset_uri, counts = stage_dataset(config_path, settings, store, say)
+    model = str(raw.get("model", "smollm2"))
+    if not hub_here and not Path(model).expanduser().is_dir() and known_model(model) is None:
+        model_path = model
+    elif model.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from patchgap.lm.models import prepare_smollm2
+
+        model_path = str(prepare_smollm2())
+    else:
+        model_path = str(resolve_model(model))
+    say(f"model: {model} -> {model_path}")
+    run_id = new_run_id()
+    say(f"run id: {run_id}; results will be under s3://{settings.bucket}/runs/{run_id}/")
+    return PreparedRun(
+        config_path=Path(config_path),
+        raw=raw,
+        settings=settings,
+        run_id=run_id,
+        dataset_uri=dataset_uri,
+        model_path=model_path,
+        dataset_counts=counts,
+        env={k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PATCHGAP_"))},
+    )
+
+
+def stage_dataset(
+    config_path: Path, settings: RunSettings, store: Any, say: Say = print
+) -> tuple[str, dict[str, int]]:
+    """Read D through its field map and put the selected records (and any rejects beside them)
+    in the store; returns D's URI and its counts."""
+    import tempfile
+
+    from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
 
     spec = validate(DatasetSpec, settings.dataset, f"{config_path} [run.dataset]")
     with tempfile.TemporaryDirectory(prefix="patchgap-stage-") as tmp:
@@ -122,26 +157,7 @@ def prepare_run(
         f"({counts['selected']} selected; {counts['valid']} valid of {counts['read']} read, "
         f"{counts['rejected']} rejected)"
     )
-    model = str(raw.get("model", "smollm2"))
-    if model.lower() in ("smollm2", "smollm2-135m-instruct"):
-        from patchgap.lm.models import prepare_smollm2
-
-        model_path = str(prepare_smollm2())
-    else:
-        model_path = str(resolve_model(model))
-    say(f"model: {model} -> {model_path}")
-    run_id = new_run_id()
-    say(f"run id: {run_id}; results will be under s3://{settings.bucket}/runs/{run_id}/")
-    return PreparedRun(
-        config_path=Path(config_path),
-        raw=raw,
-        settings=settings,
-        run_id=run_id,
-        dataset_uri=dataset_uri,
-        model_path=model_path,
-        dataset_counts=counts,
-        env={k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PATCHGAP_"))},
-    )
+    return dataset_uri, counts
 
 
 def _slug(text: str) -> str:
