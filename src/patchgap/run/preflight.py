@@ -435,7 +435,8 @@ def _check_model(
                 gguf = models.smollm2_gguf_path()
             except ConfigError as err:
                 raise ConfigError(f"{where}: {err}") from None
-            return "ok", f"alias {spec.alias}, not converted yet: the run converts {gguf.name}"
+            why = models.stale_reason(folder)
+            return "ok", f"alias {spec.alias}, {why}: the run converts {gguf.name}"
     if kind == "embedder":
         from patchgap.reward.scoring import resolve_embedder
 
@@ -483,6 +484,34 @@ def hub_offline() -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+#: Seconds the preflight waits for the hub to say whether a model exists.
+HUB_TIMEOUT_S = 10.0
+
+
+def _ask_hub(repo_id: str) -> str | None:
+    """``None`` when the hub has ``repo_id`` and lets this machine read it; else what is wrong,
+    with its fix. One metadata request, no download."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return "the hub refuses it (gated): accept its terms on the hub and set HF_TOKEN"
+    except RepositoryNotFoundError:
+        return "the hub has no such model (or it is private: set HF_TOKEN); check the name"
+    except HfHubHTTPError as err:
+        return f"the hub answered {getattr(err.response, 'status_code', '?')}; retry later"
+    except Exception as err:  # httpx/requests network errors: the hub cannot be reached
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return (
+            f"the hub cannot be reached ({reason}): on a machine with hub access run "
+            f"`patchgap models push {repo_id} s3://BUCKET/models/NAME` and use that URI, or "
+            "copy the model folder here"
+        )
+    return None
+
+
 def _check_hub(
     repo_id: str, where: str, key: str, settings: RunSettings, *, embedder: bool, here: bool
 ) -> tuple[Status, str]:
@@ -503,10 +532,13 @@ def _check_hub(
     if not here:
         return "later", "hub id: resolved where the steps run (HF_TOKEN there for gated models)"
     if not hub_offline():
-        return "later", (
-            "hub id, not in the local HF cache: downloaded when a stage loads it (needs hub "
-            "access; HF_TOKEN for gated models; without a hub set HF_HUB_OFFLINE=1 to check)"
-        )
+        answer = _ask_hub(repo_id)
+        if answer is None:
+            return (
+                "later",
+                "hub id, not in the local HF cache: on the hub, downloaded when a stage loads it",
+            )
+        raise ConfigError(f"{where}: hub id {repo_id} is not in the local HF cache and {answer}")
     if embedder:
         fix = (
             f"copy its folder to this machine and set {key} to that path, or allow the hub "
