@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -163,10 +164,28 @@ def test_paper_settings_name_only_the_hub_models_a_machine_without_hub_lacks(
     ]
     assert "ok    config:" in res.stdout and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    # With the hub allowed, the same models are left to the run to download: exit 0.
-    online = _patchgap(["run", "--check", "-c", str(cfg)], tmp_path, data_dir, HF_HUB_OFFLINE="")
-    assert online.returncode == 0, (online.stdout, online.stderr)
-    assert "later model mistralai/Mistral-7B-Instruct-v0.3 [model]: hub id" in online.stdout
+    # With the hub allowed but not answering (a closed loopback port stands in for a machine
+    # without hub access), the check asks it and names the same models, in seconds.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    started = time.monotonic()
+    online = _patchgap(
+        ["run", "--check", "-c", str(cfg)],
+        tmp_path,
+        data_dir,
+        HF_HUB_OFFLINE="",
+        HF_ENDPOINT=f"http://127.0.0.1:{closed}",
+    )
+    assert time.monotonic() - started < 60
+    assert online.returncode == 2, (online.stdout, online.stderr)
+    fails = [line for line in online.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 2, online.stdout
+    assert (
+        "hub id mistralai/Mistral-7B-Instruct-v0.3 is not in the local HF cache and the hub "
+        "cannot be reached" in fails[0]
+    )
+    assert "Qwen/Qwen3-Embedding-0.6B" in fails[1] and "Traceback" not in online.stderr
 
 
 # ----------------------------------------------------------------------------- with a store
