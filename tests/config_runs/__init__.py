@@ -1,0 +1,1 @@
+"""Every shipped config, shrunk, run end to end (make test-configs)."""
