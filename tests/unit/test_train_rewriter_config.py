@@ -191,6 +191,37 @@ def test_a_wired_dataset_is_fingerprinted_by_content(tmp_path: Path) -> None:
     assert tr._dataset_identity(c, None) == "gsm8k:train"
 
 
+def test_a_wired_dataset_is_read_as_staged_records_not_through_the_source_spec(
+    tmp_path: Path,
+) -> None:
+    """The staged D the pipeline wires in is already records: the configured source's split,
+    hub config and field map (paper.yaml's NuminaMath-CoT spec) do not apply to it, its subset
+    settings do."""
+    from patchgap.data.records import write_records_jsonl
+
+    staged = tmp_path / "d.jsonl"
+    write_records_jsonl(
+        [
+            Record(f"r{i}", f"What is {i}+1?", f"{i}+1 = {i + 1}. \\boxed{{{i + 1}}}", str(i + 1))
+            for i in range(5)
+        ],
+        staged,
+    )
+    c = _config(
+        dataset={
+            "source": "hf://AI-MO/NuminaMath-CoT",
+            "split": "train",
+            "fields": {"question": "problem", "solution": "solution"},
+            "limit": 3,
+            "seed": 0,
+        }
+    )
+    records, source = tr._load_dataset(c, staged, tmp_path)
+    assert source == str(staged)
+    assert len(records) == 3 and {r.id for r in records} <= {f"r{i}" for i in range(5)}
+    assert all(r.answer == str(int(r.id[1:]) + 1) for r in records)
+
+
 def test_report_to_is_checked_and_does_not_change_the_fingerprint(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

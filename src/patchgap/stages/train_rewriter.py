@@ -277,7 +277,17 @@ def _load_dataset(config: Config, dataset_input: Path | None, work: Path) -> tup
 
     spec = config.dataset
     if dataset_input is not None:
-        spec = spec.model_copy(update={"source": str(dataset_input)})
+        # The wired-in D is already staged as records: the split, hub config and field map of
+        # the configured source describe that source, not this file. The subset settings
+        # (limit, shuffle, seed) still choose the rewriter's training prompts.
+        spec = spec.model_copy(
+            update={
+                "source": str(dataset_input),
+                "fields": "auto",
+                "split": None,
+                "hub_config": None,
+            }
+        )
     result = load_records(spec, work / "rejects.jsonl")
     if result.counts.rejected_total:
         log.warning(
