@@ -16,19 +16,44 @@ import time
 from pathlib import Path
 from typing import Any
 
-from patchgap.errors import PatchgapError
-from patchgap.run.prepare import PreparedRun, Say
+from patchgap.errors import ConfigError, PatchgapError
+from patchgap.run.prepare import PreparedRun, RunSettings, Say
 from patchgap.stages.base import STAGE_SECTIONS, section_json
+
+#: The stage sections each pipeline passes to its components.
+PIPELINE_SECTIONS = {
+    "full": STAGE_SECTIONS,
+    "rewrite": tuple(s for s in STAGE_SECTIONS if s != "train_rewriter"),
+    "watch": ("rewrite", "gate"),
+}
+
+
+def ledger_uri(settings: RunSettings) -> str:
+    """The watch pipeline's ledger: ``run.ledger_uri``, else ``s3://<bucket>/ledger/watch``."""
+    return settings.ledger_uri or f"s3://{settings.bucket}/ledger/watch"
 
 
 def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
     s = prepared.settings
-    args: dict[str, Any] = {
-        "dataset_uri": prepared.dataset_uri,
-        "num_shards": s.num_shards,
-        "min_acceptance_rate": s.min_acceptance_rate,
-    }
-    for section in STAGE_SECTIONS:
+    args: dict[str, Any] = {}
+    if s.pipeline == "watch":
+        fields = s.dataset_fields
+        args.update(
+            prefix_uri=prepared.dataset_uri.rstrip("/") + "/",
+            # Empty: no adapter, the prompt-only rewriter (pi0 with the fixed prompt).
+            adapter_uri=s.adapter_uri or "",
+            ledger_uri=ledger_uri(s),
+            max_datasets=s.max_datasets,
+            claim_hours=s.claim_hours,
+            dataset_fields=fields if isinstance(fields, str) else json.dumps(fields),
+        )
+    else:
+        args.update(
+            dataset_uri=prepared.dataset_uri,
+            num_shards=s.num_shards,
+            min_acceptance_rate=s.min_acceptance_rate,
+        )
+    for section in PIPELINE_SECTIONS[s.pipeline]:
         # Every stage declares pi0 as `model`: the prepared local folder, so no stage ever
         # resolves a hub name.
         overrides = [f"model={prepared.model_path}"]
@@ -39,8 +64,36 @@ def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
         if not s.adapter_uri:
             raise PatchgapError("run.adapter_uri is required for the rewrite pipeline")
         args["adapter_uri"] = s.adapter_uri
-        args.pop("train_rewriter_config")
     return args
+
+
+def local_adapter(
+    prepared: PreparedRun, args: dict[str, Any], pipeline_root: Path, say: Say
+) -> None:
+    """Point ``adapter_uri`` at a local copy under the pipeline root.
+
+    kfp.local runs ``dsl.importer`` but downloads nothing: an ``s3://`` artifact reaches the
+    next step as the path ``/s3/<bucket>/<key>``, which only KFP's launcher on a cluster fills
+    in. A folder inside the pipeline root is seen by both runners (the Docker runner mounts the
+    root at the same path), so the importer, and the graph, stay as the cluster runs them.
+    """
+    from patchgap.storage.store import fetch_to_local
+
+    uri = args.get("adapter_uri") or ""
+    if not uri:
+        return
+    where = f"{prepared.config_path} [run]: adapter_uri: {uri}"
+    try:
+        # external: an adapter inside a published run has no manifest of its own (the run's
+        # artifacts have one), and a cluster's importer reads it as it is too.
+        local = fetch_to_local(uri, pipeline_root / "inputs", external=True)
+    except PatchgapError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if not (Path(local) / "adapter_config.json").is_file():
+        raise ConfigError(f"{where}: not a LoRA adapter folder (no adapter_config.json)")
+    if str(local) != uri:
+        say(f"adapter: {uri} -> {local}")
+    args["adapter_uri"] = str(Path(local).resolve())
 
 
 def _init_kfp_local(prepared: PreparedRun, pipeline_root: Path, say: Say) -> None:
@@ -70,6 +123,7 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
     # First: the Docker runner's checks, and pi0 moved to S3, change the arguments.
     _init_kfp_local(prepared, root / "pipeline-root", say)
     args = pipeline_arguments(prepared)
+    local_adapter(prepared, args, root / "pipeline-root", say)
     module = importlib.import_module(f"patchgap.pipelines.{s.pipeline}")
     say(f"running pipeline `{s.pipeline}` locally ({s.runner} runner); work folder {root}")
     t0 = time.time()
@@ -93,17 +147,16 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
             "config_file": str(prepared.config_path),
             "config": prepared.raw,
             "arguments": args,
-            "inputs": {
-                "dataset_uri": prepared.dataset_uri,
-                "dataset_sha256": _object_sha(store, prepared.dataset_uri),
-                "dataset_counts": prepared.dataset_counts,
-                "model": prepared.model_path,
-            },
+            "inputs": _inputs(prepared, store),
             "timings": {"pipeline_seconds": round(seconds, 1)},
             "environment": environment_info(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         art = root / "pipeline-root"
+        if s.pipeline == "watch":
+            manifest["watch"] = watch_summary(art, store, args)
+            for line in watch_lines(manifest["watch"]):
+                say(line)
         if art.is_dir() and any(art.iterdir()):
             store.upload_dir(art, f"{prefix}/artifacts", metadata={"run_id": prepared.run_id})
         (root / "run.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
@@ -114,6 +167,88 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
         say(run_summary(report, root / "pipeline-root", prepared.run_id, s.bucket))
     say(json.dumps({"run_id": prepared.run_id, "uri": manifest.get("uri")}))
     return manifest
+
+
+def _inputs(prepared: PreparedRun, store: Any) -> dict[str, Any]:
+    s = prepared.settings
+    if s.pipeline == "watch":
+        # The datasets themselves are listed, with their hashes, in the manifest's `watch`.
+        return {
+            "prefix_uri": prepared.dataset_uri,
+            "ledger_uri": ledger_uri(s),
+            "adapter_uri": s.adapter_uri,
+            "model": prepared.model_path,
+        }
+    return {
+        "dataset_uri": prepared.dataset_uri,
+        "dataset_sha256": _object_sha(store, prepared.dataset_uri),
+        "dataset_counts": prepared.dataset_counts,
+        "adapter_uri": s.adapter_uri,
+        "model": prepared.model_path,
+    }
+
+
+def _task_output(folder: Path) -> dict[str, Any]:
+    """A finished kfp.local task's executor_output.json (empty when the task did not finish)."""
+    path = folder / "executor_output.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def watch_summary(pipeline_root: Path, store: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """What a watch run did, read from its local pipeline root: the datasets it claimed and, for
+    each one it started, whether it was staged, rewritten, gated and recorded in the ledger.
+
+    The layout is kfp.local's: ``<pipeline>/<task>/`` for the listing and
+    ``<pipeline>/for-loop-N-iteration-I/<task>[-2]/`` per dataset (``-2``: the prompt-only
+    branch), each finished task with its ``executor_output.json``.
+    """
+    claimed: list[dict[str, Any]] = []
+    for folder in sorted(pipeline_root.glob("*/find-new-datasets")):
+        claimed += _task_output(folder).get("parameterValues", {}).get("Output") or []
+    datasets = []
+    for it in sorted(pipeline_root.glob("*/for-loop-*-iteration-*")):
+        tasks = {p.name.rstrip("-0123456789"): _task_output(p) for p in it.iterdir() if p.is_dir()}
+        staged = tasks.get("stage-dataset", {})
+        arts = staged.get("artifacts", {}).get("dataset", {}).get("artifacts") or [{}]
+        params = staged.get("parameterValues", {})
+        gate = tasks.get("gate", {}).get("parameterValues", {})
+        record = tasks.get("record-processed", {}).get("parameterValues", {})
+        datasets.append(
+            {
+                "uri": arts[0].get("metadata", {}).get("source"),
+                "sha256": params.get("sha256"),
+                "records_valid": params.get("valid"),
+                "records_rejected": params.get("rejected"),
+                "rewritten": bool(tasks.get("rewrite")),
+                "acceptance_rate": gate.get("Output"),
+                "ledger_entry": record.get("Output"),
+                "work_folder": it.relative_to(pipeline_root).as_posix(),
+            }
+        )
+    return {
+        "prefix_uri": args.get("prefix_uri"),
+        "ledger_uri": args.get("ledger_uri"),
+        "claimed": [c.get("uri") for c in claimed],
+        "datasets": datasets,
+    }
+
+
+def watch_lines(summary: dict[str, Any]) -> list[str]:
+    """The end-of-run lines of a watch run: one per dataset it took."""
+    claimed = summary["claimed"]
+    if not claimed:
+        return [f"watch: no new dataset under {summary['prefix_uri']}"]
+    lines = [f"watch: {len(claimed)} new dataset(s) under {summary['prefix_uri']}"]
+    for row in summary["datasets"]:
+        if row["ledger_entry"]:
+            state = f"recorded (acceptance {float(row['acceptance_rate']):.2f})"
+        else:
+            state = "not finished: its claim expires and a later run takes it up"
+        lines.append(f"  {row['uri']}: {state}")
+    return lines
 
 
 def _object_sha(store: Any, uri: str) -> str | None:
