@@ -102,7 +102,7 @@ def record_processed(
 ) -> str:
     """Record one dataset as processed under the hash of the bytes that were staged, and let
     its claim go; runs only after its rewrite and gate succeeded. ``pipeline_run`` (the KFP run
-    name) says in the entry which run's artifacts hold its D_R."""
+    name; kfp.local appends the loop iteration) says which run's artifacts hold its D_R."""
     from patchgap.data.ledger import DatasetObject, Ledger
     from patchgap.storage.store import Store
 

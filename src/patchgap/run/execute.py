@@ -228,26 +228,31 @@ def watch_summary(pipeline_root: Path, store: Any, args: dict[str, Any]) -> dict
                 "work_folder": it.relative_to(pipeline_root).as_posix(),
             }
         )
+    # The KFP run name, which the ledger entries of this run carry as `pipeline_run`.
+    runs = sorted(p.name for p in pipeline_root.glob("patchgap-watch-*") if p.is_dir())
     return {
         "prefix_uri": args.get("prefix_uri"),
         "ledger_uri": args.get("ledger_uri"),
+        "pipeline_run": runs[-1] if runs else None,
         "claimed": [c.get("uri") for c in claimed],
         "datasets": datasets,
     }
 
 
 def watch_lines(summary: dict[str, Any]) -> list[str]:
-    """The end-of-run lines of a watch run: one per dataset it took."""
+    """The end-of-run lines of a watch run: one per dataset it claimed."""
     claimed = summary["claimed"]
     if not claimed:
         return [f"watch: no new dataset under {summary['prefix_uri']}"]
+    rows = {row["uri"]: row for row in summary["datasets"]}
     lines = [f"watch: {len(claimed)} new dataset(s) under {summary['prefix_uri']}"]
-    for row in summary["datasets"]:
-        if row["ledger_entry"]:
-            state = f"recorded (acceptance {float(row['acceptance_rate']):.2f})"
+    for uri in claimed:
+        row = rows.get(uri) or {}
+        if row.get("ledger_entry"):
+            state = f"recorded (acceptance rate {float(row['acceptance_rate']):.2f})"
         else:
-            state = "not finished: its claim expires and a later run takes it up"
-        lines.append(f"  {row['uri']}: {state}")
+            state = "not finished; its claim expires and a later run takes it up"
+        lines.append(f"  {uri}: {state}")
     return lines
 
 
