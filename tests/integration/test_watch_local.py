@@ -179,8 +179,10 @@ def test_killed_run_leaves_claims_that_expire_and_are_taken_up(
     tmp_path: Path, tiny_llama: Path, s3_server, s3_bucket: str
 ) -> None:
     store = s3_server.store
-    # A claim lasts a minute here: long enough to see it block the next run, short enough to wait.
-    lease = 60.0
+    # A claim lasts 25 s here: long enough to see it block the next run (the kill comes a second
+    # or two after the claims, the blocked run lists the prefix a few seconds later), short
+    # enough to wait for.
+    lease = 25.0
     # No adapter: the prompt-only branch of the pipeline.
     cfg = _config(tmp_path, tiny_llama, s3_bucket, claim_hours=lease / 3600, adapter=None)
     home = tmp_path / "home"
@@ -215,7 +217,7 @@ def test_killed_run_leaves_claims_that_expire_and_are_taken_up(
 
     # While the claims live, a run takes nothing.
     expires = max(c["expires"] for c in claims)
-    assert expires - time.time() > 15, "the claims expired before the blocked run could start"
+    assert expires - time.time() > 10, "the claims expired before the blocked run could start"
     blocked = _run(cfg, home)
     assert _published(store, s3_bucket, blocked)["watch"]["claimed"] == []
     assert _ledger(store, s3_bucket) == {}
@@ -234,3 +236,46 @@ def test_killed_run_leaves_claims_that_expire_and_are_taken_up(
     idle = _run(cfg, home)
     assert _published(store, s3_bucket, idle)["watch"]["claimed"] == []
     assert _ledger(store, s3_bucket) == ledger
+
+
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [
+        ({"prefix": None}, "prefix: (missing) must be a folder in the run's bucket"),
+        ({"prefix": "s3://elsewhere/incoming/"}, "prefix: s3://elsewhere/incoming/ must be"),
+        ({"prefix": "s3://patchgap"}, "prefix: s3://patchgap must be a folder"),
+        ({"dataset": {"source": "gsm8k:train"}}, "dataset: not used by the watch pipeline"),
+        ({"ledger_uri": "ledger/here"}, "ledger_uri: ledger/here is not an s3:// URI"),
+        ({"dataset_fields": "nope"}, "unknown field preset 'nope'"),
+        ({"claim_hours": 0}, "claim_hours"),
+    ],
+)
+def test_watch_settings_mistakes_name_the_key(tmp_path: Path, run: dict, message: str) -> None:
+    from patchgap.errors import ConfigError
+    from patchgap.run.prepare import load_run_settings
+
+    settings = {"pipeline": "watch", "bucket": "patchgap", "prefix": "s3://patchgap/in/", **run}
+    settings = {k: v for k, v in settings.items() if v is not None}  # None: the key left out
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"model": "smollm2", "run": settings}))
+    with pytest.raises(ConfigError) as err:
+        load_run_settings(path)
+    assert str(path) in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_a_missing_adapter_is_one_line_and_exit_2(
+    tmp_path: Path, tiny_llama: Path, s3_server, s3_bucket: str
+) -> None:
+    missing = f"s3://{s3_bucket}/adapters/none"
+    cfg = _config(tmp_path, tiny_llama, s3_bucket, claim_hours=1.0, adapter=missing)
+    done = subprocess.run(
+        [str(PATCHGAP), "run", "--config", str(cfg)],
+        env=_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert str(cfg) in line and f"adapter_uri: {missing}" in line, line
+    assert "Traceback" not in done.stdout + done.stderr
