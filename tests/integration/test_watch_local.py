@@ -279,3 +279,54 @@ def test_a_missing_adapter_is_one_line_and_exit_2(
     (line,) = done.stderr.strip().splitlines()
     assert str(cfg) in line and f"adapter_uri: {missing}" in line, line
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_local_and_cluster_builds_are_one_graph(tmp_path: Path) -> None:
+    """What runs here is what a cluster runs: the same tasks, wiring and branches; only the
+    placement (resources, retries, Kubernetes settings) and the loop's parallelism differ."""
+    from kfp import compiler
+
+    from patchgap.pipelines import watch
+
+    placement = (
+        "accelerator_type",
+        "accelerator_count",
+        "gpu_count",
+        "node_selector",
+        "tolerations",
+    )
+
+    def wiring(inputs: dict) -> dict:
+        """A task's inputs less the placement parameters a cluster build passes down."""
+        params = {
+            k: v for k, v in inputs.get("parameters", {}).items() if not k.endswith(placement)
+        }
+        return {**inputs, "parameters": params}
+
+    def graph(local: bool) -> dict[str, dict[str, tuple]]:
+        path = tmp_path / f"watch-{local}.yaml"
+        compiler.Compiler().compile(watch.build(local=local), str(path))
+        spec = next(yaml.safe_load_all(path.read_text()))
+        dags = {"root": spec["root"]["dag"]}
+        dags.update({n: c["dag"] for n, c in spec["components"].items() if "dag" in c})
+        return {
+            name: {
+                task: (
+                    body["componentRef"]["name"],
+                    tuple(sorted(body.get("dependentTasks", []))),
+                    json.dumps(wiring(body.get("inputs", {})), sort_keys=True),
+                    json.dumps(body.get("triggerPolicy", {}), sort_keys=True),
+                )
+                for task, body in dag["tasks"].items()
+            }
+            for name, dag in dags.items()
+        }
+
+    local, cluster = graph(True), graph(False)
+    assert local == cluster
+    tasks = {t: v for dag in local.values() for t, v in dag.items()}
+    # Both rewriters: pi0 + the imported adapter, and pi0 alone (the prompt-only branch).
+    assert {"importer", "rewrite", "rewrite-2", "record-processed", "record-processed-2"} <= set(
+        tasks
+    )
+    assert "gate" in tasks["record-processed"][1] and "gate-2" in tasks["record-processed-2"][1]

@@ -5,7 +5,8 @@ the Docker runner executes the stage images (:mod:`patchgap.run.containers`: che
 through S3, GPUs requested when present, podman through ``DOCKER_HOST``). Afterwards every
 artifact of the local pipeline root is uploaded to ``s3://<bucket>/runs/<run-id>/artifacts/`` and
 a run manifest (git commit, package versions, configs, input hashes, timings) to
-``s3://<bucket>/runs/<run-id>/run.json``.
+``s3://<bucket>/runs/<run-id>/run.json``; a ``watch`` run's manifest also says which datasets it
+claimed, rewrote, gated and recorded in the ledger.
 """
 
 from __future__ import annotations
