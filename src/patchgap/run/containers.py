@@ -211,7 +211,8 @@ def prepare_docker(prepared: PreparedRun, say: Say) -> dict[str, Any]:
     finally:
         client.close()
     prepared.model_path = model_to_s3(prepared, say)
-    benchmarks_to_s3(prepared, say)
+    if "evaluate" in PIPELINE_IMAGES[prepared.settings.pipeline]:  # watch evaluates nothing
+        benchmarks_to_s3(prepared, say)
     # kfp.local looks this function up at each step; the images are checked above, so kfp's
     # own pull-if-missing is not needed.
     docker_task_handler.run_docker_container = run_step_container
