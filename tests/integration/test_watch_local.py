@@ -119,7 +119,7 @@ def _check_processed(store, bucket: str, run_id: str, run: dict, names: list[str
     ledger = _ledger(store, bucket)
     for row in watch["datasets"]:
         assert row["records_valid"] == 3 and row["records_rejected"] == 0, row
-        assert row["rewritten"] is True, row
+        assert row["rewritten"] is True and row["stopped_at"] is None, row
         assert 0.0 <= row["acceptance_rate"] <= 1.0, row
         folder = row["work_folder"]
         assert any(k.startswith(f"{folder}/gate") and "/dataset_r/" in k for k in keys), folder
@@ -236,6 +236,38 @@ def test_killed_run_leaves_claims_that_expire_and_are_taken_up(
     idle = _run(cfg, home)
     assert _published(store, s3_bucket, idle)["watch"]["claimed"] == []
     assert _ledger(store, s3_bucket) == ledger
+
+
+def test_a_dataset_that_fails_is_not_recorded_and_the_others_are(
+    tmp_path: Path, tiny_llama: Path, s3_server, s3_bucket: str
+) -> None:
+    store = s3_server.store
+    cfg = _config(tmp_path, tiny_llama, s3_bucket, claim_hours=1.0, adapter=None)
+    good = _records("b", 10, 3)
+    store.put_bytes(b"this is { not json\n", f"s3://{s3_bucket}/incoming/a-broken.jsonl")
+    store.put_bytes(good, f"s3://{s3_bucket}/incoming/b.jsonl")
+    done = subprocess.run(
+        [str(PATCHGAP), "run", "--config", str(cfg)],
+        env=_env(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: watch run ") and "not every dataset was recorded" in last
+    assert "a-broken.jsonl: stopped at stage-dataset, not recorded" in done.stdout
+    (run_id,) = [p.name for p in (tmp_path / "home" / "runs").iterdir()]
+    run = json.loads(store.get_bytes(f"s3://{s3_bucket}/runs/{run_id}/run.json"))
+    assert run["status"] == "failed"
+    rows = {row["uri"].rsplit("/", 1)[1]: row for row in run["watch"]["datasets"]}
+    assert rows["a-broken.jsonl"]["stopped_at"] == "stage-dataset"
+    assert rows["b.jsonl"]["stopped_at"] is None
+    # Only the good one is recorded; the broken one keeps its claim until it expires.
+    assert set(_ledger(store, s3_bucket)) == {hashlib.sha256(good).hexdigest()}
+    assert [c["uri"] for c in _claims(store, s3_bucket)] == [
+        f"s3://{s3_bucket}/incoming/a-broken.jsonl"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -134,6 +134,14 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
         module.build(local=True)(**args)
     except Exception as err:  # record the failure in the manifest, then re-raise
         status, error = "failed", f"{type(err).__name__}: {err}"
+        if s.pipeline == "watch" and isinstance(err, RuntimeError):
+            # kfp.local's "inner task failed": the step's own traceback is in the log above, and
+            # the lines below name each dataset and the step it stopped at.
+            raise PatchgapError(
+                f"watch run {prepared.run_id}: not every dataset was recorded (see the lines "
+                f"above and s3://{s.bucket}/runs/{prepared.run_id}/run.json); a later run "
+                "tries them again once their claims expire"
+            ) from err
         raise
     finally:
         seconds = time.time() - t0
@@ -155,8 +163,8 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
         }
         art = root / "pipeline-root"
         if s.pipeline == "watch":
-            manifest["watch"] = watch_summary(art, store, args)
-            for line in watch_lines(manifest["watch"]):
+            manifest["watch"] = watch_summary(art, args)
+            for line in watch_lines(manifest["watch"], s.claim_hours):
                 say(line)
         if art.is_dir() and any(art.iterdir()):
             store.upload_dir(art, f"{prefix}/artifacts", metadata={"run_id": prepared.run_id})
@@ -198,34 +206,44 @@ def _task_output(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def watch_summary(pipeline_root: Path, store: Any, args: dict[str, Any]) -> dict[str, Any]:
+#: A watch dataset's steps, in order; a row's `stopped_at` is the first one that did not finish.
+WATCH_STEPS = ("stage-dataset", "rewrite", "gate", "record-processed")
+
+
+def watch_summary(pipeline_root: Path, args: dict[str, Any]) -> dict[str, Any]:
     """What a watch run did, read from its local pipeline root: the datasets it claimed and, for
-    each one it started, whether it was staged, rewritten, gated and recorded in the ledger.
+    each one it started, how far it got (staged, rewritten, gated, recorded in the ledger).
 
     The layout is kfp.local's: ``<pipeline>/<task>/`` for the listing and
-    ``<pipeline>/for-loop-N-iteration-I/<task>[-2]/`` per dataset (``-2``: the prompt-only
-    branch), each finished task with its ``executor_output.json``.
+    ``<pipeline>/for-loop-N-iteration-I/<task>[-2]/`` for the I-th claimed dataset (``-2``: the
+    prompt-only branch), each finished task with its ``executor_output.json``.
     """
     claimed: list[dict[str, Any]] = []
     for folder in sorted(pipeline_root.glob("*/find-new-datasets")):
         claimed += _task_output(folder).get("parameterValues", {}).get("Output") or []
+    iterations = sorted(
+        pipeline_root.glob("*/for-loop-*-iteration-*"),
+        key=lambda p: int(p.name.rsplit("-", 1)[1]),
+    )
     datasets = []
-    for it in sorted(pipeline_root.glob("*/for-loop-*-iteration-*")):
+    for it in iterations:
+        index = int(it.name.rsplit("-", 1)[1])
         tasks = {p.name.rstrip("-0123456789"): _task_output(p) for p in it.iterdir() if p.is_dir()}
         staged = tasks.get("stage-dataset", {})
-        arts = staged.get("artifacts", {}).get("dataset", {}).get("artifacts") or [{}]
         params = staged.get("parameterValues", {})
-        gate = tasks.get("gate", {}).get("parameterValues", {})
-        record = tasks.get("record-processed", {}).get("parameterValues", {})
+        item = claimed[index] if index < len(claimed) else {}
         datasets.append(
             {
-                "uri": arts[0].get("metadata", {}).get("source"),
+                "uri": item.get("uri"),
                 "sha256": params.get("sha256"),
                 "records_valid": params.get("valid"),
                 "records_rejected": params.get("rejected"),
                 "rewritten": bool(tasks.get("rewrite")),
-                "acceptance_rate": gate.get("Output"),
-                "ledger_entry": record.get("Output"),
+                "acceptance_rate": tasks.get("gate", {}).get("parameterValues", {}).get("Output"),
+                "ledger_entry": tasks.get("record-processed", {})
+                .get("parameterValues", {})
+                .get("Output"),
+                "stopped_at": next((s for s in WATCH_STEPS if not tasks.get(s)), None),
                 "work_folder": it.relative_to(pipeline_root).as_posix(),
             }
         )
@@ -240,7 +258,7 @@ def watch_summary(pipeline_root: Path, store: Any, args: dict[str, Any]) -> dict
     }
 
 
-def watch_lines(summary: dict[str, Any]) -> list[str]:
+def watch_lines(summary: dict[str, Any], claim_hours: float) -> list[str]:
     """The end-of-run lines of a watch run: one per dataset it claimed."""
     claimed = summary["claimed"]
     if not claimed:
@@ -248,11 +266,14 @@ def watch_lines(summary: dict[str, Any]) -> list[str]:
     rows = {row["uri"]: row for row in summary["datasets"]}
     lines = [f"watch: {len(claimed)} new dataset(s) under {summary['prefix_uri']}"]
     for uri in claimed:
-        row = rows.get(uri) or {}
-        if row.get("ledger_entry"):
+        row = rows.get(uri) or {"stopped_at": WATCH_STEPS[0]}
+        if row["stopped_at"] is None:
             state = f"recorded (acceptance rate {float(row['acceptance_rate']):.2f})"
         else:
-            state = "not finished; its claim expires and a later run takes it up"
+            state = (
+                f"stopped at {row['stopped_at']}, not recorded; a run after its claim expires "
+                f"({claim_hours:g} h) tries it again"
+            )
         lines.append(f"  {uri}: {state}")
     return lines
 
