@@ -71,12 +71,13 @@ def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
 def local_adapter(
     prepared: PreparedRun, args: dict[str, Any], pipeline_root: Path, say: Say
 ) -> None:
-    """Point ``adapter_uri`` at a local copy under the pipeline root.
+    """Point ``adapter_uri`` at a copy of the adapter under the pipeline root.
 
     kfp.local runs ``dsl.importer`` but downloads nothing: an ``s3://`` artifact reaches the
     next step as the path ``/s3/<bucket>/<key>``, which only KFP's launcher on a cluster fills
     in. A folder inside the pipeline root is seen by both runners (the Docker runner mounts the
-    root at the same path), so the importer, and the graph, stay as the cluster runs them.
+    root at the same path, and no other host folder), so the importer, and the graph, stay as
+    the cluster runs them; the published run then holds the adapter it used.
     """
     from patchgap.storage.store import fetch_to_local
 
@@ -84,17 +85,19 @@ def local_adapter(
     if not uri:
         return
     where = f"{prepared.config_path} [run]: adapter_uri: {uri}"
+    inputs = pipeline_root / "inputs"
     try:
         # external: an adapter inside a published run has no manifest of its own (the run's
         # artifacts have one), and a cluster's importer reads it as it is too.
-        local = fetch_to_local(uri, pipeline_root / "inputs", external=True)
+        local = Path(fetch_to_local(uri, inputs, external=True))
     except PatchgapError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if not (Path(local) / "adapter_config.json").is_file():
+    if not (local / "adapter_config.json").is_file():
         raise ConfigError(f"{where}: not a LoRA adapter folder (no adapter_config.json)")
-    if str(local) != uri:
-        say(f"adapter: {uri} -> {local}")
-    args["adapter_uri"] = str(Path(local).resolve())
+    if not local.resolve().is_relative_to(inputs.resolve()):  # a local folder, given as is
+        local = Path(shutil.copytree(local, inputs / local.name, dirs_exist_ok=True))
+    say(f"adapter: {uri} -> {local}")
+    args["adapter_uri"] = str(local.resolve())
 
 
 def _init_kfp_local(prepared: PreparedRun, pipeline_root: Path, say: Say) -> None:

@@ -42,7 +42,9 @@ class RunSettings(StrictModel):
         False, description="also rewrite with pi0 and the fixed prompt (no RL), as a 4th row"
     )
     adapter_uri: str | None = Field(
-        None, description="rewrite pipeline: an existing rewriter adapter (s3:// or path)"
+        None,
+        description="rewrite pipeline: an existing rewriter adapter (s3:// or path); watch "
+        "pipeline: the same, or none for the prompt-only rewriter",
     )
     runner: Literal["subprocess", "docker"] = Field("subprocess", description="kfp.local runner")
     # The watch pipeline: every dataset object that lands under `prefix`, once.
