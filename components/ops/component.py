@@ -25,7 +25,8 @@ def stage_dataset(
     """Read D from a path or s3:// URI through the data contract and write it as normalized
     records with a manifest; bad records go to ``rejects`` with line and reason. This is the one
     step that reads a user's data without a manifest. Fails before any GPU step when the file
-    cannot be parsed at all."""
+    cannot be parsed at all. ``fields``: a preset name, ``auto``, or a FieldMap as JSON."""
+    import json
     from collections import namedtuple
     from pathlib import Path
 
@@ -36,11 +37,13 @@ def stage_dataset(
     out.mkdir(parents=True, exist_ok=True)
     rej = Path(rejects.path)
     rej.mkdir(parents=True, exist_ok=True)
-    spec = DatasetSpec(source=dataset_uri, fields=fields or "auto")
+    # A pipeline parameter is a string: a FieldMap arrives as its JSON.
+    field_map = json.loads(fields) if fields.lstrip().startswith("{") else (fields or "auto")
+    spec = DatasetSpec(source=dataset_uri, fields=field_map)
     result = load_records(spec, rejects_path=rej / "rejects.jsonl", external=True)
     write_records_jsonl(result.records, out / "records.jsonl")
     # The staged copy of external data carries a manifest like every output of ours.
-    write_manifest(out, {"source": dataset_uri, "fields": fields or "auto"})
+    write_manifest(out, {"source": dataset_uri, "fields": field_map})
     metrics.log_metric("records_read", float(result.counts.read))
     metrics.log_metric("records_valid", float(result.counts.valid))
     metrics.log_metric("records_rejected", float(result.counts.rejected_total))
@@ -91,16 +94,26 @@ def find_new_datasets(
 
 @dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
 def record_processed(
-    ledger_uri: str, item: dict, staged_sha256: str, acceptance_rate: float
+    ledger_uri: str,
+    item: dict,
+    staged_sha256: str,
+    acceptance_rate: float,
+    pipeline_run: str = "",
 ) -> str:
     """Record one dataset as processed under the hash of the bytes that were staged, and let
-    its claim go; runs only after its rewrite and gate succeeded."""
+    its claim go; runs only after its rewrite and gate succeeded. ``pipeline_run`` (the KFP run
+    name; kfp.local appends the loop iteration) says which run's artifacts hold its D_R."""
     from patchgap.data.ledger import DatasetObject, Ledger
     from patchgap.storage.store import Store
 
     ledger = Ledger(Store.from_env(), ledger_uri)
     sha = staged_sha256 or item["sha256"]
     obj = DatasetObject(uri=item["uri"], sha256=sha, size=int(item["size"]))
-    uri = ledger.record(obj, acceptance_rate=acceptance_rate, listed_sha256=item["sha256"])
+    uri = ledger.record(
+        obj,
+        acceptance_rate=acceptance_rate,
+        listed_sha256=item["sha256"],
+        pipeline_run=pipeline_run,
+    )
     ledger.release(item["sha256"])
     return uri

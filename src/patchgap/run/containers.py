@@ -17,6 +17,7 @@ from patchgap.run.prepare import PreparedRun, Say
 PIPELINE_IMAGES = {
     "full": ("ops", "train_rewriter", "rewrite", "gate", "sft", "evaluate"),
     "rewrite": ("ops", "rewrite", "gate", "sft", "evaluate"),
+    "watch": ("ops", "rewrite", "gate"),
 }
 #: Host paths the containers must not inherit: the images set their own cache under /cache.
 HOST_ONLY_ENV = ("PATCHGAP_HOME", "PATCHGAP_CACHE_DIR", "PATCHGAP_DATA_DIR")
@@ -24,10 +25,13 @@ PODMAN_HINT = (
     "start docker, or podman: `podman system service --time=0 unix:///run/podman/podman.sock &` "
     "and `export DOCKER_HOST=unix:///run/podman/podman.sock`"
 )
-# Run in the ops image: exit 0 when the store answers and holds the staged dataset.
+# Run in the ops image: exit 0 when the store answers and holds the staged dataset (or, for a
+# watch run's prefix, when the prefix's bucket can be listed).
 _S3_PROBE = (
     "import sys\nfrom patchgap.storage.store import Store\n"
-    "sys.exit(0 if Store.from_env().exists(sys.argv[1]) else 3)"
+    "uri = sys.argv[1]\n"
+    "sys.exit(0 if uri.endswith('/') and Store.from_env().list(uri) is not None "
+    "or Store.from_env().exists(uri) else 3)"
 )
 
 

@@ -5,7 +5,8 @@ the Docker runner executes the stage images (:mod:`patchgap.run.containers`: che
 through S3, GPUs requested when present, podman through ``DOCKER_HOST``). Afterwards every
 artifact of the local pipeline root is uploaded to ``s3://<bucket>/runs/<run-id>/artifacts/`` and
 a run manifest (git commit, package versions, configs, input hashes, timings) to
-``s3://<bucket>/runs/<run-id>/run.json``.
+``s3://<bucket>/runs/<run-id>/run.json``; a ``watch`` run's manifest also says which datasets it
+claimed, rewrote, gated and recorded in the ledger.
 """
 
 from __future__ import annotations
@@ -16,19 +17,44 @@ import time
 from pathlib import Path
 from typing import Any
 
-from patchgap.errors import PatchgapError
-from patchgap.run.prepare import PreparedRun, Say
+from patchgap.errors import ConfigError, PatchgapError
+from patchgap.run.prepare import PreparedRun, RunSettings, Say
 from patchgap.stages.base import STAGE_SECTIONS, section_json
+
+#: The stage sections each pipeline passes to its components.
+PIPELINE_SECTIONS = {
+    "full": STAGE_SECTIONS,
+    "rewrite": tuple(s for s in STAGE_SECTIONS if s != "train_rewriter"),
+    "watch": ("rewrite", "gate"),
+}
+
+
+def ledger_uri(settings: RunSettings) -> str:
+    """The watch pipeline's ledger: ``run.ledger_uri``, else ``s3://<bucket>/ledger/watch``."""
+    return settings.ledger_uri or f"s3://{settings.bucket}/ledger/watch"
 
 
 def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
     s = prepared.settings
-    args: dict[str, Any] = {
-        "dataset_uri": prepared.dataset_uri,
-        "num_shards": s.num_shards,
-        "min_acceptance_rate": s.min_acceptance_rate,
-    }
-    for section in STAGE_SECTIONS:
+    args: dict[str, Any] = {}
+    if s.pipeline == "watch":
+        fields = s.dataset_fields
+        args.update(
+            prefix_uri=prepared.dataset_uri.rstrip("/") + "/",
+            # Empty: no adapter, the prompt-only rewriter (pi0 with the fixed prompt).
+            adapter_uri=s.adapter_uri or "",
+            ledger_uri=ledger_uri(s),
+            max_datasets=s.max_datasets,
+            claim_hours=s.claim_hours,
+            dataset_fields=fields if isinstance(fields, str) else json.dumps(fields),
+        )
+    else:
+        args.update(
+            dataset_uri=prepared.dataset_uri,
+            num_shards=s.num_shards,
+            min_acceptance_rate=s.min_acceptance_rate,
+        )
+    for section in PIPELINE_SECTIONS[s.pipeline]:
         # Every stage declares pi0 as `model`: the prepared local folder, so no stage ever
         # resolves a hub name.
         overrides = [f"model={prepared.model_path}"]
@@ -39,8 +65,39 @@ def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
         if not s.adapter_uri:
             raise PatchgapError("run.adapter_uri is required for the rewrite pipeline")
         args["adapter_uri"] = s.adapter_uri
-        args.pop("train_rewriter_config")
     return args
+
+
+def local_adapter(
+    prepared: PreparedRun, args: dict[str, Any], pipeline_root: Path, say: Say
+) -> None:
+    """Point ``adapter_uri`` at a copy of the adapter under the pipeline root.
+
+    kfp.local runs ``dsl.importer`` but downloads nothing: an ``s3://`` artifact reaches the
+    next step as the path ``/s3/<bucket>/<key>``, which only KFP's launcher on a cluster fills
+    in. A folder inside the pipeline root is seen by both runners (the Docker runner mounts the
+    root at the same path, and no other host folder), so the importer, and the graph, stay as
+    the cluster runs them; the published run then holds the adapter it used.
+    """
+    from patchgap.storage.store import fetch_to_local
+
+    uri = args.get("adapter_uri") or ""
+    if not uri:
+        return
+    where = f"{prepared.config_path} [run]: adapter_uri: {uri}"
+    inputs = pipeline_root / "inputs"
+    try:
+        # external: an adapter inside a published run has no manifest of its own (the run's
+        # artifacts have one), and a cluster's importer reads it as it is too.
+        local = Path(fetch_to_local(uri, inputs, external=True))
+    except PatchgapError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if not (local / "adapter_config.json").is_file():
+        raise ConfigError(f"{where}: not a LoRA adapter folder (no adapter_config.json)")
+    if not local.resolve().is_relative_to(inputs.resolve()):  # a local folder, given as is
+        local = Path(shutil.copytree(local, inputs / local.name, dirs_exist_ok=True))
+    say(f"adapter: {uri} -> {local}")
+    args["adapter_uri"] = str(local.resolve())
 
 
 def _init_kfp_local(prepared: PreparedRun, pipeline_root: Path, say: Say) -> None:
@@ -70,6 +127,7 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
     # First: the Docker runner's checks, and pi0 moved to S3, change the arguments.
     _init_kfp_local(prepared, root / "pipeline-root", say)
     args = pipeline_arguments(prepared)
+    local_adapter(prepared, args, root / "pipeline-root", say)
     module = importlib.import_module(f"patchgap.pipelines.{s.pipeline}")
     say(f"running pipeline `{s.pipeline}` locally ({s.runner} runner); work folder {root}")
     t0 = time.time()
@@ -79,6 +137,14 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
         module.build(local=True)(**args)
     except Exception as err:  # record the failure in the manifest, then re-raise
         status, error = "failed", f"{type(err).__name__}: {err}"
+        if s.pipeline == "watch" and isinstance(err, RuntimeError):
+            # kfp.local's "inner task failed": the step's own traceback is in the log above, and
+            # the lines below name each dataset and the step it stopped at.
+            raise PatchgapError(
+                f"watch run {prepared.run_id}: not every dataset was recorded (see the lines "
+                f"above and s3://{s.bucket}/runs/{prepared.run_id}/run.json); a later run "
+                "tries them again once their claims expire"
+            ) from err
         raise
     finally:
         seconds = time.time() - t0
@@ -93,17 +159,16 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
             "config_file": str(prepared.config_path),
             "config": prepared.raw,
             "arguments": args,
-            "inputs": {
-                "dataset_uri": prepared.dataset_uri,
-                "dataset_sha256": _object_sha(store, prepared.dataset_uri),
-                "dataset_counts": prepared.dataset_counts,
-                "model": prepared.model_path,
-            },
+            "inputs": _inputs(prepared, store),
             "timings": {"pipeline_seconds": round(seconds, 1)},
             "environment": environment_info(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         art = root / "pipeline-root"
+        if s.pipeline == "watch":
+            manifest["watch"] = watch_summary(art, args)
+            for line in watch_lines(manifest["watch"], s.claim_hours):
+                say(line)
         if art.is_dir() and any(art.iterdir()):
             store.upload_dir(art, f"{prefix}/artifacts", metadata={"run_id": prepared.run_id})
         (root / "run.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
@@ -114,6 +179,106 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
         say(run_summary(report, root / "pipeline-root", prepared.run_id, s.bucket))
     say(json.dumps({"run_id": prepared.run_id, "uri": manifest.get("uri")}))
     return manifest
+
+
+def _inputs(prepared: PreparedRun, store: Any) -> dict[str, Any]:
+    s = prepared.settings
+    if s.pipeline == "watch":
+        # The datasets themselves are listed, with their hashes, in the manifest's `watch`.
+        return {
+            "prefix_uri": prepared.dataset_uri,
+            "ledger_uri": ledger_uri(s),
+            "adapter_uri": s.adapter_uri,
+            "model": prepared.model_path,
+        }
+    return {
+        "dataset_uri": prepared.dataset_uri,
+        "dataset_sha256": _object_sha(store, prepared.dataset_uri),
+        "dataset_counts": prepared.dataset_counts,
+        "adapter_uri": s.adapter_uri,
+        "model": prepared.model_path,
+    }
+
+
+def _task_output(folder: Path) -> dict[str, Any]:
+    """A finished kfp.local task's executor_output.json (empty when the task did not finish)."""
+    path = folder / "executor_output.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+#: A watch dataset's steps, in order; a row's `stopped_at` is the first one that did not finish.
+WATCH_STEPS = ("stage-dataset", "rewrite", "gate", "record-processed")
+
+
+def watch_summary(pipeline_root: Path, args: dict[str, Any]) -> dict[str, Any]:
+    """What a watch run did, read from its local pipeline root: the datasets it claimed and, for
+    each one it started, how far it got (staged, rewritten, gated, recorded in the ledger).
+
+    The layout is kfp.local's: ``<pipeline>/<task>/`` for the listing and
+    ``<pipeline>/for-loop-N-iteration-I/<task>[-2]/`` for the I-th claimed dataset (``-2``: the
+    prompt-only branch), each finished task with its ``executor_output.json``.
+    """
+    claimed: list[dict[str, Any]] = []
+    for folder in sorted(pipeline_root.glob("*/find-new-datasets")):
+        claimed += _task_output(folder).get("parameterValues", {}).get("Output") or []
+    iterations = sorted(
+        pipeline_root.glob("*/for-loop-*-iteration-*"),
+        key=lambda p: int(p.name.rsplit("-", 1)[1]),
+    )
+    datasets = []
+    for it in iterations:
+        index = int(it.name.rsplit("-", 1)[1])
+        tasks = {p.name.rstrip("-0123456789"): _task_output(p) for p in it.iterdir() if p.is_dir()}
+        staged = tasks.get("stage-dataset", {})
+        params = staged.get("parameterValues", {})
+        item = claimed[index] if index < len(claimed) else {}
+        datasets.append(
+            {
+                "uri": item.get("uri"),
+                "sha256": params.get("sha256"),
+                "records_valid": params.get("valid"),
+                "records_rejected": params.get("rejected"),
+                "rewritten": bool(tasks.get("rewrite")),
+                "acceptance_rate": tasks.get("gate", {}).get("parameterValues", {}).get("Output"),
+                "ledger_entry": tasks.get("record-processed", {})
+                .get("parameterValues", {})
+                .get("Output"),
+                "stopped_at": next((s for s in WATCH_STEPS if not tasks.get(s)), None),
+                "work_folder": it.relative_to(pipeline_root).as_posix(),
+            }
+        )
+    # The KFP run name, which the ledger entries of this run carry as `pipeline_run`.
+    runs = sorted(p.name for p in pipeline_root.glob("patchgap-watch-*") if p.is_dir())
+    return {
+        "prefix_uri": args.get("prefix_uri"),
+        "ledger_uri": args.get("ledger_uri"),
+        "pipeline_run": runs[-1] if runs else None,
+        "claimed": [c.get("uri") for c in claimed],
+        "datasets": datasets,
+    }
+
+
+def watch_lines(summary: dict[str, Any], claim_hours: float) -> list[str]:
+    """The end-of-run lines of a watch run: one per dataset it claimed."""
+    claimed = summary["claimed"]
+    if not claimed:
+        return [f"watch: no new dataset under {summary['prefix_uri']}"]
+    rows = {row["uri"]: row for row in summary["datasets"]}
+    lines = [f"watch: {len(claimed)} new dataset(s) under {summary['prefix_uri']}"]
+    for uri in claimed:
+        row = rows.get(uri) or {"stopped_at": WATCH_STEPS[0]}
+        if row["stopped_at"] is None:
+            state = f"recorded (acceptance rate {float(row['acceptance_rate']):.2f})"
+        else:
+            state = (
+                f"stopped at {row['stopped_at']}, not recorded; a run after its claim expires "
+                f"({claim_hours:g} h) tries it again"
+            )
+        lines.append(f"  {uri}: {state}")
+    return lines
 
 
 def _object_sha(store: Any, uri: str) -> str | None:

@@ -17,6 +17,8 @@ def inputs_to_s3(prepared: PreparedRun, say: Say) -> None:
     """Upload pi0 and the evaluation sets, and point ``prepared`` (its model path and its
     ``evaluate:`` section) at the uploaded copies."""
     prepared.model_path = model_to_s3(prepared, say)
+    if prepared.settings.pipeline == "watch":  # rewrite and gate only: no evaluation set is read
+        return
     prepared.raw = evalsets_to_s3(
         prepared.raw, prepared.settings.bucket, str(prepared.config_path), say
     )

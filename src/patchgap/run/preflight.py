@@ -125,6 +125,8 @@ def run_preflight(
         report.seconds = time.time() - t0
         return report  # nothing else can be read from a YAML that does not validate
     raw, settings = report.raw, report.settings
+    if settings.pipeline == "watch":
+        record("data run.prefix", lambda: _check_prefix(settings))
     seen: dict[str, str] = {}
     for where, spec in dataset_sources(raw, settings, path):
         key = spec.model_dump_json()
@@ -133,8 +135,8 @@ def run_preflight(
             continue
         seen[key] = where
         record(f"data {where}", lambda s=spec, w=where: _check_dataset(path, w, s))
-    for what, fn in evalset_checks(raw, path):
-        record(what, fn)
+    for what, fn in evalset_checks(raw, path) if settings.pipeline != "watch" else []:
+        record(what, fn)  # watch rewrites and gates only
     for what, fn in model_checks(raw, settings, path, hub_here=hub_here):
         record(what, fn)
     if settings.runner == "docker" if docker is None else docker:
@@ -183,8 +185,11 @@ def dataset_sources(
     from patchgap.data.records import DatasetSpec
     from patchgap.stages.base import STAGE_SECTIONS, section_config, stage_module
 
-    run_spec = validate(DatasetSpec, settings.dataset, f"{path} [run.dataset]")
-    out: list[tuple[str, Any]] = [("run.dataset", run_spec)]
+    out: list[tuple[str, Any]] = []
+    if settings.dataset is not None:  # watch has none: it finds its datasets under the prefix
+        out.append(
+            ("run.dataset", validate(DatasetSpec, settings.dataset, f"{path} [run.dataset]"))
+        )
     for section in STAGE_SECTIONS:
         sub = raw.get(section) or {}
         if not isinstance(sub, dict):
@@ -195,6 +200,18 @@ def dataset_sources(
             if isinstance(value, DatasetSpec):
                 out.append((f"{section}.{key}", value))
     return out
+
+
+def _check_prefix(settings: RunSettings) -> tuple[Status, str]:
+    """The watch pipeline's prefix: how many objects wait under it (read only)."""
+    prefix = str(settings.prefix)
+    if not endpoint_configured():
+        return "later", f"{prefix}: listed when the store is up (no S3 endpoint set yet)"
+    from patchgap.storage.store import Store
+
+    store = Store.from_env()
+    found = [o for o in store.list(prefix) if not o.key.rsplit("/", 1)[-1].startswith("_")]
+    return "ok", f"{prefix}: {len(found)} object(s) under it now; the run takes the new ones"
 
 
 def _check_dataset(path: Path, where: str, spec: Any) -> tuple[Status, str]:
@@ -404,7 +421,7 @@ def model_checks(
                 f"{section}.reward.judge_model"
             )
         refs.setdefault(("embedder", reward.embedder), []).append(f"{section}.reward.embedder")
-    if settings.pipeline == "rewrite" and settings.adapter_uri:
+    if settings.pipeline in ("rewrite", "watch") and settings.adapter_uri:
         refs.setdefault(("adapter", settings.adapter_uri), []).append("run.adapter_uri")
     checks: list[tuple[str, CheckFn]] = []
     for (kind, ref), keys in refs.items():

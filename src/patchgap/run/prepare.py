@@ -24,10 +24,14 @@ Say = Callable[[str], None]
 class RunSettings(StrictModel):
     """The ``run:`` section of a run YAML: what to process and where results go."""
 
-    pipeline: Literal["full", "rewrite"] = Field("full", description="which pipeline to run")
+    pipeline: Literal["full", "rewrite", "watch"] = Field(
+        "full", description="which pipeline to run"
+    )
     bucket: str = Field("patchgap", description="S3 bucket for datasets, artifacts and runs")
-    dataset: dict[str, Any] = Field(
-        description="the downstream dataset D: a patchgap.data.records DatasetSpec mapping"
+    dataset: dict[str, Any] | None = Field(
+        None,
+        description="full and rewrite pipelines: the downstream dataset D, a "
+        "patchgap.data.records DatasetSpec mapping (the watch pipeline finds its own)",
     )
     dataset_key: str | None = Field(
         None, description="object key D is staged under (default datasets/<name>.jsonl)"
@@ -40,9 +44,30 @@ class RunSettings(StrictModel):
         False, description="also rewrite with pi0 and the fixed prompt (no RL), as a 4th row"
     )
     adapter_uri: str | None = Field(
-        None, description="rewrite pipeline: an existing rewriter adapter (s3:// or path)"
+        None,
+        description="rewrite pipeline: an existing rewriter adapter (s3:// or path); watch "
+        "pipeline: the same, or none for the prompt-only rewriter",
     )
     runner: Literal["subprocess", "docker"] = Field("subprocess", description="kfp.local runner")
+    # The watch pipeline: every dataset object that lands under `prefix`, once.
+    prefix: str | None = Field(
+        None, description="watch pipeline: the s3://<bucket>/... prefix new datasets land under"
+    )
+    ledger_uri: str | None = Field(
+        None,
+        description="watch pipeline: the ledger of processed datasets "
+        "(default s3://<bucket>/ledger/watch)",
+    )
+    max_datasets: int = Field(8, ge=1, description="watch pipeline: new datasets taken per run")
+    claim_hours: float = Field(
+        24.0,
+        gt=0,
+        description="watch pipeline: how long a run's claim on a dataset lasts; a run that dies "
+        "holding one frees the dataset for a later run after this",
+    )
+    dataset_fields: str | dict[str, Any] = Field(
+        "auto", description="watch pipeline: field preset or FieldMap of the datasets found"
+    )
 
 
 @dataclass
@@ -70,8 +95,39 @@ def load_run_settings(path: Path) -> tuple[dict[str, Any], RunSettings]:
     if settings.pipeline == "rewrite" and not settings.adapter_uri:
         raise ConfigError(f"{path} [run]: adapter_uri is required for the rewrite pipeline")
     validate_run_yaml(raw, str(path))
+    if settings.pipeline == "watch":
+        check_watch_settings(settings, str(path))
+        return raw, settings
+    if settings.dataset is None:
+        raise ConfigError(f"{path} [run]: dataset is required for the {settings.pipeline} pipeline")
     validate(DatasetSpec, settings.dataset, f"{path} [run.dataset]")
     return raw, settings
+
+
+def check_watch_settings(settings: RunSettings, source: str) -> None:
+    """The watch pipeline reads no D of its own: it needs an s3:// prefix in the run's bucket
+    (where the run's credentials and the embedded S3 reach) and a valid field map."""
+    from patchgap.data.records import DatasetSpec
+
+    where = f"{source} [run]"
+    if settings.dataset is not None:
+        raise ConfigError(
+            f"{where}: dataset: not used by the watch pipeline, which finds its datasets under "
+            "prefix; remove it"
+        )
+    prefix = settings.prefix or ""
+    if not prefix.startswith(f"s3://{settings.bucket}/") or prefix.rstrip("/").count("/") < 3:
+        raise ConfigError(
+            f"{where}: prefix: {prefix or '(missing)'} must be a folder in the run's bucket, "
+            f"e.g. s3://{settings.bucket}/incoming/"
+        )
+    if settings.ledger_uri is not None and not settings.ledger_uri.startswith("s3://"):
+        raise ConfigError(f"{where}: ledger_uri: {settings.ledger_uri} is not an s3:// URI")
+    validate(
+        DatasetSpec,
+        {"source": prefix, "fields": settings.dataset_fields},
+        f"{where} dataset_fields",
+    )
 
 
 def new_run_id() -> str:
@@ -99,7 +155,12 @@ def prepare_run(
     store = Store.from_env()
     store.ensure_bucket(settings.bucket)
 
-    dataset_uri, counts = stage_dataset(config_path, settings, store, say)
+    if settings.pipeline == "watch":
+        # No D to stage: each run finds its datasets under the prefix.
+        dataset_uri, counts = str(settings.prefix).rstrip("/") + "/", {}
+        say(f"datasets: new ones under {dataset_uri}")
+    else:
+        dataset_uri, counts = stage_dataset(config_path, settings, store, say)
     model = str(raw.get("model", "smollm2"))
     if not hub_here and not Path(model).expanduser().is_dir() and known_model(model) is None:
         model_path = model
