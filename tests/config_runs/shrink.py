@@ -214,6 +214,12 @@ RUN: dict[str, Rule | None] = {
     "prompt_only_baseline": KEEP,
     "adapter_uri": _s3_uri,
     "runner": _runner,
+    # The watch pipeline: its prefix and ledger move into the test's bucket; the rest keeps.
+    "prefix": _s3_uri,
+    "ledger_uri": _s3_uri,
+    "max_datasets": KEEP,
+    "claim_hours": KEEP,
+    "dataset_fields": KEEP,
 }
 
 TRAIN_REWRITER: dict[str, Rule | None] = {

@@ -60,7 +60,9 @@ def _run_params() -> list[Any]:
 
 
 def test_there_are_run_yamls() -> None:
-    assert {"demo.yaml", "repro-small.yaml", "paper.yaml"} <= {p.name for p in RUN_YAMLS}
+    assert {"demo.yaml", "repro-small.yaml", "paper.yaml", "watch.yaml"} <= {
+        p.name for p in RUN_YAMLS
+    }
 
 
 @pytest.mark.parametrize("path", RUN_YAMLS, ids=lambda p: p.name)
@@ -133,6 +135,11 @@ def test_config_runs_shrunk(
     config.write_text(yaml.safe_dump(shrunk, sort_keys=False))
 
     monkeypatch.setenv("PATCHGAP_HOME", str(tmp_path / "home"))
+    watch = shrunk["run"].get("pipeline") == "watch"
+    if watch:  # two new datasets land under the prefix before the run
+        for i, name in enumerate(("a", "b")):
+            uri = f"{shrunk['run']['prefix']}{name}.jsonl"
+            _drop_dataset(s3_server.store, data_dir, uri, offset=i * WATCH_RECORDS)
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "patchgap.cli.main", "run", "--config", str(config)],
@@ -153,9 +160,11 @@ def test_config_runs_shrunk(
     prefix = runs[0].removesuffix("/run.json")
     run = json.loads(store.get_bytes(f"{prefix}/run.json"))
     assert run["status"] == "succeeded" and run["pipeline"] == shrunk["run"]["pipeline"]
-    assert run["inputs"]["dataset_counts"]["selected"] >= 1
-    # The run ran the shrunk config, substitutions and all.
     assert run["config"] == json.loads(json.dumps(shrunk))
+    if watch:
+        _check_watch_run(run, store, shrunk)
+        return
+    assert run["inputs"]["dataset_counts"]["selected"] >= 1
 
     art = store.read_manifest(f"{prefix}/artifacts")
     assert art is not None
@@ -178,6 +187,31 @@ def test_config_runs_shrunk(
     rows = ["base", "sft_d", "sft_dr"] + (["sft_dr_prompt"] if prompt_only else [])
     for label in rows:
         assert label in labels, label
+
+
+#: Records per dataset the watch run finds under its prefix.
+WATCH_RECORDS = 3
+
+
+def _drop_dataset(store: Any, data_dir: Path, uri: str, offset: int) -> None:
+    """GSM8K test problems from ``offset`` on, as a user's raw JSONL, put where the watch
+    pipeline looks (other offsets: other content, so other datasets to the ledger)."""
+    lines = (data_dir / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    body = "\n".join(lines[offset : offset + WATCH_RECORDS]) + "\n"
+    store.put_bytes(body.encode(), uri)
+
+
+def _check_watch_run(run: dict[str, Any], store: Any, shrunk: dict[str, Any]) -> None:
+    """Both datasets under the prefix were claimed, staged, rewritten, gated and recorded."""
+    summary = run["watch"]
+    assert len(summary["claimed"]) == 2, summary
+    for row in summary["datasets"]:
+        assert row["stopped_at"] is None and row["rewritten"], row
+        assert row["records_valid"] == WATCH_RECORDS, row
+    ledger = [o.key for o in store.list(shrunk["run"]["ledger_uri"])]
+    recorded = [k for k in ledger if "/" not in k and len(k) == len("0" * 64 + ".json")]
+    assert len(recorded) == 2, ledger
+    assert not [k for k in ledger if k.startswith("claims/")], ledger  # released once recorded
 
 
 def _failure(log: Path) -> str:
