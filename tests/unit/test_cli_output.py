@@ -115,7 +115,7 @@ def test_doctor_json_lists_every_check(
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
     # No such bucket: some check fails whether or not S3 credentials are set here.
     args = ["doctor", "--host", fake_kfp.url, "--bucket", "no-such-bucket-patchgap", "-o", "json"]
-    checks = _json(args, code=1)
+    checks = _json(args, code=2)
     by_name = {c["name"]: c for c in checks}
     assert by_name["kfp host"]["ok"] is True
     assert set(by_name["kfp host"]) == {"name", "ok", "detail"}

@@ -149,9 +149,19 @@ def test_s3_models_wait_for_the_store_and_hub_ids_for_the_cache(
     report, lines = _check(path, hub_here=False)
     assert not report.failures and "2 left to the run (later)" in report.summary()
     assert any("hub id: resolved where the steps run" in line for line in lines)
+    # With the hub allowed, the hub's own answer decides (the real request is tested against a
+    # closed loopback port in tests/integration/test_preflight.py; no test asks the real hub).
+    from patchgap.run import preflight
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(preflight, "_ask_hub", lambda repo_id: None)
     report, lines = _check(path)
     assert not report.failures and "2 left to the run (later)" in report.summary()
+    assert any("on the hub, downloaded when a stage loads it" in line for line in lines)
+    monkeypatch.setattr(preflight, "_ask_hub", lambda repo_id: "the hub cannot be reached (x)")
+    report, lines = _check(path)
+    (fail,) = [line for line in lines if line.startswith("FAIL")]
+    assert "someone/not-cached-embedder is not in the local HF cache and the hub cannot" in fail
 
 
 def test_no_container_engine_is_one_line_and_no_image_lookup(
