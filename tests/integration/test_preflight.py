@@ -144,8 +144,19 @@ def test_paper_settings_name_only_the_hub_models_a_machine_without_hub_lacks(
     for repo in (paper["model"], paper["gate"]["reward"]["embedder"]):
         if isinstance(try_to_load_from_cache(repo, "config.json"), str):
             pytest.skip(f"{repo} is in this machine's HF cache")
-    # The paper's settings with a run section (D: MATH train, as its train_rewriter reads).
-    paper.setdefault("run", {"pipeline": "full", "dataset": {"source": "math_train"}})
+    # As shipped, D is NuminaMath-CoT from the hub: without the hub that is one line more, with
+    # its fix, and nothing about the config's shape.
+    shipped = _patchgap(
+        ["run", "--check", "--config", str(ROOT / "configs" / "paper.yaml")], tmp_path, data_dir
+    )
+    assert shipped.returncode == 2, (shipped.stdout, shipped.stderr)
+    fails = [line for line in shipped.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 3 and "ok    config:" in shipped.stdout, shipped.stdout
+    assert "[run.dataset]: hf://AI-MO/NuminaMath-CoT [train]: cannot load from the hub" in fails[0]
+    assert "$PATCHGAP_HUB_DIR/AI-MO/NuminaMath-CoT/ or use a local source" in fails[0]
+    # With the local stand-in its comment names, only the hub models are left.
+    assert "source: math_train" in (ROOT / "configs" / "paper.yaml").read_text()
+    paper["run"]["dataset"] = {"source": "math_train"}
     cfg = tmp_path / "paper.yaml"
     cfg.write_text(yaml.safe_dump(paper, sort_keys=False))
     res = _patchgap(["run", "--check", "--config", str(cfg)], tmp_path, data_dir)

@@ -764,7 +764,13 @@ def _load_hub(hub: str, config: str | None, split: str, display: str) -> Iterabl
     except Exception as err:  # offline, unknown repo, bad config or split: one message
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = local or "the hub"
-        raise DataError(f"{display}: cannot load from {where}: {msg}") from None
+        fix = (
+            ""
+            if local
+            else f"; without hub access, put a copy of the dataset repository at "
+            f"$PATCHGAP_HUB_DIR/{hub}/ or use a local source"
+        )
+        raise DataError(f"{display}: cannot load from {where}: {msg}{fix}") from None
 
 
 # --------------------------------------------------------------------------------------------
