@@ -50,13 +50,17 @@ def evaluate(
     class _Folder:
         path = str(folder)
 
-    run_component(
-        "evaluate",
-        config,
-        {"models": _Folder() if folder is not None else None},
-        {"report": report},
-        metrics,
-    )
+    try:
+        run_component(
+            "evaluate",
+            config,
+            {"models": _Folder() if folder is not None else None},
+            {"report": report},
+            metrics,
+        )
+    finally:
+        if folder is not None:  # symlinks only: rmtree removes the links, not the models
+            shutil.rmtree(folder, ignore_errors=True)
     # The KFP UI renders these two artifacts inline.
     shutil.copyfile(Path(report.path) / "report.html", report_html.path)
     shutil.copyfile(Path(report.path) / "report.md", report_md.path)
