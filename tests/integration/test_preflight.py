@@ -327,5 +327,5 @@ def test_submit_config_checks_puts_local_inputs_in_s3_and_sends_the_arguments(
     raw["evaluate"]["math"][0]["fields"] = FIELDS
     cfg.write_text(yaml.safe_dump(raw))
     bad = CliRunner().invoke(cli, ["submit", "--config", str(cfg), "--host", fake_kfp.url])
-    assert bad.exit_code != 0 and "set lists: {answer: join|first|last}" in str(bad.exception)
+    assert bad.exit_code == 2 and "set lists: {answer: join|first|last}" in bad.output
     assert len(fake_kfp.requests) == before

@@ -309,7 +309,8 @@ def test_a_missing_adapter_is_one_line_and_exit_2(
     )
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     (line,) = done.stderr.strip().splitlines()
-    assert str(cfg) in line and f"adapter_uri: {missing}" in line, line
+    # The preflight finds it, before any store write or pipeline step.
+    assert str(cfg) in line and f"[run.adapter_uri]: {missing} has no _manifest.json" in line, line
     assert "Traceback" not in done.stdout + done.stderr
 
 
