@@ -67,7 +67,7 @@ def test_settings_name_known_sets_and_change_the_resume_fingerprint() -> None:
         ev.Config(drift={"benchmarks": ["arc_hard"]})
     cfg = ev.Config()
     assert cfg.drift.enabled and cfg.heldout.enabled and cfg.gold_logprob
-    assert "drift" not in ev._NOT_IN_FINGERPRINT and "gold_logprob" in ev._NOT_IN_FINGERPRINT
+    assert "drift" not in ev.NOT_IN_FINGERPRINT and "gold_logprob" in ev.NOT_IN_FINGERPRINT
 
 
 def test_pi0_answers_are_scored_by_every_model_with_held_out_solutions(

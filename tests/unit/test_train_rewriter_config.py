@@ -237,7 +237,7 @@ def test_report_to_is_checked_and_does_not_change_the_fingerprint(
     # Switching tracking on when resuming keeps the run's checkpoints its own.
     tracked = _config(report_to="tensorboard")
     assert tr.fingerprint(tracked, "data") == tr.fingerprint(_config(), "data")
-    assert "report_to" in sft.RESUMABLE_FIELDS
+    assert "report_to" in sft.NOT_IN_FINGERPRINT
     assert tracking.report_to("none") == []
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"report_to=mlflow: .* pip install 'patchgap\[mlflow\]'"):

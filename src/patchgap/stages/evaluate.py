@@ -4,7 +4,6 @@ and general benchmarks, and write the forgetting table and report."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -22,7 +21,9 @@ from patchgap.config import StrictModel
 from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, DataError
 from patchgap.lm.generation import GenerationConfig
-from patchgap.stages.base import after_outputs_kept, main
+from patchgap.stages import resume
+from patchgap.stages.base import main
+from patchgap.stages.resume import LeftOut, StageState
 
 log = logging.getLogger("patchgap.stages.evaluate")
 
@@ -292,7 +293,7 @@ def _model_folder(path: str, models_input: Path | None, dest: Path) -> Path:
 # ----------------------------------------------------------------------------- resume
 
 #: Settings that change no (model, benchmark) result: the table's and where state goes.
-_NOT_IN_FINGERPRINT = {
+NOT_IN_FINGERPRINT = LeftOut.of(
     "model",
     "models",
     "base",
@@ -302,27 +303,22 @@ _NOT_IN_FINGERPRINT = {
     "bootstrap_reps",
     "near_zero",
     "state_uri",
-    "device",
-}
+)
 
 
-class EvalState:
+def fingerprint(config: Config) -> str:
+    """What identifies the kept results: every setting that changes one."""
+    return resume.fingerprint(config, NOT_IN_FINGERPRINT, length=16)
+
+
+class EvalState(StageState):
     """Finished (model, benchmark) results under ``<state_uri>/<fingerprint>/<model hash>/``,
     one object per benchmark, so a restarted evaluation only runs what is missing."""
 
-    def __init__(self, state_uri: str, config: Config) -> None:
-        from patchgap.storage.store import Store, join_uri
+    stage = NAME
 
-        settings = {
-            k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT
-        }
-        fp = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        self.store = Store.from_env() if state_uri.startswith("s3://") else Store()
-        self.prefix = join_uri(state_uri, fp)
-        self._join = join_uri
-
-    def _uri(self, model: str, bench: str) -> str:
-        return self._join(self.prefix, model, f"{bench}.json")
+    def _key(self, model: str, bench: str) -> str:
+        return f"{model}/{bench}.json"
 
     def load(self, model: str, bench: str) -> dict[str, Any] | None:
         """The saved result, or None when absent or unreadable (then it is recomputed)."""
@@ -336,20 +332,16 @@ class EvalState:
     ) -> dict[str, Any] | None:
         """A saved ``{"items": [...], ...}`` body (items through ``convert``), or None when
         absent or unreadable."""
-        from patchgap.errors import StoreError
 
-        try:
-            data = json.loads(self.store.get_bytes(self._uri(model, name)))
+        def body(blob: bytes) -> dict[str, Any]:
+            data = json.loads(blob)
             if not isinstance(data.get("items"), list):
                 raise ValueError("no items")
             if convert is not None:
                 data["items"] = convert(data["items"])
-        except StoreError:
-            return None
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
-            log.warning("evaluate: state %s is corrupt; recomputing", self._uri(model, name))
-            return None
-        return data
+            return data
+
+        return self.read_unit(self._key(model, name), body)
 
     def save(self, model: str, bench: str, items: Sequence[ItemResult], **extra: Any) -> None:
         self.save_rows(model, bench, [r.as_dict() for r in items], **extra)
@@ -359,10 +351,7 @@ class EvalState:
     ) -> None:
         body = {"items": list(rows), **extra}
         blob = json.dumps(body, ensure_ascii=False, default=str).encode("utf-8")
-        self.store.put_bytes(blob, self._uri(model, name))
-
-    def clear(self) -> None:
-        self.store.delete_prefix(self.prefix)
+        self.write_unit(self._key(model, name), blob)
 
 
 # ----------------------------------------------------------------------------- generative sets
@@ -910,7 +899,7 @@ def run(
         scores: dict[str, dict[str, dict[str, bool]]] = {}
         values: dict[str, dict[str, dict[str, float]]] = {}
         aggregates: dict[str, Any] = {}
-        state = EvalState(config.state_uri or str(out / "_state"), config)
+        state = EvalState.open(config.state_uri, out, fingerprint(config))
         heldout = heldout_items(config, data_dir)
         answers = _drift_answers(config, models, drift_questions(config, data_dir), state)
         if answers:
@@ -967,14 +956,7 @@ def run(
     }
     write_report(table, out, info, {"lm_eval": aggregates})
     # The report is complete: the per-benchmark state would only duplicate it.
-    if config.state_uri is None:
-        import shutil
-
-        # Inside the output folder: it must go before the output is uploaded.
-        shutil.rmtree(out / "_state", ignore_errors=True)
-    else:
-        # In the store: only once the report's manifest is written.
-        after_outputs_kept(state.clear)
+    state.discard()
     return _metrics(table)
 
 

@@ -27,7 +27,8 @@ from patchgap.data.records import FieldMap, Record
 from patchgap.lm.generation import GenerationConfig
 from patchgap.progress import Progress
 from patchgap.prompts import REWRITE_TEMPLATE
-from patchgap.stages.base import after_outputs_kept
+from patchgap.stages import resume
+from patchgap.stages.resume import LeftOut, StageState
 
 log = logging.getLogger("patchgap.stages.rewrite")
 
@@ -105,12 +106,14 @@ class Config(StrictModel):
         return self.generation.n + (1 if self.include_greedy else 0)
 
 
-# Fields that change neither which records a batch holds nor what is generated for them.
-_NOT_IN_FINGERPRINT: dict[str, Any] = {
-    "progress": True,
-    "state_uri": True,
-    "generation": {"device", "batch_size"},
-}
+#: Fields that change neither which records a batch holds nor what is generated for them;
+#: include_greedy off changes nothing, so batches finished before it existed stay valid.
+NOT_IN_FINGERPRINT = LeftOut.of(
+    "progress",
+    "state_uri",
+    generation={"device", "batch_size"},
+    while_off={"include_greedy"},
+)
 
 
 def shard_of(index: int, record_id: str, num_shards: int, by: str) -> int:
@@ -184,19 +187,18 @@ class Tally:
         }
 
 
-class RewriteState:
+class RewriteState(StageState):
     """Finished batches under ``<state_uri>/<fingerprint>/shard-i-of-n/`` in the store."""
 
-    def __init__(self, state_uri: str, fingerprint: str, shard: int, shards: int) -> None:
-        from patchgap.storage.store import Store, join_uri
+    stage = NAME
+    redo = "regenerating"
 
-        self.store = Store.from_env() if state_uri.startswith("s3://") else Store()
-        self.prefix = join_uri(state_uri, fingerprint, f"shard-{shard:05d}-of-{shards:05d}")
-        self._join = join_uri
-        self.done = {o.key for o in self.store.list(self.prefix)}
+    def __init__(self, state_uri: str, fingerprint: str, shard: int, shards: int) -> None:
+        super().__init__(state_uri, fingerprint, f"shard-{shard:05d}-of-{shards:05d}")
+        self.done = self.kept()
 
     def uri(self, batch: int) -> str:
-        return self._join(self.prefix, self.key(batch))
+        return self.unit_uri(self.key(batch))
 
     @staticmethod
     def key(batch: int) -> str:
@@ -206,27 +208,20 @@ class RewriteState:
         """The finished rows of ``batch``, or None when absent or not for these records."""
         if self.key(batch) not in self.done:
             return None
-        try:
-            text = self.store.get_bytes(self.uri(batch)).decode("utf-8")
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            ok = all(isinstance(r, dict) for r in rows) and [r.get("id") for r in rows] == ids
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            ok = False  # a corrupt batch must not block every retry: make it again
-        if not ok:
-            log.warning(
-                "rewrite: state %s is corrupt or for other records; regenerating", self.uri(batch)
-            )
-            return None
-        return rows
 
-    def clear(self) -> None:
-        """Remove this shard's finished batches once its output is complete."""
-        self.store.delete_prefix(self.prefix)
+        def rows_for_these_records(blob: bytes) -> list[dict[str, Any]]:
+            rows = [json.loads(line) for line in blob.decode("utf-8").splitlines() if line.strip()]
+            if not all(isinstance(r, dict) for r in rows) or [r.get("id") for r in rows] != ids:
+                raise ValueError("not the rows of these records")
+            return rows
+
+        why = "is corrupt or for other records"
+        return self.read_unit(self.key(batch), rows_for_these_records, why)
 
     def save(self, batch: int, rows: Sequence[dict[str, Any]]) -> None:
-        # One object per batch, written in one put: a crash leaves it whole or absent.
         blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-        self.store.put_bytes(blob, self.uri(batch))
+        # One object per batch, written in one put: a crash leaves it whole or absent.
+        self.write_unit(self.key(batch), blob)
 
 
 def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
@@ -234,18 +229,12 @@ def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
     from patchgap.lm.generation import adapter_fingerprint
     from patchgap.stages.base import path_hash
 
-    settings = config.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
-    if not settings.get("include_greedy"):
-        # Off, the setting changes nothing: batches finished before it existed stay valid.
-        settings.pop("include_greedy", None)
-    parts = {
+    inputs = {
         "format": STATE_FORMAT,
-        "config": settings,
         "dataset": path_hash(dataset),
         "adapter": adapter_fingerprint(adapter) if adapter is not None else None,
     }
-    blob = json.dumps(parts, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return resume.fingerprint(config, NOT_IN_FINGERPRINT, inputs, length=16)
 
 
 class Rewriter:
@@ -405,8 +394,7 @@ def run(
     out_dir = Path(outputs["candidates"])
     out_dir.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(config, dataset, adapter)
-    state_uri = config.state_uri or str(out_dir / "_state")
-    state = RewriteState(state_uri, fp, config.shard_index, config.num_shards)
+    state = RewriteState.open(config.state_uri, out_dir, fp, config.shard_index, config.num_shards)
     log.info(
         "rewrite: shard %d/%d, rewriter %s, state %s (%d finished batches)",
         config.shard_index,
@@ -450,15 +438,8 @@ def run(
             rejected = sink.total
         os.replace(tmp, final)
         # State only survives a crash; once the shard is complete it would just duplicate the
-        # candidates (and pile up, one folder per fingerprint).
-        if config.state_uri is None:
-            import shutil
-
-            # Inside the output folder: it must go before the output is uploaded.
-            shutil.rmtree(out_dir / "_state", ignore_errors=True)
-        else:
-            # In the store: only once the candidates' manifest is written.
-            after_outputs_kept(state.clear)
+        # candidates.
+        state.discard()
     finally:
         bar.close()
         backend = rewriter.backend

@@ -3,7 +3,6 @@ SFTTrainer, pi0's chat template and the loss on the answer only; full or LoRA, r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -18,7 +17,10 @@ from pydantic import Field
 from patchgap.config import StrictModel
 from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.stages import resume
 from patchgap.stages.base import main
+from patchgap.stages.resume import LeftOut
+from patchgap.training.checkpoints import checkpoint_step
 from patchgap.training.lora import LoraSettings
 from patchgap.training.tracking import (
     REPORT_TO_HELP,
@@ -27,6 +29,7 @@ from patchgap.training.tracking import (
     report_to,
     tensorboard_sync,
 )
+from patchgap.training.trainer_args import gradient_checkpointing_arg
 
 log = logging.getLogger("patchgap.stages.sft")
 
@@ -100,9 +103,18 @@ class Config(StrictModel):
 
 
 #: Fields that may change between a run and its resumption without making checkpoints foreign.
-RESUMABLE_FIELDS = frozenset(
-    {"checkpoint_uri", "checkpoint_every", "keep_checkpoints", "work_dir", "distributed"}
-    | {"accelerate_config", "device", "max_steps", "num_epochs", "logging_steps", "report_to"}
+NOT_IN_FINGERPRINT = LeftOut.of(
+    "checkpoint_uri",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "work_dir",
+    "distributed",
+    "accelerate_config",
+    "device",
+    "max_steps",
+    "num_epochs",
+    "logging_steps",
+    "report_to",
 )
 
 
@@ -110,9 +122,7 @@ def fingerprint(config: Config, dataset: Path) -> str:
     """Identity of a training run: the config (minus resumable knobs) and the data's bytes."""
     from patchgap.stages.base import path_hash
 
-    cfg = {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
-    blob = json.dumps({"config": cfg, "data": path_hash(dataset)}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return resume.fingerprint(config, NOT_IN_FINGERPRINT, {"data": path_hash(dataset)})
 
 
 def build_rows(config: Config, dataset: Path, rejects: Path) -> tuple[list[dict[str, Any]], int]:
@@ -216,7 +226,7 @@ def _train(
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         use_cpu=device == "cpu",
-        **_checkpointing_arg(SFTConfig, config.gradient_checkpointing),
+        **gradient_checkpointing_arg(SFTConfig, config.gradient_checkpointing),
         disable_tqdm=True,
     )
     callbacks: list[Any] = [ProgressCallback("sft")]
@@ -232,14 +242,14 @@ def _train(
         # One folder per fingerprint: SFT on D and on each D_R share the pipeline's sft config
         # (and so its checkpoint_uri), and must neither resume from nor refuse each other.
         fp = fingerprint(config, inputs["dataset"])
-        checkpoints = CheckpointStore(join_uri(config.checkpoint_uri, fp[:16]), fp)
+        checkpoints = CheckpointStore(resume.run_folder(config.checkpoint_uri, fp), fp)
         with PartialState().local_main_process_first():
             resume_dir = checkpoints.restore_latest(work / "restored")
         callbacks.append(CheckpointSyncCallback(checkpoints, config.keep_checkpoints or None))
         tb_uri = join_uri(checkpoints.uri, TENSORBOARD_DIR)
     if config.report_to == "tensorboard":
         callbacks.append(tensorboard_sync(tb_uri, metrics_dir / TENSORBOARD_DIR))
-    resumed_step = _step_of(resume_dir)
+    resumed_step = checkpoint_step(resume_dir)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -272,25 +282,6 @@ def _train(
     }
     (metrics_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _checkpointing_arg(config_cls: Any, on: bool) -> dict[str, bool]:
-    """Newer transformers 5 releases (5.24) name it ``activation_checkpointing`` and keep
-    ``gradient_checkpointing`` as a deprecated alias; older ones (5.17) know only the latter."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    new = "activation_checkpointing" in names
-    return {"activation_checkpointing" if new else "gradient_checkpointing": on}
-
-
-def _step_of(path: Path | None) -> int:
-    if path is None:
-        return 0
-    state = path / "trainer_state.json"
-    if state.is_file():
-        return int(json.loads(state.read_text()).get("global_step", 0))
-    return int(path.name.rsplit("-", 1)[-1])
 
 
 def _save_model(trainer: Any, tokenizer: Any, out: Path, merge: bool) -> None:

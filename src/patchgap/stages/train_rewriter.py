@@ -3,7 +3,6 @@ group reward, resumable checkpoints in the store, per-step metrics and reward cu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -21,7 +20,10 @@ from patchgap.data.records import DatasetSpec
 from patchgap.errors import ConfigError, DataError
 from patchgap.prompts import REWRITE_TEMPLATE
 from patchgap.reward.scoring import RewardConfig
+from patchgap.stages import resume
 from patchgap.stages.base import main
+from patchgap.stages.resume import LeftOut
+from patchgap.training.checkpoints import checkpoint_step
 from patchgap.training.lora import LoraSettings
 from patchgap.training.tracking import (
     REPORT_TO_HELP,
@@ -30,6 +32,7 @@ from patchgap.training.tracking import (
     report_to,
     tensorboard_sync,
 )
+from patchgap.training.trainer_args import gradient_checkpointing_arg
 
 NAME = "train_rewriter"
 INPUTS = ("dataset", "model")
@@ -189,34 +192,32 @@ class Config(StrictModel):
 
 
 #: Fields that may change between a run and its resumption without making checkpoints foreign.
-RESUMABLE_FIELDS = frozenset(
-    {
-        "checkpoint_uri",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "num_epochs",
-        "max_steps",
-        "merge_adapter",
-        "work_dir",
-        "distributed",
-        "accelerate_config",
-        "progress",
-        "report_to",
-        "rollout",
-        "device",
-        "per_device_batch_size",
-        "gradient_checkpointing",
-    }
+NOT_IN_FINGERPRINT = LeftOut.of(
+    "checkpoint_uri",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_epochs",
+    "max_steps",
+    "merge_adapter",
+    "work_dir",
+    "distributed",
+    "accelerate_config",
+    "progress",
+    "report_to",
+    "rollout",
+    "device",
+    "per_device_batch_size",
+    "gradient_checkpointing",
 )
 
 
 def fingerprint(config: Config, dataset_source: str | None = None) -> str:
-    """Hash of everything that defines the training run (not how or how long it runs)."""
-    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
+    """Hash of everything that defines the training run (not how or how long it runs); a
+    ``dataset_source`` stands in for the configured one (see :func:`_dataset_identity`)."""
     if dataset_source is not None:
-        data["dataset"] = {**data["dataset"], "source": dataset_source}
-    blob = json.dumps(data, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
+        dataset = config.dataset.model_copy(update={"source": dataset_source})
+        config = config.model_copy(update={"dataset": dataset})
+    return resume.fingerprint(config, NOT_IN_FINGERPRINT)
 
 
 def gradient_accumulation(config: Config, world_size: int) -> int:
@@ -425,7 +426,7 @@ def _train(
         num_iterations=1,
         num_train_epochs=config.num_epochs,
         max_steps=config.max_steps if config.max_steps is not None else -1,
-        gradient_checkpointing=config.gradient_checkpointing,
+        **gradient_checkpointing_arg(GRPOConfig, config.gradient_checkpointing),
         model_init_kwargs={"dtype": getattr(torch, dtype)},
         trust_remote_code=config.trust_remote_code,
         disable_dropout=True,
@@ -475,16 +476,14 @@ def _train(
     if config.checkpoint_uri:
         from patchgap.storage.store import join_uri
 
-        # One folder per run fingerprint: a changed config starts fresh beside the old run
-        # instead of resuming from checkpoints that belong to other settings.
-        checkpoints = CheckpointStore(join_uri(config.checkpoint_uri, fp[:16]), fp)
+        checkpoints = CheckpointStore(resume.run_folder(config.checkpoint_uri, fp), fp)
         resume_dir = _restore(checkpoints, work)
         keep = config.keep_checkpoints or None
         callbacks.append(CheckpointSyncCallback(checkpoints, keep, metrics_log))
     if config.report_to == "tensorboard":
         tb_uri = join_uri(checkpoints.uri, TENSORBOARD_DIR) if config.checkpoint_uri else None
         callbacks.append(tensorboard_sync(tb_uri, outputs["metrics"] / TENSORBOARD_DIR))
-    resume_step = _checkpoint_step(resume_dir)
+    resume_step = checkpoint_step(resume_dir)
     metrics_log.restore(resume_dir / METRICS_FILE if resume_dir else None, resume_step)
 
     trainer = GRPOTrainer(
@@ -567,15 +566,6 @@ def _restore(checkpoints: Any, work: Path) -> Path | None:
     state = PartialState()
     with state.local_main_process_first():
         return checkpoints.restore_latest(work)
-
-
-def _checkpoint_step(path: Path | None) -> int:
-    if path is None:
-        return 0
-    state = path / "trainer_state.json"
-    if state.is_file():
-        return int(json.loads(state.read_text()).get("global_step", 0))
-    return int(path.name.rsplit("-", 1)[-1])
 
 
 def _build_scorer(config: Config, model_src: str, device: str) -> Any:

@@ -148,3 +148,14 @@ class CheckpointStore:
                 shutil.rmtree(local, ignore_errors=True)
             removed.append(step)
         return removed
+
+
+def checkpoint_step(path: Path | None) -> int:
+    """The optimizer step a restored checkpoint folder holds (0 without one): the trainer's
+    own record, else the step in the folder's name."""
+    if path is None:
+        return 0
+    state = path / "trainer_state.json"
+    if state.is_file():
+        return int(json.loads(state.read_text()).get("global_step", 0))
+    return int(path.name.rsplit("-", 1)[-1])
