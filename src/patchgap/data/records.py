@@ -17,7 +17,6 @@ import heapq
 import itertools
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from patchgap.config import StrictModel
 from patchgap.errors import DataError
+from patchgap.fsutil import AtomicTextFile, atomic_path
 from patchgap.settings import DATA_DIR_ENV, cache_dir, data_dir, hub_dir
 
 log = logging.getLogger(__name__)
@@ -399,7 +399,7 @@ class RejectSink:
         self.warn = warn
         self.counts: Counter[str] = Counter()
         self.items: list[Reject] = []
-        self._fh: Any = None
+        self._fh: AtomicTextFile | None = None
 
     @property
     def total(self) -> int:
@@ -414,23 +414,21 @@ class RejectSink:
             self.items.append(reject)
             return
         if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = _tmp_path(self.path).open("w", encoding="utf-8")
+            self._fh = AtomicTextFile(self.path)
         self._fh.write(json.dumps(reject.to_dict(), ensure_ascii=False, allow_nan=False) + "\n")
 
     def close(self, complete: bool = True) -> None:
         """Publish the file (``complete``) or drop it (the read failed)."""
         if self.path is None:
             return
-        tmp = _tmp_path(self.path)
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
             if complete:
-                os.replace(tmp, self.path)
+                fh.publish()
+            else:
+                fh.discard()
         elif complete:
             self.path.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> RejectSink:
         return self
@@ -1270,24 +1268,13 @@ def load_records(
 # --------------------------------------------------------------------------------------------
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_records_jsonl(records: Iterable[Record], path: str | Path) -> int:
     """Write records as JSONL (the ``records`` preset reads it back); atomic; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
     n = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec.to_dict(), ensure_ascii=False, default=str) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec.to_dict(), ensure_ascii=False, default=str) + "\n")
+            n += 1
     return n
 
 
@@ -1299,35 +1286,26 @@ def write_records_parquet(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema(
         [(name, pa.string()) for name in ("id", "question", "solution", "answer", "meta")]
     )
-    tmp = _tmp_path(path)
     n = 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            batch: list[Record] = []
-            for rec in itertools.chain(records, [None]):
-                if rec is not None:
-                    batch.append(rec)
-                if batch and (rec is None or len(batch) >= batch_size):
-                    columns = {
-                        "id": [r.id for r in batch],
-                        "question": [r.question for r in batch],
-                        "solution": [r.solution for r in batch],
-                        "answer": [r.answer for r in batch],
-                        "meta": [
-                            json.dumps(r.meta, ensure_ascii=False, default=str) for r in batch
-                        ],
-                    }
-                    writer.write_table(pa.table(columns, schema=schema))
-                    n += len(batch)
-                    batch = []
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        batch: list[Record] = []
+        for rec in itertools.chain(records, [None]):
+            if rec is not None:
+                batch.append(rec)
+            if batch and (rec is None or len(batch) >= batch_size):
+                columns = {
+                    "id": [r.id for r in batch],
+                    "question": [r.question for r in batch],
+                    "solution": [r.solution for r in batch],
+                    "answer": [r.answer for r in batch],
+                    "meta": [json.dumps(r.meta, ensure_ascii=False, default=str) for r in batch],
+                }
+                writer.write_table(pa.table(columns, schema=schema))
+                n += len(batch)
+                batch = []
     return n
 
 

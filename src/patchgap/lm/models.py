@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ from typing import Any, NamedTuple
 
 from patchgap import settings
 from patchgap.errors import ConfigError
+from patchgap.fsutil import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +195,7 @@ def prepare_smollm2(cache_dir: Path | None = None, force: bool = False) -> Path:
         if is_prepared(target) and not force:
             return target
         started = time.perf_counter()
-        work = root / f".{SMOLLM2_FOLDER}.tmp-{os.getpid()}"
-        if work.exists():
-            shutil.rmtree(work)
-        try:
+        with atomic_folder(target) as work:
             specials = _convert_gguf(gguf, work)
             sample = _sanity_generate(work)
             info = {
@@ -213,12 +210,6 @@ def prepare_smollm2(cache_dir: Path | None = None, force: bool = False) -> Path:
             }
             # Written last: its presence is what "prepared" means.
             (work / COMPLETE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(work, target)
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
     log.info(
         "prepared %s in %.1fs (%.0f MB); %r -> %r",
         target,

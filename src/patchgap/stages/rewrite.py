@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +23,7 @@ from pydantic import Field, model_validator
 
 from patchgap.config import StrictModel
 from patchgap.data.records import FieldMap, Record
+from patchgap.fsutil import atomic_path
 from patchgap.lm.generation import GenerationConfig
 from patchgap.progress import Progress
 from patchgap.prompts import REWRITE_TEMPLATE
@@ -423,10 +423,13 @@ def run(
     rewriter = Rewriter(config, adapter, work=todo)
     tally = Tally()
     final = out_dir / shard_file_name(config.shard_index, config.num_shards)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     bar = Progress("rewrite", "rec", enabled=config.progress)
     try:
-        with RejectSink(out_dir / "rejects.jsonl") as sink, tmp.open("w", encoding="utf-8") as fh:
+        with (
+            atomic_path(final) as tmp,
+            RejectSink(out_dir / "rejects.jsonl") as sink,
+            tmp.open("w", encoding="utf-8") as fh,
+        ):
             records = iter_records(spec, sink, counts)
             batches = iter_batches(
                 records,
@@ -448,7 +451,6 @@ def run(
                 tally.add(rows, generated)
                 bar.update(len(rows), **tally.postfix())
             rejected = sink.total
-        os.replace(tmp, final)
         # State only survives a crash; once the shard is complete it would just duplicate the
         # candidates (and pile up, one folder per fingerprint).
         if config.state_uri is None:
@@ -463,7 +465,6 @@ def run(
         bar.close()
         backend = rewriter.backend
         rewriter.close()
-        tmp.unlink(missing_ok=True)
     elapsed = max(time.time() - tally.started, 1e-9)
     metrics = {
         "records": float(tally.records),
