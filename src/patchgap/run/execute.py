@@ -19,12 +19,13 @@ from typing import Any
 
 from patchgap.errors import ConfigError, PatchgapError
 from patchgap.run.prepare import PreparedRun, RunSettings, Say
-from patchgap.stages.base import STAGE_SECTIONS, section_json
+from patchgap.stages import STAGES
+from patchgap.stages.base import section_json
 
 #: The stage sections each pipeline passes to its components.
 PIPELINE_SECTIONS = {
-    "full": STAGE_SECTIONS,
-    "rewrite": tuple(s for s in STAGE_SECTIONS if s != "train_rewriter"),
+    "full": STAGES,
+    "rewrite": tuple(s for s in STAGES if s != "train_rewriter"),
     "watch": ("rewrite", "gate"),
 }
 

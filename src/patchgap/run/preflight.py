@@ -183,14 +183,15 @@ def dataset_sources(
     section's default dataset is not listed (the pipeline wires D in)."""
     from patchgap.config import validate
     from patchgap.data.records import DatasetSpec
-    from patchgap.stages.base import STAGE_SECTIONS, section_config, stage_module
+    from patchgap.stages import STAGES
+    from patchgap.stages.base import section_config, stage_module
 
     out: list[tuple[str, Any]] = []
     if settings.dataset is not None:  # watch has none: it finds its datasets under the prefix
         out.append(
             ("run.dataset", validate(DatasetSpec, settings.dataset, f"{path} [run.dataset]"))
         )
-    for section in STAGE_SECTIONS:
+    for section in STAGES:
         sub = raw.get(section) or {}
         if not isinstance(sub, dict):
             continue
@@ -405,11 +406,12 @@ def model_checks(
 ) -> list[tuple[str, CheckFn]]:
     """One check per distinct model reference: pi0, the judge models and embedders of the
     reward sections, and the rewrite pipeline's adapter. Nothing is loaded or converted."""
-    from patchgap.stages.base import STAGE_SECTIONS, section_config, stage_module
+    from patchgap.stages import STAGES
+    from patchgap.stages.base import section_config, stage_module
 
     refs: dict[tuple[str, str], list[str]] = {}
     refs.setdefault(("model", str(raw.get("model", "smollm2"))), []).append("model")
-    for section in STAGE_SECTIONS:
+    for section in STAGES:
         cfg = section_config(stage_module(section).Config, raw, section, f"{path} [{section}]")
         reward = getattr(cfg, "reward", None)
         if reward is None or not hasattr(reward, "embedder"):

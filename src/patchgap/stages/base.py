@@ -33,8 +33,10 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from patchgap.args import split_key_value
 from patchgap.config import StrictModel, apply_overrides, read_yaml, safe_load_yaml, validate
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.stages import STAGES
 
 log = logging.getLogger("patchgap.stages")
 
@@ -47,11 +49,8 @@ STAGE_RECORD = "_stage.json"
 #: sections (``generation``, ``reward``), declares the field.
 SHARED_KEYS = ("model", "seed", "trust_remote_code", "device", "dtype")
 
-#: The stage sections of a run YAML, in pipeline order.
-STAGE_SECTIONS = ("train_rewriter", "rewrite", "gate", "sft", "evaluate")
-
 #: Every top-level key a run YAML may have.
-RUN_YAML_KEYS = ("run", *STAGE_SECTIONS, *SHARED_KEYS)
+RUN_YAML_KEYS = ("run", *STAGES, *SHARED_KEYS)
 
 #: Packages whose versions go into every manifest.
 TRACKED_PACKAGES = (
@@ -84,8 +83,6 @@ class StageModule(Protocol):
 
 def stage_module(name: str) -> StageModule:
     """The stage module for ``name`` (``train-rewriter`` and ``train_rewriter`` alike)."""
-    from patchgap.stages import STAGES
-
     key = name.replace("-", "_")
     if key not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
@@ -131,7 +128,7 @@ def validate_run_yaml(data: Mapping[str, Any], source: str) -> None:
     import importlib
 
     check_top_level_keys(data, source)
-    for section in STAGE_SECTIONS:
+    for section in STAGES:
         module = importlib.import_module(f"patchgap.stages.{section}")
         section_config(module.Config, dict(data), section, f"{source} [{section}]")
 
@@ -418,10 +415,8 @@ def _finished_metrics(
 def parse_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"{flag} {item!r}: expected NAME=URI")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        name, uri = split_key_value(item, flag, expected="NAME=URI")
+        out[name] = uri.strip()
     return out
 
 
