@@ -26,10 +26,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from patchgap.answers import reference_answer
 from patchgap.config import StrictModel
 from patchgap.errors import DataError
 from patchgap.fsutil import AtomicTextFile, atomic_path
 from patchgap.settings import DATA_DIR_ENV, cache_dir, data_dir, hub_dir
+from patchgap.storage import store
+from patchgap.storage.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -876,11 +879,9 @@ def _hub_source(
 
 
 def _resolve_s3(spec: DatasetSpec, uri: str, external: bool) -> _Source:
-    from patchgap.storage.store import fetch_to_local  # the store pulls in boto3 only when needed
-
     _no_split(spec, uri)
     dest = cache_dir() / "datasets" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    local = Path(fetch_to_local(uri, dest, external=external))
+    local = Path(store.fetch_to_local(uri, dest, external=external))
     stem = uri.rstrip("/").rsplit("/", 1)[-1]
     prefix = spec.id_prefix or (Path(stem).stem if local.is_file() else stem)
     return _Source(uri, prefix, path=local)
@@ -1119,8 +1120,6 @@ def to_record(data: dict[str, Any], fields: FieldMap, default_id: str) -> Record
         raise RecordError("missing_choices", f"field {fm.choices!r} (choices) is missing")
     answer = _answer_value(data, fm, n_choices)
     if answer is None and solution:
-        from patchgap.answers import reference_answer
-
         answer = reference_answer(solution)
     if answer is None or not str(answer).strip():
         where = f"field {fm.answer!r} is missing or empty and " if fm.answer else ""
@@ -1222,8 +1221,6 @@ def iter_records(
     src = _resolve(spec, external)
     counts.source = src.display
     if src.path is not None and src.path.is_file():
-        from patchgap.storage.store import sha256_file
-
         counts.sha256 = sha256_file(src.path)
     valid = _iter_valid(spec, src, sink, counts)
     shuffle = spec.shuffle if spec.shuffle is not None else spec.limit is not None

@@ -817,6 +817,7 @@ def _s3_checks(bucket: str) -> list[Check]:
     """The credentials row and the bucket row, from one answer to "are there credentials, and
     from where": the bucket is only listed with credentials, and credentials the endpoint
     refuses fail their own row, not just the bucket's."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.store import Store
 
     uri = f"s3://{bucket}/"

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 from patchgap import settings
 from patchgap.errors import ConfigError
 from patchgap.fsutil import atomic_folder
+from patchgap.storage.store import S3Url, Store, parse_uri, safe_target
 
 log = logging.getLogger(__name__)
 
@@ -437,8 +438,6 @@ def _hub_model(repo_id: str) -> Path:
 def _s3_model(uri: str) -> Path:
     """Download the model folder at ``uri`` (written with its manifest) into the cache; files
     already there with the right checksum are kept."""
-    from patchgap.storage.store import S3Url, Store, parse_uri, safe_target
-
     loc = parse_uri(uri)
     assert isinstance(loc, S3Url)
     store = Store.from_env()
@@ -458,8 +457,6 @@ def _s3_model(uri: str) -> Path:
 def push_model(name_or_path: str, uri: str) -> Path:
     """Upload the model a reference names to ``uri`` with its manifest (``patchgap models
     push``); returns the local folder that was uploaded."""
-    from patchgap.storage.store import Store
-
     folder = resolve_model(name_or_path)
     Store.from_env().upload_dir(folder, uri, metadata={"model": name_or_path})
     return folder

@@ -18,11 +18,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from patchgap.answers import extract_answer
 from patchgap.config import StrictModel
-from patchgap.data.records import FieldMap, Record
+from patchgap.data.records import Counts, DatasetSpec, FieldMap, Record, RejectSink, iter_records
 from patchgap.fsutil import atomic_path
 from patchgap.progress import Progress
-from patchgap.reward.scoring import RewardConfig
+from patchgap.reports.gate import GateStats, write_report
+from patchgap.reward.scoring import GroupRewardScorer, RewardConfig, calibration_sample
 
 log = logging.getLogger("patchgap.stages.gate")
 
@@ -114,8 +116,6 @@ class Decision:
 
 def candidate_reason(text: str, answer_ok: bool, judge_ok: bool) -> str:
     """Why a candidate is in or out of the feasible set (the report's histogram keys)."""
-    from patchgap.answers import extract_answer
-
     if not text.strip():
         return EMPTY
     if not answer_ok:
@@ -277,8 +277,6 @@ def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
 
 
 def _scorer(config: Config) -> Any:
-    from patchgap.reward.scoring import GroupRewardScorer
-
     return GroupRewardScorer(config.reward, config.model)
 
 
@@ -286,9 +284,6 @@ def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
     """Gate ``candidates`` against ``dataset`` into ``dataset_r`` and a ``report``."""
-    from patchgap.data.records import Counts, DatasetSpec, RejectSink, iter_records
-    from patchgap.reports.gate import GateStats, write_report
-
     out = Path(outputs["dataset_r"])
     report_dir = Path(outputs["report"])
     out.mkdir(parents=True, exist_ok=True)
@@ -371,9 +366,6 @@ def _calibrate_judge(scorer: Any, config: Config, spec: Any) -> None:
     """Set the pi0_calibrated judge's threshold on the reference solutions of the records whose
     ids have the smallest sha256 (one pass over the dataset; the same references the
     train-rewriter stage picks from the same D)."""
-    from patchgap.data.records import RejectSink, iter_records
-    from patchgap.reward.scoring import calibration_sample
-
     # Rejected records are reported by the main pass; this one only looks for references.
     records = (r for r in iter_records(spec, RejectSink(None)) if r.solution)
     sample = calibration_sample(

@@ -21,13 +21,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from patchgap.answers import equivalent
 from patchgap.config import StrictModel
-from patchgap.data.records import FieldMap, Record
+from patchgap.data.records import Counts, DatasetSpec, FieldMap, Record, RejectSink, iter_records
 from patchgap.fsutil import atomic_path
-from patchgap.lm.generation import GenerationConfig
+from patchgap.lm.generation import GenerationConfig, adapter_fingerprint, make_generator
+from patchgap.lm.models import apply_chat, load_tokenizer
 from patchgap.progress import Progress
-from patchgap.prompts import REWRITE_TEMPLATE
-from patchgap.stages.base import after_outputs_kept
+from patchgap.prompts import REWRITE_TEMPLATE, rewrite_messages
+from patchgap.stages.base import after_outputs_kept, path_hash
+from patchgap.storage.store import Store, join_uri
 
 log = logging.getLogger("patchgap.stages.rewrite")
 
@@ -188,8 +191,6 @@ class RewriteState:
     """Finished batches under ``<state_uri>/<fingerprint>/shard-i-of-n/`` in the store."""
 
     def __init__(self, state_uri: str, fingerprint: str, shard: int, shards: int) -> None:
-        from patchgap.storage.store import Store, join_uri
-
         self.store = Store.from_env() if state_uri.startswith("s3://") else Store()
         self.prefix = join_uri(state_uri, fingerprint, f"shard-{shard:05d}-of-{shards:05d}")
         self._join = join_uri
@@ -231,9 +232,6 @@ class RewriteState:
 
 def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
     """What identifies a run's batches: generation settings, dataset bytes, adapter content."""
-    from patchgap.lm.generation import adapter_fingerprint
-    from patchgap.stages.base import path_hash
-
     settings = config.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
     if not settings.get("include_greedy"):
         # Off, the setting changes nothing: batches finished before it existed stay valid.
@@ -252,8 +250,6 @@ class Rewriter:
     """Generates and answer-checks candidates for one batch of records, with retries."""
 
     def __init__(self, config: Config, adapter: Path | None, work: int | None = None) -> None:
-        from patchgap.lm.models import load_tokenizer
-
         self.config = config
         self.adapter = adapter
         self.work = work  # generations expected: lets backend auto weigh vLLM's engine start
@@ -266,17 +262,12 @@ class Rewriter:
     def generator(self) -> Any:
         # Loaded on first use: a fully resumed shard never loads the model.
         if self._generator is None:
-            from patchgap.lm.generation import make_generator
-
             self._generator = make_generator(
                 self.config.model, self.adapter, self.config.generation, work=self.work
             )
         return self._generator
 
     def prompt(self, rec: Record) -> str:
-        from patchgap.lm.models import apply_chat
-        from patchgap.prompts import rewrite_messages
-
         messages = rewrite_messages(rec.question, rec.solution, self.config.template)
         return apply_chat(self.tokenizer, messages)
 
@@ -329,8 +320,6 @@ class Rewriter:
     ) -> None:
         """Generate ``wanted[i]`` candidates for record i at ``temperature``, appended to
         ``cands[i]`` with their answer check."""
-        from patchgap.answers import equivalent
-
         seed = self.config.generation.seed
         sampling = "greedy" if temperature == 0.0 else "sample"
         # Group by how many candidates each record needs, one generate call per group.
@@ -398,8 +387,6 @@ def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
     """Rewrite this shard of ``dataset`` into ``candidates`` (JSONL, one line per record)."""
-    from patchgap.data.records import Counts, DatasetSpec, RejectSink, iter_records
-
     dataset = Path(inputs["dataset"])
     adapter = Path(inputs["adapter"]) if inputs.get("adapter") is not None else None
     out_dir = Path(outputs["candidates"])

@@ -16,9 +16,15 @@ from typing import Any, Literal
 from pydantic import Field
 
 from patchgap.config import StrictModel
-from patchgap.data.records import FieldMap
+from patchgap.data.records import DatasetSpec, FieldMap, load_records
 from patchgap.errors import ConfigError, PatchgapError
-from patchgap.stages.base import main
+from patchgap.lm.generation import resolve_model_path
+from patchgap.lm.models import device_for, dtype_for, has_chat_template, load_tokenizer, merge_lora
+from patchgap.prompts import render
+from patchgap.stages.base import main, path_hash
+from patchgap.storage.store import join_uri
+from patchgap.training.checkpoints import CheckpointStore
+from patchgap.training.launch import maybe_relaunch
 from patchgap.training.lora import LoraSettings
 from patchgap.training.tracking import (
     REPORT_TO_HELP,
@@ -108,8 +114,6 @@ RESUMABLE_FIELDS = frozenset(
 
 def fingerprint(config: Config, dataset: Path) -> str:
     """Identity of a training run: the config (minus resumable knobs) and the data's bytes."""
-    from patchgap.stages.base import path_hash
-
     cfg = {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_FIELDS}
     blob = json.dumps({"config": cfg, "data": path_hash(dataset)}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -117,9 +121,6 @@ def fingerprint(config: Config, dataset: Path) -> str:
 
 def build_rows(config: Config, dataset: Path, rejects: Path) -> tuple[list[dict[str, Any]], int]:
     """Conversational prompt-completion rows (TRL masks the prompt out of the loss)."""
-    from patchgap.data.records import DatasetSpec, load_records
-    from patchgap.prompts import render
-
     spec = DatasetSpec(
         source=str(dataset), fields=config.fields, limit=config.limit, seed=config.seed
     )
@@ -150,8 +151,6 @@ def build_rows(config: Config, dataset: Path, rejects: Path) -> tuple[list[dict[
 def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
-    from patchgap.training.launch import maybe_relaunch
-
     # Full fine-tuning shards the weights too (ZeRO-3); a LoRA run needs ZeRO-2 only.
     auto = "zero3" if config.finetuning == "full" else "zero2"
     relaunched = maybe_relaunch(config, inputs, outputs, NAME, auto=auto, summary_name=SUMMARY_JSON)
@@ -172,8 +171,7 @@ def _train(
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from patchgap.lm.generation import resolve_model_path
-    from patchgap.lm.models import device_for, dtype_for, has_chat_template, load_tokenizer
+    # Deferred: it loads transformers.
     from patchgap.training.callbacks import ProgressCallback
 
     t0 = time.time()
@@ -225,9 +223,8 @@ def _train(
     if config.checkpoint_uri:
         from accelerate import PartialState
 
-        from patchgap.storage.store import join_uri
+        # Deferred: it loads transformers.
         from patchgap.training.callbacks import CheckpointSyncCallback
-        from patchgap.training.checkpoints import CheckpointStore
 
         # One folder per fingerprint: SFT on D and on each D_R share the pipeline's sft config
         # (and so its checkpoint_uri), and must neither resume from nor refuse each other.
@@ -298,8 +295,6 @@ def _save_model(trainer: Any, tokenizer: Any, out: Path, merge: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if merge:
-        from patchgap.lm.models import merge_lora
-
         model = merge_lora(model)
     state = trainer.accelerator.get_state_dict(trainer.model) if not merge else None
     model.save_pretrained(out, safe_serialization=True, state_dict=state)

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote
 
+from patchgap import __version__
 from patchgap.errors import ChecksumError, StoreError
 from patchgap.fsutil import atomic_path
 from patchgap.storage.credentials import embedded_env, env_file_path
@@ -273,8 +274,6 @@ def _local_files(local_dir: Path, skip_manifest: bool = True) -> list[tuple[str,
 
 def build_manifest(local_dir: Path, metadata: dict[str, Any] | None = None) -> Manifest:
     """The manifest of every file under ``local_dir`` (its own manifest left out)."""
-    from patchgap import __version__
-
     return Manifest(
         files={
             key: ManifestEntry(sha256_file(p), p.stat().st_size)
