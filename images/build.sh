@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the images with docker or podman (CONTAINER_ENGINE overrides): base (core + kfp), ops
-# (base + source), torch (base + torch + model stack), then one image per stage on torch.
+# (base + source), torch (base + torch + model stack), then one image per stage on torch, all
+# from images/stage/Dockerfile.
 # Tags come from patchgap.kfp.images (registry and tag tied to the package version).
 #
 #   VARIANT=cuda (default)  PyPI's torch with its own CUDA libraries, vLLM and DeepSpeed.
@@ -64,11 +65,9 @@ if [[ "$engine" == podman ]]; then
   [[ -f "$ca" ]] && args+=(-v "$ca:/etc/ssl/certs/ca-certificates.crt:ro")
 fi
 torch_args=()
-stage_args=()
 mkdir -p images/wheelhouse
 if [[ "$variant" == cpu ]]; then
   torch_args=(--build-arg "TORCH_SPEC=torch==2.13.0+cpu")
-  stage_args=(--build-arg "GPU_EXTRAS=")
   wheels="${WHEELHOUSE:-${PIP_FIND_LINKS:-}}"
   if compgen -G "$wheels/torch-2.13.0+cpu-*.whl" >/dev/null; then
     cp -u "$wheels"/torch-2.13.0+cpu-*.whl images/wheelhouse/
@@ -93,8 +92,31 @@ build() {  # build <image> <extra args...>
 build base -f images/base/Dockerfile --build-arg "PYTHON_IMAGE=$python_image"
 build ops -f images/ops/Dockerfile --build-arg "BASE_IMAGE=$(ref base)"
 build torch -f images/torch/Dockerfile --build-arg "BASE_IMAGE=$(ref base)" "${torch_args[@]}"
-for stage in gate rewrite sft train_rewriter evaluate; do
-  build "$stage" -f "images/$stage/Dockerfile" --build-arg "TORCH_IMAGE=$(ref torch)" \
-    "${stage_args[@]}"
-done
+# The stage images, all from images/stage/Dockerfile on torch. Per stage: the pyproject extra it
+# installs, the extras that only work with CUDA (dropped by VARIANT=cpu), whether it launches
+# several processes through accelerate (then it reads the accelerate configs copied into the
+# image), and its description.
+#   gate            r_task (answer check + pi0 judge), NLL under pi0, diversity, D_R, the report
+#   rewrite         pi0 + the rewriter adapter generate candidates (vLLM on GPU, else transformers)
+#   sft             TRL SFTTrainer (full or LoRA) on D_R or D; DeepSpeed/FSDP on several GPUs
+#   train_rewriter  TRL GRPOTrainer + PEFT LoRA on frozen pi0, vLLM rollouts (colocate mode by
+#                   default), DeepSpeed ZeRO-2 / FSDP through accelerate on several GPUs
+#   evaluate        downstream math (our generation path, transformers or vLLM), general
+#                   benchmarks through lm-evaluation-harness with the project's offline task
+#                   YAMLs, the forgetting table and report
+stage_image() {  # stage_image <stage> <extra> <CUDA-only extras> <accelerate: yes|no> <description>
+  local stage=$1 extra=$2 gpu_extras=$3 accelerate=$4 description=$5 accelerate_dir=""
+  [[ "$variant" == cpu ]] && gpu_extras=""
+  [[ "$accelerate" == yes ]] && accelerate_dir=/opt/patchgap/configs/accelerate
+  build "$stage" -f images/stage/Dockerfile --build-arg "TORCH_IMAGE=$(ref torch)" \
+    --build-arg "STAGE=$stage" --build-arg "TITLE=patchgap-${stage//_/-}" \
+    --build-arg "DESCRIPTION=patchgap ${stage//_/-} stage ($description)" \
+    --build-arg "REQUIREMENTS=$extra" --build-arg "GPU_EXTRAS=$gpu_extras" \
+    --build-arg "ACCELERATE_CONFIG_DIR=$accelerate_dir"
+}
+stage_image gate models "" no "Verify and Fallback, builds D_R"
+stage_image rewrite rewrite vllm no "Generate of Generate-Verify-Fallback"
+stage_image sft sft deepspeed yes "fine-tuning of pi0 on D_R or D"
+stage_image train_rewriter rl "vllm deepspeed" yes "GRPO + LoRA rewriter"
+stage_image evaluate eval vllm no "downstream gain, forgetting"
 printf '%s\n' "image (build seconds, size)" "${summary[@]}"

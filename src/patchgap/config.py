@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from patchgap.args import split_key_value
 from patchgap.errors import ConfigError
 
 T = TypeVar("T", bound="StrictModel")
@@ -106,12 +107,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars) to a nested dict copy."""
     out: dict[str, Any] = _deepcopy(data)
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. sft.epochs=2")
-        key, raw = item.split("=", 1)
+        key, raw = split_key_value(item, "override", example="sft.epochs=2")
         value = safe_load_yaml(raw, f"override {key!r}") if raw != "" else ""
         node = out
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             nxt = node.setdefault(part, {})
             if not isinstance(nxt, dict):

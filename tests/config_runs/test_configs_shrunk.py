@@ -89,12 +89,13 @@ def test_every_table_key_is_a_setting() -> None:
 
     from patchgap.data.records import DatasetSpec
     from patchgap.run.prepare import RunSettings
-    from patchgap.stages.base import SHARED_KEYS, STAGE_SECTIONS
+    from patchgap.stages import STAGES
+    from patchgap.stages.base import SHARED_KEYS
 
     known = set(SHARED_KEYS)
     known |= {f"run.{p}" for p in _field_paths(RunSettings)}
     known |= {f"run.dataset.{p}" for p in _field_paths(DatasetSpec)}
-    for section in STAGE_SECTIONS:
+    for section in STAGES:
         config = importlib.import_module(f"patchgap.stages.{section}").Config
         known |= {f"{section}.{p}" for p in _field_paths(config)}
     assert sorted(set(TABLE) - known) == []

@@ -37,6 +37,7 @@ def run_prefix(run: str, bucket: str | None = None, root: str | None = None) -> 
         raise StoreError(
             f"run id {run!r} is not valid: use letters, digits, '.', '_' and '-' (no '/')"
         )
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.store import join_uri
 
     if root is None:
@@ -56,6 +57,7 @@ def human_size(size: int) -> str:
 
 def _outputs(store: Store, prefix: str, keys: list[str]) -> dict[str, Manifest]:
     """Manifests under the run, by the folder (relative to the run) they cover."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.store import MANIFEST_NAME, join_uri
 
     found = {}
@@ -80,6 +82,7 @@ def _covered(manifests: dict[str, Manifest]) -> dict[str, int]:
 
 def _run_objects(run: str, bucket: str | None, root: str | None) -> tuple[str, Any, list, dict]:
     """A run's prefix, a store, its objects and the manifests of its outputs."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.store import Store
 
     prefix = run_prefix(run, bucket, root)
@@ -98,6 +101,7 @@ def ls(
     output_format: Format = OUTPUT_FORMAT,
 ) -> None:
     """List a run's objects with their sizes and whether a manifest covers them."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.store import MANIFEST_NAME
 
     prefix, store, objects, manifests = _run_objects(run, bucket, root)
@@ -143,6 +147,7 @@ def get(
     root: str | None = _ROOT,
 ) -> None:
     """Download a run's complete outputs, verifying every sha256 against its manifest."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.store import MANIFEST_NAME, join_uri, safe_target
 
     prefix, store, objects, manifests = _run_objects(run, bucket, root)
@@ -182,6 +187,7 @@ def report(
     root: str | None = _ROOT,
 ) -> None:
     """Render a run's reproduction report: gate figures, accuracies, forgetting and verdict."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.reports import results
 
     prefix, store, objects, _ = _run_objects(run, bucket, root)

@@ -117,6 +117,7 @@ def submit(
     if config is not None:  # --param still overrides what the run YAML gives
         from pathlib import Path
 
+        # Deferred: kept out of the CLI's start-up.
         from patchgap.run.submission import submission_arguments
 
         pipeline, arguments = submission_arguments(Path(config), say=out.say)

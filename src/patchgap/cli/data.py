@@ -12,6 +12,7 @@ from rich.table import Table
 from patchgap.cli import print_error
 from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
 from patchgap.errors import PatchgapError
+from patchgap.settings import DATA_DIR_ENV, data_dir
 
 app = typer.Typer(
     help="Validate datasets (counts, rejects with line and reason) and list the named sets.",
@@ -21,6 +22,7 @@ app = typer.Typer(
 
 def _fields(value: str) -> object:
     """A preset name, or a YAML/JSON file holding a FieldMap."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.config import read_yaml, validate
     from patchgap.data.records import FieldMap
 
@@ -58,6 +60,7 @@ def _spec(
     seed: int,
     hub_config: str | None = None,
 ) -> object:
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.config import validate as validate_config
     from patchgap.data.records import DatasetSpec
 
@@ -84,6 +87,7 @@ def validate(
 ) -> None:
     """Read a dataset, count valid and rejected records; exit 0 when it could be read and holds
     at least one valid record, 2 otherwise."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.data.records import load_records
 
     out = Output(output_format)
@@ -138,6 +142,7 @@ def stage(
     and write its records (records.jsonl, rejects.jsonl) under DEST with a manifest."""
     import tempfile
 
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.data.records import load_records, write_records_jsonl
     from patchgap.storage.store import Store
 
@@ -160,8 +165,8 @@ def stage(
 @app.command("ls")
 def list_sets(output_format: Format = OUTPUT_FORMAT) -> None:
     """List the named public sets and whether each resolves in the data directory."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.data.records import NAMED_SETS
-    from patchgap.settings import DATA_DIR_ENV, data_dir
 
     root = data_dir()
     rows = []

@@ -9,11 +9,11 @@ from pathlib import Path
 import typer
 
 from patchgap.cli.output import plain_printer
+from patchgap.logs import setup_logging
+from patchgap.settings import configs_dir
 
 
 def default_demo_config() -> Path:
-    from patchgap.settings import configs_dir
-
     path = configs_dir() / "demo.yaml"
     if not path.is_file():
         raise typer.BadParameter(f"{path} not found; pass --config")
@@ -27,7 +27,7 @@ def demo(
     ),
 ) -> None:
     """Run all five stages on a small real model with local S3 (what `make demo` calls)."""
-    from patchgap.logs import setup_logging
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.run.execute import run_pipeline
     from patchgap.run.preflight import check_and_prepare
 

@@ -40,6 +40,7 @@ def prepare(
     cache_dir: Path | None = _CACHE,
 ) -> None:
     """Convert a known model into a safetensors folder with tokenizer and chat template."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.lm import models
 
     spec = models.known_model(name)
@@ -69,6 +70,7 @@ def prepare(
 @app.command("ls")
 def list_models(cache_dir: Path | None = _CACHE, output_format: Format = OUTPUT_FORMAT) -> None:
     """List known model aliases, whether each is prepared, and where."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.lm import models
 
     rows = []
@@ -94,6 +96,7 @@ def info(
     path: Path = _INFO_PATH,
 ) -> None:
     """Show architecture, parameter count, vocabulary and chat template of a model folder."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.lm import models
 
     folder = path
@@ -128,6 +131,7 @@ def push(
     uri: str = typer.Argument(..., help="s3:// prefix, e.g. s3://patchgap/models/smollm2"),
 ) -> None:
     """Upload a model folder to S3 with its manifest; stages then accept the s3:// URI as model."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.lm import models
 
     if not uri.startswith("s3://"):

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import typer
 
+from patchgap.cli import print_error
 from patchgap.cli.output import plain_printer
+from patchgap.errors import PatchgapError
+from patchgap.logs import setup_logging
+from patchgap.pipelines.compile import compile_all
 
 
 def compile_pipelines(
@@ -18,10 +22,6 @@ def compile_pipelines(
     ),
 ) -> None:
     """Compile pipelines to YAML for KFP: <name>.yaml in the current folder or --out DIR."""
-    from patchgap.cli import print_error
-    from patchgap.errors import PatchgapError
-    from patchgap.pipelines.compile import compile_all
-
     try:
         written = compile_all(out_dir, names)
     except PatchgapError as err:
@@ -50,7 +50,7 @@ def run(
 ) -> None:
     """Run a pipeline on this machine: check every input, stage data and model in S3, run,
     publish the run."""
-    from patchgap.logs import setup_logging
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.run.preflight import check_and_prepare, run_preflight
 
     setup_logging()
@@ -60,6 +60,7 @@ def run(
         report.raise_for_failures()
         say(report.summary())
         return
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.run.execute import run_pipeline
 
     prepared = check_and_prepare(config, docker=docker, start_embedded_s3=embedded_s3, say=say)

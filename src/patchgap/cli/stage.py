@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from patchgap.logs import setup_logging
 from patchgap.stages import STAGES
 
 
@@ -20,7 +21,7 @@ def stage(
     force: bool = typer.Option(False, "--force", help="recompute even when outputs are complete"),
 ) -> None:
     """Run one stage (train-rewriter, rewrite, gate, sft, evaluate) outside any pipeline."""
-    from patchgap.logs import setup_logging
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.stages.base import run_from_args, stage_module
 
     setup_logging()

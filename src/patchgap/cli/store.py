@@ -29,6 +29,7 @@ _PORT = typer.Option(
 
 
 def _server(home: Path | None, port: int | None = None, bucket: str | None = None):  # noqa: ANN202
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.server import EmbeddedS3
 
     return EmbeddedS3(home, port, bucket=bucket)

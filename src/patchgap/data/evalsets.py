@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchgap.data.records import FieldMap
+from patchgap.answers import reference_answer
+from patchgap.data.records import PRESETS, DatasetSpec, FieldMap, choice_count, load_records
 from patchgap.errors import ConfigError, DataError
+from patchgap.settings import cache_dir
+from patchgap.settings import data_dir as default_data_dir
+from patchgap.storage.store import fetch_to_local
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -121,17 +125,12 @@ def resolve_path(path: str | Path, data_dir: Path | None = None) -> Path:
     looked up beside the working directory first, then in the data directory."""
     text = str(path)
     if text.startswith("s3://"):
-        from patchgap.settings import cache_dir
-        from patchgap.storage.store import fetch_to_local
-
         dest = cache_dir() / "benchmarks" / text.removeprefix("s3://").replace("/", "_")
         return Path(fetch_to_local(text, dest, external=True))
     p = Path(text.removeprefix("file://")).expanduser()
     if p.is_absolute() or p.exists():
         return p
     if data_dir is None:
-        from patchgap.settings import data_dir as default_data_dir
-
         data_dir = default_data_dir()
     if data_dir is None:
         raise ConfigError(
@@ -166,8 +165,6 @@ def _answer_text(value: Any) -> str:
 
 
 def _reference_from_solution(solution: str) -> str | None:
-    from patchgap.answers import reference_answer
-
     return reference_answer(solution)
 
 
@@ -229,8 +226,6 @@ def load_mapped_set(
     """A custom downstream set read with the training data's field map (a preset name or a
     :class:`~patchgap.data.records.FieldMap`: context fields, answer patterns, choices, list
     fields). Every record must be valid: an evaluation set with holes would skew accuracy."""
-    from patchgap.data.records import PRESETS, DatasetSpec, choice_count, load_records
-
     local = resolve_path(path, data_dir)
     result = load_records(DatasetSpec(source=str(local), fields=fields))
     if result.rejects:
@@ -429,8 +424,6 @@ def load_heldout_set(
 ) -> list[Any]:
     """Problems with reference solutions (:class:`~patchgap.data.records.Record`) of a held-out
     set, read with the training data's loader; records without a solution are left out."""
-    from patchgap.data.records import DatasetSpec, load_records
-
     try:
         default, preset = HELDOUT_SETS[name]
     except KeyError:
@@ -521,8 +514,6 @@ def render_lm_eval_tasks(
     directory filled in; ``paths`` overrides one benchmark's location (local path or s3:// URI,
     fetched here so lm-eval only ever reads local files)."""
     if data_dir is None:
-        from patchgap.settings import data_dir as default_data_dir
-
         data_dir = default_data_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     for src in sorted(task_yaml_dir().glob("*.yaml")):

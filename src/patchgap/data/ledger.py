@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from patchgap.errors import PatchgapError
+from patchgap.storage.store import sha256_file
 
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -127,8 +128,6 @@ def content_sha256(store: Any, uri: str) -> str:
     """
     import tempfile
     from pathlib import Path
-
-    from patchgap.storage.store import sha256_file
 
     with tempfile.TemporaryDirectory(prefix="patchgap-ledger-") as tmp:
         return sha256_file(store.get_file(uri, Path(tmp) / "object"))

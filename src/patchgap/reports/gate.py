@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from patchgap.reports.stats import bootstrap_ci
+
 REPORT_MD = "gate_report.md"
 REPORT_HTML = "gate_report.html"
 REPORT_PNG = "gate_plot.png"
@@ -152,8 +154,6 @@ class GateStats:
     def accepted_gap(self) -> dict[str, float]:
         """The paired NLL gap over the accepted records: mean of NLL(y*) - NLL(chosen rewrite)
         with a seeded percentile-bootstrap 95% interval (NaN when nothing was accepted)."""
-        from patchgap.reports.stats import bootstrap_ci
-
         gaps = list(self.gap_accepted)
         if not gaps:
             nan = math.nan

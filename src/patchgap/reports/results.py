@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from patchgap.errors import StoreError
+from patchgap.reports.evaluation import md_table, table_sections
+from patchgap.storage.store import join_uri
 
 _GATE = re.compile(r"(?:^|/)(gate(?:-\d+)?)/report/gate_metrics\.json$")
 _REWRITE = re.compile(r"(?:^|/)(rewrite(?:-\d+)?)/[^/]+/summary-\d+-of-\d+\.json$")
@@ -45,7 +47,6 @@ def _suffix(task: str) -> str:
 
 def collect(store: Any, prefix: str, keys: Sequence[str]) -> RunResults:
     """Read a run's manifest and report files from ``prefix`` (keys relative to it)."""
-    from patchgap.storage.store import join_uri
 
     def read_json(key: str) -> Any:
         uri = join_uri(prefix, key)
@@ -152,6 +153,7 @@ def construction_rows(results: RunResults) -> list[list[str]]:
 def _accepted_gap(metrics: dict[str, Any]) -> str:
     if metrics.get("nll_gap_accepted_n") is None:
         return "n/a"  # a gate from before this figure existed
+    # Deferred: it loads numpy.
     from patchgap.reports.gate import gap_text
 
     return gap_text(metrics)
@@ -169,15 +171,11 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def _md(rows: list[list[str]]) -> str:
-    from patchgap.reports.evaluation import md_table
-
     return md_table(rows)
 
 
 def render(results: RunResults, scatter_name: str | None = None) -> str:
     """The report as Markdown (no interpretation: that is the reader's, beside it)."""
-    from patchgap.reports.evaluation import table_sections
-
     man = results.manifest
     env = man.get("environment") or {}
     inputs = man.get("inputs") or {}

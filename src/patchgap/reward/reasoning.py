@@ -27,6 +27,7 @@ from fractions import Fraction
 
 from pydantic import Field
 
+from patchgap.answers import extract_answer
 from patchgap.config import StrictModel
 
 __all__ = [
@@ -214,8 +215,6 @@ def intermediate_results(solution: str, final_answer: str | None = None) -> list
     >>> intermediate_results("So $x = 3$ and $y = \\\\frac{1}{2}$, thus $x + y = \\\\boxed{3.5}$.")
     ['3', '0.5']
     """
-    from patchgap.answers import extract_answer
-
     final = final_answer if final_answer is not None else extract_answer(solution)
     final_norm = normalise_number(final) if final is not None else None
     annotations = _CALC.findall(solution)

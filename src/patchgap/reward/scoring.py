@@ -42,8 +42,10 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import Field
 
+from patchgap.answers import equivalent
 from patchgap.config import StrictModel
 from patchgap.errors import ConfigError
+from patchgap.lm.models import apply_chat, device_for, shared_model
 from patchgap.reward.reasoning import ReasoningCheckConfig, check_reasoning
 from patchgap.reward.rewards import LAMBDA_DIST, LAMBDA_DIV, RewardTerms, group_rewards
 
@@ -350,8 +352,6 @@ def _encode(tok: Any, text: str, special: bool) -> list[int]:
 
 
 def _chat_text(tok: Any, content: str) -> str:
-    from patchgap.lm.models import apply_chat
-
     return apply_chat(tok, [{"role": "user", "content": content}], add_generation_prompt=True)
 
 
@@ -652,8 +652,6 @@ class Embedder:
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
-            from patchgap.lm.models import device_for
-
             source = resolve_embedder(self.name)
             try:
                 self._model = SentenceTransformer(source, device=device_for(self.device))
@@ -727,8 +725,6 @@ class GroupRewardScorer:
 
     # Components -------------------------------------------------------------------------
     def _lm(self, name: str | Path) -> tuple[Any, Any]:
-        from patchgap.lm.models import shared_model
-
         loaded = shared_model(name, dtype=self.config.dtype, device=self.config.device)
         return loaded[0], loaded[1]
 
@@ -870,8 +866,6 @@ class GroupRewardScorer:
     ) -> list[list[RewardTerms]]:
         """The reward terms of every candidate, groups aligned with questions and answers (and
         the reference solutions, which the ``reasoning_check`` judge needs)."""
-        from patchgap.answers import equivalent
-
         if not len(questions) == len(reference_answers) == len(groups_of_candidates):
             raise ValueError(
                 f"score_groups: {len(questions)} questions, {len(reference_answers)} answers, "

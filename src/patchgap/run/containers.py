@@ -11,6 +11,8 @@ import shutil
 from typing import Any
 
 from patchgap.errors import ConfigError
+from patchgap.kfp.images import image_for
+from patchgap.run.inputs import inputs_to_s3
 from patchgap.run.prepare import PreparedRun, Say
 
 #: The images a pipeline's steps run in (patchgap.kfp.images names).
@@ -71,8 +73,6 @@ def check_images(client: Any, pipeline: str) -> list[str]:
     """The image references of ``pipeline``'s steps; raises when any is not built."""
     import docker
 
-    from patchgap.kfp.images import image_for
-
     refs = [image_for(name) for name in PIPELINE_IMAGES[pipeline]]
     missing = []
     for ref in refs:
@@ -93,8 +93,6 @@ def check_s3_from_container(client: Any, prepared: PreparedRun, env: dict[str, s
     """Run the store client in the ops image against the staged dataset; raises when the
     container cannot reach the endpoint (or cannot read the object)."""
     import docker
-
-    from patchgap.kfp.images import image_for
 
     endpoint = env.get("AWS_ENDPOINT_URL_S3", "(AWS default)")
     try:
@@ -139,8 +137,6 @@ def prepare_docker(prepared: PreparedRun, say: Say) -> dict[str, Any]:
     """All checks, then pi0 and the evaluation sets into S3; returns the DockerRunner keyword
     arguments."""
     from kfp.local import docker_task_handler
-
-    from patchgap.run.inputs import inputs_to_s3
 
     client = engine_client()
     try:

@@ -17,14 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from patchgap.data.ledger import content_sha256
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.reports.evaluation import render_text
+from patchgap.run.containers import prepare_docker
 from patchgap.run.prepare import PreparedRun, RunSettings, Say
-from patchgap.stages.base import STAGE_SECTIONS, section_json
+from patchgap.settings import home_dir
+from patchgap.stages import STAGES
+from patchgap.stages.base import environment_info, section_json
+from patchgap.storage.store import Store, fetch_to_local
 
 #: The stage sections each pipeline passes to its components.
 PIPELINE_SECTIONS = {
-    "full": STAGE_SECTIONS,
-    "rewrite": tuple(s for s in STAGE_SECTIONS if s != "train_rewriter"),
+    "full": STAGES,
+    "rewrite": tuple(s for s in STAGES if s != "train_rewriter"),
     "watch": ("rewrite", "gate"),
 }
 
@@ -79,8 +85,6 @@ def local_adapter(
     root at the same path, and no other host folder), so the importer, and the graph, stay as
     the cluster runs them; the published run then holds the adapter it used.
     """
-    from patchgap.storage.store import fetch_to_local
-
     uri = args.get("adapter_uri") or ""
     if not uri:
         return
@@ -106,7 +110,6 @@ def _init_kfp_local(prepared: PreparedRun, pipeline_root: Path, say: Say) -> Non
     if prepared.settings.runner == "subprocess":
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root))
         return
-    from patchgap.run.containers import prepare_docker
 
     kwargs = prepare_docker(prepared, say)
     local.init(runner=local.DockerRunner(**kwargs), pipeline_root=str(pipeline_root))
@@ -116,10 +119,6 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
     """Run ``prepared`` under kfp.local, upload the pipeline root and the run manifest; returns
     the manifest."""
     import importlib
-
-    from patchgap.settings import home_dir
-    from patchgap.stages.base import environment_info
-    from patchgap.storage.store import Store
 
     s = prepared.settings
     root = home_dir() / "runs" / prepared.run_id
@@ -283,8 +282,6 @@ def watch_lines(summary: dict[str, Any], claim_hours: float) -> list[str]:
 
 def _object_sha(store: Any, uri: str) -> str | None:
     try:
-        from patchgap.data.ledger import content_sha256
-
         return content_sha256(store, uri)
     except PatchgapError:
         return None
@@ -298,8 +295,6 @@ def _find_report(root: Path) -> Path | None:
 def run_summary(results_json: Path, pipeline_root: Path, run_id: str, bucket: str) -> str:
     """The end-of-run summary: the evaluate tables at the terminal's width, where the HTML report
     and plots are, and the command that fetches them from the store."""
-    from patchgap.reports.evaluation import render_text
-
     folder = results_json.parent
     table = json.loads(results_json.read_text())["forgetting_table"]
     rel = folder.relative_to(pipeline_root).as_posix()

@@ -9,8 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from patchgap.data.evalsets import HELDOUT_SETS, MATH_SETS, MC_SETS, resolve_path
 from patchgap.errors import ConfigError
+from patchgap.lm.models import push_model
 from patchgap.run.prepare import PreparedRun, Say
+from patchgap.settings import data_dir
+from patchgap.stages.base import section_config
+from patchgap.stages.evaluate import Config as EvaluateConfig
+from patchgap.storage.store import Store
 
 
 def inputs_to_s3(prepared: PreparedRun, say: Say) -> None:
@@ -30,7 +36,6 @@ def model_to_s3(prepared: PreparedRun, say: Say) -> str:
     that is no local folder is returned as it is."""
     if not Path(prepared.model_path).is_dir():  # an s3:// folder, or a hub id the steps resolve
         return prepared.model_path
-    from patchgap.lm.models import push_model
 
     uri = f"s3://{prepared.settings.bucket}/models/{Path(prepared.model_path).name}"
     push_model(prepared.model_path, uri)
@@ -44,12 +49,8 @@ def evalsets_to_s3(raw: dict[str, Any], bucket: str, source: str, say: Say) -> d
     ``benchmark_paths``); each custom math set with a local ``path:`` goes to
     ``s3://<bucket>/benchmarks/custom/<name>/`` and its entry points there. Sets given as
     ``s3://`` already, and lm-eval tasks with their own data, are left as they are."""
-    from patchgap.stages.base import section_config
-    from patchgap.stages.evaluate import Config
-    from patchgap.storage.store import Store
-
     where = f"{source} [evaluate]"
-    cfg = section_config(Config, raw, "evaluate", where)
+    cfg = section_config(EvaluateConfig, raw, "evaluate", where)
     store = Store.from_env()
     paths = _named_sets_to_s3(cfg, bucket, where, store)
     section = dict(raw.get("evaluate") or {})
@@ -75,9 +76,6 @@ def _upload(store: Any, local: Path, uri: str) -> None:
 
 def _named_sets_to_s3(cfg: Any, bucket: str, where: str, store: Any) -> dict[str, str]:
     """``benchmark_paths`` with every named set the section reads from the data directory."""
-    from patchgap.data.evalsets import HELDOUT_SETS, MATH_SETS, MC_SETS
-    from patchgap.settings import data_dir
-
     names = [m.name for m in cfg.math if m.path is None] + cfg.general + cfg.choice
     # the held-out solutions and the drift questions come from named sets too
     names += cfg.heldout.sets if cfg.heldout.enabled else []
@@ -109,8 +107,6 @@ def _custom_sets_to_s3(
 ) -> list[Any] | None:
     """The section's ``math`` list with each local custom set uploaded and its ``path``
     replaced by the copy's URI; None when there is none to upload."""
-    from patchgap.data.evalsets import resolve_path
-
     folder = Path(cfg.data_dir) if cfg.data_dir else None
     out: list[Any] = list(entries or [])
     changed = False

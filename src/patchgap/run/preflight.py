@@ -23,8 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from patchgap.config import validate
+from patchgap.data import evalsets as bm
+from patchgap.data.evalsets import subset_indices
+from patchgap.data.records import DatasetSpec, load_records
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.lm import models
+from patchgap.run.containers import check_images, engine_client
 from patchgap.run.prepare import PreparedRun, RunSettings, Say, load_run_settings, prepare_run
+from patchgap.settings import CACHE_DIR_ENV
+from patchgap.settings import data_dir as default_data_dir
+from patchgap.stages import STAGES
+from patchgap.stages import evaluate as ev
+from patchgap.stages.base import section_config, stage_module
+from patchgap.storage.store import Store
 
 Status = Literal["ok", "later", "FAIL"]
 CheckFn = Callable[[], tuple[Status, str]]
@@ -181,16 +193,12 @@ def dataset_sources(
 ) -> list[tuple[str, Any]]:
     """(where, DatasetSpec) of D and of every ``dataset:`` a stage section sets itself; a
     section's default dataset is not listed (the pipeline wires D in)."""
-    from patchgap.config import validate
-    from patchgap.data.records import DatasetSpec
-    from patchgap.stages.base import STAGE_SECTIONS, section_config, stage_module
-
     out: list[tuple[str, Any]] = []
     if settings.dataset is not None:  # watch has none: it finds its datasets under the prefix
         out.append(
             ("run.dataset", validate(DatasetSpec, settings.dataset, f"{path} [run.dataset]"))
         )
-    for section in STAGE_SECTIONS:
+    for section in STAGES:
         sub = raw.get(section) or {}
         if not isinstance(sub, dict):
             continue
@@ -207,7 +215,6 @@ def _check_prefix(settings: RunSettings) -> tuple[Status, str]:
     prefix = str(settings.prefix)
     if not endpoint_configured():
         return "later", f"{prefix}: listed when the store is up (no S3 endpoint set yet)"
-    from patchgap.storage.store import Store
 
     store = Store.from_env()
     found = [o for o in store.list(prefix) if not o.key.rsplit("/", 1)[-1].startswith("_")]
@@ -215,8 +222,6 @@ def _check_prefix(settings: RunSettings) -> tuple[Status, str]:
 
 
 def _check_dataset(path: Path, where: str, spec: Any) -> tuple[Status, str]:
-    from patchgap.data.records import load_records
-
     if spec.source.startswith("s3://") and not endpoint_configured():
         return "later", f"{spec.source}: read when the store is up (no S3 endpoint set yet)"
     try:
@@ -247,8 +252,6 @@ def _short(text: str, limit: int = SAMPLE_CHARS) -> str:
 def scratch_cache() -> Iterator[None]:
     """Point the cache at a temporary folder for the duration: an ``s3://`` source read by a
     check leaves no copy behind (the preflight writes nothing)."""
-    from patchgap.settings import CACHE_DIR_ENV
-
     old = os.environ.get(CACHE_DIR_ENV)
     with tempfile.TemporaryDirectory(prefix="patchgap-check-") as tmp:
         os.environ[CACHE_DIR_ENV] = tmp
@@ -267,11 +270,6 @@ def scratch_cache() -> Iterator[None]:
 def evalset_checks(raw: dict[str, Any], path: Path) -> list[tuple[str, CheckFn]]:
     """One check per evaluation set of the ``evaluate:`` section, each loaded with the evaluate
     stage's own functions on the whole set (the run then takes its seeded subset)."""
-    from patchgap.data import evalsets as bm
-    from patchgap.settings import data_dir as default_data_dir
-    from patchgap.stages import evaluate as ev
-    from patchgap.stages.base import section_config
-
     source = f"{path} [evaluate]"
     cfg = section_config(ev.Config, raw, "evaluate", source)
     folder = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
@@ -379,8 +377,6 @@ def evalset_checks(raw: dict[str, Any], path: Path) -> list[tuple[str, CheckFn]]
 
 
 def _heldout(records: list[Any], cfg: Any) -> tuple[Status, str]:
-    from patchgap.data.evalsets import subset_indices
-
     used = len(subset_indices(len(records), cfg.heldout.limit, cfg.seed))
     rec = records[0]
     sample = f"{rec.id}: {_short(rec.question)} -> {_short(rec.answer, 24)}"
@@ -405,11 +401,9 @@ def model_checks(
 ) -> list[tuple[str, CheckFn]]:
     """One check per distinct model reference: pi0, the judge models and embedders of the
     reward sections, and the rewrite pipeline's adapter. Nothing is loaded or converted."""
-    from patchgap.stages.base import STAGE_SECTIONS, section_config, stage_module
-
     refs: dict[tuple[str, str], list[str]] = {}
     refs.setdefault(("model", str(raw.get("model", "smollm2"))), []).append("model")
-    for section in STAGE_SECTIONS:
+    for section in STAGES:
         cfg = section_config(stage_module(section).Config, raw, section, f"{path} [{section}]")
         reward = getattr(cfg, "reward", None)
         if reward is None or not hasattr(reward, "embedder"):
@@ -440,8 +434,6 @@ def model_checks(
 def _check_model(
     kind: str, ref: str, where: str, key: str, settings: RunSettings, hub_here: bool = True
 ) -> tuple[Status, str]:
-    from patchgap.lm import models
-
     if kind == "model":
         spec = models.known_model(ref)
         if spec is not None:
@@ -455,6 +447,7 @@ def _check_model(
             why = models.stale_reason(folder)
             return "ok", f"alias {spec.alias}, {why}: the run converts {gguf.name}"
     if kind == "embedder":
+        # Deferred: it loads numpy.
         from patchgap.reward.scoring import resolve_embedder
 
         try:
@@ -481,7 +474,6 @@ def _check_model(
 def _check_s3_model(uri: str, where: str, kind: str) -> tuple[Status, str]:
     if not endpoint_configured():
         return "later", f"{uri}: its manifest is checked when the store is up (no endpoint set)"
-    from patchgap.storage.store import Store
 
     try:
         manifest = Store.from_env().read_manifest(uri)
@@ -578,8 +570,6 @@ def _check_hub(
 
 def docker_checks(pipeline: str) -> list[tuple[str, CheckFn]]:
     """The Docker runner's checks that need no store: the engine answers, the images exist."""
-    from patchgap.run.containers import check_images, engine_client
-
     state: dict[str, Any] = {}
 
     def engine() -> tuple[Status, str]:

@@ -16,7 +16,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from patchgap.config import StrictModel, read_yaml, validate
+from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
 from patchgap.errors import ConfigError
+from patchgap.lm.models import known_model, prepare_smollm2, resolve_model
+from patchgap.stages.base import validate_run_yaml
+from patchgap.storage.server import EmbeddedS3
+from patchgap.storage.store import Store
 
 Say = Callable[[str], None]
 
@@ -85,9 +90,6 @@ class PreparedRun:
 def load_run_settings(path: Path) -> tuple[dict[str, Any], RunSettings]:
     """Read and validate the whole run YAML (every section, the dataset spec), before anything
     is started, staged or downloaded."""
-    from patchgap.data.records import DatasetSpec
-    from patchgap.stages.base import validate_run_yaml
-
     raw = read_yaml(path)
     if "run" not in raw:
         raise ConfigError(f"{path}: missing the `run:` section (dataset, bucket, pipeline)")
@@ -107,8 +109,6 @@ def load_run_settings(path: Path) -> tuple[dict[str, Any], RunSettings]:
 def check_watch_settings(settings: RunSettings, source: str) -> None:
     """The watch pipeline reads no D of its own: it needs an s3:// prefix in the run's bucket
     (where the run's credentials and the embedded S3 reach) and a valid field map."""
-    from patchgap.data.records import DatasetSpec
-
     where = f"{source} [run]"
     if settings.dataset is not None:
         raise ConfigError(
@@ -141,13 +141,8 @@ def prepare_run(
     False keeps a hub id or ``s3://`` pi0 as it is, for steps that resolve it themselves (pods)."""
     import os
 
-    from patchgap.lm.models import known_model, resolve_model
-    from patchgap.storage.store import Store
-
     raw, settings = load_run_settings(config_path)
     if start_embedded_s3 and not os.environ.get("AWS_ENDPOINT_URL_S3"):
-        from patchgap.storage.server import EmbeddedS3
-
         server = EmbeddedS3(bucket=settings.bucket)
         status = server.start()
         os.environ.update(server.env())
@@ -165,8 +160,6 @@ def prepare_run(
     if not hub_here and not Path(model).expanduser().is_dir() and known_model(model) is None:
         model_path = model
     elif model.lower() in ("smollm2", "smollm2-135m-instruct"):
-        from patchgap.lm.models import prepare_smollm2
-
         model_path = str(prepare_smollm2())
     else:
         model_path = str(resolve_model(model))
@@ -191,8 +184,6 @@ def stage_dataset(
     """Read D through its field map and put the selected records (and any rejects beside them)
     in the store; returns D's URI and its counts."""
     import tempfile
-
-    from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
 
     spec = validate(DatasetSpec, settings.dataset, f"{config_path} [run.dataset]")
     with tempfile.TemporaryDirectory(prefix="patchgap-stage-") as tmp:

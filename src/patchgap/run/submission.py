@@ -8,17 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from patchgap.errors import ConfigError
-from patchgap.run.prepare import Say
+from patchgap.run.execute import pipeline_arguments
+from patchgap.run.inputs import inputs_to_s3
+from patchgap.run.preflight import run_preflight
+from patchgap.run.prepare import Say, prepare_run
 
 
 def submission_arguments(config_path: Path, say: Say = print) -> tuple[str, dict[str, Any]]:
     """(pipeline name, its arguments) for ``config_path``; every input the pods read is in S3
     or is a hub id they resolve themselves. Nothing is uploaded unless the preflight passed."""
-    from patchgap.run.execute import pipeline_arguments
-    from patchgap.run.inputs import inputs_to_s3
-    from patchgap.run.preflight import run_preflight
-    from patchgap.run.prepare import prepare_run
-
     report = run_preflight(config_path, docker=False, hub_here=False, say=say)
     report.raise_for_failures()
     say(report.summary())

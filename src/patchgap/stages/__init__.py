@@ -5,4 +5,5 @@
 May import: patchgap.training, patchgap.reward, patchgap.reports and everything below them.
 """
 
+#: The five stages, in pipeline order; also the stage sections of a run YAML.
 STAGES = ("train_rewriter", "rewrite", "gate", "sft", "evaluate")

@@ -33,8 +33,13 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from patchgap.args import split_key_value
 from patchgap.config import StrictModel, apply_overrides, read_yaml, safe_load_yaml, validate
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.logs import setup_logging
+from patchgap.settings import project_root
+from patchgap.stages import STAGES
+from patchgap.storage.store import MANIFEST_NAME, Store, fetch_to_local
 
 log = logging.getLogger("patchgap.stages")
 
@@ -47,11 +52,8 @@ STAGE_RECORD = "_stage.json"
 #: sections (``generation``, ``reward``), declares the field.
 SHARED_KEYS = ("model", "seed", "trust_remote_code", "device", "dtype")
 
-#: The stage sections of a run YAML, in pipeline order.
-STAGE_SECTIONS = ("train_rewriter", "rewrite", "gate", "sft", "evaluate")
-
 #: Every top-level key a run YAML may have.
-RUN_YAML_KEYS = ("run", *STAGE_SECTIONS, *SHARED_KEYS)
+RUN_YAML_KEYS = ("run", *STAGES, *SHARED_KEYS)
 
 #: Packages whose versions go into every manifest.
 TRACKED_PACKAGES = (
@@ -84,8 +86,6 @@ class StageModule(Protocol):
 
 def stage_module(name: str) -> StageModule:
     """The stage module for ``name`` (``train-rewriter`` and ``train_rewriter`` alike)."""
-    from patchgap.stages import STAGES
-
     key = name.replace("-", "_")
     if key not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; choose one of: {', '.join(STAGES)}")
@@ -131,7 +131,7 @@ def validate_run_yaml(data: Mapping[str, Any], source: str) -> None:
     import importlib
 
     check_top_level_keys(data, source)
-    for section in STAGE_SECTIONS:
+    for section in STAGES:
         module = importlib.import_module(f"patchgap.stages.{section}")
         section_config(module.Config, dict(data), section, f"{source} [{section}]")
 
@@ -192,8 +192,6 @@ def path_hash(path: Path) -> str:
     (checkpoints, kept batches, finished outputs) would start over. The manifest lists the other
     files' hashes, so leaving it out loses nothing of the content.
     """
-    from patchgap.storage.store import MANIFEST_NAME
-
     h = hashlib.sha256()
     if path.is_file():
         files = [path]
@@ -227,8 +225,6 @@ def environment_info() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
-    from patchgap.settings import project_root
-
     root = project_root()
     if root is None or not (root / ".git").exists():
         return None
@@ -333,8 +329,6 @@ def execute(
         local_in: dict[str, Path] = {}
         for name, uri in inputs.items():
             if _is_remote(uri):
-                from patchgap.storage.store import fetch_to_local
-
                 say(f"{stage.NAME}: fetching input {name} from {uri}")
                 local_in[name] = fetch_to_local(uri, root / "in" / name)
             else:
@@ -384,8 +378,6 @@ def execute(
         for p in local_out.values():
             (p / STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
         if remote_out:
-            from patchgap.storage.store import Store
-
             store = Store.from_env()
             for name, uri in remote_out.items():
                 say(f"{stage.NAME}: uploading output {name} to {uri}")
@@ -400,8 +392,6 @@ def execute(
 def _finished_metrics(
     remote_out: Mapping[str, str], chash: str, input_hashes: Mapping[str, str]
 ) -> dict[str, float] | None:
-    from patchgap.storage.store import Store
-
     store = Store.from_env()
     metrics: dict[str, float] | None = None
     for uri in remote_out.values():
@@ -418,10 +408,8 @@ def _finished_metrics(
 def parse_pairs(items: list[str] | None, flag: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"{flag} {item!r}: expected NAME=URI")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
+        name, uri = split_key_value(item, flag, expected="NAME=URI")
+        out[name] = uri.strip()
     return out
 
 
@@ -488,8 +476,6 @@ def run_component(
     JSON, any YAML mapping text accepted) with ``overrides``, run the stage on the artifacts'
     local paths (``None`` for an optional input not wired), log finite numeric metrics. Imports
     no kfp: artifacts are duck-typed (``.path``, ``.metadata``, ``log_metric``)."""
-    from patchgap.logs import setup_logging
-
     setup_logging()
     stage = stage_module(stage_name)
     data = safe_load_yaml(config, f"component {stage_name} config") or {}
@@ -518,8 +504,6 @@ def run_component(
 
 def main(stage: StageModule | ModuleType, argv: list[str] | None = None) -> int:
     """The container entrypoint: ``python -m patchgap.stages.<name> --config ... --input ...``."""
-    from patchgap.logs import setup_logging
-
     setup_logging()
     args = build_parser(stage).parse_args(argv)  # type: ignore[arg-type]
     try:

@@ -17,13 +17,24 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from patchgap.answers import equivalent, extract_answer, extract_choice
 from patchgap.config import StrictModel
+from patchgap.data import evalsets as bm
+from patchgap.data.evalsets import HELDOUT_SETS, MC_SETS, render_lm_eval_tasks
 from patchgap.data.records import FieldMap
 from patchgap.errors import ConfigError, DataError
-from patchgap.lm.generation import GenerationConfig
+from patchgap.lm.generation import GenerationConfig, make_generator, resolve_model_path
+from patchgap.lm.likelihood import CompletionScorer, chat_completion_ids
+from patchgap.lm.models import apply_chat, device_for, dtype_for
+from patchgap.progress import Progress
+from patchgap.prompts import choice_eval_messages, math_eval_messages, render
+from patchgap.reports.evaluation import write_report
+from patchgap.reports.forgetting import forgetting_table
+from patchgap.settings import data_dir as default_data_dir
 from patchgap.stages import resume
-from patchgap.stages.base import main
+from patchgap.stages.base import main, path_hash
 from patchgap.stages.resume import LeftOut, StageState
+from patchgap.storage.store import fetch_to_local
 
 log = logging.getLogger("patchgap.stages.evaluate")
 
@@ -83,8 +94,6 @@ class DriftSettings(StrictModel):
     @field_validator("benchmarks")
     @classmethod
     def _known_sets(cls, value: list[str] | None) -> list[str] | None:
-        from patchgap.data.evalsets import MC_SETS
-
         unknown = [b for b in value or [] if b not in MC_SETS]
         if unknown:
             raise ValueError(f"drift.benchmarks: unknown {unknown}; known: {sorted(MC_SETS)}")
@@ -113,8 +122,6 @@ class HeldoutSettings(StrictModel):
     @field_validator("sets")
     @classmethod
     def _known_sets(cls, value: list[str]) -> list[str]:
-        from patchgap.data.evalsets import HELDOUT_SETS
-
         unknown = [b for b in value if b not in HELDOUT_SETS]
         if unknown:
             raise ValueError(f"heldout.sets: unknown {unknown}; known: {sorted(HELDOUT_SETS)}")
@@ -280,12 +287,9 @@ def resolve_models(config: Config, models_input: Path | None, workdir: Path) -> 
 
 def _model_folder(path: str, models_input: Path | None, dest: Path) -> Path:
     if path.startswith("s3://"):
-        from patchgap.storage.store import fetch_to_local
-
         return Path(fetch_to_local(path, dest))
     if models_input is not None and (models_input / path).is_dir():
         return models_input / path
-    from patchgap.lm.generation import resolve_model_path
 
     return resolve_model_path(path)
 
@@ -358,8 +362,6 @@ class EvalState(StageState):
 
 
 def _math_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
-    from patchgap.data import evalsets as bm
-
     sets: dict[str, list[Any]] = {}
     for ms in config.math:
         if ms.path is not None:
@@ -374,8 +376,6 @@ def _math_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
 
 
 def _choice_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
-    from patchgap.data import evalsets as bm
-
     sets = {}
     for name in config.choice:
         items = bm.load_mc_set(name, config.benchmark_paths.get(name), data_dir)
@@ -392,11 +392,6 @@ def generative_eval(
 ) -> dict[str, list[ItemResult]]:
     """Greedy answers of one model to every math and boxed-letter item, scored per item;
     ``on_set`` is called as each set finishes (to save it)."""
-    from patchgap.answers import equivalent, extract_answer, extract_choice
-    from patchgap.lm.generation import make_generator
-    from patchgap.lm.models import apply_chat
-    from patchgap.prompts import choice_eval_messages, math_eval_messages
-
     if not math_sets and not choice_sets:
         return {}
     work = sum(len(v) for v in math_sets.values()) + sum(len(v) for v in choice_sets.values())
@@ -450,8 +445,6 @@ def generative_eval(
 
 def _generate(gen: Any, prompts: list[str], model: Path, bench: str) -> list[list[Any]]:
     """Greedy generations with a bar (items/s, ETA) per model and benchmark."""
-    from patchgap.progress import Progress
-
     with Progress(f"{model.name} {bench}", "items", total=len(prompts)) as bar:
         return gen.generate(prompts, progress=bar.update)
 
@@ -478,9 +471,6 @@ def lm_eval_general(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-
-    from patchgap.data import evalsets as bm
-    from patchgap.lm.models import device_for, dtype_for
 
     ours = [b for b in config.general if b in bm.LM_EVAL_TASKS]
     external = [b for b in config.general if b not in bm.LM_EVAL_TASKS]
@@ -615,7 +605,6 @@ def drift_questions(config: Config, data_dir: Path | None) -> list[tuple[str, st
     """The fixed general questions pi0 answers for the drift metric: (benchmark, id, text)."""
     if not config.drift.enabled:
         return []
-    from patchgap.data import evalsets as bm
 
     names = config.drift.benchmarks
     if names is None:
@@ -635,7 +624,6 @@ def heldout_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]
     """The held-out problems with reference solutions, a fixed seeded subset per set."""
     if not config.heldout.enabled:
         return {}
-    from patchgap.data import evalsets as bm
 
     return {
         name: bm.take_subset(
@@ -651,9 +639,6 @@ def pi0_answers(
     config: Config, base_path: Path, questions: Sequence[tuple[str, str, str]]
 ) -> list[dict[str, Any]]:
     """pi0's greedy answer to every drift question (the texts every model is scored on)."""
-    from patchgap.lm.generation import make_generator
-    from patchgap.lm.models import apply_chat
-
     gen_cfg = config.generation.model_copy(update={"max_new_tokens": config.drift.max_new_tokens})
     gen = make_generator(base_path, None, gen_cfg, work=len(questions))
     t0 = time.time()
@@ -697,9 +682,6 @@ def continuous_eval(
     """One model's NLL of pi0's drift answers (``answers``, may be empty) and of the held-out
     reference solutions (``heldout``), per item: ``nll`` (nats per token), ``tokens``,
     ``nll_sum``. ``on_metric`` is called as each metric finishes (to save it)."""
-    from patchgap.lm.likelihood import CompletionScorer
-    from patchgap.progress import Progress
-
     if not answers and not heldout:
         return {}
     scorer = CompletionScorer.load(
@@ -755,9 +737,6 @@ def _nll_jobs(
 ) -> list[tuple[str, list[str], list[tuple[list[int], list[int]]]]]:
     """(metric, item ids, (prompt, completion) token ids) for every NLL ``continuous_eval``
     scores."""
-    from patchgap.lm.likelihood import chat_completion_ids
-    from patchgap.prompts import render
-
     jobs: list[tuple[str, list[str], list[tuple[list[int], list[int]]]]] = []
     if answers:
         # An answer cut at its token limit never closed its turn: score only its own tokens.
@@ -879,10 +858,6 @@ def continuous_values(
 def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
-    from patchgap.reports.evaluation import write_report
-    from patchgap.reports.forgetting import forgetting_table
-    from patchgap.settings import data_dir as default_data_dir
-
     out = outputs["report"]
     data_dir = Path(config.data_dir) if config.data_dir else default_data_dir()
     t0 = time.time()
@@ -893,8 +868,6 @@ def run(
         choice_sets = _choice_items(config, data_dir)
         tasks_dir = None
         if config.general:
-            from patchgap.data.evalsets import render_lm_eval_tasks
-
             tasks_dir = render_lm_eval_tasks(work / "tasks", data_dir, config.benchmark_paths)
         scores: dict[str, dict[str, dict[str, bool]]] = {}
         values: dict[str, dict[str, dict[str, float]]] = {}
@@ -962,8 +935,6 @@ def run(
 
 def _model_key(path: Path) -> str:
     """What identifies a model's results: its files' content, not its folder name."""
-    from patchgap.stages.base import path_hash
-
     return path_hash(path)[:16]
 
 

@@ -10,7 +10,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,10 +18,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from patchgap.answers import extract_answer
 from patchgap.config import StrictModel
-from patchgap.data.records import FieldMap, Record
+from patchgap.data.records import Counts, DatasetSpec, FieldMap, Record, RejectSink, iter_records
+from patchgap.fsutil import atomic_path
 from patchgap.progress import Progress
-from patchgap.reward.scoring import RewardConfig
+from patchgap.reports.gate import GateStats, write_report
+from patchgap.reward.scoring import GroupRewardScorer, RewardConfig, calibration_sample
 
 log = logging.getLogger("patchgap.stages.gate")
 
@@ -114,8 +116,6 @@ class Decision:
 
 def candidate_reason(text: str, answer_ok: bool, judge_ok: bool) -> str:
     """Why a candidate is in or out of the feasible set (the report's histogram keys)."""
-    from patchgap.answers import extract_answer
-
     if not text.strip():
         return EMPTY
     if not answer_ok:
@@ -277,8 +277,6 @@ def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
 
 
 def _scorer(config: Config) -> Any:
-    from patchgap.reward.scoring import GroupRewardScorer
-
     return GroupRewardScorer(config.reward, config.model)
 
 
@@ -286,9 +284,6 @@ def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
     """Gate ``candidates`` against ``dataset`` into ``dataset_r`` and a ``report``."""
-    from patchgap.data.records import Counts, DatasetSpec, RejectSink, iter_records
-    from patchgap.reports.gate import GateStats, write_report
-
     out = Path(outputs["dataset_r"])
     report_dir = Path(outputs["report"])
     out.mkdir(parents=True, exist_ok=True)
@@ -305,11 +300,12 @@ def run(
         config.diversity_sample, config.seed, config.distinct_n, judge=scorer.describe_judge()
     )
     counts = Counts()
-    tmp_dr = out / f".{D_R_FILE}.{os.getpid()}.tmp"
-    tmp_acc = out / f".accepted.{os.getpid()}.tmp"
     seen: set[str] = set()
     try:
+        # The accepted file is entered first so that it is moved into place last, after D_R.
         with (
+            atomic_path(out / ACCEPTED_FILE) as tmp_acc,
+            atomic_path(out / D_R_FILE) as tmp_dr,
             RejectSink(out / "_rejects.jsonl") as sink,
             tmp_dr.open("w", encoding="utf-8") as f_dr,
             tmp_acc.open("w", encoding="utf-8") as f_acc,
@@ -326,13 +322,8 @@ def run(
                         f_acc.write(line)
                 bar.update(scored, accepted=f"{stats.accepted}/{stats.records}")
             rejected = sink.total
-        (out / "_accepted").mkdir(exist_ok=True)
-        os.replace(tmp_dr, out / D_R_FILE)
-        os.replace(tmp_acc, out / ACCEPTED_FILE)
     finally:
         index.close()
-        tmp_dr.unlink(missing_ok=True)
-        tmp_acc.unlink(missing_ok=True)
     unknown = sum(1 for rid in index.offsets if rid not in seen)
     if config.write_parquet:
         jsonl_to_parquet(out / D_R_FILE, out / PARQUET_FILE)
@@ -375,9 +366,6 @@ def _calibrate_judge(scorer: Any, config: Config, spec: Any) -> None:
     """Set the pi0_calibrated judge's threshold on the reference solutions of the records whose
     ids have the smallest sha256 (one pass over the dataset; the same references the
     train-rewriter stage picks from the same D)."""
-    from patchgap.data.records import RejectSink, iter_records
-    from patchgap.reward.scoring import calibration_sample
-
     # Rejected records are reported by the main pass; this one only looks for references.
     records = (r for r in iter_records(spec, RejectSink(None)) if r.solution)
     sample = calibration_sample(
@@ -449,25 +437,23 @@ def jsonl_to_parquet(src: Path, dest: Path, rows_per_group: int = 1000) -> int:
             ("provenance", prov),
         ]
     )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     n = 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer, src.open(encoding="utf-8") as fh:
-            while True:
-                lines = list(itertools.islice(fh, rows_per_group))
-                if not lines:
-                    break
-                rows = [json.loads(line) for line in lines]
-                for r in rows:
-                    r["meta"] = json.dumps(r.get("meta") or {}, ensure_ascii=False, default=str)
-                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-                n += len(rows)
-            if n == 0:
-                writer.write_table(schema.empty_table())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with (
+        atomic_path(dest) as tmp,
+        pq.ParquetWriter(tmp, schema) as writer,
+        src.open(encoding="utf-8") as fh,
+    ):
+        while True:
+            lines = list(itertools.islice(fh, rows_per_group))
+            if not lines:
+                break
+            rows = [json.loads(line) for line in lines]
+            for r in rows:
+                r["meta"] = json.dumps(r.get("meta") or {}, ensure_ascii=False, default=str)
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+            n += len(rows)
+        if n == 0:
+            writer.write_table(schema.empty_table())
     return n
 
 

@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,12 +21,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from patchgap.answers import equivalent
 from patchgap.config import StrictModel
-from patchgap.data.records import FieldMap, Record
-from patchgap.lm.generation import GenerationConfig
+from patchgap.data.records import Counts, DatasetSpec, FieldMap, Record, RejectSink, iter_records
+from patchgap.fsutil import atomic_path
+from patchgap.lm.generation import GenerationConfig, adapter_fingerprint, make_generator
+from patchgap.lm.models import apply_chat, load_tokenizer
 from patchgap.progress import Progress
-from patchgap.prompts import REWRITE_TEMPLATE
+from patchgap.prompts import REWRITE_TEMPLATE, rewrite_messages
 from patchgap.stages import resume
+from patchgap.stages.base import path_hash
 from patchgap.stages.resume import LeftOut, StageState
 
 log = logging.getLogger("patchgap.stages.rewrite")
@@ -226,8 +229,6 @@ class RewriteState(StageState):
 
 def fingerprint(config: Config, dataset: Path, adapter: Path | None) -> str:
     """What identifies a run's batches: generation settings, dataset bytes, adapter content."""
-    from patchgap.lm.generation import adapter_fingerprint
-    from patchgap.stages.base import path_hash
 
     inputs = {
         "format": STATE_FORMAT,
@@ -241,8 +242,6 @@ class Rewriter:
     """Generates and answer-checks candidates for one batch of records, with retries."""
 
     def __init__(self, config: Config, adapter: Path | None, work: int | None = None) -> None:
-        from patchgap.lm.models import load_tokenizer
-
         self.config = config
         self.adapter = adapter
         self.work = work  # generations expected: lets backend auto weigh vLLM's engine start
@@ -255,17 +254,12 @@ class Rewriter:
     def generator(self) -> Any:
         # Loaded on first use: a fully resumed shard never loads the model.
         if self._generator is None:
-            from patchgap.lm.generation import make_generator
-
             self._generator = make_generator(
                 self.config.model, self.adapter, self.config.generation, work=self.work
             )
         return self._generator
 
     def prompt(self, rec: Record) -> str:
-        from patchgap.lm.models import apply_chat
-        from patchgap.prompts import rewrite_messages
-
         messages = rewrite_messages(rec.question, rec.solution, self.config.template)
         return apply_chat(self.tokenizer, messages)
 
@@ -318,8 +312,6 @@ class Rewriter:
     ) -> None:
         """Generate ``wanted[i]`` candidates for record i at ``temperature``, appended to
         ``cands[i]`` with their answer check."""
-        from patchgap.answers import equivalent
-
         seed = self.config.generation.seed
         sampling = "greedy" if temperature == 0.0 else "sample"
         # Group by how many candidates each record needs, one generate call per group.
@@ -387,8 +379,6 @@ def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
     """Rewrite this shard of ``dataset`` into ``candidates`` (JSONL, one line per record)."""
-    from patchgap.data.records import Counts, DatasetSpec, RejectSink, iter_records
-
     dataset = Path(inputs["dataset"])
     adapter = Path(inputs["adapter"]) if inputs.get("adapter") is not None else None
     out_dir = Path(outputs["candidates"])
@@ -411,10 +401,13 @@ def run(
     rewriter = Rewriter(config, adapter, work=todo)
     tally = Tally()
     final = out_dir / shard_file_name(config.shard_index, config.num_shards)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     bar = Progress("rewrite", "rec", enabled=config.progress)
     try:
-        with RejectSink(out_dir / "rejects.jsonl") as sink, tmp.open("w", encoding="utf-8") as fh:
+        with (
+            atomic_path(final) as tmp,
+            RejectSink(out_dir / "rejects.jsonl") as sink,
+            tmp.open("w", encoding="utf-8") as fh,
+        ):
             records = iter_records(spec, sink, counts)
             batches = iter_batches(
                 records,
@@ -436,7 +429,6 @@ def run(
                 tally.add(rows, generated)
                 bar.update(len(rows), **tally.postfix())
             rejected = sink.total
-        os.replace(tmp, final)
         # State only survives a crash; once the shard is complete it would just duplicate the
         # candidates.
         state.discard()
@@ -444,7 +436,6 @@ def run(
         bar.close()
         backend = rewriter.backend
         rewriter.close()
-        tmp.unlink(missing_ok=True)
     elapsed = max(time.time() - tally.started, 1e-9)
     metrics = {
         "records": float(tally.records),

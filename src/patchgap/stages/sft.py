@@ -15,12 +15,17 @@ from typing import Any, Literal
 from pydantic import Field
 
 from patchgap.config import StrictModel
-from patchgap.data.records import FieldMap
+from patchgap.data.records import DatasetSpec, FieldMap, load_records
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.lm.generation import resolve_model_path
+from patchgap.lm.models import device_for, dtype_for, has_chat_template, load_tokenizer, merge_lora
+from patchgap.prompts import render
 from patchgap.stages import resume
-from patchgap.stages.base import main
+from patchgap.stages.base import main, path_hash
 from patchgap.stages.resume import LeftOut
-from patchgap.training.checkpoints import checkpoint_step
+from patchgap.storage.store import join_uri
+from patchgap.training.checkpoints import CheckpointStore, checkpoint_step
+from patchgap.training.launch import maybe_relaunch
 from patchgap.training.lora import LoraSettings
 from patchgap.training.tracking import (
     REPORT_TO_HELP,
@@ -120,16 +125,11 @@ NOT_IN_FINGERPRINT = LeftOut.of(
 
 def fingerprint(config: Config, dataset: Path) -> str:
     """Identity of a training run: the config (minus resumable knobs) and the data's bytes."""
-    from patchgap.stages.base import path_hash
-
     return resume.fingerprint(config, NOT_IN_FINGERPRINT, {"data": path_hash(dataset)})
 
 
 def build_rows(config: Config, dataset: Path, rejects: Path) -> tuple[list[dict[str, Any]], int]:
     """Conversational prompt-completion rows (TRL masks the prompt out of the loss)."""
-    from patchgap.data.records import DatasetSpec, load_records
-    from patchgap.prompts import render
-
     spec = DatasetSpec(
         source=str(dataset), fields=config.fields, limit=config.limit, seed=config.seed
     )
@@ -160,8 +160,6 @@ def build_rows(config: Config, dataset: Path, rejects: Path) -> tuple[list[dict[
 def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
-    from patchgap.training.launch import maybe_relaunch
-
     # Full fine-tuning shards the weights too (ZeRO-3); a LoRA run needs ZeRO-2 only.
     auto = "zero3" if config.finetuning == "full" else "zero2"
     relaunched = maybe_relaunch(config, inputs, outputs, NAME, auto=auto, summary_name=SUMMARY_JSON)
@@ -182,8 +180,7 @@ def _train(
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from patchgap.lm.generation import resolve_model_path
-    from patchgap.lm.models import device_for, dtype_for, has_chat_template, load_tokenizer
+    # Deferred: it loads transformers.
     from patchgap.training.callbacks import ProgressCallback
 
     t0 = time.time()
@@ -235,9 +232,8 @@ def _train(
     if config.checkpoint_uri:
         from accelerate import PartialState
 
-        from patchgap.storage.store import join_uri
+        # Deferred: it loads transformers.
         from patchgap.training.callbacks import CheckpointSyncCallback
-        from patchgap.training.checkpoints import CheckpointStore
 
         # One folder per fingerprint: SFT on D and on each D_R share the pipeline's sft config
         # (and so its checkpoint_uri), and must neither resume from nor refuse each other.
@@ -289,8 +285,6 @@ def _save_model(trainer: Any, tokenizer: Any, out: Path, merge: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if merge:
-        from patchgap.lm.models import merge_lora
-
         model = merge_lora(model)
     state = trainer.accelerator.get_state_dict(trainer.model) if not merge else None
     model.save_pretrained(out, safe_serialization=True, state_dict=state)

@@ -15,16 +15,23 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from patchgap.answers import reference_answer
 from patchgap.config import StrictModel
-from patchgap.data.records import DatasetSpec
+from patchgap.data.records import DatasetSpec, load_records
 from patchgap.errors import ConfigError, DataError
-from patchgap.prompts import REWRITE_TEMPLATE
-from patchgap.reward.scoring import RewardConfig
+from patchgap.lm.generation import vllm_build
+from patchgap.lm.models import device_for, dtype_for, load_tokenizer, resolve_model, save_merged
+from patchgap.prompts import REWRITE_TEMPLATE, rewrite_messages
+from patchgap.reward.scoring import GroupRewardScorer, RewardConfig, calibration_sample
+from patchgap.reward.trl_adapter import GroupRewardFunction, check_grpo_args
 from patchgap.stages import resume
-from patchgap.stages.base import main
+from patchgap.stages.base import main, path_hash
 from patchgap.stages.resume import LeftOut
-from patchgap.training.checkpoints import checkpoint_step
+from patchgap.storage.store import join_uri
+from patchgap.training.checkpoints import METRICS_FILE, CheckpointStore, checkpoint_step
+from patchgap.training.launch import maybe_relaunch
 from patchgap.training.lora import LoraSettings
+from patchgap.training.metrics import MetricsLog, plot_reward_curves, summarize
 from patchgap.training.tracking import (
     REPORT_TO_HELP,
     TENSORBOARD_DIR,
@@ -248,9 +255,6 @@ def build_prompt_rows(
     A prompt longer than ``max_prompt_length`` tokens (chat template applied) is left out rather
     than cut, since a truncated solution would teach the rewriter from half a reference.
     """
-    from patchgap.answers import reference_answer
-    from patchgap.prompts import rewrite_messages
-
     rows, too_long = [], []
     for rec in records:
         messages = rewrite_messages(rec.question, rec.solution, template)
@@ -274,8 +278,6 @@ def build_prompt_rows(
 
 
 def _load_dataset(config: Config, dataset_input: Path | None, work: Path) -> tuple[list[Any], str]:
-    from patchgap.data.records import load_records
-
     spec = config.dataset
     if dataset_input is not None:
         # The wired-in D is already staged as records: the split, hub config and field map of
@@ -308,15 +310,11 @@ def _load_dataset(config: Config, dataset_input: Path | None, work: Path) -> tup
 
 
 def _resolve_device(config: Config) -> str:
-    from patchgap.lm.models import device_for
-
     return "cpu" if device_for(config.device).startswith("cpu") else "cuda"
 
 
 def _use_vllm(config: Config, device: str) -> bool:
     """Whether rollouts go through vLLM: on CUDA with its CUDA build (``auto`` takes it there)."""
-    from patchgap.lm.generation import vllm_build
-
     backend = config.rollout.backend
     if backend == "transformers":
         return False
@@ -348,8 +346,6 @@ def run(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path]
 ) -> dict[str, float]:
     """Train the rewriter; write the adapter and the metrics; return summary figures."""
-    from patchgap.training.launch import maybe_relaunch
-
     relaunched = maybe_relaunch(config, inputs, outputs, NAME, summary_name=SUMMARY_JSON)
     if relaunched is not None:
         return relaunched
@@ -369,11 +365,8 @@ def _train(
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from patchgap.lm.models import dtype_for, load_tokenizer, resolve_model
-    from patchgap.reward.trl_adapter import GroupRewardFunction, check_grpo_args
+    # Deferred: it loads transformers.
     from patchgap.training.callbacks import CheckpointSyncCallback, StepMetricsCallback
-    from patchgap.training.checkpoints import METRICS_FILE, CheckpointStore
-    from patchgap.training.metrics import MetricsLog, plot_reward_curves
 
     device = _resolve_device(config)
     dtype = dtype_for(config.dtype, device)
@@ -474,8 +467,8 @@ def _train(
     resume_dir: Path | None = None
     fp = fingerprint(config, _dataset_identity(config, inputs.get("dataset")))
     if config.checkpoint_uri:
-        from patchgap.storage.store import join_uri
-
+        # One folder per run fingerprint: a changed config starts fresh beside the old run
+        # instead of resuming from checkpoints that belong to other settings.
         checkpoints = CheckpointStore(resume.run_folder(config.checkpoint_uri, fp), fp)
         resume_dir = _restore(checkpoints, work)
         keep = config.keep_checkpoints or None
@@ -542,7 +535,6 @@ def _dataset_identity(config: Config, dataset_input: Path | None) -> str:
     local path changes from run to run), else the configured source."""
     if dataset_input is None:
         return config.dataset.source
-    from patchgap.stages.base import path_hash
 
     return f"sha256:{path_hash(dataset_input)}"
 
@@ -570,8 +562,6 @@ def _restore(checkpoints: Any, work: Path) -> Path | None:
 
 def _build_scorer(config: Config, model_src: str, device: str) -> Any:
     """The group reward scorer on frozen pi0 (its own copy: the policy carries the LoRA)."""
-    from patchgap.reward.scoring import GroupRewardScorer
-
     reward = config.reward
     if reward.device is None:
         # Each process scores its own slice of the generation batch on its own GPU.
@@ -583,8 +573,6 @@ def _build_scorer(config: Config, model_src: str, device: str) -> Any:
 def _calibrate_judge(scorer: Any, config: Config, rows: Sequence[dict[str, Any]]) -> None:
     """Set the pi0_calibrated judge's threshold on the reference solutions of the training rows
     (the ids with the smallest sha256, as the gate picks them from the same D)."""
-    from patchgap.reward.scoring import calibration_sample
-
     if config.reward.active_judge != "pi0_calibrated":
         return
     sample = calibration_sample(rows, config.reward.judge_calibration.references, lambda r: r["id"])
@@ -606,8 +594,6 @@ def _write_outputs(
     rows: Sequence[Mapping[str, Any]],
     too_long: Sequence[str],
 ) -> dict[str, float]:
-    from patchgap.training.metrics import summarize
-
     adapter_dir = outputs["adapter"]
     tokenizer.save_pretrained(str(adapter_dir))
     # The Trainer pickles its arguments beside the weights; outputs hold safetensors and JSON only.
@@ -625,8 +611,6 @@ def _write_outputs(
     }
     (adapter_dir / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
     if config.merge_adapter:
-        from patchgap.lm.models import dtype_for, save_merged
-
         # In the training dtype: the weights the patch was trained against.
         dtype = dtype_for(config.dtype, _resolve_device(config))
         save_merged(

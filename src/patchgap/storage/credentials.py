@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patchgap import settings
+from patchgap.fsutil import write_text_atomic
 
 ENV_FILE_NAME = "s3.env"
 SERVER_DIR_NAME = "seaweedfs"
@@ -59,17 +60,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def write_private(path: Path, text: str) -> None:
     """Write a secret-bearing file atomically with mode 0600 (never briefly world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text, mode=0o600)
 
 
 def _reap(pid: int) -> None:

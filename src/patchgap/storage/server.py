@@ -34,6 +34,7 @@ from patchgap.storage.credentials import (
     read_pid,
     write_private,
 )
+from patchgap.storage.store import S3Settings, Store
 
 if TYPE_CHECKING:
     from patchgap.storage.store import Store
@@ -508,8 +509,6 @@ class EmbeddedS3:
     # -- S3 probes -----------------------------------------------------------------------------
 
     def _store(self, **overrides: object) -> Store:
-        from patchgap.storage.store import S3Settings, Store
-
         creds = self.credentials()
         settings = S3Settings(
             endpoint_url=self.endpoint,

@@ -9,9 +9,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +18,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote
 
+from patchgap import __version__
 from patchgap.errors import ChecksumError, StoreError
+from patchgap.fsutil import atomic_path
 from patchgap.storage.credentials import embedded_env, env_file_path
 
 MANIFEST_NAME = "_manifest.json"
@@ -274,8 +274,6 @@ def _local_files(local_dir: Path, skip_manifest: bool = True) -> list[tuple[str,
 
 def build_manifest(local_dir: Path, metadata: dict[str, Any] | None = None) -> Manifest:
     """The manifest of every file under ``local_dir`` (its own manifest left out)."""
-    from patchgap import __version__
-
     return Manifest(
         files={
             key: ManifestEntry(sha256_file(p), p.stat().st_size)
@@ -702,8 +700,7 @@ class Store:
             if _matches(target, entry):
                 return
             uri = join_uri(prefix_uri, key)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
-            try:
+            with atomic_path(target) as tmp:
                 self.get_file(uri, tmp)
                 size, digest = tmp.stat().st_size, sha256_file(tmp)
                 if size != entry.size or digest != entry.sha256:
@@ -713,9 +710,6 @@ class Store:
                         f"({entry.size} bytes), downloaded {digest[:16]}... ({size} bytes); "
                         "the object was changed or corrupted after its manifest was written"
                     )
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
 
         self._parallel(targets, fetch)
         (dest / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
@@ -784,15 +778,9 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 
 def _atomic_local_write(dest: Path, write: Callable[[Path], Any]) -> None:
     """Write through a temp file beside ``dest`` so readers never see a partial file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    # 0600 as the store's files have always had (they were made with tempfile.mkstemp).
+    with atomic_path(dest, mode=0o600) as tmp:
         write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def fetch_to_local(

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patchgap.errors import ConfigError, StoreError
+from patchgap.errors import ChecksumError, ConfigError, StoreError
+from patchgap.storage.store import MANIFEST_NAME, Store, join_uri, parse_uri
 
 log = logging.getLogger("patchgap.training.checkpoints")
 
@@ -42,15 +43,11 @@ class CheckpointStore:
     """The checkpoints of one training run under ``uri`` (``s3://`` prefix or local folder)."""
 
     def __init__(self, uri: str, fingerprint: str, store: Any | None = None) -> None:
-        from patchgap.storage.store import Store
-
         self.uri = uri.rstrip("/")
         self.fingerprint = fingerprint
         self.store = store if store is not None else Store.from_env()
 
     def step_uri(self, step: int) -> str:
-        from patchgap.storage.store import join_uri
-
         return join_uri(self.uri, f"{CHECKPOINT_PREFIX}{step}")
 
     def steps_present(self) -> list[int]:
@@ -95,8 +92,6 @@ class CheckpointStore:
 
         A checkpoint whose download fails verification is skipped for the next older one.
         """
-        from patchgap.errors import ChecksumError
-
         for ckpt in self.complete():
             dest = Path(work_dir) / f"{CHECKPOINT_PREFIX}{ckpt.step}"
             if (dest / _LOCAL_DONE).is_file():
@@ -130,7 +125,6 @@ class CheckpointStore:
         """
         if keep < 1:
             return []
-        from patchgap.storage.store import MANIFEST_NAME, join_uri, parse_uri
 
         complete = [c.step for c in self.complete()]
         if len(complete) <= keep:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.settings import configs_dir
 
 log = logging.getLogger("patchgap.training.launch")
 
@@ -49,7 +50,6 @@ def accelerate_config_dir() -> Path:
     env = os.environ.get(CONFIG_DIR_ENV)
     if env:
         return Path(env)
-    from patchgap.settings import configs_dir
 
     return configs_dir() / "accelerate"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from patchgap.errors import ConfigError
+from patchgap.storage.store import Store, join_uri
 
 log = logging.getLogger("patchgap.training.tracking")
 
@@ -48,7 +49,6 @@ def tensorboard_sync(uri: str | None, copy_to: Path, store: Any | None = None) -
     def upload(runs: Path) -> None:
         if uri is None or not runs.is_dir():
             return
-        from patchgap.storage.store import Store, join_uri
 
         target = store or Store.from_env()
         # One folder per Trainer run: a resumed training adds its own beside the earlier ones.
