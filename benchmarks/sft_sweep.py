@@ -20,7 +20,8 @@ The rule, fixed before the sweep ran: a setting qualifies when its held-out NLL 
 0) and it forgets significantly (P(gold | choices) falls with p < 0.05, or, failing that on every
 setting, the drift rises with p < 0.05). Of the qualifying settings the one that forgets most
 (largest fall in P(gold | choices), then the largest drift) is chosen for every SFT row of the
-run. The last line is ``chosen=<lr>:<epochs>`` (``chosen=none`` if nothing qualifies).
+run (the rule and the paired figures live in ``patchgap.reports.sft_sweep``). The last line is
+``chosen=<lr>:<epochs>`` (``chosen=none`` if nothing qualifies).
 
 Every model and measurement is kept in ``--work``: a stopped sweep resumes where it was.
 """
@@ -42,20 +43,8 @@ sys.path.insert(0, str(HERE))
 
 from forgetting_power import Clock, Steps, eval_setup, general_items  # noqa: E402
 
-
-def parse_grid(text: str) -> list[tuple[float, float]]:
-    """``"2e-5:1,1e-4:3"`` -> [(2e-5, 1.0), (1e-4, 3.0)]."""
-    grid = []
-    for part in text.split(","):
-        lr, _, epochs = part.partition(":")
-        if not epochs:
-            raise SystemExit(f"--grid: {part!r} is not lr:epochs")
-        grid.append((float(lr), float(epochs)))
-    return grid
-
-
-def tag(lr: float, epochs: float) -> str:
-    return f"lr{lr:g}-ep{epochs:g}"
+from patchgap.errors import ConfigError  # noqa: E402
+from patchgap.reports.sft_sweep import choose, paired, parse_grid, tag, tag_plain  # noqa: E402
 
 
 def stage_d(work: Path, records: int, seed: int) -> Path:
@@ -104,50 +93,6 @@ def measure(
     return {"general": general, "nll": nll, "eval_wall_s": t0.since()[0]}
 
 
-def paired(model: dict, base: dict, seed: int) -> dict[str, dict[str, Any]]:
-    """Paired differences (model - base) of each figure of the sweep."""
-    from patchgap.reports.stats import paired_mean_diff
-
-    out: dict[str, dict[str, Any]] = {}
-    for metric, scale in (("gold_choice_prob", 100.0), ("acc_norm", 100.0)):
-        a, b = [], []
-        for bench, items in base["general"].items():
-            for rid, v in items.items():
-                w = model["general"][bench].get(rid)
-                if w is None or v[metric] is None or w[metric] is None:
-                    continue
-                a.append(scale * w[metric])
-                b.append(scale * v[metric])
-        out[metric] = paired_mean_diff(a, b, 2000, seed).as_dict()
-    for metric in ("drift_nll", "heldout_nll_gsm8k"):
-        bv = {r["id"]: r["nll"] for r in base["nll"][metric] if r["nll"] is not None}
-        mv = {r["id"]: r["nll"] for r in model["nll"][metric] if r["nll"] is not None}
-        ids = [i for i in bv if i in mv]
-        out[metric] = paired_mean_diff([mv[i] for i in ids], [bv[i] for i in ids], 2000, seed)
-        out[metric] = out[metric].as_dict()
-    return out
-
-
-def choose(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The pre-stated rule (see the module's docstring)."""
-    fits = [r for r in rows if r["diff"]["heldout_nll_gsm8k"]["high"] < 0]
-
-    def forgets_p(r: dict) -> bool:
-        d = r["diff"]["gold_choice_prob"]
-        return d["diff"] < 0 and d["p_bootstrap"] < 0.05
-
-    def drifts(r: dict) -> bool:
-        d = r["diff"]["drift_nll"]
-        return d["diff"] > 0 and d["p_bootstrap"] < 0.05
-
-    ok = [r for r in fits if forgets_p(r)] or [r for r in fits if drifts(r)]
-    if not ok:
-        return None
-    return min(
-        ok, key=lambda r: (r["diff"]["gold_choice_prob"]["diff"], -r["diff"]["drift_nll"]["diff"])
-    )
-
-
 def report(data: dict[str, Any]) -> None:
     meta = data["meta"]
     print(
@@ -185,10 +130,6 @@ def report(data: dict[str, Any]) -> None:
     print(f"chosen={tag_plain(c) if c else 'none'}")
 
 
-def tag_plain(c: dict[str, Any]) -> str:
-    return f"{c['lr']:g}:{c['epochs']:g}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", default="2e-5:1,1e-4:1,2e-5:2,1e-4:2", help="lr:epochs,...")
@@ -205,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", type=Path, help="print the table of a saved --json run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    try:  # before any model loads: a bad grid is refused at once
+        grid = parse_grid(args.grid)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
     if args.report_only:
         report(json.loads(args.report_only.read_text()))
         return 0
@@ -227,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         done.save(measured=measured)
 
     rows = []
-    for lr, epochs in parse_grid(args.grid):
+    for lr, epochs in grid:
         key = tag(lr, epochs)
         if key not in measured:
             model, wall = fine_tune(base, d, lr, epochs, args.work)

@@ -1,27 +1,16 @@
-"""The SFT calibration sweep's selection rule and paired figures (benchmarks/sft_sweep.py), on
-synthetic per-item values: the rule is what picks every SFT row's setting, so it is tested."""
+"""The SFT calibration sweep's selection rule and paired figures (patchgap.reports.sft_sweep,
+which benchmarks/sft_sweep.py runs), on synthetic per-item values: the rule is what picks every
+SFT row's setting, so it is tested."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def sweep() -> Any:
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("sft_sweep", BENCH / "sft_sweep.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from patchgap.errors import ConfigError
+from patchgap.reports import sft_sweep as sweep
 
 
 def _test(diff: float, low: float, high: float, p: float) -> dict[str, float]:
@@ -41,14 +30,14 @@ def _row(lr: float, epochs: float, held: float, gold: float, gold_p: float, drif
     }
 
 
-def test_grid_parses_and_names_its_points(sweep: Any) -> None:
+def test_grid_parses_and_names_its_points() -> None:
     assert sweep.parse_grid("2e-5:1,1e-4:2.5") == [(2e-5, 1.0), (1e-4, 2.5)]
     assert sweep.tag(1e-4, 2.0) == "lr0.0001-ep2"
-    with pytest.raises(SystemExit, match="not lr:epochs"):
+    with pytest.raises(ConfigError, match="not lr:epochs"):
         sweep.parse_grid("2e-5")
 
 
-def test_rule_takes_the_qualifying_setting_that_forgets_most(sweep: Any) -> None:
+def test_rule_takes_the_qualifying_setting_that_forgets_most() -> None:
     rows = [
         _row(2e-5, 1, held=-0.3, gold=-0.5, gold_p=0.2, drift_p=0.01),  # forgets, not significantly
         _row(1e-4, 1, held=-0.4, gold=-1.5, gold_p=0.01, drift_p=0.01),
@@ -59,7 +48,7 @@ def test_rule_takes_the_qualifying_setting_that_forgets_most(sweep: Any) -> None
     assert (chosen["lr"], chosen["epochs"]) == (1e-4, 2)
 
 
-def test_rule_falls_back_to_drift_and_can_choose_nothing(sweep: Any) -> None:
+def test_rule_falls_back_to_drift_and_can_choose_nothing() -> None:
     rows = [
         _row(2e-5, 1, held=-0.3, gold=-0.2, gold_p=0.4, drift_p=0.2),
         _row(1e-4, 1, held=-0.4, gold=+0.1, gold_p=0.6, drift_p=0.01),
@@ -69,7 +58,7 @@ def test_rule_falls_back_to_drift_and_can_choose_nothing(sweep: Any) -> None:
     assert sweep.choose([_row(2e-5, 1, held=+0.1, gold=-2, gold_p=0.001, drift_p=0.001)]) is None
 
 
-def test_paired_figures_pool_the_benchmarks_in_points(sweep: Any) -> None:
+def test_paired_figures_pool_the_benchmarks_in_points() -> None:
     rng = random.Random(0)
 
     def model(shift: float, nll_shift: float) -> dict[str, Any]:
