@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 VARIANT ?= cuda
 
 # `make ci`: what CI runs (.ci/run: every tier, empty caches of its own), in a fresh clone of HEAD.
-.PHONY: ci setup setup-vllm demo test test-unit test-slow test-faults test-configs test-containers test-vllm lint format compile images clean
+.PHONY: ci setup setup-vllm demo test test-unit test-slow test-faults test-configs test-containers test-vllm test-gpu lint format compile images clean
 
 $(VENV)/.installed: pyproject.toml images/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,14 @@ test-unit: setup
 
 test-slow: setup
 	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
+
+# The GPU tier runs on a CUDA machine's own Python (no .venv: `setup` installs the CPU torch);
+# src/ goes on the path so a checkout that is not pip-installed works. Figures: $(GPU_REPORT).
+GPU_PYTHON ?= python3
+GPU_REPORT ?= gpu-results.json
+test-gpu: ## the GPU tier (tests/gpu) with its figures; needs CUDA, skips every test without it
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} PATCHGAP_GPU_REPORT=$(GPU_REPORT) \
+	  $(GPU_PYTHON) -m pytest -m gpu tests/gpu $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests components pipelines benchmarks
