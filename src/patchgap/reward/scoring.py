@@ -677,6 +677,17 @@ class Embedder:
 # The group scorer
 
 
+@dataclass
+class _GroupJudgement:
+    """The judge's figures for every candidate of every group (None / () where not judged)."""
+
+    p_yes: list[list[float | None]]
+    score: list[list[float | None]]
+    failed: list[list[tuple[str, ...]]]
+    #: answer right and judge accepts; False wherever the answer is wrong.
+    accepted: list[list[bool]]
+
+
 class GroupRewardScorer:
     """Computes the paper's reward for groups of K rewrites: every term, batched across groups.
 
@@ -866,6 +877,71 @@ class GroupRewardScorer:
     ) -> list[list[RewardTerms]]:
         """The reward terms of every candidate, groups aligned with questions and answers (and
         the reference solutions, which the ``reasoning_check`` judge needs)."""
+        self._check_groups(questions, reference_answers, groups_of_candidates, reference_solutions)
+        t0 = time.perf_counter()
+        groups = [list(g) for g in groups_of_candidates]
+        answer_ok = [
+            [bool(equivalent(c, a)) for c in g]
+            for g, a in zip(groups, reference_answers, strict=True)
+        ]
+        t1 = time.perf_counter()
+
+        # Judge: only candidates whose final answer is right.
+        judged = self._judge_groups(
+            questions, reference_answers, groups, answer_ok, reference_solutions
+        )
+        t2 = time.perf_counter()
+
+        # NLL: only the feasible set S+ is normalised, so only it is measured.
+        feasible = [
+            [answer_right and judge_right for answer_right, judge_right in zip(a, j, strict=True)]
+            for a, j in zip(answer_ok, judged.accepted, strict=True)
+        ]
+        feasible_indices = [[i for i, f in enumerate(flags) if f] for flags in feasible]
+        nll = self._feasible_nll(questions, groups, feasible_indices)
+        t3 = time.perf_counter()
+
+        # Embeddings: only groups with two or more feasible rewrites have a diversity term.
+        emb = self._feasible_embeddings(groups, feasible_indices)
+        t4 = time.perf_counter()
+
+        out = [
+            group_rewards(
+                answer_ok[group_index],
+                judged.accepted[group_index],
+                nll[group_index],
+                emb[group_index],
+                self.config.lambda_dist,
+                self.config.lambda_div,
+                judge_p_yes=judged.p_yes[group_index],
+                judge_score=judged.score[group_index],
+                judge_failed=judged.failed[group_index],
+            )
+            for group_index in range(len(groups))
+        ]
+        t5 = time.perf_counter()
+        for key, dt in (
+            ("answer", t1 - t0),
+            ("judge", t2 - t1),
+            ("nll", t3 - t2),
+            ("embed", t4 - t3),
+            ("total", t5 - t0),
+        ):
+            self.seconds[key] += dt
+        self.counts["groups"] += len(groups)
+        self.counts["candidates"] += sum(len(g) for g in groups)
+        self.counts["answer_ok"] += sum(sum(a) for a in answer_ok)
+        self.counts["feasible"] += sum(len(s) for s in feasible_indices)
+        return out
+
+    def _check_groups(
+        self,
+        questions: Sequence[str],
+        reference_answers: Sequence[str],
+        groups_of_candidates: Sequence[Sequence[str]],
+        reference_solutions: Sequence[str] | None,
+    ) -> None:
+        """Refuse misaligned inputs and a judge that lacks what it needs, before any work."""
         if not len(questions) == len(reference_answers) == len(groups_of_candidates):
             raise ValueError(
                 f"score_groups: {len(questions)} questions, {len(reference_answers)} answers, "
@@ -884,114 +960,103 @@ class GroupRewardScorer:
                 "reward: judge_kind pi0_calibrated is not calibrated; call calibrate() with "
                 "reference solutions first"
             )
-        t0 = time.perf_counter()
-        groups = [list(g) for g in groups_of_candidates]
-        answer_ok = [
-            [bool(equivalent(c, a)) for c in g]
-            for g, a in zip(groups, reference_answers, strict=True)
-        ]
-        t1 = time.perf_counter()
 
-        # Judge: only candidates whose final answer is right.
-        p_yes: list[list[float | None]] = [[None] * len(g) for g in groups]
-        score: list[list[float | None]] = [[None] * len(g) for g in groups]
-        failed: list[list[tuple[str, ...]]] = [[()] * len(g) for g in groups]
-        judge_ok: list[list[bool]] = [list(ok) for ok in answer_ok]
-        sel = [[i for i, ok in enumerate(oks) if ok] for oks in answer_ok]
+    def _judge_groups(
+        self,
+        questions: Sequence[str],
+        reference_answers: Sequence[str],
+        groups: list[list[str]],
+        answer_ok: list[list[bool]],
+        reference_solutions: Sequence[str] | None,
+    ) -> _GroupJudgement:
+        """Run the judge on the candidates whose final answer is right; the others keep their
+        answer verdict (False) and no judge figures."""
+        judged = _GroupJudgement(
+            p_yes=[[None] * len(g) for g in groups],
+            score=[[None] * len(g) for g in groups],
+            failed=[[()] * len(g) for g in groups],
+            accepted=[list(ok) for ok in answer_ok],
+        )
+        right_answers = [[i for i, ok in enumerate(oks) if ok] for oks in answer_ok]
+        kind = self.config.active_judge
         if self.config.model_judge:
             judge = self.judge
             assert judge is not None and self.judge_threshold is not None
             verdicts = judge.verdicts(
                 questions,
                 reference_answers,
-                [[g[i] for i in s] for g, s in zip(groups, sel, strict=True)],
+                [[g[i] for i in rows] for g, rows in zip(groups, right_answers, strict=True)],
             )
-            for gi, (s, vs) in enumerate(zip(sel, verdicts, strict=True)):
-                for i, v in zip(s, vs, strict=True):
-                    p_yes[gi][i] = v.p_yes
-                    score[gi][i] = self._model_score(v)
-                    judge_ok[gi][i] = score[gi][i] >= self.judge_threshold
+            for group_index, (rows, group_verdicts) in enumerate(
+                zip(right_answers, verdicts, strict=True)
+            ):
+                for i, v in zip(rows, group_verdicts, strict=True):
+                    judged.p_yes[group_index][i] = v.p_yes
+                    judged.score[group_index][i] = self._model_score(v)
+                    judged.accepted[group_index][i] = (
+                        judged.score[group_index][i] >= self.judge_threshold
+                    )
         elif kind == "reasoning_check":
             assert reference_solutions is not None
-            for gi, s in enumerate(sel):
-                for i in s:
+            for group_index, rows in enumerate(right_answers):
+                for i in rows:
                     verdict = check_reasoning(
-                        questions[gi],
-                        reference_solutions[gi],
-                        groups[gi][i],
+                        questions[group_index],
+                        reference_solutions[group_index],
+                        groups[group_index][i],
                         self.config.reasoning_check,
-                        final_answer=reference_answers[gi],
+                        final_answer=reference_answers[group_index],
                     )
-                    score[gi][i] = verdict.score
-                    failed[gi][i] = verdict.failed
-                    judge_ok[gi][i] = verdict.accepted
+                    judged.score[group_index][i] = verdict.score
+                    judged.failed[group_index][i] = verdict.failed
+                    judged.accepted[group_index][i] = verdict.accepted
         if kind is not None:
-            self.counts["judged"] += sum(len(s) for s in sel)
+            self.counts["judged"] += sum(len(rows) for rows in right_answers)
             self.counts["judge_accepted"] += sum(
-                1 for gi, s in enumerate(sel) for i in s if judge_ok[gi][i]
+                1
+                for group_index, rows in enumerate(right_answers)
+                for i in rows
+                if judged.accepted[group_index][i]
             )
-        t2 = time.perf_counter()
+        return judged
 
-        # NLL: only the feasible set S+ is normalised, so only it is measured.
-        feasible = [
-            [a and j for a, j in zip(ao, jo, strict=True)]
-            for ao, jo in zip(answer_ok, judge_ok, strict=True)
-        ]
-        fsel = [[i for i, f in enumerate(fs) if f] for fs in feasible]
+    def _feasible_nll(
+        self,
+        questions: Sequence[str],
+        groups: list[list[str]],
+        feasible_indices: list[list[int]],
+    ) -> list[list[float | None]]:
+        """pi0's NLL of every feasible candidate (None elsewhere), one batched call."""
         nll: list[list[float | None]] = [[None] * len(g) for g in groups]
-        todo = [gi for gi, s in enumerate(fsel) if s]
-        if todo:
+        scored_groups = [g for g, rows in enumerate(feasible_indices) if rows]
+        if scored_groups:
             scores = self.nll.score_groups(
-                [questions[gi] for gi in todo], [[groups[gi][i] for i in fsel[gi]] for gi in todo]
+                [questions[g] for g in scored_groups],
+                [[groups[g][i] for i in feasible_indices[g]] for g in scored_groups],
             )
-            for gi, vals in zip(todo, scores, strict=True):
-                for i, v in zip(fsel[gi], vals, strict=True):
-                    nll[gi][i] = v
-        t3 = time.perf_counter()
+            for group_index, vals in zip(scored_groups, scores, strict=True):
+                for i, v in zip(feasible_indices[group_index], vals, strict=True):
+                    nll[group_index][i] = v
+        return nll
 
-        # Embeddings: only groups with two or more feasible rewrites have a diversity term.
+    def _feasible_embeddings(
+        self, groups: list[list[str]], feasible_indices: list[list[int]]
+    ) -> list[np.ndarray | None]:
+        """Per group, a (K, dim) matrix of the feasible candidates' embeddings (zero rows for
+        the others), for the groups with two or more feasible candidates; None elsewhere."""
         emb: list[np.ndarray | None] = [None] * len(groups)
-        div_groups = [gi for gi, s in enumerate(fsel) if len(s) >= 2]
-        texts = [groups[gi][i] for gi in div_groups for i in fsel[gi]]
+        diverse_groups = [g for g, rows in enumerate(feasible_indices) if len(rows) >= 2]
+        texts = [groups[g][i] for g in diverse_groups for i in feasible_indices[g]]
         if texts:
             vecs = self.embedder.encode(texts)
             pos = 0
-            for gi in div_groups:
-                full = np.zeros((len(groups[gi]), vecs.shape[1]))
-                for i in fsel[gi]:
+            for group_index in diverse_groups:
+                full = np.zeros((len(groups[group_index]), vecs.shape[1]))
+                for i in feasible_indices[group_index]:
                     full[i] = vecs[pos]
                     pos += 1
-                emb[gi] = full
-        t4 = time.perf_counter()
-
-        out = [
-            group_rewards(
-                answer_ok[gi],
-                judge_ok[gi],
-                nll[gi],
-                emb[gi],
-                self.config.lambda_dist,
-                self.config.lambda_div,
-                judge_p_yes=p_yes[gi],
-                judge_score=score[gi],
-                judge_failed=failed[gi],
-            )
-            for gi in range(len(groups))
-        ]
-        t5 = time.perf_counter()
-        for key, dt in (
-            ("answer", t1 - t0),
-            ("judge", t2 - t1),
-            ("nll", t3 - t2),
-            ("embed", t4 - t3),
-            ("total", t5 - t0),
-        ):
-            self.seconds[key] += dt
-        self.counts["groups"] += len(groups)
-        self.counts["candidates"] += sum(len(g) for g in groups)
-        self.counts["answer_ok"] += sum(sum(a) for a in answer_ok)
-        self.counts["feasible"] += sum(len(s) for s in fsel)
-        return out
+                emb[group_index] = full
+        return emb
 
     def metrics(self) -> dict[str, Any]:
         """Settings and running figures for stage metrics (the NLL context mode included)."""
