@@ -92,76 +92,17 @@ def forgetting_table(
     if rewritten is None:
         rewritten = [m for m in scores if m not in (base, baseline)]
     caveats: list[str] = []
-    models: dict[str, Any] = {}
-    for label in scores:
-        row: dict[str, Any] = {"accuracy": {}, "gain": {}, "forgetting": {}, "vs_base": {}}
-        for bench in [*downstream, *general]:
-            s = scores[label].get(bench)
-            if s:
-                row["accuracy"][bench] = accuracy(list(s.values())).as_dict()
-        for bench in downstream:
-            acc, acc0 = _acc(scores, label, bench), _acc(scores, base, bench)
-            row["gain"][bench] = None if acc is None or acc0 is None else acc - acc0
-        for bench in general:
-            acc, acc0 = _acc(scores, label, bench), _acc(scores, base, bench)
-            row["forgetting"][bench] = None if acc is None or acc0 is None else acc0 - acc
-        row["gain_mean"] = _mean(list(row["gain"].values()))
-        row["forgetting_mean"] = _mean(list(row["forgetting"].values()))
-        row["downstream_mean"] = _mean([_acc(scores, label, b) for b in downstream])
-        row["general_mean"] = _mean([_acc(scores, label, b) for b in general])
-        if label != base:
-            # paired base-vs-model: positive diff = the model lost accuracy (forgetting)
-            pairs = {}
-            for bench in [*downstream, *general]:
-                a, b, n = _paired(scores, base, label, bench)
-                if n:
-                    row["vs_base"][bench] = paired_test(a, b, bootstrap_reps, seed).as_dict()
-                    if bench in general:
-                        pairs[bench] = (a, b)
-            if pairs:
-                row["forgetting_mean_test"] = stratified_mean_diff(pairs, bootstrap_reps, seed)
-        models[label] = row
-
+    models: dict[str, Any] = {
+        label: _accuracy_row(scores, label, base, downstream, general, bootstrap_reps, seed)
+        for label in scores
+    }
     if baseline is not None:
-        f_d = models[baseline]
         for label in rewritten:
             if label not in models or label == baseline:
                 continue
-            row = models[label]
-            per = {
-                b: reduction(row["forgetting"][b], f_d["forgetting"][b], near_zero) for b in general
-            }
-            row["reduction"] = per
-            row["reduction_mean_of_ratios"] = _mean(list(per.values()))
-            row["reduction_of_mean"] = reduction(
-                row["forgetting_mean"], f_d["forgetting_mean"], near_zero
+            caveats += _compare_with_baseline(
+                scores, models, label, baseline, general, near_zero, bootstrap_reps, seed
             )
-            # paired rewritten-vs-baseline: F_D - F_R = acc_R - acc_D on the same items
-            tests, pairs = {}, {}
-            for bench in general:
-                a, b, n = _paired(scores, label, baseline, bench)
-                if n:
-                    tests[bench] = paired_test(a, b, bootstrap_reps, seed).as_dict()
-                    pairs[bench] = (a, b)
-            row["vs_baseline"] = tests
-            if pairs:
-                row["forgetting_diff_test"] = stratified_mean_diff(pairs, bootstrap_reps, seed)
-            near = [
-                b
-                for b in general
-                if f_d["forgetting"][b] is not None and abs(f_d["forgetting"][b]) < near_zero
-            ]
-            if near:
-                caveats.append(
-                    f"{label}: forgetting reduction not computed for {', '.join(near)}: SFT on D "
-                    f"({baseline}) forgets less than {near_zero:.1%} there, so 1 - F_R/F_D "
-                    "would only measure noise."
-                )
-            if f_d["forgetting_mean"] is not None and f_d["forgetting_mean"] < near_zero:
-                caveats.append(
-                    f"{label}: average forgetting of SFT on D is {f_d['forgetting_mean']:+.2%}, "
-                    "near zero or negative; the reduction of the average is not meaningful."
-                )
     for label, row in models.items():
         test = row.get("forgetting_mean_test")
         if test is not None and label != base:
@@ -187,6 +128,93 @@ def forgetting_table(
             seed=seed,
         )
     return table
+
+
+def _accuracy_row(
+    scores: Scores,
+    label: str,
+    base: str,
+    downstream: Sequence[str],
+    general: Sequence[str],
+    bootstrap_reps: int,
+    seed: int,
+) -> dict[str, Any]:
+    """One model's accuracies, gains and forgetting against ``base``, with paired tests."""
+    row: dict[str, Any] = {"accuracy": {}, "gain": {}, "forgetting": {}, "vs_base": {}}
+    for bench in [*downstream, *general]:
+        s = scores[label].get(bench)
+        if s:
+            row["accuracy"][bench] = accuracy(list(s.values())).as_dict()
+    for bench in downstream:
+        acc, acc0 = _acc(scores, label, bench), _acc(scores, base, bench)
+        row["gain"][bench] = None if acc is None or acc0 is None else acc - acc0
+    for bench in general:
+        acc, acc0 = _acc(scores, label, bench), _acc(scores, base, bench)
+        row["forgetting"][bench] = None if acc is None or acc0 is None else acc0 - acc
+    row["gain_mean"] = _mean(list(row["gain"].values()))
+    row["forgetting_mean"] = _mean(list(row["forgetting"].values()))
+    row["downstream_mean"] = _mean([_acc(scores, label, b) for b in downstream])
+    row["general_mean"] = _mean([_acc(scores, label, b) for b in general])
+    if label != base:
+        # paired base-vs-model: positive diff = the model lost accuracy (forgetting)
+        pairs = {}
+        for bench in [*downstream, *general]:
+            a, b, n = _paired(scores, base, label, bench)
+            if n:
+                row["vs_base"][bench] = paired_test(a, b, bootstrap_reps, seed).as_dict()
+                if bench in general:
+                    pairs[bench] = (a, b)
+        if pairs:
+            row["forgetting_mean_test"] = stratified_mean_diff(pairs, bootstrap_reps, seed)
+    return row
+
+
+def _compare_with_baseline(
+    scores: Scores,
+    models: dict[str, Any],
+    label: str,
+    baseline: str,
+    general: Sequence[str],
+    near_zero: float,
+    bootstrap_reps: int,
+    seed: int,
+) -> list[str]:
+    """Add a rewritten model's forgetting reductions and paired tests against SFT on D
+    (``baseline``) to its row; return the caveats they call for."""
+    f_d = models[baseline]
+    row = models[label]
+    per = {b: reduction(row["forgetting"][b], f_d["forgetting"][b], near_zero) for b in general}
+    row["reduction"] = per
+    row["reduction_mean_of_ratios"] = _mean(list(per.values()))
+    row["reduction_of_mean"] = reduction(row["forgetting_mean"], f_d["forgetting_mean"], near_zero)
+    # paired rewritten-vs-baseline: F_D - F_R = acc_R - acc_D on the same items
+    tests, pairs = {}, {}
+    for bench in general:
+        a, b, n = _paired(scores, label, baseline, bench)
+        if n:
+            tests[bench] = paired_test(a, b, bootstrap_reps, seed).as_dict()
+            pairs[bench] = (a, b)
+    row["vs_baseline"] = tests
+    if pairs:
+        row["forgetting_diff_test"] = stratified_mean_diff(pairs, bootstrap_reps, seed)
+    caveats: list[str] = []
+    near = [
+        b
+        for b in general
+        if f_d["forgetting"][b] is not None and abs(f_d["forgetting"][b]) < near_zero
+    ]
+    if near:
+        caveats.append(
+            f"{label}: forgetting reduction not computed for {', '.join(near)}: SFT on D "
+            f"({baseline}) forgets less than {near_zero:.1%} there, so 1 - F_R/F_D "
+            "would only measure noise."
+        )
+    if f_d["forgetting_mean"] is not None and f_d["forgetting_mean"] < near_zero:
+        caveats.append(
+            f"{label}: average forgetting of SFT on D is {f_d['forgetting_mean']:+.2%}, "
+            "near zero or negative; the reduction of the average is not meaningful."
+        )
+    return caveats
 
 
 def _paired_values(values: Values, a: str, b: str, metric: str) -> tuple[list[float], list[float]]:
@@ -245,63 +273,20 @@ def continuous_table(
     and significant (else None and a caveat).
     """
     metrics = continuous_metrics(values, general)
-    heldout = [m for m in metrics if m.startswith("heldout_nll:")]
     caveats: list[str] = []
     models: dict[str, Any] = {}
     if base not in values:
         return {"base": base, "metrics": metrics, "models": {}, "caveats": caveats}
-
-    def stratified(a: str, b: str, form: str) -> dict[str, float] | None:
-        """Mean over general benchmarks of mean(a) - mean(b) on ``form``, or None."""
-        pairs = {bench: _paired_values(values, a, b, f"{form}:{bench}") for bench in general}
-        pairs = {bench: p for bench, p in pairs.items() if p[0]}
-        return stratified_paired_mean(pairs, bootstrap_reps, seed) if pairs else None
-
-    def paired(a: str, b: str, metric: str) -> dict[str, Any] | None:
-        x, y = _paired_values(values, a, b, metric)
-        return paired_mean_diff(x, y, bootstrap_reps, seed).as_dict() if x else None
-
+    paired = _ContinuousPairs(values, general, bootstrap_reps, seed)
     for label in values:
         if label == base:
             continue
-        row: dict[str, Any] = {"vs_base": {}, "forgetting": {}}
-        for m in metrics:
-            if (test := paired(label, base, m)) is not None:
-                row["vs_base"][m] = test
-        for form in LOGPROB_MEASURES:
-            if (f := stratified(base, label, form)) is not None:
-                row["forgetting"][form] = f
-        if "drift_nll" in row["vs_base"]:
-            row["forgetting"]["drift_nll"] = row["vs_base"]["drift_nll"]
-        held = {m: _paired_values(values, label, base, m) for m in heldout}
-        held = {m: p for m, p in held.items() if p[0]}
-        if held:
-            row["heldout"] = stratified_paired_mean(held, bootstrap_reps, seed)
-        models[label] = row
+        models[label] = paired.row_vs_base(label, base, metrics)
     if baseline is not None and baseline in models:
-        f_d = models[baseline]["forgetting"]
         for label in rewritten:
             if label not in models or label == baseline:
                 continue
-            row = models[label]
-            row["vs_baseline"] = {}
-            for m in metrics:
-                if (test := paired(label, baseline, m)) is not None:
-                    row["vs_baseline"][m] = test
-            diffs: dict[str, Any] = {}
-            for form in LOGPROB_MEASURES:  # log P_R - log P_D = F_D - F_R
-                if (d := stratified(label, baseline, form)) is not None:
-                    diffs[form] = d
-            if (d := paired(baseline, label, "drift_nll")) is not None:  # NLL_D - NLL_R
-                diffs["drift_nll"] = d
-            row["forgetting_diff"] = diffs
-            row["reduction"] = {
-                m: _continuous_reduction(
-                    row["forgetting"].get(m), f_d.get(m), label, baseline, MEASURES[m], caveats
-                )
-                for m in MEASURES
-                if m in row["forgetting"] and m in f_d
-            }
+            paired.compare_with_baseline(models, label, baseline, metrics, caveats)
     return {
         "base": base,
         "baseline": baseline if baseline in models else None,
@@ -310,6 +295,80 @@ def continuous_table(
         "models": models,
         "caveats": caveats,
     }
+
+
+class _ContinuousPairs:
+    """Paired comparisons of two models' per-item values, with the table's bootstrap settings."""
+
+    def __init__(
+        self, values: Values, general: Sequence[str], bootstrap_reps: int, seed: int
+    ) -> None:
+        self.values = values
+        self.general = general
+        self.bootstrap_reps = bootstrap_reps
+        self.seed = seed
+
+    def stratified(self, a: str, b: str, form: str) -> dict[str, float] | None:
+        """Mean over general benchmarks of mean(a) - mean(b) on ``form``, or None."""
+        pairs = {
+            bench: _paired_values(self.values, a, b, f"{form}:{bench}") for bench in self.general
+        }
+        pairs = {bench: p for bench, p in pairs.items() if p[0]}
+        return stratified_paired_mean(pairs, self.bootstrap_reps, self.seed) if pairs else None
+
+    def paired(self, a: str, b: str, metric: str) -> dict[str, Any] | None:
+        """mean(a) - mean(b) on ``metric`` with its paired test, or None without shared items."""
+        x, y = _paired_values(self.values, a, b, metric)
+        return paired_mean_diff(x, y, self.bootstrap_reps, self.seed).as_dict() if x else None
+
+    def row_vs_base(self, label: str, base: str, metrics: Sequence[str]) -> dict[str, Any]:
+        """One model's paired differences from ``base``, its forgetting and held-out change."""
+        row: dict[str, Any] = {"vs_base": {}, "forgetting": {}}
+        for m in metrics:
+            if (test := self.paired(label, base, m)) is not None:
+                row["vs_base"][m] = test
+        for form in LOGPROB_MEASURES:
+            if (f := self.stratified(base, label, form)) is not None:
+                row["forgetting"][form] = f
+        if "drift_nll" in row["vs_base"]:
+            row["forgetting"]["drift_nll"] = row["vs_base"]["drift_nll"]
+        heldout = [m for m in metrics if m.startswith("heldout_nll:")]
+        held = {m: _paired_values(self.values, label, base, m) for m in heldout}
+        held = {m: p for m, p in held.items() if p[0]}
+        if held:
+            row["heldout"] = stratified_paired_mean(held, self.bootstrap_reps, self.seed)
+        return row
+
+    def compare_with_baseline(
+        self,
+        models: dict[str, Any],
+        label: str,
+        baseline: str,
+        metrics: Sequence[str],
+        caveats: list[str],
+    ) -> None:
+        """Add a rewritten model's differences from SFT on D (``baseline``) and its reductions
+        to its row; append the caveats they call for."""
+        f_d = models[baseline]["forgetting"]
+        row = models[label]
+        row["vs_baseline"] = {}
+        for m in metrics:
+            if (test := self.paired(label, baseline, m)) is not None:
+                row["vs_baseline"][m] = test
+        diffs: dict[str, Any] = {}
+        for form in LOGPROB_MEASURES:  # log P_R - log P_D = F_D - F_R
+            if (d := self.stratified(label, baseline, form)) is not None:
+                diffs[form] = d
+        if (d := self.paired(baseline, label, "drift_nll")) is not None:  # NLL_D - NLL_R
+            diffs["drift_nll"] = d
+        row["forgetting_diff"] = diffs
+        row["reduction"] = {
+            m: _continuous_reduction(
+                row["forgetting"].get(m), f_d.get(m), label, baseline, MEASURES[m], caveats
+            )
+            for m in MEASURES
+            if m in row["forgetting"] and m in f_d
+        }
 
 
 def _continuous_reduction(
