@@ -273,58 +273,99 @@ def evalset_checks(raw: dict[str, Any], path: Path) -> list[tuple[str, CheckFn]]
     source = f"{path} [evaluate]"
     cfg = section_config(ev.Config, raw, "evaluate", source)
     folder = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
-    whole = {"limit": None, "limits": {}}
     checks: list[tuple[str, CheckFn]] = []
+    checks += _math_set_checks(cfg, folder, source)
+    checks += _choice_set_checks(cfg, folder, source)
+    checks += _general_set_checks(cfg, folder, source)
+    checks += _heldout_set_checks(cfg, folder, source)
+    if cfg.drift.enabled and (cfg.drift.benchmarks or cfg.general):
+        checks.append(
+            (
+                "eval drift",
+                _guarded(
+                    source, "drift", None, lambda: _drift(ev.drift_questions(cfg, folder), cfg)
+                ),
+            )
+        )
+    return checks
 
-    def counted(items: list[Any], bench: str, key: str) -> tuple[Status, str]:
-        used = len(bm.subset_indices(len(items), cfg.limit_for(key), cfg.seed))
-        first = items[0]
-        text = getattr(first, "question", "")
-        gold = getattr(first, "gold", getattr(first, "answer", ""))
-        gold = first.gold_letter if isinstance(first, bm.MCItem) else gold
-        sample = f"{first.id}: {_short(text)} -> {_short(str(gold), 24)}"
-        return "ok", f"{len(items)} items, all valid; {used} used; sample {sample}"
 
-    def guarded(where: str, location: str | None, load: CheckFn) -> CheckFn:
-        def check() -> tuple[Status, str]:
-            if location and location.startswith("s3://") and not endpoint_configured():
-                return "later", f"{location}: read when the store is up (no S3 endpoint set yet)"
-            try:
-                with scratch_cache():
-                    return load()
-            except Exception as err:  # named with the key it came from
-                raise ConfigError(f"{source} {where}: {_one_line(err)}") from None
+#: The evaluate config's overrides that load a whole set (the run takes its seeded subset).
+_WHOLE_SET = {"limit": None, "limits": {}}
 
-        return check
 
+def _counted(items: list[Any], cfg: Any, key: str) -> tuple[Status, str]:
+    """The verdict on a loaded set: its size, how many items the run uses, a sample item."""
+    used = len(bm.subset_indices(len(items), cfg.limit_for(key), cfg.seed))
+    first = items[0]
+    text = getattr(first, "question", "")
+    gold = getattr(first, "gold", getattr(first, "answer", ""))
+    gold = first.gold_letter if isinstance(first, bm.MCItem) else gold
+    sample = f"{first.id}: {_short(text)} -> {_short(str(gold), 24)}"
+    return "ok", f"{len(items)} items, all valid; {used} used; sample {sample}"
+
+
+def _guarded(source: str, where: str, location: str | None, load: CheckFn) -> CheckFn:
+    """``load`` as a check: deferred while its S3 location has no endpoint, run in a scratch
+    cache, and any failure a one-line ConfigError naming the config key it came from."""
+
+    def check() -> tuple[Status, str]:
+        if location and location.startswith("s3://") and not endpoint_configured():
+            return "later", f"{location}: read when the store is up (no S3 endpoint set yet)"
+        try:
+            with scratch_cache():
+                return load()
+        except Exception as err:  # named with the key it came from
+            raise ConfigError(f"{source} {where}: {_one_line(err)}") from None
+
+    return check
+
+
+def _math_set_checks(cfg: Any, folder: Path, source: str) -> list[tuple[str, CheckFn]]:
+    """One check per ``math:`` set, named by its index and name."""
+    checks: list[tuple[str, CheckFn]] = []
     for i, ms in enumerate(cfg.math):
-        one = cfg.model_copy(update={"math": [ms], **whole})
+        one = cfg.model_copy(update={"math": [ms], **_WHOLE_SET})
         where = f"math[{i}] {ms.name}" + (f" ({ms.path})" if ms.path else "")
         location = ms.path or cfg.benchmark_paths.get(ms.name)
         checks.append(
             (
                 f"eval math {ms.name}",
-                guarded(
+                _guarded(
+                    source,
                     where,
                     location,
-                    lambda one=one, n=ms.name: counted(ev._math_items(one, folder)[n], n, n),
+                    lambda one=one, n=ms.name: _counted(ev._math_items(one, folder)[n], cfg, n),
                 ),
             )
         )
+    return checks
+
+
+def _choice_set_checks(cfg: Any, folder: Path, source: str) -> list[tuple[str, CheckFn]]:
+    """One check per ``choice:`` set (the generative multiple-choice sets)."""
+    checks: list[tuple[str, CheckFn]] = []
     for name in cfg.choice:
-        one = cfg.model_copy(update={"choice": [name], **whole})
+        one = cfg.model_copy(update={"choice": [name], **_WHOLE_SET})
         checks.append(
             (
                 f"eval choice {name}",
-                guarded(
+                _guarded(
+                    source,
                     f"choice {name}",
                     cfg.benchmark_paths.get(name),
-                    lambda one=one, n=name: counted(
-                        ev._choice_items(one, folder)[n], n, f"{n}_gen"
+                    lambda one=one, n=name: _counted(
+                        ev._choice_items(one, folder)[n], cfg, f"{n}_gen"
                     ),
                 ),
             )
         )
+    return checks
+
+
+def _general_set_checks(cfg: Any, folder: Path, source: str) -> list[tuple[str, CheckFn]]:
+    """One check per ``general:`` benchmark; lm-eval's own tasks are left for evaluate."""
+    checks: list[tuple[str, CheckFn]] = []
     for name in cfg.general:
         if name not in bm.LM_EVAL_TASKS:
             checks.append(
@@ -342,35 +383,37 @@ def evalset_checks(raw: dict[str, Any], path: Path) -> list[tuple[str, CheckFn]]
         checks.append(
             (
                 f"eval general {name}",
-                guarded(
+                _guarded(
+                    source,
                     f"general {name}",
                     cfg.benchmark_paths.get(name),
-                    lambda n=name: counted(
-                        bm.load_mc_set(n, cfg.benchmark_paths.get(n), folder), n, n
+                    lambda n=name: _counted(
+                        bm.load_mc_set(n, cfg.benchmark_paths.get(n), folder), cfg, n
                     ),
                 ),
             )
         )
-    if cfg.heldout.enabled:
-        for name in cfg.heldout.sets:
-            one = cfg.model_copy(
-                update={"heldout": cfg.heldout.model_copy(update={"sets": [name], "limit": None})}
-            )
-            checks.append(
-                (
-                    f"eval heldout {name}",
-                    guarded(
-                        f"heldout.sets {name}",
-                        cfg.benchmark_paths.get(name),
-                        lambda one=one, n=name: _heldout(ev.heldout_items(one, folder)[n], cfg),
-                    ),
-                )
-            )
-    if cfg.drift.enabled and (cfg.drift.benchmarks or cfg.general):
+    return checks
+
+
+def _heldout_set_checks(cfg: Any, folder: Path, source: str) -> list[tuple[str, CheckFn]]:
+    """One check per held-out set, when the held-out NLL is on."""
+    checks: list[tuple[str, CheckFn]] = []
+    if not cfg.heldout.enabled:
+        return checks
+    for name in cfg.heldout.sets:
+        one = cfg.model_copy(
+            update={"heldout": cfg.heldout.model_copy(update={"sets": [name], "limit": None})}
+        )
         checks.append(
             (
-                "eval drift",
-                guarded("drift", None, lambda: _drift(ev.drift_questions(cfg, folder), cfg)),
+                f"eval heldout {name}",
+                _guarded(
+                    source,
+                    f"heldout.sets {name}",
+                    cfg.benchmark_paths.get(name),
+                    lambda one=one, n=name: _heldout(ev.heldout_items(one, folder)[n], cfg),
+                ),
             )
         )
     return checks
