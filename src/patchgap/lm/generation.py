@@ -683,82 +683,126 @@ class TransformersGenerator:
 
         if not self._ragged_ok():
             return self._hf_generate(ids, n, temperature)
-        dev = self.device
         lengths = [len(x) for x in ids]
-        width = max(lengths)
-        first_logits: list[Any] = [None] * len(ids)
-        per_row_kv: list[list[tuple[Any, Any]] | None] = [None] * len(ids)
-        cache_template = None
         with torch.inference_mode():
-            for group in self._prefill_groups(lengths):
-                gw = lengths[group[0]]
-                inp = torch.full((len(group), gw), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(group), gw), dtype=torch.long)
-                for r, i in enumerate(group):
-                    inp[r, gw - lengths[i] :] = torch.tensor(ids[i], dtype=torch.long)
-                    mask[r, gw - lengths[i] :] = 1
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                out = self._forward(inp.to(dev), mask.to(dev), pos.to(dev), None)
-                cache = self._out_cache(out)
-                layers = getattr(cache, "layers", None)
-                if not layers or any(type(layer) is not self._layer_type for layer in layers):
-                    self._ragged = False  # e.g. sliding-window or hybrid caches
-                    return self._hf_generate(ids, n, temperature)
-                cache_template = cache
-                for r, i in enumerate(group):
-                    first_logits[i] = out.logits[r, -1].float()
-                    per_row_kv[i] = [
-                        (layer.keys[r, :, gw - lengths[i] :], layer.values[r, :, gw - lengths[i] :])
-                        for layer in layers
-                    ]
-            # One left-padded batch cache; each prompt repeated n times (prompt-major). Its
-            # buffers hold the whole decode, so each step writes one column in place.
+            prefilled = self._ragged_prefill(ids, lengths)
+            if prefilled is None:
+                self._ragged = False  # e.g. sliding-window or hybrid caches
+                return self._hf_generate(ids, n, temperature)
+            cache_template, first_logits, per_row_kv = prefilled
+            # One left-padded batch cache; each prompt repeated n times (prompt-major).
             rows = [i for i in range(len(ids)) for _ in range(n)]
-            in_place = _in_place_layer_class() if self._in_place_cache else None
-            capacity = width + (self.config.max_new_tokens if in_place else 0)
-            for li in range(len(cache_template.layers)):
-                k0, v0 = per_row_kv[0][li]
-                keys = k0.new_zeros((len(rows), k0.shape[0], capacity, k0.shape[-1]))
-                values = v0.new_zeros((len(rows), v0.shape[0], capacity, v0.shape[-1]))
-                for b, i in enumerate(rows):
-                    k, v = per_row_kv[i][li]
-                    keys[b, :, width - lengths[i] : width] = k
-                    values[b, :, width - lengths[i] : width] = v
-                if in_place is not None:
-                    cache_template.layers[li] = in_place(keys, values, width)
-                else:  # the plain DynamicLayer, concatenating (kept to measure against)
-                    cache_template.layers[li].keys = keys
-                    cache_template.layers[li].values = values
-            per_row_kv = []  # free the per-prompt copies before decoding
-            cache = cache_template
-            mask = torch.zeros((len(rows), width), dtype=torch.long, device=dev)
-            for b, i in enumerate(rows):
-                mask[b, width - lengths[i] :] = 1
-            next_pos = torch.tensor([lengths[i] for i in rows], device=dev)
-            logits = torch.stack([first_logits[i] for i in rows]).to(dev)
+            cache = self._merge_prefill_caches(cache_template, per_row_kv, rows, lengths)
+            del prefilled, per_row_kv  # free the per-prompt copies before decoding
+            return self._shrinking_decode(cache, rows, lengths, first_logits, temperature)
 
-            eos = torch.tensor(self.eos_ids, device=dev)
-            out_tokens: list[list[int]] = [[] for _ in rows]
-            alive = list(range(len(rows)))  # output slot of each row still in the batch
-            for step in range(self.config.max_new_tokens):
-                tok = self._pick(logits, temperature)
-                for slot, t in zip(alive, tok.tolist(), strict=True):
-                    out_tokens[slot].append(t)
-                done = torch.isin(tok, eos)
-                if step == self.config.max_new_tokens - 1:
+    def _ragged_prefill(
+        self, ids: list[list[int]], lengths: list[int]
+    ) -> tuple[Any, list[Any], list[list[tuple[Any, Any]]]] | None:
+        """Prefill the prompts in groups of near-equal length.
+
+        Returns a cache to reuse as the batch cache's container, each prompt's last-position
+        logits and its per-layer (keys, values) without padding; None when the model's cache
+        is not made of plain dynamic layers.
+        """
+        import torch
+
+        dev = self.device
+        first_logits: list[Any] = [None] * len(ids)
+        per_row_kv: list[Any] = [None] * len(ids)
+        cache_template = None
+        for group in self._prefill_groups(lengths):
+            group_width = lengths[group[0]]
+            inp = torch.full((len(group), group_width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(group), group_width), dtype=torch.long)
+            for r, i in enumerate(group):
+                inp[r, group_width - lengths[i] :] = torch.tensor(ids[i], dtype=torch.long)
+                mask[r, group_width - lengths[i] :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self._forward(inp.to(dev), mask.to(dev), pos.to(dev), None)
+            cache = self._out_cache(out)
+            layers = getattr(cache, "layers", None)
+            if not layers or any(type(layer) is not self._layer_type for layer in layers):
+                return None
+            cache_template = cache
+            for r, i in enumerate(group):
+                first_logits[i] = out.logits[r, -1].float()
+                start = group_width - lengths[i]
+                per_row_kv[i] = [
+                    (layer.keys[r, :, start:], layer.values[r, :, start:]) for layer in layers
+                ]
+        return cache_template, first_logits, per_row_kv
+
+    def _merge_prefill_caches(
+        self,
+        cache_template: Any,
+        per_row_kv: list[list[tuple[Any, Any]]],
+        rows: list[int],
+        lengths: list[int],
+    ) -> Any:
+        """Copy each prompt's keys and values into one left-padded batch cache, one row per
+        entry of ``rows`` (a prompt index). With the in-place layer its buffers hold the whole
+        decode, so each step writes one column in place."""
+        width = max(lengths)
+        in_place = _in_place_layer_class() if self._in_place_cache else None
+        capacity = width + (self.config.max_new_tokens if in_place else 0)
+        for layer_index in range(len(cache_template.layers)):
+            k0, v0 = per_row_kv[0][layer_index]
+            keys = k0.new_zeros((len(rows), k0.shape[0], capacity, k0.shape[-1]))
+            values = v0.new_zeros((len(rows), v0.shape[0], capacity, v0.shape[-1]))
+            for b, i in enumerate(rows):
+                k, v = per_row_kv[i][layer_index]
+                keys[b, :, width - lengths[i] : width] = k
+                values[b, :, width - lengths[i] : width] = v
+            if in_place is not None:
+                cache_template.layers[layer_index] = in_place(keys, values, width)
+            else:  # the plain DynamicLayer, concatenating (kept to measure against)
+                cache_template.layers[layer_index].keys = keys
+                cache_template.layers[layer_index].values = values
+        return cache_template
+
+    def _shrinking_decode(
+        self,
+        cache: Any,
+        rows: list[int],
+        lengths: list[int],
+        first_logits: list[Any],
+        temperature: float,
+    ) -> list[list[int]]:
+        """Decode every row of the merged cache, dropping each row from the batch as soon as
+        it emits an eos id; the new token ids per row."""
+        import torch
+
+        dev = self.device
+        width = max(lengths)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=dev)
+        for b, i in enumerate(rows):
+            mask[b, width - lengths[i] :] = 1
+        next_pos = torch.tensor([lengths[i] for i in rows], device=dev)
+        logits = torch.stack([first_logits[i] for i in rows]).to(dev)
+
+        eos = torch.tensor(self.eos_ids, device=dev)
+        out_tokens: list[list[int]] = [[] for _ in rows]
+        alive = list(range(len(rows)))  # output slot of each row still in the batch
+        for step in range(self.config.max_new_tokens):
+            tok = self._pick(logits, temperature)
+            for slot, t in zip(alive, tok.tolist(), strict=True):
+                out_tokens[slot].append(t)
+            done = torch.isin(tok, eos)
+            if step == self.config.max_new_tokens - 1:
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                if keep.numel() == 0:
                     break
-                if bool(done.any()):
-                    keep = (~done).nonzero().squeeze(-1)
-                    if keep.numel() == 0:
-                        break
-                    alive = [alive[j] for j in keep.tolist()]
-                    cache.batch_select_indices(keep)
-                    tok, mask, next_pos = tok[keep], mask[keep], next_pos[keep]
-                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-                out = self._forward(tok[:, None], mask, next_pos[:, None], cache)
-                cache = self._out_cache(out)
-                next_pos = next_pos + 1
-                logits = out.logits[:, -1].float()
+                alive = [alive[j] for j in keep.tolist()]
+                cache.batch_select_indices(keep)
+                tok, mask, next_pos = tok[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            out = self._forward(tok[:, None], mask, next_pos[:, None], cache)
+            cache = self._out_cache(out)
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1].float()
         return out_tokens
 
     def _pick(self, logits: Any, temperature: float) -> Any:
