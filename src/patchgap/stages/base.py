@@ -315,27 +315,13 @@ def execute(
     manifest for the same config and inputs, the stage is skipped and its recorded metrics
     returned (``force`` recomputes).
     """
-    missing_in = [n for n in stage.INPUTS if n not in inputs and n not in stage.OPTIONAL_INPUTS]
-    if missing_in:
-        raise ConfigError(f"stage {stage.NAME}: missing input(s): {', '.join(missing_in)}")
-    unknown = sorted(set(inputs) - set(stage.INPUTS)) + sorted(set(outputs) - set(stage.OUTPUTS))
-    if unknown:
-        raise ConfigError(f"stage {stage.NAME}: unknown input/output name(s): {', '.join(unknown)}")
+    _check_io_names(stage, inputs, outputs)
     say = progress or (lambda msg: log.info(msg))
     t0 = time.time()
     tmp = tempfile.TemporaryDirectory(prefix=f"patchgap-{stage.NAME}-")
     root = Path(workdir) if workdir is not None else Path(tmp.name)
     try:
-        local_in: dict[str, Path] = {}
-        for name, uri in inputs.items():
-            if _is_remote(uri):
-                say(f"{stage.NAME}: fetching input {name} from {uri}")
-                local_in[name] = fetch_to_local(uri, root / "in" / name)
-            else:
-                p = Path(uri.removeprefix("file://"))
-                if not p.exists():
-                    raise ConfigError(f"stage {stage.NAME}: input {name}: {p} does not exist")
-                local_in[name] = p
+        local_in = _local_inputs(stage, inputs, root, say)
         input_hashes = {name: path_hash(p) for name, p in sorted(local_in.items())}
         chash = config_hash(config)
 
@@ -347,46 +333,112 @@ def execute(
                 return StageResult(done, True, time.time() - t0, dict(outputs))
 
         config = with_store_state(config, stage, outputs)
-        local_out: dict[str, Path] = {}
-        for name in stage.OUTPUTS:
-            uri = outputs.get(name)
-            if uri is None or _is_remote(uri):
-                local_out[name] = root / "out" / name
-            else:
-                local_out[name] = Path(uri.removeprefix("file://"))
-            local_out[name].mkdir(parents=True, exist_ok=True)
-
-        cleanups: list[Callable[[], None]] = []
-        token = _AFTER_OUTPUTS.set(cleanups)
-        try:
-            metrics = stage.run(config, local_in, local_out)
-        finally:
-            _AFTER_OUTPUTS.reset(token)
+        local_out = _local_outputs(stage, outputs, root)
+        metrics, cleanups = _run_collecting_cleanups(stage, config, local_in, local_out)
         seconds = time.time() - t0
         metrics = {**metrics, "stage_seconds": round(seconds, 3)}
 
-        record = {
-            "stage": stage.NAME,
-            "config": config.model_dump(mode="json"),
-            "config_hash": chash,
-            "input_hashes": input_hashes,
-            "inputs": dict(inputs),
-            "metrics": metrics,
-            "environment": environment_info(),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        for p in local_out.values():
-            (p / STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
-        if remote_out:
-            store = Store.from_env()
-            for name, uri in remote_out.items():
-                say(f"{stage.NAME}: uploading output {name} to {uri}")
-                store.upload_dir(local_out[name], uri, metadata=record)
+        record = _stage_record(stage, config, chash, input_hashes, inputs, metrics)
+        _keep_outputs(stage, record, local_out, remote_out, say)
         # Only now, with every manifest written, may the state go (see after_outputs_kept).
         _run_cleanups(stage.NAME, cleanups)
         return StageResult(metrics, False, seconds, dict(outputs))
     finally:
         tmp.cleanup()
+
+
+def _check_io_names(
+    stage: StageModule, inputs: Mapping[str, str], outputs: Mapping[str, str]
+) -> None:
+    """Refuse a missing required input and any input or output name the stage does not know."""
+    missing_in = [n for n in stage.INPUTS if n not in inputs and n not in stage.OPTIONAL_INPUTS]
+    if missing_in:
+        raise ConfigError(f"stage {stage.NAME}: missing input(s): {', '.join(missing_in)}")
+    unknown = sorted(set(inputs) - set(stage.INPUTS)) + sorted(set(outputs) - set(stage.OUTPUTS))
+    if unknown:
+        raise ConfigError(f"stage {stage.NAME}: unknown input/output name(s): {', '.join(unknown)}")
+
+
+def _local_inputs(
+    stage: StageModule, inputs: Mapping[str, str], root: Path, say: Callable[[str], None]
+) -> dict[str, Path]:
+    """Each input as a local path: ``s3://`` ones fetched under ``root/in``, local ones checked."""
+    local_in: dict[str, Path] = {}
+    for name, uri in inputs.items():
+        if _is_remote(uri):
+            say(f"{stage.NAME}: fetching input {name} from {uri}")
+            local_in[name] = fetch_to_local(uri, root / "in" / name)
+        else:
+            p = Path(uri.removeprefix("file://"))
+            if not p.exists():
+                raise ConfigError(f"stage {stage.NAME}: input {name}: {p} does not exist")
+            local_in[name] = p
+    return local_in
+
+
+def _local_outputs(stage: StageModule, outputs: Mapping[str, str], root: Path) -> dict[str, Path]:
+    """A created local folder per output: the given path, or one under ``root/out`` for an
+    ``s3://`` output (uploaded afterwards) or an output the caller did not name."""
+    local_out: dict[str, Path] = {}
+    for name in stage.OUTPUTS:
+        uri = outputs.get(name)
+        if uri is None or _is_remote(uri):
+            local_out[name] = root / "out" / name
+        else:
+            local_out[name] = Path(uri.removeprefix("file://"))
+        local_out[name].mkdir(parents=True, exist_ok=True)
+    return local_out
+
+
+def _run_collecting_cleanups(
+    stage: StageModule, config: StrictModel, local_in: dict[str, Path], local_out: dict[str, Path]
+) -> tuple[dict[str, float], list[Callable[[], None]]]:
+    """``stage.run`` with the clean-ups it asks for (after_outputs_kept) held back, not run."""
+    cleanups: list[Callable[[], None]] = []
+    token = _AFTER_OUTPUTS.set(cleanups)
+    try:
+        metrics = stage.run(config, local_in, local_out)
+    finally:
+        _AFTER_OUTPUTS.reset(token)
+    return metrics, cleanups
+
+
+def _stage_record(
+    stage: StageModule,
+    config: StrictModel,
+    chash: str,
+    input_hashes: Mapping[str, str],
+    inputs: Mapping[str, str],
+    metrics: dict[str, float],
+) -> dict[str, Any]:
+    """The provenance record written into every output folder and each upload's manifest."""
+    return {
+        "stage": stage.NAME,
+        "config": config.model_dump(mode="json"),
+        "config_hash": chash,
+        "input_hashes": input_hashes,
+        "inputs": dict(inputs),
+        "metrics": metrics,
+        "environment": environment_info(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _keep_outputs(
+    stage: StageModule,
+    record: dict[str, Any],
+    local_out: dict[str, Path],
+    remote_out: Mapping[str, str],
+    say: Callable[[str], None],
+) -> None:
+    """Write the record into each local output, then upload the ``s3://`` ones with it."""
+    for p in local_out.values():
+        (p / STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+    if remote_out:
+        store = Store.from_env()
+        for name, uri in remote_out.items():
+            say(f"{stage.NAME}: uploading output {name} to {uri}")
+            store.upload_dir(local_out[name], uri, metadata=record)
 
 
 def _finished_metrics(

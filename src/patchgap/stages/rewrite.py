@@ -384,51 +384,14 @@ def run(
     out_dir = Path(outputs["candidates"])
     out_dir.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(config, dataset, adapter)
-    state = RewriteState.open(config.state_uri, out_dir, fp, config.shard_index, config.num_shards)
-    log.info(
-        "rewrite: shard %d/%d, rewriter %s, state %s (%d finished batches)",
-        config.shard_index,
-        config.num_shards,
-        "pi0 + adapter" if adapter is not None else "pi0 prompt-only",
-        state.prefix,
-        len(state.done),
-    )
+    state = _open_state(config, out_dir, fp, adapter)
     spec = DatasetSpec(source=str(dataset), fields=config.fields, limit=config.limit)
     counts = Counts()
-    todo = expected_records(dataset, config.limit, config.num_shards)
-    if todo is not None:
-        todo = max(todo - len(state.done) * config.batch_records, 0) * config.candidates_per_record
-    rewriter = Rewriter(config, adapter, work=todo)
+    rewriter = Rewriter(config, adapter, work=_candidates_left(config, dataset, state))
     tally = Tally()
-    final = out_dir / shard_file_name(config.shard_index, config.num_shards)
     bar = Progress("rewrite", "rec", enabled=config.progress)
     try:
-        with (
-            atomic_path(final) as tmp,
-            RejectSink(out_dir / "rejects.jsonl") as sink,
-            tmp.open("w", encoding="utf-8") as fh,
-        ):
-            records = iter_records(spec, sink, counts)
-            batches = iter_batches(
-                records,
-                config.batch_records,
-                config.shard_index,
-                config.num_shards,
-                config.shard_by,
-            )
-            for b, batch in enumerate(batches):
-                rows = state.load(b, [r.id for r in batch])
-                generated = rows is None
-                if rows is None:
-                    t0 = time.time()
-                    rows = rewriter.rewrite(batch, config.shard_index, b)
-                    tally.generate_seconds += time.time() - t0
-                    state.save(b, rows)
-                for row in rows:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                tally.add(rows, generated)
-                bar.update(len(rows), **tally.postfix())
-            rejected = sink.total
+        rejected = _write_shard(config, spec, counts, state, rewriter, tally, bar, out_dir)
         # State only survives a crash; once the shard is complete it would just duplicate the
         # candidates.
         state.discard()
@@ -436,22 +399,7 @@ def run(
         bar.close()
         backend = rewriter.backend
         rewriter.close()
-    elapsed = max(time.time() - tally.started, 1e-9)
-    metrics = {
-        "records": float(tally.records),
-        "rejected": float(rejected),
-        "candidates": float(tally.candidates),
-        "answer_acceptance": tally.accepted / max(tally.records, 1),
-        "candidate_pass_rate": tally.candidates_ok / max(tally.candidates, 1),
-        "retries": float(tally.retries),
-        "generated_tokens": float(tally.tokens),
-        "tokens_per_s": tally.tokens / max(tally.generate_seconds, 1e-9),
-        "records_per_s": tally.records / elapsed,
-        "batches": float(tally.batches),
-        "batches_resumed": float(tally.batches_resumed),
-        "shard_index": float(config.shard_index),
-        "num_shards": float(config.num_shards),
-    }
+    metrics = _shard_metrics(config, tally, rejected)
     summary = {
         "stage": NAME,
         "rewriter": "pi0+adapter" if adapter is not None else "pi0 (prompt-only baseline)",
@@ -475,6 +423,91 @@ def run(
         metrics["tokens_per_s"],
     )
     return metrics
+
+
+def _open_state(config: Config, out_dir: Path, fp: str, adapter: Path | None) -> RewriteState:
+    """This shard's resume state (the batches a killed run finished), announced in the log."""
+    state = RewriteState.open(config.state_uri, out_dir, fp, config.shard_index, config.num_shards)
+    log.info(
+        "rewrite: shard %d/%d, rewriter %s, state %s (%d finished batches)",
+        config.shard_index,
+        config.num_shards,
+        "pi0 + adapter" if adapter is not None else "pi0 prompt-only",
+        state.prefix,
+        len(state.done),
+    )
+    return state
+
+
+def _candidates_left(config: Config, dataset: Path, state: RewriteState) -> int | None:
+    """About how many candidates remain to generate (the finished batches left out), for the
+    generator's sizing; None when the dataset's size is not cheap to read."""
+    todo = expected_records(dataset, config.limit, config.num_shards)
+    if todo is not None:
+        todo = max(todo - len(state.done) * config.batch_records, 0) * config.candidates_per_record
+    return todo
+
+
+def _write_shard(
+    config: Config,
+    spec: DatasetSpec,
+    counts: Counts,
+    state: RewriteState,
+    rewriter: Rewriter,
+    tally: Tally,
+    bar: Progress,
+    out_dir: Path,
+) -> int:
+    """Stream the shard's batches into its candidates file (each batch taken from the resume
+    state when finished before, else generated and saved there); returns the rejected count."""
+    final = out_dir / shard_file_name(config.shard_index, config.num_shards)
+    with (
+        atomic_path(final) as tmp,
+        RejectSink(out_dir / "rejects.jsonl") as sink,
+        tmp.open("w", encoding="utf-8") as fh,
+    ):
+        records = iter_records(spec, sink, counts)
+        batches = iter_batches(
+            records,
+            config.batch_records,
+            config.shard_index,
+            config.num_shards,
+            config.shard_by,
+        )
+        for b, batch in enumerate(batches):
+            rows = state.load(b, [r.id for r in batch])
+            generated = rows is None
+            if rows is None:
+                t0 = time.time()
+                rows = rewriter.rewrite(batch, config.shard_index, b)
+                tally.generate_seconds += time.time() - t0
+                state.save(b, rows)
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            tally.add(rows, generated)
+            bar.update(len(rows), **tally.postfix())
+        rejected = sink.total
+    return rejected
+
+
+def _shard_metrics(config: Config, tally: Tally, rejected: int) -> dict[str, float]:
+    """The shard's figures, from the tally of its batches."""
+    elapsed = max(time.time() - tally.started, 1e-9)
+    return {
+        "records": float(tally.records),
+        "rejected": float(rejected),
+        "candidates": float(tally.candidates),
+        "answer_acceptance": tally.accepted / max(tally.records, 1),
+        "candidate_pass_rate": tally.candidates_ok / max(tally.candidates, 1),
+        "retries": float(tally.retries),
+        "generated_tokens": float(tally.tokens),
+        "tokens_per_s": tally.tokens / max(tally.generate_seconds, 1e-9),
+        "records_per_s": tally.records / elapsed,
+        "batches": float(tally.batches),
+        "batches_resumed": float(tally.batches_resumed),
+        "shard_index": float(config.shard_index),
+        "num_shards": float(config.num_shards),
+    }
 
 
 if __name__ == "__main__":

@@ -175,13 +175,8 @@ def _train(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path], work: Path
 ) -> dict[str, float]:
     import datasets
-    import torch
-    from transformers import AutoModelForCausalLM
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
-
-    # Deferred: it loads transformers.
-    from patchgap.training.callbacks import ProgressCallback
 
     t0 = time.time()
     model_dir = resolve_model_path(config.model)
@@ -194,14 +189,66 @@ def _train(
         raise ConfigError(f"sft: {model_dir}: the tokenizer has no chat template (pi0 must chat)")
     device = device_for(config.device)
     dtype = dtype_for(config.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = _load_model(config, model_dir, dtype)
+    peft_config = config.lora.peft_config() if config.finetuning == "lora" else None
+    args = _sft_args(SFTConfig, config, work, device, dtype)
+    callbacks, resume_dir = _callbacks_and_restore(config, inputs, work, metrics_dir)
+    resumed_step = checkpoint_step(resume_dir)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    # disable_tqdm makes the Trainer print every log dict; ProgressCallback shows them instead.
+    trainer.remove_callback(PrinterCallback)
+    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    if not trainer.is_world_process_zero():
+        return {}
+    curve = _loss_points(trainer.state.log_history)
+    _save_model(trainer, tokenizer, model_out, config.finetuning == "lora")
+    write_loss_curve(curve, metrics_dir, title=f"SFT of {model_dir.name} ({config.finetuning})")
+    summary = {
+        "records": float(len(rows)),
+        "rejected": float(rejected),
+        "steps": float(trainer.state.global_step),
+        "resumed_from_step": float(resumed_step),
+        "loss_first": curve[0]["loss"] if curve else float("nan"),
+        "loss_last": curve[-1]["loss"] if curve else float("nan"),
+        "train_loss": float(result.training_loss),
+        "train_seconds": round(time.time() - t0, 2),
+    }
+    (metrics_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _load_model(config: Config, model_dir: Path, dtype: str) -> Any:
+    """pi0's weights (safetensors only) in ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
         str(model_dir),
         dtype=getattr(torch, dtype),
         use_safetensors=True,
         trust_remote_code=config.trust_remote_code,
     )
-    peft_config = config.lora.peft_config() if config.finetuning == "lora" else None
-    args = SFTConfig(
+
+
+def _loss_points(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training-loss entries of the Trainer's log history, one per logged step."""
+    return [
+        {"step": h["step"], "loss": float(h["loss"]), "epoch": h.get("epoch")}
+        for h in log_history
+        if "loss" in h
+    ]
+
+
+def _sft_args(sft_config_class: Any, config: Config, work: Path, device: str, dtype: str) -> Any:
+    """The SFTTrainer's arguments (``sft_config_class`` is trl's SFTConfig, imported late)."""
+    return sft_config_class(
         output_dir=str(work / "trainer"),
         num_train_epochs=config.num_epochs,
         max_steps=config.max_steps,
@@ -223,9 +270,19 @@ def _train(
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         use_cpu=device == "cpu",
-        **gradient_checkpointing_arg(SFTConfig, config.gradient_checkpointing),
+        **gradient_checkpointing_arg(sft_config_class, config.gradient_checkpointing),
         disable_tqdm=True,
     )
+
+
+def _callbacks_and_restore(
+    config: Config, inputs: Mapping[str, Path], work: Path, metrics_dir: Path
+) -> tuple[list[Any], Path | None]:
+    """The trainer's callbacks (progress, checkpoint sync, TensorBoard) and the checkpoint folder
+    restored from ``checkpoint_uri`` to resume from (None: start fresh)."""
+    # Deferred: it loads transformers.
+    from patchgap.training.callbacks import ProgressCallback
+
     callbacks: list[Any] = [ProgressCallback("sft")]
     resume_dir: Path | None = None
     tb_uri = None
@@ -245,39 +302,7 @@ def _train(
         tb_uri = join_uri(checkpoints.uri, TENSORBOARD_DIR)
     if config.report_to == "tensorboard":
         callbacks.append(tensorboard_sync(tb_uri, metrics_dir / TENSORBOARD_DIR))
-    resumed_step = checkpoint_step(resume_dir)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
-    # disable_tqdm makes the Trainer print every log dict; ProgressCallback shows them instead.
-    trainer.remove_callback(PrinterCallback)
-    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
-    if not trainer.is_world_process_zero():
-        return {}
-    curve = [
-        {"step": h["step"], "loss": float(h["loss"]), "epoch": h.get("epoch")}
-        for h in trainer.state.log_history
-        if "loss" in h
-    ]
-    _save_model(trainer, tokenizer, model_out, config.finetuning == "lora")
-    write_loss_curve(curve, metrics_dir, title=f"SFT of {model_dir.name} ({config.finetuning})")
-    summary = {
-        "records": float(len(rows)),
-        "rejected": float(rejected),
-        "steps": float(trainer.state.global_step),
-        "resumed_from_step": float(resumed_step),
-        "loss_first": curve[0]["loss"] if curve else float("nan"),
-        "loss_last": curve[-1]["loss"] if curve else float("nan"),
-        "train_loss": float(result.training_loss),
-        "train_seconds": round(time.time() - t0, 2),
-    }
-    (metrics_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return callbacks, resume_dir
 
 
 def _save_model(trainer: Any, tokenizer: Any, out: Path, merge: bool) -> None:

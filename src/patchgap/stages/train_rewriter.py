@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -362,12 +363,8 @@ def run(
 def _train(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path], work: Path
 ) -> dict[str, float]:
-    import torch
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    # Deferred: it loads transformers.
-    from patchgap.training.callbacks import CheckpointSyncCallback, StepMetricsCallback
 
     device = _resolve_device(config)
     dtype = dtype_for(config.dtype, device)
@@ -376,7 +373,57 @@ def _train(
     model_src = str(inputs["model"]) if inputs.get("model") else str(resolve_model(config.model))
     tokenizer = load_tokenizer(model_src, trust_remote_code=config.trust_remote_code)
 
-    records, source = _load_dataset(config, inputs.get("dataset"), work)
+    rows, too_long = _prompt_rows(config, tokenizer, inputs.get("dataset"), work)
+    train_dataset = Dataset.from_list(rows)
+
+    ga = gradient_accumulation(config, world_size)
+    args = _grpo_args(GRPOConfig, config, work, device, dtype, use_vllm, ga)
+    _log_grpo_layout(config, args, len(rows), world_size, ga, use_vllm)
+
+    scorer = _build_scorer(config, model_src, device)
+    _calibrate_judge(scorer, config, rows)
+    reward_fn = GroupRewardFunction(scorer, config.num_generations)
+    tracking = _tracking_and_resume(config, inputs, outputs, work, reward_fn)
+
+    trainer = GRPOTrainer(
+        model=model_src,
+        reward_funcs=[reward_fn],
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=config.lora.peft_config(),
+        callbacks=tracking.callbacks,
+    )
+    # disable_tqdm makes the Trainer print every log dict; our callback shows a bar instead.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    result_metrics = _train_unless_finished(trainer, config, tracking)
+
+    # Every process takes part: under FSDP gathering the adapter's state dict is collective.
+    trainer.save_model(str(outputs["adapter"]))
+    if not trainer.is_world_process_zero():
+        return {}
+    return _write_run_summary(
+        config,
+        trainer,
+        tokenizer,
+        tracking,
+        outputs,
+        model_src,
+        rows,
+        too_long,
+        scorer,
+        result_metrics,
+    )
+
+
+def _prompt_rows(
+    config: Config, tokenizer: Any, dataset_input: Path | None, work: Path
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The training prompts, and the ids of those left out as longer than max_prompt_length;
+    refuses a dataset with fewer usable prompts than one step takes."""
+    records, source = _load_dataset(config, dataset_input, work)
     rows, too_long = build_prompt_rows(
         records, tokenizer, config.prompt_template, config.max_prompt_length
     )
@@ -392,10 +439,22 @@ def _train(
             f"train_rewriter: {len(rows)} usable prompt(s) in {source}, fewer than "
             f"prompts_per_step={config.prompts_per_step}"
         )
-    train_dataset = Dataset.from_list(rows)
+    return rows, too_long
 
-    ga = gradient_accumulation(config, world_size)
-    args = GRPOConfig(
+
+def _grpo_args(
+    grpo_config_class: Any,
+    config: Config,
+    work: Path,
+    device: str,
+    dtype: str,
+    use_vllm: bool,
+    grad_accumulation: int,
+) -> Any:
+    """The GRPOTrainer's arguments (``grpo_config_class`` is trl's GRPOConfig, imported late)."""
+    import torch
+
+    return grpo_config_class(
         output_dir=str(work),
         seed=config.seed,
         data_seed=config.seed,
@@ -403,7 +462,7 @@ def _train(
         bf16=dtype == "bfloat16",
         fp16=False,
         per_device_train_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=ga,
+        gradient_accumulation_steps=grad_accumulation,
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         temperature=config.temperature,
@@ -420,7 +479,7 @@ def _train(
         num_iterations=1,
         num_train_epochs=config.num_epochs,
         max_steps=config.max_steps if config.max_steps is not None else -1,
-        **gradient_checkpointing_arg(GRPOConfig, config.gradient_checkpointing),
+        **gradient_checkpointing_arg(grpo_config_class, config.gradient_checkpointing),
         model_init_kwargs={"dtype": getattr(torch, dtype)},
         trust_remote_code=config.trust_remote_code,
         disable_dropout=True,
@@ -440,23 +499,50 @@ def _train(
         vllm_server_base_url=config.rollout.vllm_server_base_url,
         vllm_max_model_length=config.max_prompt_length + config.max_completion_length,
     )
+
+
+def _log_grpo_layout(
+    config: Config, args: Any, prompts: int, world_size: int, grad_accumulation: int, use_vllm: bool
+) -> None:
+    """Check the batch layout keeps groups of K whole, then log it once."""
     per_process = check_grpo_args(args)  # refuse a layout that would split groups of K
     log.info(
         "GRPO: %d prompts, %d per step x K=%d, %d process(es), %d micro-batch(es) of %d, "
         "reward scores %d completions per call, rollouts: %s",
-        len(rows),
+        prompts,
         config.prompts_per_step,
         config.num_generations,
         world_size,
-        ga,
+        grad_accumulation,
         config.per_device_batch_size,
         per_process,
         f"vLLM ({config.rollout.vllm_mode})" if use_vllm else "transformers",
     )
 
-    scorer = _build_scorer(config, model_src, device)
-    _calibrate_judge(scorer, config, rows)
-    reward_fn = GroupRewardFunction(scorer, config.num_generations)
+
+@dataclass
+class _RunTracking:
+    """What follows a run across restarts: its per-step metrics log, the trainer's callbacks
+    (metrics, checkpoint sync, TensorBoard), the checkpoint it resumes from and its fingerprint."""
+
+    metrics_log: MetricsLog
+    callbacks: list[Any]
+    resume_dir: Path | None
+    resume_step: int
+    fingerprint: str
+
+
+def _tracking_and_resume(
+    config: Config,
+    inputs: Mapping[str, Path],
+    outputs: Mapping[str, Path],
+    work: Path,
+    reward_fn: GroupRewardFunction,
+) -> _RunTracking:
+    """Build the callbacks, restore the newest checkpoint of this run's fingerprint (when
+    ``checkpoint_uri`` is set) and the metrics rows logged up to it."""
+    # Deferred: it loads transformers.
+    from patchgap.training.callbacks import CheckpointSyncCallback, StepMetricsCallback
 
     # Only the main process logs rows; a per-rank name keeps the others off its file.
     metrics_log = MetricsLog(
@@ -479,20 +565,15 @@ def _train(
         callbacks.append(tensorboard_sync(tb_uri, outputs["metrics"] / TENSORBOARD_DIR))
     resume_step = checkpoint_step(resume_dir)
     metrics_log.restore(resume_dir / METRICS_FILE if resume_dir else None, resume_step)
+    return _RunTracking(metrics_log, callbacks, resume_dir, resume_step, fp)
 
-    trainer = GRPOTrainer(
-        model=model_src,
-        reward_funcs=[reward_fn],
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=config.lora.peft_config(),
-        callbacks=callbacks,
-    )
-    # disable_tqdm makes the Trainer print every log dict; our callback shows a bar instead.
-    from transformers.trainer_callback import PrinterCallback
 
-    trainer.remove_callback(PrinterCallback)
+def _train_unless_finished(
+    trainer: Any, config: Config, tracking: _RunTracking
+) -> dict[str, float]:
+    """Train (resuming from the restored checkpoint, if any) and return the Trainer's figures;
+    a checkpoint already at max_steps only has its adapter loaded (no figures)."""
+    resume_dir, resume_step = tracking.resume_dir, tracking.resume_step
     if resume_dir is not None and config.max_steps is not None and resume_step >= config.max_steps:
         # The run had finished training before it stopped: take the last checkpoint's adapter as
         # it is (Trainer.train would run one step past max_steps when resumed at the end).
@@ -503,31 +584,49 @@ def _train(
         weights = load_file(str(resume_dir / "adapter_model.safetensors"))
         set_peft_model_state_dict(trainer.model, weights)
         trainer.state.global_step = resume_step
-        result_metrics: dict[str, float] = {}
-    else:
-        result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
-        result_metrics = dict(result.metrics)
+        return {}
+    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    return dict(result.metrics)
 
-    # Every process takes part: under FSDP gathering the adapter's state dict is collective.
-    trainer.save_model(str(outputs["adapter"]))
-    summary: dict[str, float] = {}
-    if trainer.is_world_process_zero():
-        summary = _write_outputs(
-            config, trainer, tokenizer, metrics_log, outputs, model_src, fp, rows, too_long
-        )
-        summary.update(
-            {
-                "resumed_from_step": float(resume_step),
-                "train_seconds": float(result_metrics.get("train_runtime", 0.0)),
-            }
-        )
-        summary.update(_scorer_figures(scorer, outputs["metrics"] / REWARD_JSON))
-        (outputs["metrics"] / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-        plot_reward_curves(
-            metrics_log.rows,
-            outputs["metrics"] / PLOT_PNG,
-            title=f"rewriter on {Path(model_src).name}: reward per GRPO step",
-        )
+
+def _write_run_summary(
+    config: Config,
+    trainer: Any,
+    tokenizer: Any,
+    tracking: _RunTracking,
+    outputs: Mapping[str, Path],
+    model_src: str,
+    rows: Sequence[Mapping[str, Any]],
+    too_long: Sequence[str],
+    scorer: Any,
+    result_metrics: Mapping[str, float],
+) -> dict[str, float]:
+    """The main process's outputs: adapter extras, metrics, scorer figures, the summary and the
+    reward curves; returns the summary."""
+    summary = _write_outputs(
+        config,
+        trainer,
+        tokenizer,
+        tracking.metrics_log,
+        outputs,
+        model_src,
+        tracking.fingerprint,
+        rows,
+        too_long,
+    )
+    summary.update(
+        {
+            "resumed_from_step": float(tracking.resume_step),
+            "train_seconds": float(result_metrics.get("train_runtime", 0.0)),
+        }
+    )
+    summary.update(_scorer_figures(scorer, outputs["metrics"] / REWARD_JSON))
+    (outputs["metrics"] / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    plot_reward_curves(
+        tracking.metrics_log.rows,
+        outputs["metrics"] / PLOT_PNG,
+        title=f"rewriter on {Path(model_src).name}: reward per GRPO step",
+    )
     return summary
 
 
