@@ -49,7 +49,9 @@ from patchgap.reports.sft_sweep import choose, paired, parse_grid, tag, tag_plai
 
 def stage_d(work: Path, records: int, seed: int) -> Path:
     """D as repro-small stages it: the seeded subset of GSM8K train, written as records."""
-    from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
+    from patchgap.data.sources import DatasetSpec
+    from patchgap.data.stream import load_records
+    from patchgap.data.writers import write_records_jsonl
 
     out = work / f"gsm8k-train-{records}-seed{seed}.jsonl"
     if not out.is_file():

@@ -30,7 +30,9 @@ def stage_dataset(
     from collections import namedtuple
     from pathlib import Path
 
-    from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
+    from patchgap.data.sources import DatasetSpec
+    from patchgap.data.stream import load_records
+    from patchgap.data.writers import write_records_jsonl
     from patchgap.storage.store import write_manifest
 
     out = Path(dataset.path)

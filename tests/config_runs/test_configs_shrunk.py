@@ -87,7 +87,7 @@ def test_every_table_key_is_a_setting() -> None:
     """No stale or misspelt entry: each key of the table is a field of its section."""
     import importlib
 
-    from patchgap.data.records import DatasetSpec
+    from patchgap.data.sources import DatasetSpec
     from patchgap.run.prepare import RunSettings
     from patchgap.stages import STAGES
     from patchgap.stages.base import SHARED_KEYS

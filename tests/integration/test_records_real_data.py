@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from patchgap.data.records import NAMED_SETS, DatasetSpec, LoadResult, load_records
+from patchgap.data.registry import SOURCE_ROLES, named_sets
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import LoadResult, load_records
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +48,8 @@ def _lines(path: Path) -> int:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_named_set_loads_clean_with_provenance_count(data_dir: Path, name: str) -> None:
     set_name, _, split = name.partition(":")
-    rel = NAMED_SETS[set_name].paths[split or NAMED_SETS[set_name].default_split]
+    entry = named_sets(*SOURCE_ROLES)[set_name]
+    rel = entry.paths[split or entry.default_split]
     res = _load(name)
     assert res.counts.source == str(data_dir / rel)
     assert res.counts.rejected_total == 0, res.rejects[:3]

@@ -11,7 +11,10 @@ import yaml
 from typer.testing import CliRunner
 
 from patchgap.config import read_yaml
-from patchgap.data.records import REJECT_RAW_LIMIT, DatasetSpec, FieldMap, load_records
+from patchgap.data.fields import FieldMap
+from patchgap.data.rejects import REJECT_RAW_LIMIT
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import load_records
 from patchgap.errors import ConfigError, DataError
 
 GSM8K = '{"question": "What is 1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n'

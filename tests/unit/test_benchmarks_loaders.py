@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from patchgap.data import evalsets as bm
+from patchgap.data.fields import FieldMap
+from patchgap.data.registry import NamedSet, named_sets
 from patchgap.errors import ConfigError, DataError
 
 
@@ -97,12 +99,13 @@ def test_math_set_spec_maps_fields_and_extracts_answers(tmp_path: Path) -> None:
             {"Problem": "half?", "Solution": "so \\boxed{\\frac{1}{2}}"},
         ],
     )
-    spec = bm.MathSetSpec(str(p), "Problem", "Answer", solution_field="Solution", id_field="ID")
-    items = bm.load_math_set(spec)
+    fields = FieldMap(id="ID", question="Problem", answer="Answer", solution="Solution")
+    items = bm.load_math_set(NamedSet("m", "math", {"test": str(p)}, fields))
     assert [(i.id, i.gold) for i in items] == [("7", "2"), ("m-2", "\\frac{1}{2}")]
     broken = _jsonl(tmp_path / "b.jsonl", [{"Problem": "no answer"}])
     with pytest.raises(DataError, match="b.jsonl:1"):
-        bm.load_math_set(bm.MathSetSpec(str(broken), "Problem", "Answer"))
+        only_answer = FieldMap(question="Problem", answer="Answer")
+        bm.load_math_set(NamedSet("b", "math", {"test": str(broken)}, only_answer))
 
 
 def test_custom_set_takes_the_training_field_map(tmp_path: Path) -> None:
@@ -219,5 +222,5 @@ def test_heldout_set_reads_solutions_as_training_data(tmp_path: Path) -> None:
 
 def test_heldout_sets_are_the_math_sets_files() -> None:
     # benchmark_paths names one file for both uses (the run uploads it once, under that name)
-    for name, (path, _) in bm.HELDOUT_SETS.items():
-        assert bm.MATH_SETS[name].path == path, name
+    for name, entry in named_sets("heldout").items():
+        assert named_sets("math")[name].path == entry.path, name

@@ -73,7 +73,7 @@ def test_settings_name_known_sets_and_change_the_resume_fingerprint() -> None:
 def test_pi0_answers_are_scored_by_every_model_with_held_out_solutions(
     tiny_llama: Path,
 ) -> None:
-    from patchgap.data.records import Record
+    from patchgap.data.fields import Record
 
     cfg = ev.Config(
         generation={"max_new_tokens": 4, "device": "cpu"},

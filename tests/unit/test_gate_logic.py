@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchgap.data.records import Record
+from patchgap.data.fields import Record
 from patchgap.reports.gate import GateStats, distinct_n, mean_pairwise_distance, write_report
 from patchgap.reward.rewards import RewardTerms
 from patchgap.stages import gate, rewrite

@@ -11,18 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from patchgap.config import validate
-from patchgap.data import records as R
-from patchgap.data.records import (
-    Counts,
-    DatasetSpec,
-    FieldMap,
-    Record,
-    RejectSink,
-    iter_records,
-    load_records,
-    write_records_jsonl,
-    write_records_parquet,
-)
+from patchgap.data import sources as R
+from patchgap.data.fields import FieldMap, Record
+from patchgap.data.registry import SOURCE_ROLES, named_sets
+from patchgap.data.rejects import Counts, RejectSink
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import iter_records, load_records
+from patchgap.data.writers import write_records_jsonl, write_records_parquet
 from patchgap.errors import ConfigError, DataError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "records"
@@ -215,7 +210,7 @@ def test_reject_sink_replaces_a_stale_file_and_writes_nothing_when_clean(tmp_pat
 
 
 def test_iter_records_without_sink_logs_each_reject(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="patchgap.data.records"):
+    with caplog.at_level(logging.WARNING, logger="patchgap.data.rejects"):
         ids = [r.id for r in iter_records(ASSETS / "bad_lines.jsonl")]
     assert ids == ["a", "g"]
     assert "bad_lines.jsonl:3" in caplog.text and "bad_lines.jsonl:9" in caplog.text
@@ -624,4 +619,4 @@ def test_cli_ls_lists_named_sets_and_local_state(fake_data_dir: Path) -> None:
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
     assert "yes" in rows["gsm8k:train"] and "no" in rows["gsm8k:test"]
     assert "openai/gsm8k" in rows["gsm8k:test"]
-    assert set(R.NAMED_SETS) <= {name.split(":")[0] for name in rows}
+    assert set(named_sets(*SOURCE_ROLES)) <= {name.split(":")[0] for name in rows}

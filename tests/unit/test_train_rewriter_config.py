@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from patchgap.config import validate
-from patchgap.data.records import Record
+from patchgap.data.fields import Record
 from patchgap.errors import ConfigError
 from patchgap.stages import train_rewriter as tr
 
@@ -197,7 +197,7 @@ def test_a_wired_dataset_is_read_as_staged_records_not_through_the_source_spec(
     """The staged D the pipeline wires in is already records: the configured source's split,
     hub config and field map (paper.yaml's NuminaMath-CoT spec) do not apply to it, its subset
     settings do."""
-    from patchgap.data.records import write_records_jsonl
+    from patchgap.data.writers import write_records_jsonl
 
     staged = tmp_path / "d.jsonl"
     write_records_jsonl(

@@ -24,7 +24,7 @@ def _fields(value: str) -> object:
     """A preset name, or a YAML/JSON file holding a FieldMap."""
     # Deferred: kept out of the CLI's start-up.
     from patchgap.config import read_yaml, validate
-    from patchgap.data.records import FieldMap
+    from patchgap.data.fields import FieldMap
 
     if value.endswith((".yaml", ".yml", ".json")) or Path(value).is_file():
         return validate(FieldMap, read_yaml(value), value)
@@ -62,7 +62,7 @@ def _spec(
 ) -> object:
     # Deferred: kept out of the CLI's start-up.
     from patchgap.config import validate as validate_config
-    from patchgap.data.records import DatasetSpec
+    from patchgap.data.sources import DatasetSpec
 
     values = {"source": source, "fields": _fields(fields), "limit": limit, "split": split}
     values = {**values, "seed": seed, "hub_config": hub_config}
@@ -88,7 +88,7 @@ def validate(
     """Read a dataset, count valid and rejected records; exit 0 when it could be read and holds
     at least one valid record, 2 otherwise."""
     # Deferred: kept out of the CLI's start-up.
-    from patchgap.data.records import load_records
+    from patchgap.data.stream import load_records
 
     out = Output(output_format)
     target = rejects or _default_rejects(source)
@@ -143,7 +143,8 @@ def stage(
     import tempfile
 
     # Deferred: kept out of the CLI's start-up.
-    from patchgap.data.records import load_records, write_records_jsonl
+    from patchgap.data.stream import load_records
+    from patchgap.data.writers import write_records_jsonl
     from patchgap.storage.store import Store
 
     with tempfile.TemporaryDirectory(prefix="patchgap-stage-data-") as tmp:
@@ -166,11 +167,11 @@ def stage(
 def list_sets(output_format: Format = OUTPUT_FORMAT) -> None:
     """List the named public sets and whether each resolves in the data directory."""
     # Deferred: kept out of the CLI's start-up.
-    from patchgap.data.records import NAMED_SETS
+    from patchgap.data.registry import SOURCE_ROLES, named_sets
 
     root = data_dir()
     rows = []
-    for entry in NAMED_SETS.values():
+    for entry in named_sets(*SOURCE_ROLES).values():
         for split, rel in entry.paths.items():
             rows.append(
                 {

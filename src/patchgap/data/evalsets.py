@@ -1,25 +1,31 @@
-"""Evaluation sets: the downstream math benchmarks and the general multiple-choice benchmarks,
-read from the data directory (or any path / s3:// URI), plus the fixed seeded subsets used for
-size-limited runs."""
+"""Evaluation items: the downstream math benchmarks (:class:`MathItem`) and the general
+multiple-choice benchmarks (:class:`MCItem`) built from the registry's ``math``, ``choice`` and
+``heldout`` sets (or any path / s3:// URI), the fixed seeded subsets used for size-limited runs,
+and the lm-eval task files.
+
+Files are read through :mod:`patchgap.data.readers` and, for math sets, mapped to records with
+the set's :class:`~patchgap.data.fields.FieldMap` like training data; the multiple-choice layouts
+build their items from the rows (HellaSwag's text and MMLU's CSV files are their own formats)."""
 
 from __future__ import annotations
 
 import bz2
 import csv
-import json
 import random
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patchgap.answers import reference_answer
-from patchgap.data.records import PRESETS, DatasetSpec, FieldMap, choice_count, load_records
+from patchgap.data.convert import RecordError, choice_count, to_record
+from patchgap.data.fields import PRESETS, FieldMap, Record
+from patchgap.data.readers import json_objects
+from patchgap.data.registry import NamedSet, named_set, named_sets
+from patchgap.data.sources import DatasetSpec, resolve_path
+from patchgap.data.stream import load_records
 from patchgap.errors import ConfigError, DataError
-from patchgap.settings import cache_dir
 from patchgap.settings import data_dir as default_data_dir
-from patchgap.storage.store import fetch_to_local
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -62,48 +68,6 @@ class MCItem:
         }
 
 
-@dataclass(frozen=True)
-class MathSetSpec:
-    """Where a math set lives (relative to the data dir, or absolute / s3://) and its fields."""
-
-    path: str
-    question_field: str = "question"
-    answer_field: str | None = "answer"
-    solution_field: str | None = None
-    id_field: str | None = None
-    options_field: str | None = None
-    extra_question_fields: tuple[str, ...] = field(default=())
-
-
-#: Named downstream sets, laid out as in the project's data directory (arXiv 2602.11220).
-MATH_SETS: dict[str, MathSetSpec] = {
-    "gsm8k": MathSetSpec("gsm8k/test.jsonl", "question", None, solution_field="answer"),
-    "math500": MathSetSpec("math500/test.jsonl", "problem", "answer", id_field="unique_id"),
-    "amc23": MathSetSpec("qwen25math_eval/amc23/test.jsonl", "problem", "answer", id_field="id"),
-    "aime24": MathSetSpec("qwen25math_eval/aime24/test.jsonl", "problem", "answer", id_field="id"),
-    "minerva_math": MathSetSpec(
-        "qwen25math_eval/minerva_math/test.jsonl", "problem", None, solution_field="solution"
-    ),
-    "sat_math": MathSetSpec(
-        "qwen25math_eval/sat_math/test.jsonl",
-        "question",
-        "Answer",
-        id_field="id",
-        options_field="options",
-    ),
-    "agieval_math": MathSetSpec("agieval_v1/math.jsonl", "question", "answer"),
-}
-
-#: General (forgetting) multiple-choice sets: name -> (format, path relative to the data dir).
-MC_SETS: dict[str, tuple[str, str]] = {
-    "arc_easy": ("arc", "arc/ARC-Easy-test.jsonl"),
-    "arc_challenge": ("arc", "arc/ARC-Challenge-test.jsonl"),
-    "piqa": ("piqa", "piqa"),
-    "hellaswag": ("hellaswag", "hellaswag_text/hellaswag_val_full.txt.bz2"),
-    "mmlu": ("mmlu", "mmlu/test"),
-    "agieval": ("agieval", "agieval_v1"),
-}
-
 #: AGIEval's English single-answer multiple-choice files (the cloze sets are math sets).
 AGIEVAL_EN = (
     "aqua-rat",
@@ -117,114 +81,84 @@ AGIEVAL_EN = (
 )
 
 
-# ----------------------------------------------------------------------------- locations
-
-
-def resolve_path(path: str | Path, data_dir: Path | None = None) -> Path:
-    """A local path for ``path``: ``s3://`` URIs are fetched into the cache; relative paths are
-    looked up beside the working directory first, then in the data directory."""
-    text = str(path)
-    if text.startswith("s3://"):
-        dest = cache_dir() / "benchmarks" / text.removeprefix("s3://").replace("/", "_")
-        return Path(fetch_to_local(text, dest, external=True))
-    p = Path(text.removeprefix("file://")).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    if data_dir is None:
-        data_dir = default_data_dir()
-    if data_dir is None:
-        raise ConfigError(
-            f"benchmark path {text!r} is relative and no data directory is set "
-            "(set PATCHGAP_DATA_DIR to a folder laid out like shared/data)"
-        )
-    return Path(data_dir) / p
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    if not path.is_file():
-        raise DataError(f"{path}: benchmark file not found")
-    opener = bz2.open if path.suffix == ".bz2" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, row
-
-
-def _answer_text(value: Any) -> str:
-    # AMC23 stores answers as floats (27.0); keep integers integral so they read naturally.
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
-
-
-def _reference_from_solution(solution: str) -> str | None:
-    return reference_answer(solution)
-
-
 # ----------------------------------------------------------------------------- math sets
 
+# Record errors that mean the row has no usable question / no reference answer.
+_NO_QUESTION = {"missing_question", "empty_question"}
+_NO_ANSWER = {"no_answer", "missing_solution", "empty_solution"}
 
-def load_math_set(name_or_spec: str | MathSetSpec, data_dir: Path | None = None) -> list[MathItem]:
-    """Load a downstream math set by name (:data:`MATH_SETS`) or from a :class:`MathSetSpec`.
 
-    The gold answer is the answer field when the spec names one, else the final answer extracted
-    from the solution (``\\boxed{}`` or GSM8K's ``#### N``). A row without a question or an answer
-    is a :class:`DataError` naming the file and line: an evaluation set must be complete.
+def math_set(name: str) -> NamedSet:
+    """The registry's downstream math benchmark called ``name``."""
+    known = named_sets("math")
+    if name not in known:
+        raise ConfigError(
+            f"unknown math benchmark {name!r}; known: {sorted(known)} "
+            "(or give a path with field names)"
+        )
+    return known[name]
+
+
+def load_math_set(
+    name_or_set: str | NamedSet, data_dir: Path | None = None, *, path: str | Path | None = None
+) -> list[MathItem]:
+    """Load a downstream math set by name (a ``math`` set of the registry) or from a
+    :class:`~patchgap.data.registry.NamedSet`; ``path`` overrides its location.
+
+    Rows go through the one JSONL reader and :func:`~patchgap.data.convert.to_record` with the
+    set's field map. The gold answer is the answer field when the map names one and the row has
+    it, else the final answer extracted from the solution (``\\boxed{}`` or GSM8K's ``#### N``).
+    A row without a question or an answer is a :class:`DataError` naming the file and line: an
+    evaluation set must be complete.
     """
-    if isinstance(name_or_spec, str):
-        try:
-            spec = MATH_SETS[name_or_spec]
-        except KeyError:
-            raise ConfigError(
-                f"unknown math benchmark {name_or_spec!r}; known: {sorted(MATH_SETS)} "
-                "(or give a path with field names)"
-            ) from None
-    else:
-        spec = name_or_spec
-    path = resolve_path(spec.path, data_dir)
-    items: list[MathItem] = []
-    for lineno, row in _read_jsonl(path):
-        question = row.get(spec.question_field)
-        if not isinstance(question, str) or not question.strip():
-            raise DataError(f"{path}:{lineno}: missing question field {spec.question_field!r}")
-        for extra in spec.extra_question_fields:
-            if row.get(extra):
-                question = f"{row[extra]}\n{question}"
-        gold: str | None = None
-        if spec.answer_field is not None and row.get(spec.answer_field) not in (None, ""):
-            gold = _answer_text(row[spec.answer_field])
-        elif spec.solution_field is not None and isinstance(row.get(spec.solution_field), str):
-            gold = _reference_from_solution(row[spec.solution_field])
-        if not gold:
-            wanted = spec.answer_field or spec.solution_field
-            raise DataError(f"{path}:{lineno}: no reference answer (field {wanted!r})")
-        labels = None
-        if spec.options_field is not None and row.get(spec.options_field):
-            options = row[spec.options_field]
-            if isinstance(options, list):
-                options = "\n".join(str(o) for o in options)
-            question = f"{question.strip()}\n\nOptions: {options}"
-            labels = LETTERS[:5]
-            gold = gold.strip().strip("()").upper()[:1]
-        item_id = str(row[spec.id_field]) if spec.id_field and spec.id_field in row else None
-        items.append(MathItem(item_id or f"{path.stem}-{lineno}", question.strip(), gold, labels))
+    entry = math_set(name_or_set) if isinstance(name_or_set, str) else name_or_set
+    assert isinstance(entry.fields, FieldMap), f"{entry.name}: a math set needs a FieldMap"
+    local = resolve_path(path or entry.path, data_dir)
+    items = [
+        _math_item(row, entry.fields, f"{local}:{lineno}", f"{local.stem}-{lineno}")
+        for lineno, row in json_objects(local)
+    ]
     if not items:
-        raise DataError(f"{path}: no problems")
+        raise DataError(f"{local}: no problems")
     return items
+
+
+def _math_item(row: dict[str, Any], fm: FieldMap, where: str, default_id: str) -> MathItem:
+    """One math problem: the record of ``row`` under ``fm``, with the options (``fm.choices``)
+    written after the question and the gold answer reduced to their letter."""
+    # The solution only stands in for a missing answer, and the options are written here.
+    use = {"choices": None}
+    if fm.answer is not None and row.get(fm.answer) not in (None, ""):
+        use["solution"] = None
+    try:
+        rec = to_record(row, fm.model_copy(update=use), default_id)
+    except RecordError as err:
+        if err.kind in _NO_QUESTION or "(question)" in err.reason:
+            raise DataError(f"{where}: missing question field {fm.question!r}") from None
+        if err.kind in _NO_ANSWER:
+            wanted = fm.answer or fm.solution
+            raise DataError(f"{where}: no reference answer (field {wanted!r})") from None
+        raise DataError(f"{where}: {err.reason}") from None
+    gold = rec.answer
+    raw = row.get(fm.answer) if fm.answer is not None else None
+    if isinstance(raw, float) and raw.is_integer():  # AMC23 stores 27.0: read it as 27
+        gold = str(int(raw))
+    question, labels = rec.question.strip(), None
+    options = row.get(fm.choices) if fm.choices is not None else None
+    if options:
+        if isinstance(options, list):
+            options = "\n".join(str(o) for o in options)
+        question = f"{question}\n\nOptions: {options}"
+        labels = LETTERS[:5]
+        gold = gold.strip().strip("()").upper()[:1]
+    return MathItem(rec.id, question, gold, labels)
 
 
 def load_mapped_set(
     path: str, fields: str | FieldMap = "auto", data_dir: Path | None = None
 ) -> list[MathItem]:
     """A custom downstream set read with the training data's field map (a preset name or a
-    :class:`~patchgap.data.records.FieldMap`: context fields, answer patterns, choices, list
+    :class:`~patchgap.data.fields.FieldMap`: context fields, answer patterns, choices, list
     fields). Every record must be valid: an evaluation set with holes would skew accuracy."""
     local = resolve_path(path, data_dir)
     result = load_records(DatasetSpec(source=str(local), fields=fields))
@@ -251,7 +185,7 @@ def load_mapped_set(
 def load_arc(path: Path) -> list[MCItem]:
     """ARC JSONL: ``choices{text,label}`` and ``answerKey`` (labels are A-E or 1-5)."""
     items = []
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in json_objects(path):
         try:
             texts = list(row["choices"]["text"])
             labels = [str(x) for x in row["choices"]["label"]]
@@ -264,7 +198,7 @@ def load_arc(path: Path) -> list[MCItem]:
 
 def load_piqa(folder: Path) -> list[MCItem]:
     """PIQA: ``valid.jsonl`` (goal, sol1, sol2) aligned line by line with ``valid-labels.lst``."""
-    rows = [row for _, row in _read_jsonl(folder / "valid.jsonl")]
+    rows = [row for _, row in json_objects(folder / "valid.jsonl")]
     label_path = folder / "valid-labels.lst"
     if not label_path.is_file():
         raise DataError(f"{label_path}: PIQA labels file not found")
@@ -339,7 +273,7 @@ def load_agieval(path: Path, files: Sequence[str] = AGIEVAL_EN) -> list[MCItem]:
     paths = [path] if path.is_file() else [path / f"{f}.jsonl" for f in files]
     items = []
     for p in paths:
-        for lineno, row in _read_jsonl(p):
+        for lineno, row in json_objects(p):
             options = row.get("options")
             label = row.get("label")
             if isinstance(label, list):
@@ -385,13 +319,9 @@ def load_mc_set(
     name: str, path: str | Path | None = None, data_dir: Path | None = None
 ) -> list[MCItem]:
     """Load a general multiple-choice set by name; ``path`` overrides its default location."""
-    try:
-        fmt, default = MC_SETS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown multiple-choice benchmark {name!r}; known: {sorted(MC_SETS)}"
-        ) from None
-    return load_mc_format(fmt, resolve_path(path or default, data_dir))
+    entry = named_set(name, "choice", what="multiple-choice benchmark")
+    assert entry.layout is not None
+    return load_mc_format(entry.layout, resolve_path(path or entry.path, data_dir))
 
 
 def load_mc_format(fmt: str, path: Path) -> list[MCItem]:
@@ -410,28 +340,17 @@ def load_mc_format(fmt: str, path: Path) -> list[MCItem]:
 
 # ----------------------------------------------------------------------------- held-out and drift
 
-#: Held-out reference solutions for the downstream NLL: name -> (path in the data directory, the
-#: field preset training data of that kind is read with, so solutions look as they do in D).
-HELDOUT_SETS: dict[str, tuple[str, str]] = {
-    "gsm8k": ("gsm8k/test.jsonl", "gsm8k"),
-    "math500": ("math500/test.jsonl", "math500"),
-    "minerva_math": ("qwen25math_eval/minerva_math/test.jsonl", "auto"),
-}
-
 
 def load_heldout_set(
     name: str, path: str | Path | None = None, data_dir: Path | None = None
-) -> list[Any]:
-    """Problems with reference solutions (:class:`~patchgap.data.records.Record`) of a held-out
+) -> list[Record]:
+    """Problems with reference solutions (:class:`~patchgap.data.fields.Record`) of a held-out
     set, read with the training data's loader; records without a solution are left out."""
-    try:
-        default, preset = HELDOUT_SETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown held-out set {name!r}; known: {sorted(HELDOUT_SETS)}") from None
-    local = resolve_path(path or default, data_dir)
+    entry = named_set(name, "heldout", what="held-out set")
+    local = resolve_path(path or entry.path, data_dir)
     if not local.exists():
         raise DataError(f"{local}: held-out set {name!r} not found")
-    result = load_records(DatasetSpec(source=str(local), fields=preset))
+    result = load_records(DatasetSpec(source=str(local), fields=entry.fields))
     records = [r for r in result.records if r.solution.strip()]
     if not records:
         raise DataError(f"{local}: no problems with a reference solution")
@@ -496,7 +415,7 @@ def lm_eval_dataset(*, format: str, path: str, **_: Any) -> Any:
     """The ``custom_dataset`` of the project's lm-eval tasks: a ``DatasetDict`` with one ``test``
     split of :meth:`MCItem.to_doc` records, in loader order (lm-eval passes task metadata as
     extra keyword arguments, which are ignored)."""
-    import datasets
+    import datasets  # heavy third-party import, needed only when lm-eval asks for the documents
 
     items = load_mc_format(format, resolve_path(path))
     return datasets.DatasetDict({"test": datasets.Dataset.from_list([i.to_doc() for i in items])})

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from patchgap.data.evalsets import HELDOUT_SETS, MATH_SETS, MC_SETS, resolve_path
+from patchgap.data.registry import named_sets
+from patchgap.data.sources import resolve_path
 from patchgap.errors import ConfigError
 from patchgap.lm.models import push_model
 from patchgap.run.prepare import PreparedRun, Say
@@ -83,12 +84,10 @@ def _named_sets_to_s3(cfg: Any, bucket: str, where: str, store: Any) -> dict[str
     folder = Path(cfg.data_dir) if cfg.data_dir else data_dir()
     paths = dict(cfg.benchmark_paths)
     for name in dict.fromkeys(names):
-        if name in MATH_SETS:
-            rel = MATH_SETS[name].path
-        elif name in HELDOUT_SETS:
-            rel = HELDOUT_SETS[name][0]
-        else:
-            rel = MC_SETS.get(name, ("", ""))[1]
+        # A name's file: as a math set, else a held-out set, else a multiple-choice set.
+        found = (named_sets(role).get(name) for role in ("math", "heldout", "choice"))
+        entry = next((e for e in found if e is not None), None)
+        rel = entry.path if entry is not None else ""
         if name in paths or not rel:  # given already, or an lm-eval task with its own data
             continue
         src = folder / rel if folder is not None else None

@@ -26,7 +26,8 @@ from typing import Any, Literal
 from patchgap.config import validate
 from patchgap.data import evalsets as bm
 from patchgap.data.evalsets import subset_indices
-from patchgap.data.records import DatasetSpec, load_records
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import load_records
 from patchgap.errors import ConfigError, PatchgapError
 from patchgap.lm import models
 from patchgap.run.containers import check_images, engine_client

@@ -16,7 +16,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from patchgap.config import StrictModel, read_yaml, validate
-from patchgap.data.records import DatasetSpec, load_records, write_records_jsonl
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import load_records
+from patchgap.data.writers import write_records_jsonl
 from patchgap.errors import ConfigError
 from patchgap.lm.models import known_model, prepare_smollm2, resolve_model
 from patchgap.stages.base import validate_run_yaml
@@ -36,7 +38,7 @@ class RunSettings(StrictModel):
     dataset: dict[str, Any] | None = Field(
         None,
         description="full and rewrite pipelines: the downstream dataset D, a "
-        "patchgap.data.records DatasetSpec mapping (the watch pipeline finds its own)",
+        "patchgap.data.sources DatasetSpec mapping (the watch pipeline finds its own)",
     )
     dataset_key: str | None = Field(
         None, description="object key D is staged under (default datasets/<name>.jsonl)"

@@ -20,7 +20,10 @@ from pydantic import Field
 
 from patchgap.answers import extract_answer
 from patchgap.config import StrictModel
-from patchgap.data.records import Counts, DatasetSpec, FieldMap, Record, RejectSink, iter_records
+from patchgap.data.fields import FieldMap, Record
+from patchgap.data.rejects import Counts, RejectSink
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import iter_records
 from patchgap.fsutil import atomic_path
 from patchgap.progress import Progress
 from patchgap.reports.gate import GateStats, write_report
@@ -34,7 +37,7 @@ OPTIONAL_INPUTS: tuple[str, ...] = ()
 OUTPUTS = ("dataset_r", "report")
 
 D_R_FILE = "d_r.jsonl"
-# Everything but the main JSONL sits under "_" folders: patchgap.data.records skips them, so a stage
+# Everything but the main JSONL sits under "_" folders: patchgap.data.readers skip them, so a stage
 # reading the dataset_r folder sees each record exactly once.
 PARQUET_FILE = "_parquet/d_r.parquet"
 ACCEPTED_FILE = "_accepted/accepted.jsonl"

@@ -23,7 +23,10 @@ from pydantic import Field, model_validator
 
 from patchgap.answers import equivalent
 from patchgap.config import StrictModel
-from patchgap.data.records import Counts, DatasetSpec, FieldMap, Record, RejectSink, iter_records
+from patchgap.data.fields import FieldMap, Record
+from patchgap.data.rejects import Counts, RejectSink
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import iter_records
 from patchgap.fsutil import atomic_path
 from patchgap.lm.generation import GenerationConfig, adapter_fingerprint, make_generator
 from patchgap.lm.models import apply_chat, load_tokenizer
@@ -54,7 +57,7 @@ class Config(StrictModel):
 
     model: str = Field("smollm2", description="pi0: a model folder or a known name (smollm2)")
     fields: str | FieldMap = Field(
-        "auto", description="field preset or mapping of the dataset (see patchgap.data.records)"
+        "auto", description="field preset or mapping of the dataset (see patchgap.data.fields)"
     )
     limit: int | None = Field(None, ge=1, description="use at most this many records")
     template: str = Field(REWRITE_TEMPLATE, description="rewriting prompt ({question}, {solution})")

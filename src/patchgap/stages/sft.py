@@ -15,7 +15,9 @@ from typing import Any, Literal
 from pydantic import Field
 
 from patchgap.config import StrictModel
-from patchgap.data.records import DatasetSpec, FieldMap, load_records
+from patchgap.data.fields import FieldMap
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import load_records
 from patchgap.errors import ConfigError, PatchgapError
 from patchgap.lm.generation import resolve_model_path
 from patchgap.lm.models import device_for, dtype_for, has_chat_template, load_tokenizer, merge_lora

@@ -18,7 +18,8 @@ from pydantic import Field, model_validator
 
 from patchgap.answers import reference_answer
 from patchgap.config import StrictModel
-from patchgap.data.records import DatasetSpec, load_records
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import load_records
 from patchgap.errors import ConfigError, DataError
 from patchgap.lm.generation import vllm_build
 from patchgap.lm.models import device_for, dtype_for, load_tokenizer, resolve_model, save_merged

@@ -9,8 +9,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from patchgap.config import StrictModel
-from patchgap.data.evalsets import HELDOUT_SETS, MC_SETS
-from patchgap.data.records import FieldMap
+from patchgap.data.fields import FieldMap
+from patchgap.data.registry import named_sets
 from patchgap.lm.generation import GenerationConfig
 
 NAME = "evaluate"
@@ -69,9 +69,10 @@ class DriftSettings(StrictModel):
     @field_validator("benchmarks")
     @classmethod
     def _known_sets(cls, value: list[str] | None) -> list[str] | None:
-        unknown = [b for b in value or [] if b not in MC_SETS]
+        known = named_sets("choice")
+        unknown = [b for b in value or [] if b not in known]
         if unknown:
-            raise ValueError(f"drift.benchmarks: unknown {unknown}; known: {sorted(MC_SETS)}")
+            raise ValueError(f"drift.benchmarks: unknown {unknown}; known: {sorted(known)}")
         return value
 
 
@@ -97,9 +98,10 @@ class HeldoutSettings(StrictModel):
     @field_validator("sets")
     @classmethod
     def _known_sets(cls, value: list[str]) -> list[str]:
-        unknown = [b for b in value if b not in HELDOUT_SETS]
+        known = named_sets("heldout")
+        unknown = [b for b in value if b not in known]
         if unknown:
-            raise ValueError(f"heldout.sets: unknown {unknown}; known: {sorted(HELDOUT_SETS)}")
+            raise ValueError(f"heldout.sets: unknown {unknown}; known: {sorted(known)}")
         return value
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from patchgap.data import evalsets as bm
+from patchgap.data.registry import named_sets
 from patchgap.lm.generation import make_generator
 from patchgap.lm.likelihood import CompletionScorer, chat_completion_ids
 from patchgap.lm.models import apply_chat
@@ -37,7 +38,7 @@ def drift_questions(config: Config, data_dir: Path | None) -> list[tuple[str, st
 
     names = config.drift.benchmarks
     if names is None:
-        names = [b for b in config.general if b in bm.MC_SETS]
+        names = [b for b in config.general if b in named_sets("choice")]
     if not names:
         if config.general:  # without general benchmarks no forgetting is asked for at all
             log.warning(

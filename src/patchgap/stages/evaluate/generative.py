@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +28,10 @@ def _math_items(config: Config, data_dir: Path | None) -> dict[str, list[Any]]:
     for math_set in config.math:
         if math_set.path is not None:
             items = bm.load_mapped_set(math_set.path, math_set.fields, data_dir)
-        elif math_set.name in config.benchmark_paths and math_set.name in bm.MATH_SETS:
-            moved = config.benchmark_paths[math_set.name]
-            items = bm.load_math_set(replace(bm.MATH_SETS[math_set.name], path=moved), data_dir)
         else:
-            items = bm.load_math_set(math_set.name, data_dir)
+            # benchmark_paths moves a named set (to the run's S3 copy, say)
+            moved = config.benchmark_paths.get(math_set.name)
+            items = bm.load_math_set(math_set.name, data_dir, path=moved)
         sets[math_set.name] = bm.take_subset(items, config.limit_for(math_set.name), config.seed)
     return sets
 
