@@ -88,6 +88,7 @@ def validate(
     """Read a dataset, count valid and rejected records; exit 0 when it could be read and holds
     at least one valid record, 2 otherwise."""
     # Deferred: kept out of the CLI's start-up.
+    from patchgap.data.fields import describe_mapping
     from patchgap.data.stream import load_records
 
     out = Output(output_format)
@@ -107,6 +108,9 @@ def validate(
         "rejected_by_kind": dict(sorted(c.rejected.items())),
         "selected": c.selected if limit is not None else None,
         "rejects_path": str(result.rejects_path) if result.rejects_path else None,
+        # The mapping used and what it made of one record: a wrong mapping shows at once.
+        "mapping": describe_mapping(c.field_map) if c.field_map else None,
+        "sample": _sample(result.records[0]) if result.records else None,
     }
     table = Table()
     table.add_column("records")
@@ -123,9 +127,20 @@ def validate(
         if result.rejects_path is not None
         else "rejects: none"
     )
-    out.result(data, f"{c.source}  fields: {c.fields}", table, where)
+    shown = [f"{c.source}  fields: {c.fields}", table, where]
+    if data["mapping"]:
+        shown.append("mapping: " + ", ".join(f"{k} <- {v}" for k, v in data["mapping"].items()))
+    if data["sample"]:
+        shown.append("sample: " + " | ".join(f"{k}: {v!r}" for k, v in data["sample"].items()))
+    out.result(data, *shown)
     if c.valid == 0:
         raise _fail(PatchgapError(f"{c.source}: no valid records ({c.read} read, all rejected)"))
+
+
+def _sample(record: object) -> dict[str, str]:
+    """A record's parts, each cut to one readable line."""
+    parts = {k: str(getattr(record, k)) for k in ("id", "question", "solution", "answer")}
+    return {k: v if len(v) <= 120 else v[:117] + "..." for k, v in parts.items()}
 
 
 @app.command()

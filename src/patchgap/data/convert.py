@@ -5,10 +5,11 @@ one."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from patchgap.answers import reference_answer
-from patchgap.data.fields import LETTERS, FieldMap, Record
+from patchgap.data.fields import LETTERS, FieldMap, Record, format_mismatch, in_answer_format
 from patchgap.errors import DataError
 
 #: How long a user's answer_pattern may take on one answer.
@@ -183,6 +184,28 @@ def _answer_value(data: dict[str, Any], fm: FieldMap, n_choices: int) -> str | N
     return text or None
 
 
+def _check_finite(data: dict[str, Any]) -> None:
+    """Reject NaN and infinities anywhere in the row: JSON cannot hold them, so the record could
+    not be written back, and a NaN answer is no answer."""
+    for key, value in data.items():
+        bad = _non_finite(value)
+        if bad is not None:
+            raise RecordError("not_finite", f"field {key!r} holds {bad}, which is not a number")
+
+
+def _non_finite(value: Any) -> str | None:
+    stack = [value]  # a loop, not recursion: rows may nest as deep as the JSON reader allows
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return repr(item)
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
+
+
 def _record_id(data: dict[str, Any], fm: FieldMap, default: str) -> str:
     if fm.id is None or data.get(fm.id) is None:
         return default
@@ -218,6 +241,7 @@ def to_record(data: dict[str, Any], fields: FieldMap, default_id: str) -> Record
     :func:`iter_records`, which turns failures into rejects.
     """
     fm = fields
+    _check_finite(data)
     rid = _record_id(data, fm, default_id)
     used = {k for k in (fm.id, fm.question, fm.solution, fm.answer, fm.messages, fm.meta) if k}
     meta = _meta_field(data, fm.meta) if fm.meta else {}
@@ -242,10 +266,18 @@ def to_record(data: dict[str, Any], fields: FieldMap, default_id: str) -> Record
     elif fm.answer_is_index:
         raise RecordError("missing_choices", f"field {fm.choices!r} (choices) is missing")
     answer = _answer_value(data, fm, n_choices)
+    where = f"field {fm.answer!r} is missing or empty and " if fm.answer else ""
     if answer is None and solution:
+        if not in_answer_format(solution, fm.answer_format):
+            # Never read a number out of text that is not in the layout's answer format: the
+            # last number of "\frac{48i-56}{85}" is not its answer.
+            why = format_mismatch(fm, data) or f"field {fm.solution!r} is not in its format"
+            raise RecordError(
+                "no_answer",
+                f"no reference answer: {where}{why} (answer_format: {fm.answer_format})",
+            )
         answer = reference_answer(solution)
     if answer is None or not str(answer).strip():
-        where = f"field {fm.answer!r} is missing or empty and " if fm.answer else ""
         raise RecordError(
             "no_answer", f"no reference answer: {where}none can be extracted from the solution"
         )

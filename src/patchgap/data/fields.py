@@ -4,6 +4,7 @@ detection of a file's layout."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,6 +41,7 @@ class Record:
         }
 
 
+AnswerFormat = Literal["any", "gsm8k", "boxed"]
 ListRole = Literal["question", "context", "solution", "answer"]
 ListRule = Literal["join", "first", "last"]
 
@@ -89,6 +91,12 @@ class FieldMap(StrictModel):
         "list: join (with join_with), first or last element. Unset: a list is rejected.",
     )
     join_with: str = Field("\n\n", description="Separator of list elements under lists: join.")
+    answer_format: AnswerFormat = Field(
+        "any",
+        description="How the solution writes its final answer, where the answer is taken from "
+        "it: gsm8k (a '#### N' line), boxed (\\boxed{...}), any (\\boxed{}, then '####', then "
+        "the last number).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FieldMap:
@@ -124,15 +132,27 @@ class FieldMap(StrictModel):
 
 PRESETS: dict[str, FieldMap] = {
     # GSM8K: the CoT solution lives in "answer" and ends with "#### N".
-    "gsm8k": FieldMap(id="idx", question="question", solution="answer"),
+    "gsm8k": FieldMap(id="idx", question="question", solution="answer", answer_format="gsm8k"),
     # MATH (and MATH-style sets): answer in \boxed{} unless an "answer" field is given.
-    "math": FieldMap(id="idx", question="problem", solution="solution", answer="answer"),
-    "math500": FieldMap(id="unique_id", question="problem", solution="solution", answer="answer"),
+    "math": FieldMap(
+        id="idx", question="problem", solution="solution", answer="answer", answer_format="boxed"
+    ),
+    "math500": FieldMap(
+        id="unique_id",
+        question="problem",
+        solution="solution",
+        answer="answer",
+        answer_format="boxed",
+    ),
     # The original work's AMC23 file.
-    "amc23": FieldMap(id="ID", question="Problem", solution="Solution", answer="Answer"),
+    "amc23": FieldMap(
+        id="ID", question="Problem", solution="Solution", answer="Answer", answer_format="boxed"
+    ),
     "messages": FieldMap(id="id", messages="messages"),
     # Qwen2.5-Math evaluation sets; several carry only an answer, no reference solution.
-    "aime24": FieldMap(id="id", question="problem", solution="solution", answer="answer"),
+    "aime24": FieldMap(
+        id="id", question="problem", solution="solution", answer="answer", answer_format="boxed"
+    ),
     "amc23_qwen": FieldMap(id="id", question="problem", answer="answer"),
     "sat_math": FieldMap(id="id", question="question", choices="options", answer="Answer"),
     "mmlu_stem": FieldMap(
@@ -155,27 +175,107 @@ PRESETS: dict[str, FieldMap] = {
     ),
 }
 
-# Auto-detection: the first preset whose keys are all in the first parsed row wins.
-_SIGNATURES: list[tuple[str, frozenset[str]]] = [
-    ("messages", frozenset({"messages"})),
-    ("records", frozenset({"id", "question", "solution", "answer", "meta"})),
-    ("amc23", frozenset({"Problem", "Solution"})),
-    ("math500", frozenset({"problem", "solution", "unique_id"})),
-    ("aime24", frozenset({"problem", "solution", "id"})),
-    ("math", frozenset({"problem", "solution"})),
-    ("amc23_qwen", frozenset({"problem", "answer"})),
-    ("sat_math", frozenset({"question", "options", "Answer"})),
-    ("mmlu_stem", frozenset({"question", "choices", "answer"})),
-    ("asdiv", frozenset({"body", "question", "answer"})),
-    ("authors_rewrites", frozenset({"question", "original_solution", "gold_answer_num"})),
-    ("gsm8k", frozenset({"question", "answer"})),
-]
+# Auto-detection: a preset fits a row when the row has its signature fields and the answer in the
+# preset's own answer format; among fitting presets, one whose named fields present in the row
+# include another's (strictly) is the more specific layout and wins. Two left: no guess.
+_SIGNATURES: dict[str, frozenset[str]] = {
+    "messages": frozenset({"messages"}),
+    "records": frozenset({"id", "question", "solution", "answer", "meta"}),
+    "amc23": frozenset({"Problem", "Solution"}),
+    "math500": frozenset({"problem", "solution", "unique_id"}),
+    "aime24": frozenset({"problem", "solution", "id"}),
+    "math": frozenset({"problem", "solution"}),
+    "amc23_qwen": frozenset({"problem", "answer"}),
+    "sat_math": frozenset({"question", "options", "Answer"}),
+    "mmlu_stem": frozenset({"question", "choices", "answer"}),
+    "asdiv": frozenset({"body", "question", "answer"}),
+    "authors_rewrites": frozenset({"question", "original_solution", "gold_answer_num"}),
+    "gsm8k": frozenset({"question", "answer"}),
+}
+_FORMAT_TEXT = {"gsm8k": "'#### <number>' line", "boxed": "\\boxed{...} answer"}
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")  # "\boxed 9" too, as MATH writes it
+_HASH_LINE = re.compile(r"^\s*####\s*[-+$]?\s*[\d.,]*\d", re.M)
+
+
+def in_answer_format(solution: str, fmt: AnswerFormat) -> bool:
+    """Whether ``solution`` writes its final answer the way ``fmt`` says."""
+    if fmt == "gsm8k":
+        return _HASH_LINE.search(solution) is not None
+    if fmt == "boxed":
+        return _BOXED.search(solution) is not None
+    return True
+
+
+def format_mismatch(fm: FieldMap, row: dict[str, Any]) -> str | None:
+    """Why ``row``'s answer is not in ``fm``'s answer format (None when it is, or when the
+    answer field gives the answer and nothing is extracted from the solution)."""
+    if fm.answer_format == "any" or fm.solution is None:
+        return None
+    if fm.answer is not None and row.get(fm.answer) not in (None, ""):
+        return None
+    text = row.get(fm.solution)
+    if isinstance(text, str) and in_answer_format(text, fm.answer_format):
+        return None
+    return f"field {fm.solution!r} has no {_FORMAT_TEXT[fm.answer_format]}"
+
+
+def fitting_layouts(row: dict[str, Any]) -> list[str]:
+    """The presets whose layout ``row`` has, most specific only (see the rules above)."""
+    keys = set(row)
+    fits: dict[str, set[str]] = {}
+    for name, needed in _SIGNATURES.items():
+        fm = PRESETS[name]
+        if needed <= keys and format_mismatch(fm, row) is None:
+            named = {fm.id, fm.question, fm.solution, fm.answer, fm.messages, fm.context}
+            fits[name] = {k for k in named | {fm.choices, fm.meta} if k is not None} & keys
+    return [a for a in fits if not any(fits[a] < fits[b] for b in fits)]
 
 
 def detect_fields(row: dict[str, Any]) -> str | None:
-    """The preset name whose fields a row has, or None."""
+    """The preset whose layout ``row`` has, or None when none fits; :class:`AmbiguousLayout`
+    when several fit (auto-detection never guesses between layouts)."""
+    names = fitting_layouts(row)
+    if len(names) > 1:
+        raise AmbiguousLayout(names)
+    return names[0] if names else None
+
+
+def near_layouts(row: dict[str, Any]) -> str:
+    """Why presets whose fields the row has do not fit it (for the error of a failed guess)."""
     keys = set(row)
-    for name, needed in _SIGNATURES:
-        if needed <= keys:
-            return name
-    return None
+    notes = []
+    for name, needed in _SIGNATURES.items():
+        why = format_mismatch(PRESETS[name], row) if needed <= keys else None
+        if why is not None:
+            notes.append(f"{name}: {why}")
+    return "; ".join(notes)
+
+
+class AmbiguousLayout(ValueError):
+    """A row that fits several preset layouts."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"the first record fits several layouts: {', '.join(names)}")
+        self.names = names
+
+
+def describe_mapping(fm: FieldMap) -> dict[str, str]:
+    """Where each part of a record comes from under ``fm`` (role -> source), for a person to
+    check a mapping at a glance."""
+    out = {"id": fm.id or "(position in the file)"}
+    if fm.messages is not None:
+        out["question"] = f"{fm.messages}: first user turn"
+        out["solution"] = f"{fm.messages}: last assistant turn"
+    for role in ("context", "question", "choices", "solution"):
+        key = getattr(fm, role)
+        if key is not None:
+            out[role] = key
+    solution = fm.messages or fm.solution
+    extracted = f"extracted from {solution!r} ({fm.answer_format} format)"
+    if fm.answer is not None:
+        out["answer"] = fm.answer + (f", else {extracted}" if solution else "")
+    else:
+        out["answer"] = extracted
+    if fm.meta is not None:
+        out["meta"] = fm.meta
+    return out

@@ -65,20 +65,11 @@ def rows_jsonl(path: Path, display: str, prefix: str) -> Iterator[Row]:
                     continue
                 text = text.rstrip("\r\n")  # else errors at the end point past the line
                 item = Row(display, lineno, row, f"{prefix}-{row}", raw=text)
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as err:
-                    item.error = ("invalid_json", f"invalid JSON at column {err.colno}: {err.msg}")
-                    first_error = first_error or f"{display}:{lineno}:{err.colno}: {err.msg}"
-                except (RecursionError, ValueError) as err:
-                    item.error = ("invalid_json", f"invalid JSON: {_json_limit(err)}")
-                    first_error = first_error or f"{display}:{lineno}:1: {_json_limit(err)}"
-                else:
+                error = _decode_line(item, text)
+                if error is None:
                     parsed_any = True
-                    if isinstance(obj, dict):
-                        item.data, item.raw = obj, obj
-                    else:
-                        item.error = ("not_object", f"a JSON {type(obj).__name__}, not an object")
+                else:
+                    first_error = first_error or f"{display}:{lineno}:{error}"
             row += 1
             if parsed_any:
                 yield from pending
@@ -95,6 +86,49 @@ def rows_jsonl(path: Path, display: str, prefix: str) -> Iterator[Row]:
         raise DataError(f"{display}: empty file, no records")
     if not parsed_any:
         raise DataError(f"{first_error}: not JSON Lines (no line is valid JSON)")
+
+
+def _decode_line(item: Row, text: str) -> str | None:
+    """Fill ``item`` from one JSON Lines line; the column and message of a syntax error, or None
+    when the line is JSON (an object, or a row error saying why it is not a record)."""
+    try:
+        obj = _STRICT.decode(text)
+    except DuplicateKey as err:
+        item.error = ("duplicate_key", str(err))
+        return None
+    except json.JSONDecodeError as err:
+        item.error = ("invalid_json", f"invalid JSON at column {err.colno}: {err.msg}")
+        return f"{err.colno}: {err.msg}"
+    except (RecursionError, ValueError) as err:
+        item.error = ("invalid_json", f"invalid JSON: {_json_limit(err)}")
+        return f"1: {_json_limit(err)}"
+    if isinstance(obj, dict):
+        item.data, item.raw = obj, obj
+    else:
+        item.error = ("not_object", f"a JSON {type(obj).__name__}, not an object")
+    return None
+
+
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice: which value was meant cannot be known."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key!r} in a JSON object")
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+# Python's json keeps the last of duplicate keys silently; these readers refuse such an object.
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_LOOSE = json.JSONDecoder()
 
 
 def _json_limit(err: Exception) -> str:
@@ -117,18 +151,25 @@ def _position(text: str, i: int) -> str:
     return f"{line}:{col}"
 
 
-def _parse_json_array(text: str, start: int, display: str) -> list[tuple[int, Any]]:
-    """Elements of a JSON array with the line each starts on; errors name line:column."""
-    decoder = json.JSONDecoder()
-    out: list[tuple[int, Any]] = []
+def _parse_json_array(
+    text: str, start: int, display: str
+) -> list[tuple[int, Any, DuplicateKey | None]]:
+    """Elements of a JSON array with the line each starts on (and the duplicate key of an
+    element that names one twice); syntax errors name line:column."""
+    out: list[tuple[int, Any, DuplicateKey | None]] = []
     i = _skip_ws(text, start + 1)
     if i < len(text) and text[i] == "]":
         i = _skip_ws(text, i + 1)
     else:
         line, last = 1, 0
         while True:
+            dup = None
             try:
-                obj, end = decoder.raw_decode(text, i)
+                try:
+                    obj, end = _STRICT.raw_decode(text, i)
+                except DuplicateKey as err:  # one bad element: parse it again to find its end
+                    dup = err
+                    obj, end = _LOOSE.raw_decode(text, i)
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{display}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}"
@@ -138,7 +179,7 @@ def _parse_json_array(text: str, start: int, display: str) -> list[tuple[int, An
                 raise DataError(f"{display}:{where}: invalid JSON: {_json_limit(err)}") from None
             line += text.count("\n", last, i)
             last = i
-            out.append((line, obj))
+            out.append((line, obj, dup))
             i = _skip_ws(text, end)
             if i < len(text) and text[i] == ",":
                 i = _skip_ws(text, i + 1)
@@ -176,16 +217,22 @@ def rows_json(
         elements = _parse_json_array(text, start, display)
         if not elements:
             raise DataError(f"{display}: empty JSON array, no records")
-        for row, (line, obj) in enumerate(elements):
+        for row, (line, obj, dup) in enumerate(elements):
             item = Row(display, line, row, f"{prefix}-{row}", raw=obj)
-            if isinstance(obj, dict):
+            if dup is not None:
+                item.error = ("duplicate_key", str(dup))
+            elif isinstance(obj, dict):
                 item.data = obj
             else:
                 item.error = ("not_object", f"a JSON {type(obj).__name__}, not an object")
             yield item
         return
+    dup = None
     try:
-        obj = json.loads(text)
+        try:
+            obj = _STRICT.decode(text)
+        except DuplicateKey as err:
+            dup, obj = err, _LOOSE.decode(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON Lines saved as .json, which `datasets` accepts too
             yield from rows_jsonl(path, display, prefix)
@@ -199,7 +246,10 @@ def rows_json(
             f"{display}: top level is a JSON {type(obj).__name__}, expected an array or object"
         )
     line = text.count("\n", 0, start) + 1
-    yield Row(display, line, 0, single_id or prefix, data=obj, raw=obj)
+    item = Row(display, line, 0, single_id or prefix, data=obj, raw=obj)
+    if dup is not None:
+        item.data, item.error = None, ("duplicate_key", str(dup))
+    yield item
 
 
 def rows_parquet(path: Path, display: str, prefix: str) -> Iterator[Row]:
@@ -212,6 +262,12 @@ def rows_parquet(path: Path, display: str, prefix: str) -> Iterator[Row]:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{display}: not a readable Parquet file: {err}") from None
+    names = pf.schema_arrow.names
+    twice = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+    if twice:
+        raise DataError(
+            f"{display}: duplicate column {twice[0]!r}: a record cannot hold two fields of one name"
+        )
     if pf.metadata.num_rows == 0:
         raise DataError(f"{display}: empty Parquet file, no records")
     row = 0

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchgap.data.fields import FieldMap
 from patchgap.fsutil import AtomicTextFile
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class Counts:
 
     source: str = ""
     fields: str = ""
+    field_map: FieldMap | None = None  # the map of the first record read (auto: its guess)
     sha256: str = ""  # of the bytes actually read, when the source is one file
     read: int = 0
     valid: int = 0

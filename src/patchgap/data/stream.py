@@ -10,9 +10,17 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from patchgap.data.convert import RecordError, to_record
-from patchgap.data.fields import PRESETS, FieldMap, Record, detect_fields
+from patchgap.data.fields import (
+    PRESETS,
+    AmbiguousLayout,
+    FieldMap,
+    Record,
+    detect_fields,
+    near_layouts,
+)
 from patchgap.data.rejects import Counts, Reject, RejectSink
 from patchgap.data.sources import DatasetSpec, Source, as_spec, resolve
 from patchgap.errors import DataError
@@ -39,36 +47,82 @@ def _field_map(spec: DatasetSpec, src: Source) -> tuple[FieldMap | None, str]:
     return None, "auto"
 
 
+# The roles of a field map, in the order an error names them.
+_ROLES = ("id", "question", "solution", "answer", "messages", "context", "choices", "meta")
+
+
+def _must_appear(spec: DatasetSpec) -> dict[str, str]:
+    """field -> role of every field of a map the user wrote: some row of the source must have
+    each, optional ones included (naming it says the data has it). A preset's optional fields,
+    such as GSM8K's ``idx``, are often absent; rows without its required ones are rejected."""
+    if not isinstance(spec.fields, FieldMap):
+        return {}
+    named: dict[str, str] = {}
+    for role in _ROLES:
+        key = getattr(spec.fields, role)
+        if key is not None:
+            named.setdefault(key, role)
+    return named
+
+
+class _Guess:
+    """fields=auto: the layout of each file, from its first record (a folder may mix layouts)."""
+
+    def __init__(self, counts: Counts) -> None:
+        self.counts = counts
+        self.file: str | None = None
+        self.fm: FieldMap | None = None
+        self.unknown = ""
+        self.guessed: list[str] = []
+
+    def see(self, source: str, data: dict[str, Any]) -> FieldMap | None:
+        """The field map of ``source``, guessed from its first record ``data``."""
+        if source == self.file:
+            return self.fm
+        self.file = source
+        keys = ", ".join(sorted(str(k)[:40] for k in data)[:12])
+        try:
+            name = detect_fields(data)
+        except AmbiguousLayout as err:
+            name, why = None, f"{err} (keys: {keys}); pass fields as one of them or a FieldMap"
+        else:
+            near = near_layouts(data)
+            why = (
+                f"cannot tell which fields hold the question and solution (keys: {keys}"
+                + (f"; {near}" if near else "")
+                + f"); pass fields as one of {', '.join(PRESETS)} or a FieldMap"
+            )
+        if name is None and not self.guessed:  # nothing read yet: the whole set is unusable
+            raise DataError(f"{source}: {why}")
+        self.unknown = why
+        self.fm = PRESETS[name] if name is not None else None
+        if name is not None and name not in self.guessed:
+            self.guessed.append(name)
+            self.counts.fields = f"auto: {', '.join(self.guessed)}"
+        return self.fm
+
+
 def _iter_valid(
     spec: DatasetSpec, src: Source, sink: RejectSink, counts: Counts
 ) -> Iterator[Record]:
     fm, counts.fields = _field_map(spec, src)
     first_seen: dict[str, str] = {}
-    # With fields=auto the layout is guessed per file: a folder may mix layouts.
-    auto, unknown = fm is None, ""
-    guessed_for: str | None = None
-    guessed: list[str] = []
+    guess = _Guess(counts) if fm is None else None
+    missing = _must_appear(spec)
     for row in src.rows():
         counts.read += 1
-        if auto and row.error is None and row.data is not None and row.source != guessed_for:
-            guessed_for, name = row.source, detect_fields(row.data)
-            keys = ", ".join(sorted(str(k)[:40] for k in row.data)[:12])
-            unknown = (
-                f"cannot tell which fields hold the question and solution (keys: {keys}); "
-                f"pass fields as one of {', '.join(PRESETS)} or a FieldMap"
-            )
-            if name is None and not guessed:  # nothing read yet: the whole set is unusable
-                raise DataError(f"{row.source}: {unknown}")
-            fm = PRESETS[name] if name is not None else None
-            if name is not None and name not in guessed:
-                guessed.append(name)
-                counts.fields = f"auto: {', '.join(guessed)}"
+        if row.data is not None:
+            if guess is not None and row.error is None:
+                fm = guess.see(row.source, row.data)
+            counts.field_map = counts.field_map or fm
+            if missing:
+                missing = {k: r for k, r in missing.items() if k not in row.data}
         rid: str | None = None
         try:
             if row.error is not None:
                 raise RecordError(*row.error)
             if fm is None:
-                raise RecordError("unknown_fields", unknown)
+                raise RecordError("unknown_fields", guess.unknown if guess else "")
             assert row.data is not None
             rec = to_record(row.data, fm, row.default_id)
             rid = rec.id
@@ -85,6 +139,18 @@ def _iter_valid(
         )
         counts.valid += 1
         yield rec
+    _check_named_fields(src.display, missing, counts)
+
+
+def _check_named_fields(display: str, missing: dict[str, str], counts: Counts) -> None:
+    """A field map that names a field no row has is a mistake (a typo, the wrong file), not
+    something to skip in silence."""
+    if not missing or counts.read == counts.rejected.get("invalid_json", 0):
+        return
+    key, role = next(iter(missing.items()))
+    raise DataError(
+        f"{display}: the field map names {role} field {key!r}, which no row of the source has"
+    )
 
 
 def _shuffle_key(seed: int, rid: str) -> int:

@@ -16,7 +16,9 @@ def write_records_jsonl(records: Iterable[Record], path: str | Path) -> int:
     n = 0
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for rec in records:
-            fh.write(json.dumps(rec.to_dict(), ensure_ascii=False, default=str) + "\n")
+            fh.write(
+                json.dumps(rec.to_dict(), ensure_ascii=False, default=str, allow_nan=False) + "\n"
+            )
             n += 1
     return n
 
@@ -45,7 +47,10 @@ def write_records_parquet(
                     "question": [r.question for r in batch],
                     "solution": [r.solution for r in batch],
                     "answer": [r.answer for r in batch],
-                    "meta": [json.dumps(r.meta, ensure_ascii=False, default=str) for r in batch],
+                    "meta": [
+                        json.dumps(r.meta, ensure_ascii=False, default=str, allow_nan=False)
+                        for r in batch
+                    ],
                 }
                 writer.write_table(pa.table(columns, schema=schema))
                 n += len(batch)
