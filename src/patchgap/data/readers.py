@@ -49,43 +49,51 @@ def rows_jsonl(path: Path, display: str, prefix: str) -> Iterator[Row]:
     parsed_any = False
     first_error: str | None = None
     row = 0
-    opener = bz2.open if path.suffix.lower() == ".bz2" else open
-    with opener(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                item = Row(display, lineno, row, f"{prefix}-{row}", raw=repr(raw[:200]))
-                item.error = ("invalid_json", f"line is not UTF-8 (byte {err.start})")
-                first_error = first_error or f"{display}:{lineno}:{err.start + 1}: not UTF-8 text"
+    for lineno, raw in _raw_lines(path, display):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            item = Row(display, lineno, row, f"{prefix}-{row}", raw=repr(raw[:200]))
+            item.error = ("invalid_json", f"line is not UTF-8 (byte {err.start})")
+            first_error = first_error or f"{display}:{lineno}:{err.start + 1}: not UTF-8 text"
+        else:
+            if lineno == 1:
+                text = text.lstrip("\ufeff")
+            if not text.strip():
+                continue
+            text = text.rstrip("\r\n")  # else errors at the end point past the line
+            item = Row(display, lineno, row, f"{prefix}-{row}", raw=text)
+            error = _decode_line(item, text)
+            if error is None:
+                parsed_any = True
             else:
-                if lineno == 1:
-                    text = text.lstrip("\ufeff")
-                if not text.strip():
-                    continue
-                text = text.rstrip("\r\n")  # else errors at the end point past the line
-                item = Row(display, lineno, row, f"{prefix}-{row}", raw=text)
-                error = _decode_line(item, text)
-                if error is None:
-                    parsed_any = True
-                else:
-                    first_error = first_error or f"{display}:{lineno}:{error}"
-            row += 1
-            if parsed_any:
-                yield from pending
-                pending.clear()
-                yield item
-            else:
-                pending.append(item)
-                if len(pending) >= _MAX_LEADING_BAD_LINES:
-                    raise DataError(
-                        f"{first_error}: not JSON Lines (none of the first "
-                        f"{_MAX_LEADING_BAD_LINES} lines is valid JSON)"
-                    )
+                first_error = first_error or f"{display}:{lineno}:{error}"
+        row += 1
+        if parsed_any:
+            yield from pending
+            pending.clear()
+            yield item
+        else:
+            pending.append(item)
+            if len(pending) >= _MAX_LEADING_BAD_LINES:
+                raise DataError(
+                    f"{first_error}: not JSON Lines (none of the first "
+                    f"{_MAX_LEADING_BAD_LINES} lines is valid JSON)"
+                )
     if row == 0:
         raise DataError(f"{display}: empty file, no records")
     if not parsed_any:
         raise DataError(f"{first_error}: not JSON Lines (no line is valid JSON)")
+
+
+def _raw_lines(path: Path, display: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a file, ``.bz2`` decompressed; a broken stream is a DataError."""
+    opener = bz2.open if path.suffix.lower() == ".bz2" else open
+    try:
+        with opener(path, "rb") as fh:
+            yield from enumerate(fh, 1)
+    except (OSError, EOFError) as err:
+        raise DataError(f"{display}: cannot read the file: {err}") from None
 
 
 def _decode_line(item: Row, text: str) -> str | None:

@@ -80,7 +80,9 @@ class _Guess:
         if source == self.file:
             return self.fm
         self.file = source
-        keys = ", ".join(sorted(str(k)[:40] for k in data)[:12])
+        # A key with a line break or other control character is shown escaped: one line.
+        shown = (str(k)[:40] for k in data)
+        keys = ", ".join(sorted(k if k.isprintable() else repr(k) for k in shown)[:12])
         try:
             name = detect_fields(data)
         except AmbiguousLayout as err:
