@@ -207,14 +207,15 @@ def in_answer_format(solution: str, fmt: AnswerFormat) -> bool:
 
 
 def format_mismatch(fm: FieldMap, row: dict[str, Any]) -> str | None:
-    """Why ``row``'s answer is not in ``fm``'s answer format (None when it is, or when the
-    answer field gives the answer and nothing is extracted from the solution)."""
+    """Why ``row``'s answer is not in ``fm``'s answer format: None when it is, when the answer
+    field gives the answer (nothing is extracted from the solution), or when there is no
+    solution text to judge (such a row is rejected for what it lacks)."""
     if fm.answer_format == "any" or fm.solution is None:
         return None
     if fm.answer is not None and row.get(fm.answer) not in (None, ""):
         return None
     text = row.get(fm.solution)
-    if isinstance(text, str) and in_answer_format(text, fm.answer_format):
+    if not isinstance(text, str) or not text.strip() or in_answer_format(text, fm.answer_format):
         return None
     return f"field {fm.solution!r} has no {_FORMAT_TEXT[fm.answer_format]}"
 
