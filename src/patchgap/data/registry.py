@@ -146,7 +146,10 @@ _REFERENCE = [
 # field map names one and the row has it, else the final answer of the solution.
 _MATH = [
     NamedSet(
-        "gsm8k", "math", {"test": _GSM8K_TEST}, FieldMap(question="question", solution="answer")
+        "gsm8k",
+        "math",
+        {"test": _GSM8K_TEST},
+        FieldMap(question="question", solution="answer", answer_format="gsm8k"),
     ),
     NamedSet(
         "math500",
@@ -170,7 +173,7 @@ _MATH = [
         "minerva_math",
         "math",
         {"test": _qwen("minerva_math")},
-        FieldMap(question="problem", solution="solution"),
+        FieldMap(question="problem", solution="solution", answer_format="boxed"),
     ),
     NamedSet(
         "sat_math",
