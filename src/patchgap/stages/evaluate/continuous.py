@@ -16,8 +16,8 @@ from patchgap.lm.generation import make_generator
 from patchgap.lm.likelihood import CompletionScorer, chat_completion_ids
 from patchgap.lm.models import apply_chat
 from patchgap.progress import Progress
-from patchgap.reward.reasoning import neutral_solution
 from patchgap.prompts import render
+from patchgap.reward.reasoning import neutral_solution
 from patchgap.stages.evaluate.config import Config
 from patchgap.stages.evaluate.generative import generate_with_bar
 from patchgap.stages.evaluate.items import ItemResult
