@@ -102,16 +102,23 @@ def _arm_samples(arms: Sequence[np.ndarray], reps: int, seed: int) -> list[np.nd
     return [_replicate_means(m, item_idx, rng) for m in arms]
 
 
+def _paired_arms(
+    a: SeedValues, b: SeedValues, reps: int, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both arms as seeds x shared-items arrays, and the bootstrap samples of their difference."""
+    items = shared_items(a, b)
+    if not items:
+        raise ValueError(f"{what}: the two arms share no items")
+    ma, mb = _matrix(a, items, "arm a"), _matrix(b, items, "arm b")
+    sa, sb = _arm_samples([ma, mb], reps, seed)
+    return ma, mb, sa - sb
+
+
 def seed_effect(
     a: SeedValues, b: SeedValues, reps: int = 2000, seed: int = 0, level: float = 0.95
 ) -> SeedEffect:
     """Hierarchical bootstrap of mean(a) - mean(b) over the items both arms scored."""
-    items = shared_items(a, b)
-    if not items:
-        raise ValueError("seed_effect: the two arms share no items")
-    ma, mb = _matrix(a, items, "arm a"), _matrix(b, items, "arm b")
-    sa, sb = _arm_samples([ma, mb], reps, seed)
-    diffs = sa - sb
+    ma, mb, diffs = _paired_arms(a, b, reps, seed, "seed_effect")
     low, high = _interval(diffs, level)
     return SeedEffect(
         diff=float(ma.mean() - mb.mean()),
@@ -122,7 +129,7 @@ def seed_effect(
         sd_seeds_b=sample_sd(mb.mean(axis=1).tolist()),
         seeds_a=ma.shape[0],
         seeds_b=mb.shape[0],
-        items=len(items),
+        items=ma.shape[1],
     )
 
 
@@ -159,12 +166,7 @@ def equivalence(
     0", a more precise comparison makes equivalence easier to show, not harder."""
     if not margin > 0:
         raise ValueError(f"equivalence: margin must be positive, got {margin}")
-    items = shared_items(a, b)
-    if not items:
-        raise ValueError("equivalence: the two arms share no items")
-    ma, mb = _matrix(a, items, "arm a"), _matrix(b, items, "arm b")
-    sa, sb = _arm_samples([ma, mb], reps, seed)
-    diffs = sa - sb
+    ma, mb, diffs = _paired_arms(a, b, reps, seed, "equivalence")
     low, high = _interval(diffs, 1 - 2 * alpha)
     p_lower = float(np.mean(diffs <= -margin))  # H0: diff <= -margin
     p_upper = float(np.mean(diffs >= margin))  # H0: diff >= +margin
