@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 from patchgap import __version__
 from patchgap.errors import ChecksumError, StoreError
-from patchgap.fsutil import atomic_path
+from patchgap.fsutil import atomic_path, write_text_atomic
 from patchgap.storage.credentials import embedded_env, env_file_path
 
 MANIFEST_NAME = "_manifest.json"
@@ -712,7 +712,7 @@ class Store:
                     )
 
         self._parallel(targets, fetch)
-        (dest / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        write_text_atomic(dest / MANIFEST_NAME, manifest.to_json())
         return manifest
 
     def _parallel(self, items: list[Any], fn: Callable[[Any], None]) -> None:
