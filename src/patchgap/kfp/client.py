@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from patchgap.args import split_key_value
+from patchgap.config import safe_load_yaml
 from patchgap.errors import ConfigError, PatchgapError
 
 log = logging.getLogger("patchgap.kfp")
@@ -118,8 +119,6 @@ def typed_params(
     """Read ``-p`` values as the types ``package`` declares (a STRING stays text even when it
     looks like a number or JSON) over ``base`` (typed values, e.g. from a run YAML); an unknown
     name, a value of the wrong type or a required parameter left out is refused."""
-    import yaml
-
     inputs = pipeline_inputs(package)
     out: dict[str, Any] = dict(base or {})
     for key, text in raw.items():
@@ -131,11 +130,13 @@ def typed_params(
                 value = int(text)
             elif want == "NUMBER_DOUBLE":
                 value = float(text)
+                if not math.isfinite(value):
+                    raise ValueError(text)
             elif want == "BOOLEAN":
                 value = {"true": True, "false": False}[text.strip().lower()]
             elif want in ("STRUCT", "LIST") or want not in _TYPE_WORDS:
-                value = yaml.safe_load(text) if text else ""
-        except (ValueError, KeyError, yaml.YAMLError):
+                value = safe_load_yaml(text, f"-p {key}") if text else ""
+        except (ValueError, KeyError, ConfigError):
             raise ConfigError(_type_error(key, text, spec, package)) from None
         out[key] = value
     check_params(package, out, inputs)
