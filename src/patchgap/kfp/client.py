@@ -85,7 +85,13 @@ def pipeline_inputs(package: str | Path) -> dict[str, PipelineInput]:
     try:
         # libyaml's loader where present: a compiled pipeline is 100 kB of YAML.
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        spec = next(yaml.load_all(path.read_text(encoding="utf-8"), Loader=loader), None)
+        text = path.read_text(encoding="utf-8")
+        # The compiler writes no aliases; one in a package given by path could expand without
+        # bound (a "billion laughs"), so it is refused while still only events are parsed.
+        for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(f"pipeline package {path}: YAML aliases are not allowed")
+        spec = next(yaml.load_all(text, Loader=loader), None)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"pipeline package {path}: not readable YAML ({err})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("root"), dict):
