@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from patchgap.args import split_key_value
 from patchgap.config import StrictModel, apply_overrides, read_yaml, safe_load_yaml, validate
-from patchgap.errors import ConfigError, PatchgapError
+from patchgap.errors import ConfigError, PatchgapError, user_message
 from patchgap.fsutil import refuse_output_over_input, write_text_atomic
 from patchgap.logs import setup_logging
 from patchgap.settings import project_root
@@ -566,8 +566,11 @@ def main(stage: StageModule | ModuleType, argv: list[str] | None = None) -> int:
             args.outputs,
             force=args.force,
         )
-    except PatchgapError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - the one mapping decides; defects re-raise
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     text = json.dumps(result.metrics, indent=2, sort_keys=True)
     if args.metrics:
