@@ -46,7 +46,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[int, dict[str
     file_size = p.stat().st_size
 
     def bad(why: str) -> ConfigError:
-        return ConfigError(f"{p}: not a valid safetensors file: {why}")
+        return ConfigError(f"{p}: not a safetensors file: {why}")
 
     with p.open("rb") as fh:
         prefix = fh.read(8)
