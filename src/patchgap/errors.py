@@ -34,7 +34,9 @@ def _os_error(err: OSError) -> str:
     return f"{where}: {what}" if where else f"{what} ({err})"
 
 
-def _first_line(text: object, limit: int = 300) -> str:
+def _first_line(text: object, limit: int | None = 300) -> str:
+    """``text`` as one line: its lines joined; a library's text (which may quote a whole
+    document) cut at ``limit`` characters."""
     lines = str(text).strip().splitlines()
     return " ".join(line.strip() for line in lines)[:limit] if lines else ""
 
@@ -44,7 +46,7 @@ def user_message(err: BaseException) -> str | None:
     report, shown with its traceback). Every family a user's input or environment can cause is
     listed here and only here: the commands raise, the CLI's entry maps."""
     if isinstance(err, PatchgapError):
-        return _first_line(err, limit=4000)
+        return _first_line(err, limit=None)  # the project's own text: kept whole
     try:  # third-party families, matched by class where the library is installed
         import yaml
 
