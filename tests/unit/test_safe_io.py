@@ -234,6 +234,13 @@ def test_store_up_with_a_bad_bucket_is_one_line_and_starts_nothing(tmp_path: Pat
     assert not (tmp_path / "home").exists()
 
 
+def test_a_pipeline_package_with_aliases_is_refused(tmp_path: Path) -> None:
+    package = tmp_path / "bomb.yaml"
+    package.write_text(LAUGHS)
+    res = _invoke(["submit", str(package), "--host", "http://127.0.0.1:9"])
+    _one_line(res, str(package), "aliases")
+
+
 def test_a_bad_submit_parameter_is_one_line() -> None:
     res = _invoke(["submit", "-p", "tolerations=[unclosed", "--host", "http://127.0.0.1:9"])
     _one_line(res, "tolerations")
