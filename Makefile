@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 VARIANT ?= cuda
 
 # `make ci`: what CI runs (.ci/run: every tier, empty caches of its own), in a fresh clone of HEAD.
-.PHONY: ci setup setup-vllm demo test test-unit test-slow test-faults test-configs test-containers test-vllm test-gpu lint format compile images clean
+.PHONY: ci setup setup-vllm demo test test-unit test-slow test-faults test-property test-configs test-containers test-vllm test-gpu lint format compile images clean
 
 $(VENV)/.installed: pyproject.toml images/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,13 +29,16 @@ demo: setup ## run the main job on the embedded default (SmolLM2, local S3)
 	$(VENV)/bin/patchgap demo
 
 test: setup ## unit + integration tiers (what CI runs)
-	$(VENV)/bin/pytest -m "not slow and not gpu and not faults and not containers and not vllm and not configs" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow and not gpu and not faults and not containers and not vllm and not configs and not property" $(PYTEST_ARGS)
 
 ci: ## .ci/run in a fresh clone of HEAD with empty caches, as CI runs it (about 30 min)
 	./.ci/fresh-clone
 
 test-faults: setup ## fault injection: SIGKILLed stages, S3 restarts, overlapping runs, bad input
 	$(VENV)/bin/pytest tests/faults -m faults $(PYTEST_ARGS)
+
+test-property: setup ## hypothesis properties: hostile YAML, identifiers, keys, manifests, data files (< 2 min)
+	$(VENV)/bin/pytest tests/property -m property $(PYTEST_ARGS)
 
 test-configs: setup ## every run YAML in configs/, shrunk (tiny model, a few records), run end to end
 	$(VENV)/bin/pytest tests/config_runs -m configs $(PYTEST_ARGS)

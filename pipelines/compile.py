@@ -15,11 +15,13 @@ import ast
 import difflib
 import importlib
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from patchgap.errors import ConfigError
+from patchgap.fsutil import write_text_atomic
 
 PIPELINES = ("full", "rewrite", "watch")
 
@@ -68,8 +70,12 @@ def compile_all(out_dir: Path | None = None, names: Sequence[str] | None = None)
     for name in chosen:
         module = importlib.import_module(f"patchgap.pipelines.{name}")
         path = out / f"{name}.yaml"
-        compiler.Compiler().compile(module.PIPELINE, str(path))
-        path.write_text(stable_header(path.read_text()))
+        # Compiled in a scratch folder (the compiler wants a .yaml name), then moved into place
+        # whole: a failed compile never leaves a half-written package under the final name.
+        with tempfile.TemporaryDirectory(prefix="patchgap-compile-") as tmp:
+            scratch = Path(tmp) / path.name
+            compiler.Compiler().compile(module.PIPELINE, str(scratch))
+            write_text_atomic(path, stable_header(scratch.read_text()))
         written.append(path)
     return written
 

@@ -22,7 +22,10 @@ T = TypeVar("T", bound="StrictModel")
 class StrictModel(BaseModel):
     """Base for every config: no unknown keys, no mutation after validation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # allow_inf_nan: `.inf` epochs or a `.nan` learning rate is a typo, never a setting.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
 
     #: Keys this model once had at its top level and where they live now
     #: (``max_new_tokens`` -> ``generation.max_new_tokens``); :func:`validate` names the new place.
@@ -54,6 +57,9 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "finite_number":
+            msg = "must be a finite number (not inf or nan)"
+        msg = msg.removeprefix("Value error, ")
         lines.append(f"{source}: {key}: {msg}")
     return "; ".join(lines)
 
@@ -74,6 +80,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_YAML_BYTES} bytes; not a config file")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -87,15 +95,41 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: The most YAML text read from one user source: a run config is a few kB.
+MAX_YAML_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: ``*name`` is refused as the parser meets it, before
+    any node is shared or expanded, so a few hundred bytes of nested aliases (a "billion laughs")
+    cannot become gigabytes in the loader, in a deep copy or in validation. Anchors alone are
+    harmless and allowed; no config of this project needs an alias."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"alias *{event.anchor} is not allowed (write the value out in full)",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
 def safe_load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` whose every failure is one :class:`ConfigError` naming ``source`` (and
-    line:column where the parser knows it), including Python's own limits."""
+    """The one YAML loader for text a user gives (run configs, ``--set``/``-p`` values, component
+    configs): safe types only, no aliases, at most :data:`MAX_YAML_BYTES`; every failure is one
+    :class:`ConfigError` naming ``source`` (and line:column where the parser knows it),
+    including Python's own limits."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source}: YAML larger than {MAX_YAML_BYTES} bytes; refusing to parse")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{source}{where}: invalid YAML: {problem}") from None
     except RecursionError:
         raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None

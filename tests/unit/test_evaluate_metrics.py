@@ -97,3 +97,21 @@ def test_pi0_answers_are_scored_by_every_model_with_held_out_solutions(
     assert row["tokens"] == 5  # cut at heldout.max_tokens
     assert row["nll"] == pytest.approx(row["nll_sum"] / 5) and row["nll"] > 0
     assert ev.continuous_eval(cfg, tiny_llama, [], {}) == {}
+
+
+def test_held_out_solutions_are_scored_in_a_neutral_form_unless_asked_otherwise(
+    tiny_llama: Path,
+) -> None:
+    from patchgap.data.records import Record
+    from patchgap.reward.reasoning import neutral_solution
+
+    solution = "She sold 48/2 = <<48/2=24>>24 clips.\n#### 24"
+    assert neutral_solution(solution) == "She sold 48/2 = 24 clips."
+    held = {"gsm8k": [Record("t-1", "How many?", solution, "24")]}
+    tokens = {}
+    for form in ("neutral", "as_written"):
+        cfg = ev.Config(generation={"device": "cpu"}, heldout={"form": form, "max_tokens": 512})
+        (row,) = ev.continuous_eval(cfg, tiny_llama, [], held)["heldout_nll_gsm8k"]
+        tokens[form] = row["tokens"]
+    assert tokens["neutral"] < tokens["as_written"]  # the marks and the answer line are gone
+    assert ev.Config().heldout.form == "neutral"

@@ -252,3 +252,22 @@ def test_reproduction_report_shows_the_continuous_metrics_beside_accuracy() -> N
     assert "| model | downstream gain | F arc | F mmlu |" in md  # accuracy-based F kept
     old = {k: v for k, v in table.items() if k != "continuous"}  # a results.json from before
     assert "Continuous" not in render(RunResults("r", {}, evaluation={"forgetting_table": old}))
+
+
+def test_reduction_is_absent_where_sft_on_d_gained_or_is_unresolved() -> None:
+    # F_D negative: SFT on D gained 1.7 points; 1 - F_R/F_D would read above 100%
+    assert reduction(-0.017, -0.017) is None
+    assert reduction(0.0, -0.017) is None
+    # positive but not separated from zero by its paired test
+    assert reduction(0.02, 0.04, resolved=False) is None
+    scores = _scores()
+    scores["sft_d"]["arc"] = _items(62)  # SFT on D gained 2 points on arc
+    scores["sft_d"]["mmlu"] = _items(48)  # forgot 2 points: 2 discordant items, unresolved
+    t = forgetting_table(scores, ["math"], ["arc", "mmlu"], bootstrap_reps=200)
+    r = t["models"]["sft_dr"]
+    assert r["reduction"] == {"arc": None, "mmlu": None}
+    assert r["reduction_mean_of_ratios"] is None
+    assert "gained" in r["reduction_absent"]["arc"]
+    assert "not resolved" in r["reduction_absent"]["mmlu"]
+    assert any("arc" in c and "gained" in c for c in t["caveats"])
+    assert any("average forgetting not computed" in c for c in t["caveats"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from patchgap.errors import ChecksumError, StoreError
+from patchgap.errors import ChecksumError, ConfigError, StoreError
 from patchgap.storage.store import (
     MANIFEST_NAME,
     S3Settings,
@@ -315,7 +315,7 @@ def test_artifacts_cli_on_a_local_runs_root(store: Store, tree: Path, tmp_path: 
     assert not (dest / "sft").exists() and "skipped sft/partial.bin" in got.output
 
     bad = runner.invoke(app, ["get", "../r1", str(dest), "--root", str(runs)])
-    assert isinstance(bad.exception, StoreError) and "not valid" in str(bad.exception)
+    assert isinstance(bad.exception, ConfigError) and "not valid" in str(bad.exception)
     none = runner.invoke(app, ["ls", "r2", "--root", str(runs)])
     assert isinstance(none.exception, StoreError) and "no objects" in str(none.exception)
 

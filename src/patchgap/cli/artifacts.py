@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -12,7 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
-from patchgap.errors import StoreError
+from patchgap.errors import ConfigError, StoreError
+from patchgap.fsutil import refuse_output_over_input
+from patchgap.names import check_bucket, check_run_id
 
 if TYPE_CHECKING:
     from patchgap.storage.store import Manifest, Store
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
 app = typer.Typer(help="List and download a run's outputs, verified by their manifests.")
 console = Console()
 
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BUCKET = typer.Option(
     None, "--bucket", help="Bucket holding runs/. Default: $PATCHGAP_BUCKET, else patchgap."
 )
@@ -33,15 +33,12 @@ _ROOT = typer.Option(
 
 def run_prefix(run: str, bucket: str | None = None, root: str | None = None) -> str:
     """The URI of one run's outputs; run ids are single path components."""
-    if not _RUN_ID.match(run):
-        raise StoreError(
-            f"run id {run!r} is not valid: use letters, digits, '.', '_' and '-' (no '/')"
-        )
+    check_run_id(run)
     # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.store import join_uri
 
     if root is None:
-        bucket = bucket or os.environ.get("PATCHGAP_BUCKET") or "patchgap"
+        bucket = check_bucket(bucket or os.environ.get("PATCHGAP_BUCKET") or "patchgap")
         root = f"s3://{bucket}/runs"
     return join_uri(root, run) + "/"
 
@@ -150,6 +147,9 @@ def get(
     # Deferred: kept out of the CLI's start-up.
     from patchgap.storage.store import MANIFEST_NAME, join_uri, safe_target
 
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"DEST {dest}: not a folder; give a folder to download into")
+    refuse_output_over_input(dest, [root], "DEST")
     prefix, store, objects, manifests = _run_objects(run, bucket, root)
     if not manifests:
         raise StoreError(f"{prefix}: no manifest, so no output of this run is complete yet")
@@ -190,6 +190,8 @@ def report(
     # Deferred: kept out of the CLI's start-up.
     from patchgap.reports import results
 
+    if out is not None:
+        refuse_output_over_input(out, [root], "--out")
     prefix, store, objects, _ = _run_objects(run, bucket, root)
     found = results.collect(store, prefix, [o.key for o in objects])
     if out is None:

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from patchgap.cli import print_error
 from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
-from patchgap.errors import PatchgapError
+from patchgap.errors import user_message
 from patchgap.kfp import client as ops
 from patchgap.pipelines.compile import pipeline_package
 
@@ -30,8 +30,11 @@ def _one_line_errors(command: F) -> F:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except PatchgapError as err:
-            print_error(err)
+        except Exception as err:  # noqa: BLE001 - the one mapping decides; defects re-raise
+            message = user_message(err)
+            if message is None:
+                raise
+            print_error(message)
             raise typer.Exit(2) from None
 
     return cast(F, run)

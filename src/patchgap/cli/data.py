@@ -12,6 +12,7 @@ from rich.table import Table
 from patchgap.cli import print_error
 from patchgap.cli.output import OUTPUT_FORMAT, Format, Output
 from patchgap.errors import PatchgapError
+from patchgap.fsutil import refuse_output_over_input
 from patchgap.settings import DATA_DIR_ENV, data_dir
 
 app = typer.Typer(
@@ -93,6 +94,7 @@ def validate(
 
     out = Output(output_format)
     target = rejects or _default_rejects(source)
+    refuse_output_over_input(target, [source], "--rejects")
     try:
         spec = _spec(source, fields, limit, split, seed, hub_config)
         result = load_records(spec, target, external=True)
@@ -162,6 +164,7 @@ def stage(
     from patchgap.data.writers import write_records_jsonl
     from patchgap.storage.store import Store
 
+    refuse_output_over_input(dest, [source], "DEST")
     with tempfile.TemporaryDirectory(prefix="patchgap-stage-data-") as tmp:
         folder = Path(tmp)
         try:

@@ -1,17 +1,39 @@
 """Entry point of the ``patchgap`` command: registers the command groups and turns user
-mistakes (:class:`~patchgap.errors.PatchgapError`) into one clear line and exit code 2."""
+mistakes (:class:`~patchgap.errors.PatchgapError`, and the OS, S3, YAML, JSON and safetensors
+errors that :func:`patchgap.errors.user_message` maps) into one clear line and exit code 2."""
 
 from __future__ import annotations
 
 import sys
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from patchgap import __version__
 from patchgap.cli import print_error
-from patchgap.errors import PatchgapError
+from patchgap.errors import PatchgapError, user_message
+
+
+class _OneLineErrors(TyperGroup):
+    """The root group: every command runs inside it, so an error a user can cause becomes one
+    line and exit code 2 here, once, for the console script and for ``CliRunner`` alike."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:  # noqa: BLE001 - mapped or re-raised just below
+            message = user_message(err)
+            if message is None:
+                raise
+            print_error(message)
+            raise typer.Exit(2) from None
+
 
 cli = typer.Typer(
+    cls=_OneLineErrors,
     name="patchgap",
     help="Rewrite an SFT dataset with an RL-trained rewriter so fine-tuning forgets less.",
     no_args_is_help=True,
@@ -59,8 +81,8 @@ def app() -> None:
     """Console-script entry: run the CLI, printing user errors as one line."""
     try:
         cli(standalone_mode=True)
-    except PatchgapError as err:
-        print_error(err)
+    except PatchgapError as err:  # raised outside a command (while parsing, in a callback)
+        print_error(user_message(err))
         sys.exit(2)
 
 

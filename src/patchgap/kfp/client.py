@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from patchgap.args import split_key_value
+from patchgap.config import safe_load_yaml
 from patchgap.errors import ConfigError, PatchgapError
 
 log = logging.getLogger("patchgap.kfp")
@@ -84,7 +85,13 @@ def pipeline_inputs(package: str | Path) -> dict[str, PipelineInput]:
     try:
         # libyaml's loader where present: a compiled pipeline is 100 kB of YAML.
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        spec = next(yaml.load_all(path.read_text(encoding="utf-8"), Loader=loader), None)
+        text = path.read_text(encoding="utf-8")
+        # The compiler writes no aliases; one in a package given by path could expand without
+        # bound (a "billion laughs"), so it is refused while still only events are parsed.
+        for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(f"pipeline package {path}: YAML aliases are not allowed")
+        spec = next(yaml.load_all(text, Loader=loader), None)
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"pipeline package {path}: not readable YAML ({err})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("root"), dict):
@@ -118,8 +125,6 @@ def typed_params(
     """Read ``-p`` values as the types ``package`` declares (a STRING stays text even when it
     looks like a number or JSON) over ``base`` (typed values, e.g. from a run YAML); an unknown
     name, a value of the wrong type or a required parameter left out is refused."""
-    import yaml
-
     inputs = pipeline_inputs(package)
     out: dict[str, Any] = dict(base or {})
     for key, text in raw.items():
@@ -131,11 +136,13 @@ def typed_params(
                 value = int(text)
             elif want == "NUMBER_DOUBLE":
                 value = float(text)
+                if not math.isfinite(value):
+                    raise ValueError(text)
             elif want == "BOOLEAN":
                 value = {"true": True, "false": False}[text.strip().lower()]
             elif want in ("STRUCT", "LIST") or want not in _TYPE_WORDS:
-                value = yaml.safe_load(text) if text else ""
-        except (ValueError, KeyError, yaml.YAMLError):
+                value = safe_load_yaml(text, f"-p {key}") if text else ""
+        except (ValueError, KeyError, ConfigError):
             raise ConfigError(_type_error(key, text, spec, package)) from None
         out[key] = value
     check_params(package, out, inputs)

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from patchgap.config import StrictModel
 from patchgap.errors import ConfigError
+from patchgap.fileformats import read_safetensors_header
 from patchgap.lm.models import (
     device_for,
     dtype_for,
@@ -345,11 +346,7 @@ def adapter_fingerprint(adapter_path: str | Path) -> str:
     h.update(json.dumps(kept, sort_keys=True).encode())
     for f in weights:
         with f.open("rb") as fh:
-            try:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
-            except (ValueError, UnicodeDecodeError) as err:
-                raise ConfigError(f"adapter {f}: not a safetensors file: {err}") from None
+            size, header = read_safetensors_header(f)
             header.pop("__metadata__", None)
             for name in sorted(header):
                 meta = header[name]

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from patchgap import settings
 from patchgap.errors import ConfigError
+from patchgap.fileformats import check_safetensors_folder, read_json_file, read_safetensors_header
 from patchgap.fsutil import atomic_folder
 from patchgap.storage.store import S3Url, Store, parse_uri, safe_target
 
@@ -506,6 +507,8 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(name_or_path)
+    if Path(source).is_dir():
+        check_safetensors_folder(source)  # a truncated file: one line naming it, not a loader's
     target = device_for(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -692,11 +695,17 @@ def model_info(folder: Path) -> dict[str, Any]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{folder} is not a model folder: {config_path.name} is missing")
-    config = json.loads(config_path.read_text())
+    config = read_json_file(config_path, "model config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"model config {config_path}: not a JSON object")
     weights = sorted(folder.glob("*.safetensors"))
     params = sum(_safetensors_numel(w) for w in weights) if weights else None
     tok_config_path = folder / "tokenizer_config.json"
-    tok_config = json.loads(tok_config_path.read_text()) if tok_config_path.is_file() else {}
+    tok_config = (
+        read_json_file(tok_config_path, "tokenizer config") if tok_config_path.is_file() else {}
+    )
+    if not isinstance(tok_config, dict):
+        raise ConfigError(f"tokenizer config {tok_config_path}: not a JSON object")
     chat = (folder / "chat_template.jinja").is_file() or bool(tok_config.get("chat_template"))
     return {
         "path": str(folder),
@@ -713,9 +722,7 @@ def model_info(folder: Path) -> dict[str, Any]:
 
 def _safetensors_numel(path: Path) -> int:
     """Element count from a safetensors header (8-byte length, then JSON), without the data."""
-    with open(path, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
+    _, header = read_safetensors_header(path)
     total = 0
     for name, meta in header.items():
         if name == "__metadata__":

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from patchgap.fsutil import write_text_atomic
 from patchgap.reports.stats import format_p as _p
 
 
@@ -531,9 +532,9 @@ def write_report(
     bars = plot_bars(table, out_dir / "bars.png")
     scatter = plot_scatter(table, out_dir / "scatter.png")
     md = out_dir / "report.md"
-    md.write_text(render_markdown(table, extra), encoding="utf-8")
+    write_text_atomic(md, render_markdown(table, extra))
     page = out_dir / "report.html"
-    page.write_text(render_html(table, bars, scatter, extra), encoding="utf-8")
+    write_text_atomic(page, render_html(table, bars, scatter, extra))
     res = out_dir / "results.json"
     payload = {
         "forgetting_table": table,
@@ -542,5 +543,5 @@ def write_report(
         **(numbers or {}),
         "info": dict(extra or {}),
     }
-    res.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    write_text_atomic(res, json.dumps(payload, indent=2, sort_keys=True, default=str))
     return {"markdown": md, "html": page, "json": res, "bars": bars, "scatter": scatter}

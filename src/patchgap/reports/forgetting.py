@@ -58,12 +58,33 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def reduction(f_r: float | None, f_d: float | None, near_zero: float = NEAR_ZERO) -> float | None:
-    """1 - F_R / F_D, or None when either is missing or |F_D| is near zero (the ratio would be
-    dominated by noise: SFT on D forgot nothing measurable to reduce)."""
-    if f_r is None or f_d is None or abs(f_d) < near_zero:
+def reduction(
+    f_r: float | None, f_d: float | None, near_zero: float = NEAR_ZERO, resolved: bool = True
+) -> float | None:
+    """1 - F_R / F_D, defined only where SFT on D forgot a positive, resolved amount: None when
+    either is missing, when F_D is below ``near_zero`` (zero or negative: SFT on D forgot
+    nothing, or gained, so there is nothing to reduce and the ratio would exceed 100%), or when
+    F_D is not ``resolved`` (its paired test against pi0 does not separate it from zero).
+    :func:`reduction_absent` says which."""
+    if reduction_absent(f_r, f_d, near_zero, resolved) is not None:
         return None
+    assert f_r is not None and f_d is not None
     return 1.0 - f_r / f_d
+
+
+def reduction_absent(
+    f_r: float | None, f_d: float | None, near_zero: float = NEAR_ZERO, resolved: bool = True
+) -> str | None:
+    """Why 1 - F_R / F_D is not defined here, in a few words; None when it is."""
+    if f_r is None or f_d is None:
+        return "not scored"
+    if f_d < 0:
+        return f"SFT on D gained {-f_d:.1%} there (negative forgetting)"
+    if f_d < near_zero:
+        return f"SFT on D forgot {f_d:.1%}, below {near_zero:.1%}"
+    if not resolved:
+        return f"SFT on D's forgetting ({f_d:.1%}) is not resolved from zero (p >= {ALPHA})"
+    return None
 
 
 def forgetting_table(
@@ -183,10 +204,25 @@ def _compare_with_baseline(
     (``baseline``) to its row; return the caveats they call for."""
     f_d = models[baseline]
     row = models[label]
-    per = {b: reduction(row["forgetting"][b], f_d["forgetting"][b], near_zero) for b in general}
+    resolved = {
+        b: float(f_d["vs_base"].get(b, {}).get("p_bootstrap", 1.0)) < ALPHA for b in general
+    }
+    why = {
+        b: reduction_absent(row["forgetting"][b], f_d["forgetting"][b], near_zero, resolved[b])
+        for b in general
+    }
+    per = {
+        b: reduction(row["forgetting"][b], f_d["forgetting"][b], near_zero, resolved[b])
+        for b in general
+    }
     row["reduction"] = per
+    row["reduction_absent"] = {b: w for b, w in why.items() if w is not None}
     row["reduction_mean_of_ratios"] = _mean(list(per.values()))
-    row["reduction_of_mean"] = reduction(row["forgetting_mean"], f_d["forgetting_mean"], near_zero)
+    mean_test = f_d.get("forgetting_mean_test") or {}
+    mean_resolved = float(mean_test.get("p_bootstrap", 1.0)) < ALPHA
+    row["reduction_of_mean"] = reduction(
+        row["forgetting_mean"], f_d["forgetting_mean"], near_zero, mean_resolved
+    )
     # paired rewritten-vs-baseline: F_D - F_R = acc_R - acc_D on the same items
     tests, pairs = {}, {}
     for bench in general:
@@ -198,21 +234,18 @@ def _compare_with_baseline(
     if pairs:
         row["forgetting_diff_test"] = stratified_mean_diff(pairs, bootstrap_reps, seed)
     caveats: list[str] = []
-    near = [
-        b
-        for b in general
-        if f_d["forgetting"][b] is not None and abs(f_d["forgetting"][b]) < near_zero
-    ]
-    if near:
+    for bench, reason in row["reduction_absent"].items():
         caveats.append(
-            f"{label}: forgetting reduction not computed for {', '.join(near)}: SFT on D "
-            f"({baseline}) forgets less than {near_zero:.1%} there, so 1 - F_R/F_D "
-            "would only measure noise."
+            f"{label}: forgetting reduction not computed for {bench}: {reason} "
+            f"({baseline}), so 1 - F_R/F_D would only measure noise."
         )
-    if f_d["forgetting_mean"] is not None and f_d["forgetting_mean"] < near_zero:
+    mean_why = reduction_absent(
+        row["forgetting_mean"], f_d["forgetting_mean"], near_zero, mean_resolved
+    )
+    if mean_why is not None:
         caveats.append(
-            f"{label}: average forgetting of SFT on D is {f_d['forgetting_mean']:+.2%}, "
-            "near zero or negative; the reduction of the average is not meaningful."
+            f"{label}: reduction of the average forgetting not computed: {mean_why} "
+            f"({baseline})."
         )
     return caveats
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from patchgap.fsutil import write_text_atomic
 from patchgap.reports.stats import bootstrap_ci
 
 REPORT_MD = "gate_report.md"
@@ -320,7 +321,7 @@ def write_report(
         md += [f"| {k} | {_fmt(v)} |" for k, v in rows]
         md.append("")
     md += [f"![gate plot]({REPORT_PNG})", ""]
-    (out_dir / REPORT_MD).write_text("\n".join(md))
+    write_text_atomic(out_dir / REPORT_MD, "\n".join(md))
 
     img = base64.b64encode(png.read_bytes()).decode("ascii")
     parts = [
@@ -339,7 +340,7 @@ def write_report(
         parts.append("</table>")
     parts.append(f"<img alt='gate plot' src='data:image/png;base64,{img}' style='width:100%'>")
     parts.append("</body></html>")
-    (out_dir / REPORT_HTML).write_text("\n".join(parts))
+    write_text_atomic(out_dir / REPORT_HTML, "\n".join(parts))
 
     full = {
         **metrics,
@@ -349,8 +350,9 @@ def write_report(
         "judge_description": stats.judge,
         **extra,
     }
-    (out_dir / METRICS_JSON).write_text(
-        json.dumps(full, indent=2, sort_keys=True, default=_json_safe) + "\n"
+    write_text_atomic(
+        out_dir / METRICS_JSON,
+        json.dumps(full, indent=2, sort_keys=True, default=_json_safe) + "\n",
     )
     return metrics
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchgap.errors import StoreError
+from patchgap.errors import ConfigError, StoreError
+from patchgap.fsutil import write_bytes_atomic, write_text_atomic
 from patchgap.reports.evaluation import md_table, table_sections
 from patchgap.storage.store import join_uri
 
@@ -220,18 +221,24 @@ def write(results: RunResults, out: Path) -> Path:
     When ``out`` already holds the two marker comments, only the text between them is replaced,
     so a hand-written interpretation around the generated tables survives a re-run.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.read_text(encoding="utf-8") if out.is_file() else ""
+    marked = BEGIN in old and END in old and old.index(BEGIN) < old.index(END)
+    if old.strip() and not marked:
+        # A file of the user's own (a README) is never replaced wholesale by a report.
+        raise ConfigError(
+            f"--out {out}: exists and has no '{BEGIN}' ... '{END}' markers; add them where "
+            "the report goes, or choose a new file"
+        )
     scatter = None
     if results.scatter_png is not None:
         scatter = out.with_name(f"{out.stem}-scatter.png")
-        scatter.write_bytes(results.scatter_png)
+        write_bytes_atomic(scatter, results.scatter_png)
     body = render(results, scatter.name if scatter else None)
-    old = out.read_text(encoding="utf-8") if out.is_file() else ""
-    if BEGIN in old and END in old and old.index(BEGIN) < old.index(END):
+    if marked:
         head, rest = old.split(BEGIN, 1)
         tail = rest.split(END, 1)[1]
         text = f"{head}{BEGIN}\n{body}\n{END}{tail}"
     else:
         text = f"{BEGIN}\n{body}\n{END}\n"
-    out.write_text(text, encoding="utf-8")
+    write_text_atomic(out, text)
     return out

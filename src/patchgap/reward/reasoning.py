@@ -133,6 +133,20 @@ def strip_calculator(solution: str) -> str:
     return _CALC.sub("", solution)
 
 
+_ANSWER_LINE = re.compile(r"\s*####[^\n]*$", re.MULTILINE)
+
+
+def neutral_solution(solution: str) -> str:
+    """A reference solution without GSM8K's training format: calculator annotations and the
+    ``#### N`` answer line removed, so that its NLL does not favour a model tuned on that
+    format. Other text is left as written.
+
+    >>> neutral_solution("48/2 = <<48/2=24>>24 clips. 48+24 = <<48+24=72>>72 in all.\\n#### 72")
+    '48/2 = 24 clips. 48+24 = 72 in all.'
+    """
+    return _ANSWER_LINE.sub("", strip_calculator(solution)).strip()
+
+
 def _to_fraction(text: str) -> Fraction | None:
     s = text.strip().replace("$", "").replace(",", "").replace(" ", "").lstrip("+-")
     percent = s.endswith("%")

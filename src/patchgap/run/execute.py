@@ -19,6 +19,7 @@ from typing import Any
 
 from patchgap.data.ledger import content_sha256
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.fsutil import write_text_atomic
 from patchgap.reports.evaluation import render_text
 from patchgap.run.containers import prepare_docker
 from patchgap.run.prepare import PreparedRun, RunSettings, Say
@@ -170,7 +171,9 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
                 say(line)
         if art.is_dir() and any(art.iterdir()):
             store.upload_dir(art, f"{prefix}/artifacts", metadata={"run_id": prepared.run_id})
-        (root / "run.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        write_text_atomic(
+            root / "run.json", json.dumps(manifest, indent=2, sort_keys=True, default=str)
+        )
         store.put_file(root / "run.json", f"{prefix}/run.json")
         say(f"run {status} in {seconds:.0f}s; manifest {prefix}/run.json")
     report = _find_report(root / "pipeline-root")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from patchgap.config import StrictModel, read_yaml, validate
 from patchgap.data.sources import DatasetSpec
@@ -21,6 +21,7 @@ from patchgap.data.stream import load_records
 from patchgap.data.writers import write_records_jsonl
 from patchgap.errors import ConfigError
 from patchgap.lm.models import known_model, prepare_smollm2, resolve_model
+from patchgap.names import check_bucket, check_key, check_s3_uri
 from patchgap.stages.base import validate_run_yaml
 from patchgap.storage.server import EmbeddedS3
 from patchgap.storage.store import Store
@@ -75,6 +76,22 @@ class RunSettings(StrictModel):
     dataset_fields: str | dict[str, Any] = Field(
         "auto", description="watch pipeline: field preset or FieldMap of the datasets found"
     )
+
+    @field_validator("bucket", "dataset_key", "prefix")
+    @classmethod
+    def _identifiers_match_in_full(cls, value: str | None, info: Any) -> str | None:
+        # A bucket with '/', a key with '..' or a trailing newline would address another
+        # object than the one the user meant: refused here, with the rule, before anything runs.
+        if value is None:
+            return value
+        try:
+            if info.field_name == "bucket":
+                return check_bucket(value, "")
+            if info.field_name == "dataset_key":
+                return check_key(value, "")
+            return check_s3_uri(value, "", folder=True)
+        except ConfigError as err:
+            raise ValueError(str(err).strip()) from None
 
 
 @dataclass

@@ -35,7 +35,8 @@ from pydantic import BaseModel
 
 from patchgap.args import split_key_value
 from patchgap.config import StrictModel, apply_overrides, read_yaml, safe_load_yaml, validate
-from patchgap.errors import ConfigError, PatchgapError
+from patchgap.errors import ConfigError, PatchgapError, user_message
+from patchgap.fsutil import refuse_output_over_input, write_text_atomic
 from patchgap.logs import setup_logging
 from patchgap.settings import project_root
 from patchgap.stages import STAGES
@@ -433,7 +434,7 @@ def _keep_outputs(
 ) -> None:
     """Write the record into each local output, then upload the ``s3://`` ones with it."""
     for p in local_out.values():
-        (p / STAGE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
+        write_text_atomic(p / STAGE_RECORD, json.dumps(record, indent=2, sort_keys=True))
     if remote_out:
         store = Store.from_env()
         for name, uri in remote_out.items():
@@ -507,13 +508,10 @@ def run_from_args(
     """``--config``, ``--set``, ``--input NAME=URI`` and ``--output NAME=URI`` as the stage
     entrypoint and ``patchgap stage`` take them."""
     config = load_stage_config(stage.Config, config_path, section, overrides)
-    return execute(
-        stage,
-        config,
-        parse_pairs(inputs, "--input"),
-        parse_pairs(outputs, "--output"),
-        force=force,
-    )
+    ins, outs = parse_pairs(inputs, "--input"), parse_pairs(outputs, "--output")
+    for name, uri in outs.items():
+        refuse_output_over_input(uri, [*ins.values(), config_path], f"--output {name}")
+    return execute(stage, config, ins, outs, force=force)
 
 
 def run_component(
@@ -568,11 +566,14 @@ def main(stage: StageModule | ModuleType, argv: list[str] | None = None) -> int:
             args.outputs,
             force=args.force,
         )
-    except PatchgapError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - the one mapping decides; defects re-raise
+        message = user_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     text = json.dumps(result.metrics, indent=2, sort_keys=True)
     if args.metrics:
-        Path(args.metrics).write_text(text)
+        write_text_atomic(args.metrics, text)
     print(text)
     return 0

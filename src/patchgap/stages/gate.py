@@ -24,7 +24,7 @@ from patchgap.data.fields import FieldMap, Record
 from patchgap.data.rejects import Counts, RejectSink
 from patchgap.data.sources import DatasetSpec
 from patchgap.data.stream import iter_records
-from patchgap.fsutil import atomic_path
+from patchgap.fsutil import atomic_path, write_text_atomic
 from patchgap.progress import Progress
 from patchgap.reports.gate import GateStats, write_report
 from patchgap.reward.scoring import GroupRewardScorer, RewardConfig, calibration_sample
@@ -331,7 +331,7 @@ def run(
     if config.write_parquet:
         jsonl_to_parquet(out / D_R_FILE, out / PARQUET_FILE)
         jsonl_to_parquet(out / ACCEPTED_FILE, out / ACCEPTED_PARQUET)
-    (out / "README.md").write_text(_README)
+    write_text_atomic(out / "README.md", _README)
     stats.embed_diversity(scorer.embedder)
     extra = {
         "rejected_records": rejected,

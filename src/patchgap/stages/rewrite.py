@@ -27,7 +27,7 @@ from patchgap.data.fields import FieldMap, Record
 from patchgap.data.rejects import Counts, RejectSink
 from patchgap.data.sources import DatasetSpec
 from patchgap.data.stream import iter_records
-from patchgap.fsutil import atomic_path
+from patchgap.fsutil import atomic_path, write_text_atomic
 from patchgap.lm.generation import GenerationConfig, adapter_fingerprint, make_generator
 from patchgap.lm.models import apply_chat, load_tokenizer
 from patchgap.progress import Progress
@@ -414,8 +414,9 @@ def run(
         "backend": backend,
         "metrics": metrics,
     }
-    (out_dir / f"summary-{config.shard_index:05d}-of-{config.num_shards:05d}.json").write_text(
-        json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    write_text_atomic(
+        out_dir / f"summary-{config.shard_index:05d}-of-{config.num_shards:05d}.json",
+        json.dumps(summary, indent=2, sort_keys=True) + "\n",
     )
     log.info(
         "rewrite: %d records (%d rejected), %d candidates, answer acceptance %.1f%%, %.1f tok/s",

@@ -19,6 +19,7 @@ from patchgap.data.fields import FieldMap
 from patchgap.data.sources import DatasetSpec
 from patchgap.data.stream import load_records
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.fsutil import write_text_atomic
 from patchgap.lm.generation import resolve_model_path
 from patchgap.lm.models import device_for, dtype_for, has_chat_template, load_tokenizer, merge_lora
 from patchgap.prompts import render
@@ -222,7 +223,7 @@ def _train(
         "train_loss": float(result.training_loss),
         "train_seconds": round(time.time() - t0, 2),
     }
-    (metrics_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(metrics_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -322,7 +323,7 @@ def _save_model(trainer: Any, tokenizer: Any, out: Path, merge: bool) -> None:
 def write_loss_curve(curve: list[dict[str, Any]], folder: Path, title: str = "SFT") -> None:
     """The loss per logged step as JSON and as a PNG plot."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / LOSS_JSON).write_text(json.dumps(curve, indent=2) + "\n")
+    write_text_atomic(folder / LOSS_JSON, json.dumps(curve, indent=2) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")

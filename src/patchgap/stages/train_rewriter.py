@@ -21,6 +21,7 @@ from patchgap.config import StrictModel
 from patchgap.data.sources import DatasetSpec
 from patchgap.data.stream import load_records
 from patchgap.errors import ConfigError, DataError
+from patchgap.fsutil import write_text_atomic
 from patchgap.lm.generation import vllm_build
 from patchgap.lm.models import device_for, dtype_for, load_tokenizer, resolve_model, save_merged
 from patchgap.prompts import REWRITE_TEMPLATE, rewrite_messages
@@ -622,7 +623,7 @@ def _write_run_summary(
         }
     )
     summary.update(_scorer_figures(scorer, outputs["metrics"] / REWARD_JSON))
-    (outputs["metrics"] / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(outputs["metrics"] / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
     plot_reward_curves(
         tracking.metrics_log.rows,
         outputs["metrics"] / PLOT_PNG,
@@ -644,7 +645,7 @@ def _scorer_figures(scorer: Any, path: Path) -> dict[str, float]:
     """The scorer's settings and running figures (NLL context mode, seconds per term, counts):
     all of them to ``path``, the numeric ones back for the stage metrics."""
     figures = scorer.metrics() if hasattr(scorer, "metrics") else {}
-    path.write_text(json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")
+    write_text_atomic(path, json.dumps(figures, indent=2, sort_keys=True, default=str) + "\n")
     out = {}
     for key, value in figures.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -710,7 +711,7 @@ def _write_outputs(
         "lora": config.lora.model_dump(mode="json"),
         "merged": config.merge_adapter,
     }
-    (adapter_dir / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    write_text_atomic(adapter_dir / ADAPTER_INFO, json.dumps(info, indent=2) + "\n")
     if config.merge_adapter:
         # In the training dtype: the weights the patch was trained against.
         dtype = dtype_for(config.dtype, _resolve_device(config))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from patchgap import settings
 from patchgap.errors import StoreError
+from patchgap.names import check_bucket
 from patchgap.storage.credentials import (
     ENV_FILE_NAME,
     PID_FILE_NAME,
@@ -211,6 +212,8 @@ class EmbeddedS3:
         weed: Path | None = None,
         ready_timeout: float = 60.0,
     ) -> None:
+        if bucket is not None:
+            check_bucket(bucket, "--bucket")  # before the server starts, not in a boto traceback
         self.home = Path(home) if home is not None else settings.home_dir()
         self.server_dir = self.home / SERVER_DIR_NAME
         self.data_dir = Path(data_dir) if data_dir is not None else self.server_dir / "data"

@@ -20,7 +20,7 @@ from urllib.parse import unquote
 
 from patchgap import __version__
 from patchgap.errors import ChecksumError, StoreError
-from patchgap.fsutil import atomic_path
+from patchgap.fsutil import atomic_path, write_text_atomic
 from patchgap.storage.credentials import embedded_env, env_file_path
 
 MANIFEST_NAME = "_manifest.json"
@@ -237,7 +237,7 @@ class Manifest:
         try:
             data = json.loads(text)
             files = {
-                str(k): ManifestEntry(str(v["sha256"]), int(v["size"]))
+                str(k): ManifestEntry(str(v["sha256"]), _count(v["size"], f"{k}: size"))
                 for k, v in data["files"].items()
             }
             return cls(
@@ -245,10 +245,18 @@ class Manifest:
                 metadata=dict(data.get("metadata") or {}),
                 created_at=str(data.get("created_at", "")),
                 patchgap_version=str(data.get("patchgap_version", "")),
-                format=int(data.get("format", MANIFEST_FORMAT)),
+                format=_count(data.get("format", MANIFEST_FORMAT), "format"),
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
             raise StoreError(f"{source}: not a valid manifest ({err})") from None
+
+
+def _count(value: Any, what: str) -> int:
+    """A manifest's size or format: a whole number, not negative (``1e999`` and ``-1`` are
+    corruption, and ``3.5`` would silently verify against ``3``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what}: {value!r} is not a whole number >= 0")
+    return value
 
 
 def _json_default(obj: Any) -> Any:
@@ -712,7 +720,7 @@ class Store:
                     )
 
         self._parallel(targets, fetch)
-        (dest / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        write_text_atomic(dest / MANIFEST_NAME, manifest.to_json())
         return manifest
 
     def _parallel(self, items: list[Any], fn: Callable[[Any], None]) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from patchgap.errors import ChecksumError, ConfigError, StoreError
+from patchgap.fsutil import write_text_atomic
 from patchgap.storage.store import MANIFEST_NAME, Store, join_uri, parse_uri
 
 log = logging.getLogger("patchgap.training.checkpoints")
@@ -104,7 +105,7 @@ class CheckpointStore:
                 )
                 shutil.rmtree(dest, ignore_errors=True)
                 continue
-            (dest / _LOCAL_DONE).write_text(json.dumps({"uri": ckpt.uri, "step": ckpt.step}))
+            write_text_atomic(dest / _LOCAL_DONE, json.dumps({"uri": ckpt.uri, "step": ckpt.step}))
             log.info("resuming from %s (step %d)", ckpt.uri, ckpt.step)
             return dest
         return None

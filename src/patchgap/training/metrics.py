@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from patchgap.fsutil import write_text_atomic
+
 #: Row key -> TRL log key (``reward/<term>`` come from the log_metric calls of
 #: patchgap.reward.trl_adapter).
 LOG_KEYS = {
@@ -107,12 +109,12 @@ class MetricsLog:
     def _rewrite(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows)
-        self.path.write_text(text, encoding="utf-8")
+        write_text_atomic(self.path, text)
 
     def save_copy(self, dest: Path) -> None:
         """Write the rows (deduplicated, in step order) to ``dest``."""
         rows = sorted(self.rows, key=lambda r: int(r.get("step", 0)))
-        dest.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), "utf-8")
+        write_text_atomic(dest, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def _mean(values: Iterable[Any]) -> float | None:

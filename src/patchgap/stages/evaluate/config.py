@@ -94,6 +94,12 @@ class HeldoutSettings(StrictModel):
     prompt_template: str = Field(
         "{question}", description="user turn built from the question, as sft.prompt_template"
     )
+    form: Literal["neutral", "as_written"] = Field(
+        "neutral",
+        description="how reference solutions are scored: neutral = GSM8K's calculator marks "
+        "and '#### N' line removed (the same for every model, so the NLL does not favour D's "
+        "format); as_written = verbatim",
+    )
 
     @field_validator("sets")
     @classmethod

@@ -18,6 +18,7 @@ from patchgap.lm.likelihood import CompletionScorer, chat_completion_ids
 from patchgap.lm.models import apply_chat
 from patchgap.progress import Progress
 from patchgap.prompts import render
+from patchgap.reward.reasoning import neutral_solution
 from patchgap.stages.evaluate.config import Config
 from patchgap.stages.evaluate.generative import generate_with_bar
 from patchgap.stages.evaluate.items import ItemResult
@@ -181,7 +182,9 @@ def _nll_jobs(
             chat_completion_ids(
                 tokenizer,
                 render(template, question=record.question),
-                record.solution,
+                neutral_solution(record.solution)
+                if config.heldout.form == "neutral"
+                else record.solution,
                 max_tokens=config.heldout.max_tokens,
             )
             for record in records
