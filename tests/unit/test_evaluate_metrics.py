@@ -102,7 +102,7 @@ def test_pi0_answers_are_scored_by_every_model_with_held_out_solutions(
 def test_held_out_solutions_are_scored_in_a_neutral_form_unless_asked_otherwise(
     tiny_llama: Path,
 ) -> None:
-    from patchgap.data.records import Record
+    from patchgap.data.fields import Record
     from patchgap.reward.reasoning import neutral_solution
 
     solution = "She sold 48/2 = <<48/2=24>>24 clips.\n#### 24"
