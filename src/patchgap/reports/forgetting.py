@@ -244,8 +244,7 @@ def _compare_with_baseline(
     )
     if mean_why is not None:
         caveats.append(
-            f"{label}: reduction of the average forgetting not computed: {mean_why} "
-            f"({baseline})."
+            f"{label}: reduction of the average forgetting not computed: {mean_why} ({baseline})."
         )
     return caveats
 
