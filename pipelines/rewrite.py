@@ -67,9 +67,16 @@ def build(local: bool = False):
         )
         with dsl.If(run_sft == True, name="sft-requested"):  # noqa: E712
             with dsl.If(gt.outputs["Output"] >= min_acceptance_rate, name="gate-accepted-enough"):
-                sft_d = sft(config=sft_config, dataset=dataset)
+                # `nodes` above 1 in sft_config: a TrainJob placed as these say.
+                nodes_at = {
+                    "accelerator_type": accelerator_type,
+                    "accelerator_count": gpu_count,
+                    "node_selector": node_selector,
+                    "tolerations": tolerations,
+                }
+                sft_d = sft(config=sft_config, dataset=dataset, **nodes_at)
                 gpu(sft_d.set_display_name("sft on D"), cache=True)
-                sft_dr = sft(config=sft_config, dataset=gt.outputs["dataset_r"])
+                sft_dr = sft(config=sft_config, dataset=gt.outputs["dataset_r"], **nodes_at)
                 gpu(sft_dr.set_display_name("sft on D_R"), cache=True)
                 ev = evaluate(
                     config=evaluate_config,
