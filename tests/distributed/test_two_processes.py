@@ -392,39 +392,130 @@ def test_sft_rerun_after_a_killed_rank_resumes_and_writes_the_model_once(
     assert manifest is not None and manifest.metadata["metrics"]["steps"] == 4.0
 
 
-def test_torchrun_ranks_as_a_trainjob_starts_them_upload_the_outputs_once(
+class _Artifact:
+    """What a KFP artifact gives a component: its URI and local path."""
+
+    def __init__(self, uri: str, path: Path | None = None) -> None:
+        self.uri, self.path = uri, str(path) if path else ""
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+
+    def log_metric(self, key: str, value: float) -> None:
+        self.logged[key] = value
+
+
+class _ControllerStandIn:
+    """The Kubernetes API as the multi-node step sees it, with this machine standing in for
+    Trainer's controller and one node: on create it runs the TrainJob's own command, args and
+    env (Secret and ConfigMap references resolved as the kubelet would, from the test's S3
+    settings) with the PET_* variables Trainer's torch plugin sets, then answers Complete or
+    Failed from the node's exit status."""
+
+    def __init__(self, probe: Path, bin_dir: Path) -> None:
+        self.probe, self.bin_dir = probe, bin_dir
+        self.job: dict[str, Any] = {}
+        self.node: subprocess.CompletedProcess[str] | None = None
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):  # type: ignore[no-untyped-def]
+        import socket
+
+        self.job = body
+        trainer = body["spec"]["trainer"]
+        env = dict(os.environ)
+        for var in trainer["env"]:
+            ref = var.get("valueFrom", {})
+            ref = ref.get("secretKeyRef") or ref.get("configMapKeyRef")
+            value = os.environ.get(var["name"]) if ref else var["value"]
+            if value is not None:
+                env[var["name"]] = value
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env.update(
+            # The job asks for numNodes nodes; this machine stands in for one of them alone.
+            PET_NNODES="1",
+            PET_NPROC_PER_NODE=str(trainer["numProcPerNode"]),
+            PET_NODE_RANK="0",
+            PET_MASTER_ADDR="127.0.0.1",
+            PET_MASTER_PORT=str(port),
+            PATH=f"{self.bin_dir}{os.pathsep}{os.environ['PATH']}",
+            TMPDIR=str(self.probe),
+            PYTHONPATH=str(HOOKS),
+            PATCHGAP_DIST_PROBE=str(self.probe),
+            OMP_NUM_THREADS="1",
+        )
+        cmd = [*trainer["command"], *trainer["args"]]
+        self.node = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        return body
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):  # type: ignore[no-untyped-def]
+        assert self.node is not None
+        ok = self.node.returncode == 0
+        kind, reason = ("Complete", "JobsCompleted") if ok else ("Failed", "JobFailed")
+        status = {"conditions": [{"type": kind, "status": "True", "reason": reason}]}
+        return {**self.job, "status": status}
+
+
+def test_a_trainjob_node_runs_two_torchrun_ranks_and_the_step_returns_their_outputs(
     tiny_llama: Path, tmp_path: Path, s3_bucket: str
 ) -> None:
-    """What a TrainJob's node runs: torchrun around the stage's entrypoint, so every rank runs
-    the whole stage (no re-launch) and only global rank 0 keeps the outputs."""
+    """The multi-node step end to end, minus Trainer's controller: the TrainJob it builds is
+    run here as one node of two ranks under torchrun (the node command the job carries), global
+    rank 0 alone uploads the outputs, and the step fetches them into its artifacts."""
+    from patchgap.kfp.trainjob import Placement, run_on_trainjob
     from patchgap.storage.store import Store
 
-    data = _sft_rows(tmp_path / "d_r.jsonl")
-    outs = {"model": f"s3://{s3_bucket}/tj/model", "metrics": f"s3://{s3_bucket}/tj/metrics"}
-    probe = tmp_path / "probe"
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # one node, a free port: the rendezvous a TrainJob's launcher sets up
-        "--nproc_per_node=2",
-    ]
-    proc = _stage(
-        torchrun, "sft", _sft_section(tiny_llama, max_steps=2), outs, probe, {"dataset": str(data)}
+    store = Store.from_env()
+    data_dir = tmp_path / "dataset"
+    data_dir.mkdir()
+    _sft_rows(data_dir / "d_r.jsonl")
+    store.upload_dir(data_dir, f"s3://{s3_bucket}/in/dataset", metadata={"stage": "test"})
+    bin_dir = tmp_path / "bin"  # the image's torchrun, for this interpreter
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(
+        f'#!/bin/sh\nexec {sys.executable} -m torch.distributed.run "$@"\n'
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    (bin_dir / "torchrun").chmod(0o755)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    api = _ControllerStandIn(probe, bin_dir)
+    outputs = {
+        "model": _Artifact(f"s3://{s3_bucket}/run/model", tmp_path / "out" / "model"),
+        "metrics": _Artifact(f"s3://{s3_bucket}/run/metrics", tmp_path / "out" / "metrics"),
+    }
+    for a in outputs.values():
+        Path(a.path).mkdir(parents=True)
+    metrics = _Metrics()
+    figures = run_on_trainjob(
+        "sft",
+        json.dumps(_sft_section(tiny_llama, max_steps=2, nodes=2)),
+        {"dataset": _Artifact(f"s3://{s3_bucket}/in/dataset/d_r.jsonl")},
+        outputs,
+        image="ghcr.io/patchgap/patchgap-sft:test",
+        placement=Placement(accelerator_count=2),
+        metrics=metrics,
+        api=api,
+        poll_seconds=0.01,
+    )
+    assert api.node is not None and api.node.returncode == 0, api.node.stderr[-4000:]
+    assert api.job["spec"]["trainer"]["numNodes"] == 2
+    assert figures["steps"] == 2.0 and metrics.logged["steps"] == 2.0
+    assert (Path(outputs["model"].path) / "model.safetensors").is_file()
+    assert (Path(outputs["metrics"].path) / "loss_curve.json").is_file()
+
     env = sorted(
         (json.loads(p.read_text()) for p in probe.glob("env-rank*.json")), key=lambda e: e["RANK"]
     )
     assert [e["RANK"] for e in env] == ["0", "1"] and [e["LOCAL_RANK"] for e in env] == ["0", "1"]
     assert {e["WORLD_SIZE"] for e in env} == {"2"}
-    assert len({e["MASTER_ADDR"] for e in env}) == 1 and env[0]["MASTER_ADDR"]
-    assert len({e["MASTER_PORT"] for e in env}) == 1 and env[0]["MASTER_PORT"] not in ("0", None)
-
+    assert {e["MASTER_ADDR"] for e in env} == {"127.0.0.1"}
+    assert len({e["MASTER_PORT"] for e in env}) == 1
     writes = _rows(probe, "writes")
     uploads = {r: [w["path"] for w in ws if w["how"] == "upload"] for r, ws in writes.items()}
-    assert sorted(uploads["rank0"]) == sorted(outs.values())
+    job_outputs = [a.split("=", 1)[1] for a in api.job["spec"]["trainer"]["args"][3::2]]
+    assert sorted(uploads["rank0"]) == sorted(job_outputs)
     assert not uploads.get("rank1")
     _written_once_by_rank0(probe, "model.safetensors")
-    manifest = Store.from_env().read_manifest(outs["model"])
-    assert manifest is not None and manifest.metadata["metrics"]["steps"] == 2.0

@@ -54,7 +54,7 @@ SHM_SIZE = "16Gi"
 
 #: The stage config travels in this variable; the node's shell writes it to a file for --config.
 CONFIG_ENV = "PATCHGAP_STAGE_CONFIG"
-_CONFIG_FILE = "/tmp/patchgap-stage.yaml"
+_CONFIG_FILE = "${TMPDIR:-/tmp}/patchgap-stage.yaml"
 _NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -101,8 +101,8 @@ def node_command(stage: str) -> list[str]:
     """torchrun around the stage's entrypoint; the shell first writes the config file (torchrun
     takes its node count, rank and rendezvous from the runtime's ``PET_*`` variables)."""
     script = (
-        f'printf "%s" "${CONFIG_ENV}" > {_CONFIG_FILE} && '
-        f'exec torchrun -m patchgap.stages.{stage} --config {_CONFIG_FILE} "$@"'
+        f'printf "%s" "${CONFIG_ENV}" > "{_CONFIG_FILE}" && '
+        f'exec torchrun -m patchgap.stages.{stage} --config "{_CONFIG_FILE}" "$@"'
     )
     return ["sh", "-c", script, "torchrun"]
 
