@@ -195,6 +195,7 @@ def test_the_runtime_validates_and_is_the_one_the_trainjob_names() -> None:
     (runtime,) = [o for o in _manifest_objects() if o["kind"] == "ClusterTrainingRuntime"]
     _validate(runtime, "clustertrainingruntimes")
     assert runtime["metadata"]["name"] == tj.RUNTIME
+    assert "namespace" not in runtime["metadata"]  # cluster-scoped
     assert "torch" in runtime["spec"]["mlPolicy"]
     (job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     assert job["name"] == tj.NODE
@@ -218,6 +219,7 @@ def test_the_rbac_validates_and_grants_trainjobs_only() -> None:
             "verbs": ["create", "get", "list", "watch", "delete"],
         }
     ]
+    assert {o["metadata"]["namespace"] for o in objects} == {"patchgap"}
     (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [
@@ -348,3 +350,18 @@ def test_a_retried_step_adopts_its_job_and_other_refusals_are_one_line() -> None
     forbidden.body = json.dumps({"message": 'trainjobs is forbidden: User "x" cannot create'})
     with pytest.raises(tj.TrainJobError, match=r"create refused \(403 Forbidden\): trainjobs is"):
         tj.create_or_adopt(RecordedApi([], create=forbidden), body)
+
+
+def test_the_trainer_kustomization_renders_the_runtime_cluster_scoped() -> None:
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(TRAINER_MANIFESTS)], capture_output=True, text=True, check=True
+    ).stdout
+    objects = {o["kind"]: o for o in yaml.safe_load_all(out) if o}
+    assert sorted(objects) == ["ClusterTrainingRuntime", "Role", "RoleBinding"]
+    assert "namespace" not in objects["ClusterTrainingRuntime"]["metadata"]
