@@ -16,7 +16,7 @@ def sft(
     model: Output[Model],
     training: Output[Dataset],
     metrics: Output[Metrics],
-    image: str = image_for("sft"),
+    image: str = "",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_count: int = 1,
     node_selector: dict = None,
@@ -25,8 +25,10 @@ def sft(
     """Fine-tune pi0 on D_R (or on D for the baseline) with the loss on the answer only; write
     the model (safetensors + tokenizer, LoRA merged) and the loss curve (JSON + PNG) into
     ``training``. Logs loss_first, loss_last, steps and resumed_from_step. With ``nodes`` above 1
-    in the config the stage runs as a Kubeflow Trainer TrainJob on that many nodes (``image``
-    and the placement parameters describe each node) and this step follows it."""
+    in the config the stage runs as a Kubeflow Trainer TrainJob on that many nodes (``image``,
+    which the pipelines set to this image, and the placement parameters describe each node) and
+    this step follows it."""
+    from patchgap.kfp.images import image_for
     from patchgap.kfp.trainjob import Placement, nodes_of, run_on_trainjob
     from patchgap.stages.base import run_component
 
@@ -38,7 +40,7 @@ def sft(
             config,
             {"dataset": dataset},
             outputs,
-            image=image,
+            image=image or image_for("sft"),
             placement=placement,
             metrics=metrics,
         )

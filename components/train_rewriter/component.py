@@ -19,7 +19,7 @@ def train_rewriter(
     curves: Output[HTML],
     dataset: Input[Dataset] = None,
     base_model: Input[Model] = None,
-    image: str = image_for("train_rewriter"),
+    image: str = "",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_count: int = 1,
     node_selector: dict = None,
@@ -31,10 +31,12 @@ def train_rewriter(
     reward_last, r_task_last, seconds_per_step_mean, reward_share_mean and resumed_from_step.
     Without ``dataset`` / ``base_model`` the config's dataset spec and ``model`` are used. With
     ``nodes`` above 1 in the config the stage runs as a Kubeflow Trainer TrainJob on that many
-    nodes (``image`` and the placement parameters describe each node) and this step follows it."""
+    nodes (``image``, which the pipelines set to this image, and the placement parameters
+    describe each node) and this step follows it."""
     import base64
     from pathlib import Path
 
+    from patchgap.kfp.images import image_for
     from patchgap.kfp.trainjob import Placement, nodes_of, run_on_trainjob
     from patchgap.stages.base import run_component
 
@@ -47,7 +49,7 @@ def train_rewriter(
             config,
             inputs,
             outputs,
-            image=image,
+            image=image or image_for("train_rewriter"),
             placement=placement,
             metrics=metrics,
         )
