@@ -268,6 +268,11 @@ class RecordedApi:
             raise self.create
         return body
 
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):  # type: ignore[no-untyped-def]
+        self.calls.append(("delete", group, version, namespace, plural, name))
+        self.create = None  # the next create succeeds
+        return {}
+
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):  # type: ignore[no-untyped-def]
         self.calls.append(("get", group, version, namespace, plural, name))
         answer = self.answers.pop(0)
@@ -345,6 +350,13 @@ def test_a_retried_step_adopts_its_job_and_other_refusals_are_one_line() -> None
     api = RecordedApi(_sequence(RUNNING), create=conflict)
     assert tj.create_or_adopt(api, body)["status"] == RUNNING
     assert [c[0] for c in api.calls] == ["create", "get"]
+
+    # A job that failed in the earlier try is replaced, so the retry trains again.
+    failed = {"conditions": [_condition("Failed", "JobFailed", "node-0 exited 1")]}
+    gone = ApiException(status=404, reason="Not Found")
+    api = RecordedApi([*_sequence(failed, RUNNING), gone], create=conflict)
+    assert tj.create_or_adopt(api, body, sleep=lambda s: None) == body
+    assert [c[0] for c in api.calls] == ["create", "get", "delete", "get", "get", "create"]
 
     forbidden = ApiException(status=403, reason="Forbidden")
     forbidden.body = json.dumps({"message": 'trainjobs is forbidden: User "x" cannot create'})

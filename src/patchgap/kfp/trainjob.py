@@ -229,18 +229,44 @@ def logs_hint(name: str, namespace: str) -> str:
     return f"kubectl -n {namespace} logs -l jobset.sigs.k8s.io/jobset-name={name} -c {NODE}"
 
 
-def create_or_adopt(api: Any, body: Mapping[str, Any]) -> dict[str, Any]:
-    """Create the TrainJob; one that already exists (a retried step) is followed, not replaced."""
+def create_or_adopt(
+    api: Any, body: Mapping[str, Any], sleep: Callable[[float], None] = time.sleep
+) -> dict[str, Any]:
+    """Create the TrainJob. One that already exists (a retried step) is followed, not replaced,
+    unless it failed: then it is deleted and created again, so the retry trains (resuming from
+    the checkpoints) instead of reporting the old failure."""
     from kubernetes.client.exceptions import ApiException
 
     meta = body["metadata"]
-    try:
-        return api.create_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, body)
-    except ApiException as err:
-        if err.status != 409:
-            raise TrainJobError(_api_error("create", meta["name"], err)) from None
-    log.info("TrainJob %s exists (an earlier try of this step): following it", meta["name"])
-    return api.get_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"])
+    name, namespace = meta["name"], meta["namespace"]
+    for _ in range(2):
+        try:
+            return api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        except ApiException as err:
+            if err.status != 409:
+                raise TrainJobError(_api_error("create", name, err)) from None
+        existing = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        if job_state(existing).phase != "Failed":
+            log.info("TrainJob %s exists (an earlier try of this step): following it", name)
+            return existing
+        log.info("TrainJob %s failed in an earlier try of this step: deleting it", name)
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        _wait_gone(api, name, namespace, sleep)
+    raise TrainJobError(f"TrainJob {namespace}/{name}: still there after deleting it")
+
+
+def _wait_gone(api: Any, name: str, namespace: str, sleep: Callable[[float], None]) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    for _ in range(60):
+        try:
+            api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as err:
+            if err.status == 404:
+                return
+            raise TrainJobError(_api_error("get", name, err)) from None
+        sleep(2.0)
+    raise TrainJobError(f"TrainJob {namespace}/{name}: not gone 120 s after deleting it")
 
 
 def _api_error(action: str, name: str, err: Any) -> str:
