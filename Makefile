@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 VARIANT ?= cuda
 
 # `make ci`: what CI runs (.ci/run: every tier, empty caches of its own), in a fresh clone of HEAD.
-.PHONY: ci setup setup-vllm demo test test-unit test-slow test-faults test-property test-configs test-containers test-vllm test-gpu lint format compile images clean
+.PHONY: ci setup setup-vllm demo test test-unit test-slow test-faults test-property test-configs test-distributed test-containers test-vllm test-gpu lint format compile images clean
 
 $(VENV)/.installed: pyproject.toml images/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,7 +29,7 @@ demo: setup ## run the main job on the embedded default (SmolLM2, local S3)
 	$(VENV)/bin/patchgap demo
 
 test: setup ## unit + integration tiers (what CI runs)
-	$(VENV)/bin/pytest -m "not slow and not gpu and not faults and not containers and not vllm and not configs and not property" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not slow and not gpu and not faults and not containers and not vllm and not configs and not property and not distributed" $(PYTEST_ARGS)
 
 ci: ## .ci/run in a fresh clone of HEAD with empty caches, as CI runs it (about 30 min)
 	./.ci/fresh-clone
@@ -39,6 +39,11 @@ test-faults: setup ## fault injection: SIGKILLed stages, S3 restarts, overlappin
 
 test-property: setup ## hypothesis properties: hostile YAML, identifiers, keys, manifests, data files (< 2 min)
 	$(VENV)/bin/pytest tests/property -m property $(PYTEST_ARGS)
+
+# Two training processes on the CPU (torchrun, gloo) through the stage's own re-launch
+# (PATCHGAP_PROCESSES=2) and as a TrainJob's torchrun starts them; about 4 minutes on 2 cores.
+test-distributed: setup ## train-rewriter and sft in two CPU processes: whole groups, kill, write once
+	$(VENV)/bin/pytest tests/distributed -m distributed $(PYTEST_ARGS)
 
 test-configs: setup ## every run YAML in configs/, shrunk (tiny model, a few records), run end to end
 	$(VENV)/bin/pytest tests/config_runs -m configs $(PYTEST_ARGS)

@@ -14,6 +14,7 @@ from patchgap.components.ops.component import merge_shards, shard_indices, stage
 from patchgap.components.rewrite.component import rewrite
 from patchgap.components.sft.component import sft
 from patchgap.components.train_rewriter.component import train_rewriter
+from patchgap.kfp.images import image_for
 from patchgap.pipelines import defaults as d
 from patchgap.pipelines.placement import placers
 
@@ -93,7 +94,21 @@ def build(local: bool = False):
         cpu(staged.set_display_name("stage dataset"), cache=False)
         dataset = staged.outputs["dataset"]
 
-        trained = train_rewriter(config=train_rewriter_config, dataset=dataset)
+        # A training step with `nodes` above 1 in its config runs as a TrainJob placed as the
+        # single-pod step would be (patchgap.kfp.trainjob); these say where.
+        nodes_at = {
+            "accelerator_type": accelerator_type,
+            "accelerator_count": train_gpu_count,
+            "node_selector": node_selector,
+            "tolerations": tolerations,
+        }
+        sft_at = {**nodes_at, "image": image_for("sft")}
+        trained = train_rewriter(
+            config=train_rewriter_config,
+            dataset=dataset,
+            image=image_for("train_rewriter"),
+            **nodes_at,
+        )
         gpu(trained.set_display_name("train rewriter"), cache=True, count=train_gpu_count)
 
         shards = shard_indices(num_shards=num_shards)
@@ -111,18 +126,18 @@ def build(local: bool = False):
         )
 
         # Baseline: the same SFT on the original D (runs whatever the gate decides).
-        sft_d = sft(config=sft_config, dataset=dataset).set_display_name("sft on D")
+        sft_d = sft(config=sft_config, dataset=dataset, **sft_at).set_display_name("sft on D")
         gpu(sft_d, cache=True, count=train_gpu_count)
 
         with dsl.If(gt.outputs["Output"] >= min_acceptance_rate, name="gate-accepted-enough"):
-            sft_dr = sft(config=sft_config, dataset=gt.outputs["dataset_r"])
+            sft_dr = sft(config=sft_config, dataset=gt.outputs["dataset_r"], **sft_at)
             gpu(sft_dr.set_display_name("sft on D_R"), cache=True, count=train_gpu_count)
 
             with dsl.If(prompt_only_baseline == True, name="with-prompt-only-baseline"):  # noqa: E712
                 gt_p = rewrite_and_gate(
                     dataset, None, shards, num_shards, rewrite_config, gate_config, gpu, cpu, local
                 )
-                sft_p = sft(config=sft_config, dataset=gt_p.outputs["dataset_r"])
+                sft_p = sft(config=sft_config, dataset=gt_p.outputs["dataset_r"], **sft_at)
                 gpu(
                     sft_p.set_display_name("sft on D_R (prompt-only)"),
                     cache=True,

@@ -9,6 +9,7 @@ from kfp import dsl
 from patchgap.components.evaluate.component import evaluate
 from patchgap.components.ops.component import shard_indices, stage_dataset
 from patchgap.components.sft.component import sft
+from patchgap.kfp.images import image_for
 from patchgap.pipelines import defaults as d
 from patchgap.pipelines.full import rewrite_and_gate
 from patchgap.pipelines.placement import placers
@@ -67,9 +68,17 @@ def build(local: bool = False):
         )
         with dsl.If(run_sft == True, name="sft-requested"):  # noqa: E712
             with dsl.If(gt.outputs["Output"] >= min_acceptance_rate, name="gate-accepted-enough"):
-                sft_d = sft(config=sft_config, dataset=dataset)
+                # `nodes` above 1 in sft_config: a TrainJob placed as these say.
+                nodes_at = {
+                    "accelerator_type": accelerator_type,
+                    "accelerator_count": gpu_count,
+                    "node_selector": node_selector,
+                    "tolerations": tolerations,
+                }
+                sft_at = {**nodes_at, "image": image_for("sft")}
+                sft_d = sft(config=sft_config, dataset=dataset, **sft_at)
                 gpu(sft_d.set_display_name("sft on D"), cache=True)
-                sft_dr = sft(config=sft_config, dataset=gt.outputs["dataset_r"])
+                sft_dr = sft(config=sft_config, dataset=gt.outputs["dataset_r"], **sft_at)
                 gpu(sft_dr.set_display_name("sft on D_R"), cache=True)
                 ev = evaluate(
                     config=evaluate_config,

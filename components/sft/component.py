@@ -16,12 +16,33 @@ def sft(
     model: Output[Model],
     training: Output[Dataset],
     metrics: Output[Metrics],
+    image: str = "",
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_count: int = 1,
+    node_selector: dict = None,
+    tolerations: list = None,
 ):
     """Fine-tune pi0 on D_R (or on D for the baseline) with the loss on the answer only; write
     the model (safetensors + tokenizer, LoRA merged) and the loss curve (JSON + PNG) into
-    ``training``. Logs loss_first, loss_last, steps and resumed_from_step."""
+    ``training``. Logs loss_first, loss_last, steps and resumed_from_step. With ``nodes`` above 1
+    in the config the stage runs as a Kubeflow Trainer TrainJob on that many nodes (``image``,
+    which the pipelines set to this image, and the placement parameters describe each node) and
+    this step follows it."""
+    from patchgap.kfp.images import image_for
+    from patchgap.kfp.trainjob import Placement, nodes_of, run_on_trainjob
     from patchgap.stages.base import run_component
 
-    run_component(
-        "sft", config, {"dataset": dataset}, {"model": model, "metrics": training}, metrics
-    )
+    outputs = {"model": model, "metrics": training}
+    if nodes_of("sft", config) > 1:
+        placement = Placement(accelerator_type, accelerator_count, node_selector, tolerations or ())
+        run_on_trainjob(
+            "sft",
+            config,
+            {"dataset": dataset},
+            outputs,
+            image=image or image_for("sft"),
+            placement=placement,
+            metrics=metrics,
+        )
+        return
+    run_component("sft", config, {"dataset": dataset}, outputs, metrics)

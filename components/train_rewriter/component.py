@@ -19,24 +19,42 @@ def train_rewriter(
     curves: Output[HTML],
     dataset: Input[Dataset] = None,
     base_model: Input[Model] = None,
+    image: str = "",
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_count: int = 1,
+    node_selector: dict = None,
+    tolerations: list = None,
 ):
     """Train the rewriter (a LoRA patch on frozen pi0) with GRPO and the gated group reward.
     Writes the adapter (safetensors, optionally merged weights), the per-step metrics
     (``metrics.jsonl``, ``summary.json``, ``reward_curves.png``) and logs reward_first,
     reward_last, r_task_last, seconds_per_step_mean, reward_share_mean and resumed_from_step.
-    Without ``dataset`` / ``base_model`` the config's dataset spec and ``model`` are used."""
+    Without ``dataset`` / ``base_model`` the config's dataset spec and ``model`` are used. With
+    ``nodes`` above 1 in the config the stage runs as a Kubeflow Trainer TrainJob on that many
+    nodes (``image``, which the pipelines set to this image, and the placement parameters
+    describe each node) and this step follows it."""
     import base64
     from pathlib import Path
 
+    from patchgap.kfp.images import image_for
+    from patchgap.kfp.trainjob import Placement, nodes_of, run_on_trainjob
     from patchgap.stages.base import run_component
 
-    run_component(
-        "train_rewriter",
-        config,
-        {"dataset": dataset, "model": base_model},
-        {"adapter": adapter, "metrics": training},
-        metrics,
-    )
+    inputs = {"dataset": dataset, "model": base_model}
+    outputs = {"adapter": adapter, "metrics": training}
+    if nodes_of("train_rewriter", config) > 1:
+        placement = Placement(accelerator_type, accelerator_count, node_selector, tolerations or ())
+        run_on_trainjob(
+            "train_rewriter",
+            config,
+            inputs,
+            outputs,
+            image=image or image_for("train_rewriter"),
+            placement=placement,
+            metrics=metrics,
+        )
+    else:
+        run_component("train_rewriter", config, inputs, outputs, metrics)
     # The KFP UI renders an HTML artifact inline: the reward curves as an embedded PNG.
     png = Path(training.path) / "reward_curves.png"
     body = "<p>no reward curves were written</p>"

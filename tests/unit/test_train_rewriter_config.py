@@ -171,6 +171,25 @@ def test_several_gpus_relaunch_under_accelerate(
     assert launch.maybe_relaunch(config, {}, outputs, tr.NAME) is None
 
 
+def test_processes_setting_forces_cpu_processes_and_is_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from patchgap.training import launch
+
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 0)
+    monkeypatch.delenv(launch.PROCESSES_ENV, raising=False)
+    assert launch.process_count() == (0, False)
+    monkeypatch.setenv(launch.PROCESSES_ENV, "2")
+    assert launch.process_count() == (2, True)  # no GPU: on the CPU (configs/accelerate/cpu.yaml)
+    assert launch.accelerate_config("cpu").name == "cpu.yaml"
+    monkeypatch.setattr(launch, "visible_gpus", lambda: 4)
+    assert launch.process_count() == (2, False)
+    for bad, why in (("8", "more processes than the 4 visible"), ("two", "whole number")):
+        monkeypatch.setenv(launch.PROCESSES_ENV, bad)
+        with pytest.raises(ConfigError, match=f"^sft: PATCHGAP_PROCESSES='{bad}': .*{why}"):
+            launch.process_count("sft")
+
+
 def test_missing_accelerate_config_is_named(tmp_path: Path) -> None:
     from patchgap.training.launch import accelerate_config
 

@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -299,6 +300,11 @@ class StageResult:
     outputs: dict[str, str]
 
 
+def is_world_main_process() -> bool:
+    """False in a process that torchrun or accelerate started with a global rank other than 0."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def execute(
     stage: StageModule,
     config: StrictModel,
@@ -339,6 +345,10 @@ def execute(
         seconds = time.time() - t0
         metrics = {**metrics, "stage_seconds": round(seconds, 3)}
 
+        if not is_world_main_process():
+            # Under torchrun (a TrainJob's nodes) every rank runs the stage; the outputs, their
+            # manifests and the clean-ups are global rank 0's alone, never written twice.
+            return StageResult(metrics, False, seconds, dict(outputs))
         record = _stage_record(stage, config, chash, input_hashes, inputs, metrics)
         _keep_outputs(stage, record, local_out, remote_out, say)
         # Only now, with every manifest written, may the state go (see after_outputs_kept).
@@ -573,7 +583,7 @@ def main(stage: StageModule | ModuleType, argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     text = json.dumps(result.metrics, indent=2, sort_keys=True)
-    if args.metrics:
+    if args.metrics and is_world_main_process():  # under torchrun, rank 0's figures alone
         write_text_atomic(args.metrics, text)
     print(text)
     return 0

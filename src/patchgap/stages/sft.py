@@ -108,6 +108,12 @@ class Config(StrictModel):
     accelerate_config: str | None = Field(
         None, description="explicit accelerate config file (replaces the named choice)"
     )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="nodes to train on; above 1 the pipeline step runs the stage as a Kubeflow "
+        "Trainer TrainJob on that many nodes of the GPU pool (docs/cluster.md)",
+    )
 
 
 #: Fields that may change between a run and its resumption without making checkpoints foreign.
@@ -118,6 +124,7 @@ NOT_IN_FINGERPRINT = LeftOut.of(
     "work_dir",
     "distributed",
     "accelerate_config",
+    "nodes",
     "device",
     "max_steps",
     "num_epochs",

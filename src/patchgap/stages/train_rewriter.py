@@ -169,6 +169,12 @@ class Config(StrictModel):
     accelerate_config: str | None = Field(
         None, description="explicit accelerate config file (replaces the zero2/fsdp choice)"
     )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="nodes to train on; above 1 the pipeline step runs the stage as a Kubeflow "
+        "Trainer TrainJob on that many nodes of the GPU pool (docs/cluster.md)",
+    )
     progress: bool = Field(True, description="show a progress bar (steps, reward, s/step)")
     report_to: ReportTo = Field("none", description=REPORT_TO_HELP)
 
@@ -212,6 +218,7 @@ NOT_IN_FINGERPRINT = LeftOut.of(
     "work_dir",
     "distributed",
     "accelerate_config",
+    "nodes",
     "progress",
     "report_to",
     "rollout",
