@@ -807,19 +807,22 @@ class Store:
         under the current attempt); leftovers of older uploads there are left out. Manifests
         themselves and objects of folders without one are listed as :meth:`list` has them."""
         objects = self.list(prefix_uri)
-        manifests: dict[str, Manifest | None] = {}
+        manifests: dict[str, Manifest] = {}
         for obj in objects:
             path = PurePosixPath(obj.key)
             if path.name == MANIFEST_NAME:
                 folder = "" if str(path.parent) == "." else str(path.parent)
                 try:
-                    manifests[folder] = self.read_manifest(join_uri(prefix_uri, folder))
+                    manifest = self.read_manifest(join_uri(prefix_uri, folder))
                 except StoreError as err:
-                    log.warning("%s", err)  # nothing under an unreadable manifest is trusted
-                    manifests[folder] = None
+                    # Claims nothing: its folder is listed as it is (a reader still refuses it).
+                    log.warning("%s", err)
+                    continue
+                if manifest is not None:
+                    manifests[folder] = manifest
         listed = {}  # where the bytes lie -> the key readers know them by
         for folder, manifest in manifests.items():
-            for key in manifest.files if manifest is not None else ():
+            for key in manifest.files:
                 listed[_join_key(folder, manifest.location(key))] = _join_key(folder, key)
         out = []
         for obj in objects:
