@@ -135,7 +135,7 @@ def _config(tmp: Path, tiny: Path, base: str) -> Path:
 def _fingerprint(store, prefix: str, stage: str) -> dict[str, object]:
     """What must not depend on an interruption, per output file."""
     out: dict[str, object] = {}
-    for obj in store.list(prefix):
+    for obj in store.list_published(prefix):  # by manifest key: attempt ids differ per run
         name = obj.key
         if name.endswith(".safetensors"):
             out[name] = _tensors(store.get_bytes(obj.uri))
@@ -262,7 +262,7 @@ def _metrics(proc: subprocess.CompletedProcess) -> dict:
 
 
 def _figures(store, uri: str) -> list[dict]:
-    rows = [json.loads(x) for x in store.get_bytes(uri).splitlines() if x.strip()]
+    rows = [json.loads(x) for x in store.get_published(uri).splitlines() if x.strip()]
     return [{k: r.get(k) for k in TRAIN_FIGURES} for r in rows]
 
 

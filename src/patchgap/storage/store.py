@@ -832,6 +832,26 @@ class Store:
                 out.append(obj)
         return sorted(out, key=lambda o: o.key)
 
+    def get_published(self, uri: str | os.PathLike[str]) -> bytes:
+        """The bytes of one object of a published output, named ``<output prefix>/<key>`` as
+        its manifest lists it (wherever its attempt put them), checked against its sha256."""
+        head, rest = str(uri).rstrip("/"), ""
+        while "/" in head:
+            head, _, part = head.rpartition("/")
+            rest = f"{part}/{rest}" if rest else part
+            if not head or head.endswith(":/"):
+                break
+            manifest = self.read_manifest(head)
+            entry = manifest.files.get(rest) if manifest is not None else None
+            if manifest is None or entry is None:
+                continue
+            where = join_uri(head, manifest.location(rest))
+            data = self.get_bytes(where)
+            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise ChecksumError(f"{uri}: checksum mismatch of {where} with its manifest")
+            return data
+        raise StoreError(f"{uri}: no manifest above it lists it, so it is no published object")
+
     def download_dir(
         self, prefix_uri: str | os.PathLike[str], local_dir: str | os.PathLike[str]
     ) -> Manifest:
