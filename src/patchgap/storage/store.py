@@ -787,7 +787,10 @@ class Store:
 
         self._remove_attempts(loc, doomed)
         if old is not None and not old.attempt:
-            for key in old.files:
+            # Only keys that stay inside the prefix: a server may normalise "a/../b" to "b".
+            for key in (
+                k for k in old.files if "" not in k.split("/") and ".." not in k.split("/")
+            ):
                 with contextlib.suppress(StoreError):
                     self.delete(loc.child(key).uri)
 
