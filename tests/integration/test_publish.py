@@ -304,3 +304,34 @@ def test_a_local_folder_is_published_whole_by_the_last_writer(tmp_path: Path) ->
     writer = "b" if len(manifest.files) == 3 else "c"
     # Files only an older output listed are gone, so a reader of the folder sees one output.
     assert _same_files(dest, tmp_path / writer)
+
+
+def test_the_run_report_reads_only_the_current_artifacts(
+    store: Store, s3_bucket: str, tmp_path: Path
+) -> None:
+    from patchgap.reports import results
+
+    run = f"s3://{s3_bucket}/runs/run-9"
+
+    def artifacts(tag: str, rate: float) -> Path:
+        root = tmp_path / tag
+        (root / "gate" / "report").mkdir(parents=True)
+        (root / "gate" / "report" / "gate_metrics.json").write_text(
+            f'{{"acceptance_rate": {rate}}}'
+        )
+        (root / "evaluate" / "report").mkdir(parents=True)
+        (root / "evaluate" / "report" / "results.json").write_text(f'{{"writer": "{tag}"}}')
+        return root
+
+    store.upload_dir(artifacts("old", 0.1), f"{run}/artifacts")
+    # A republish killed after its objects: an attempt no manifest names stays behind.
+    stale = f"{run}/artifacts/{ATTEMPTS_DIR}/9-00000000000000aa/gate/report/gate_metrics.json"
+    store.put_bytes(b'{"acceptance_rate": 0.9}', stale)
+    store.put_bytes(b'{"run_id": "run-9"}', f"{run}/run.json")
+
+    objects = store.list_published(run)
+    found = results.collect(store, run, {o.key: o.uri for o in objects})
+    assert found.run_id == "run-9" and found.evaluation == {"writer": "old"}
+    assert found.gates == {results.RL: {"acceptance_rate": 0.1}}
+    assert "artifacts/gate/report/gate_metrics.json" in {o.key for o in objects}
+    assert stale not in {o.uri for o in objects}
