@@ -29,7 +29,7 @@ def _config(tmp: Path, model: Path, bucket: str, *, prompt_only: bool) -> Path:
             "prompt_only_baseline": prompt_only,
         },
         "train_rewriter": {
-            "dataset": dataset,
+            "dataset": dict(dataset),  # a copy: the same object twice is a YAML alias, refused
             "num_generations": 2,
             "prompts_per_step": 2,
             "per_device_batch_size": 2,
