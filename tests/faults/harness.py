@@ -3,7 +3,8 @@ it on its Nth write to the store, or on the write of an output's manifest.
 
     python harness.py KILL STAGE [stage arguments...]
 
-KILL is ``0`` (never), a write number (1-based, counting every ``put_file`` and ``put_bytes``),
+KILL is ``0`` (never), a write number (1-based, counting every ``put_file``, ``put_bytes`` and
+``put_bytes_if``, the conditional write that publishes an S3 output's manifest),
 ``manifest`` (the first write of a ``_manifest.json``: every object of that output is written,
 its manifest is not) or ``manifest:URI`` (the manifest of the output at ``URI``, when earlier
 manifests, such as training checkpoints', come first). The kill is a real SIGKILL: no
@@ -55,7 +56,7 @@ def main() -> int:
     target = kill.removeprefix("manifest:").rstrip("/") + "/" + MANIFEST_NAME
 
     def hooked(method):
-        def write(self, first, uri):
+        def write(self, first, uri, *rest):
             nonlocal writes
             with lock:
                 writes += 1
@@ -69,12 +70,13 @@ def main() -> int:
                     or (kill.isdigit() and writes == int(kill))
                 ):
                     os.kill(os.getpid(), signal.SIGKILL)
-            return method(self, first, uri)
+            return method(self, first, uri, *rest)
 
         return write
 
     Store.put_file = hooked(Store.put_file)
     Store.put_bytes = hooked(Store.put_bytes)
+    Store.put_bytes_if = hooked(Store.put_bytes_if)
     stage = importlib.import_module(f"patchgap.stages.{stage_name}")
     if stage_name == "train_rewriter":
         stage._build_scorer = lambda config, model_src, device: FixedScorer()

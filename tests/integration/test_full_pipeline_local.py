@@ -29,7 +29,7 @@ def _config(tmp: Path, model: Path, bucket: str, *, prompt_only: bool) -> Path:
             "prompt_only_baseline": prompt_only,
         },
         "train_rewriter": {
-            "dataset": dataset,
+            "dataset": dict(dataset),  # a copy: the same object twice is a YAML alias, refused
             "num_generations": 2,
             "prompts_per_step": 2,
             "per_device_batch_size": 2,
@@ -91,7 +91,7 @@ def test_full_pipeline_runs_and_publishes_the_run(
         assert piece in joined, piece
     # Four rows: base, SFT on D, SFT on D_R (RL rewriter) and the prompt-only baseline.
     results_key = next(k for k in keys if str(k).endswith("results.json"))
-    results = json.loads(store.get_bytes(f"{prefix}/artifacts/{results_key}"))
+    results = json.loads(store.get_published(f"{prefix}/artifacts/{results_key}"))
     text = json.dumps(results)
     for label in ("base", "sft_d", "sft_dr", "sft_dr_prompt"):
         assert label in text, label

@@ -80,10 +80,10 @@ def test_rewrite_then_gate_alone_over_s3(tmp_path: Path, tiny_llama: Path, s3_se
     ]
     out = _invoke(args)
     assert "gate: done" in out
-    d_r = [json.loads(ln) for ln in store.get_bytes(f"{dr_uri}/d_r.jsonl").splitlines() if ln]
+    d_r = [json.loads(ln) for ln in store.get_published(f"{dr_uri}/d_r.jsonl").splitlines() if ln]
     n_in = sum(1 for ln in (ASSETS / "gsm8k_mini.jsonl").read_text().splitlines() if ln.strip())
     assert len(d_r) == n_in and len({r["id"] for r in d_r}) == n_in
-    assert store.exists(f"{rep_uri}/gate_report.html")
+    assert store.get_published(f"{rep_uri}/gate_report.html")
 
     # Same inputs and config: the finished outputs are recognised and not recomputed.
     assert "skipped (already complete)" in _invoke(args)

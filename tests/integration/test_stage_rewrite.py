@@ -155,20 +155,22 @@ def test_a_stage_killed_before_its_output_manifest_keeps_its_state_and_resumes(
     from patchgap.storage.store import MANIFEST_NAME, Store
 
     out = f"s3://{s3_bucket}/candidates"
-    real_put = Store.put_bytes
+    real_put = Store.put_bytes_if
 
-    def dies_at_the_manifest(self: Store, data: bytes, uri: str) -> None:
+    def dies_at_the_manifest(self: Store, data: bytes, uri: str, etag: str | None) -> bool:
         if str(uri) == f"{out}/{MANIFEST_NAME}":
             raise RuntimeError("killed before the output's manifest")
-        real_put(self, data, uri)
+        return real_put(self, data, uri, etag)
 
-    monkeypatch.setattr(Store, "put_bytes", dies_at_the_manifest)
+    monkeypatch.setattr(Store, "put_bytes_if", dies_at_the_manifest)
     with pytest.raises(RuntimeError, match="killed"):
         execute(rewrite, _config(tiny_llama), {"dataset": str(gsm8k_slice)}, {"candidates": out})
     store = Store.from_env()
-    assert store.list(out) and store.read_manifest(out) is None  # objects there, not complete
+    # Not complete; the failed upload removed its own objects (a SIGKILL would leave them,
+    # under an attempt no manifest names).
+    assert store.read_manifest(out) is None and store.list(out) == []
     assert len(store.list(f"{out}.state")) == 3  # every finished batch is still kept
-    monkeypatch.setattr(Store, "put_bytes", real_put)
+    monkeypatch.setattr(Store, "put_bytes_if", real_put)
 
     again = execute(
         rewrite, _config(tiny_llama), {"dataset": str(gsm8k_slice)}, {"candidates": out}

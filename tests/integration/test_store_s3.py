@@ -98,8 +98,12 @@ def test_dir_round_trip_and_metadata(
     prefix = f"s3://{s3_bucket}/runs/r1/rewrite"
     meta = {"config": {"lr": 1e-5}, "inputs": {"train": "ab" * 32}, "versions": {"p": "0.1"}}
     written = store.upload_dir(tree, prefix, meta)
+    # The bytes lie under the upload's attempt; readers know them by the manifest's keys.
     keys = [o.key for o in store.list(prefix)]
-    assert keys == sorted([*written.files, MANIFEST_NAME])
+    assert keys == sorted([*(written.location(k) for k in written.files), MANIFEST_NAME])
+    assert all(k.startswith(f"_attempts/{written.attempt}/") for k in keys[:-1])
+    published = [o.key for o in store.list_published(prefix)]
+    assert published == sorted([*written.files, MANIFEST_NAME])
 
     read = store.read_manifest(prefix + "/")
     assert read is not None and read.metadata == meta and read.files == written.files
@@ -114,8 +118,8 @@ def test_tampered_object_is_detected_on_download(
     store: Store, s3_bucket: str, tree: Path, tmp_path: Path
 ) -> None:
     prefix = f"s3://{s3_bucket}/out"
-    store.upload_dir(tree, prefix)
-    store.put_bytes(b'{"i": 999}\n', f"{prefix}/shards/1.jsonl")  # after the manifest
+    where = store.upload_dir(tree, prefix).location("shards/1.jsonl")
+    store.put_bytes(b'{"i": 999}\n', f"{prefix}/{where}")  # after the manifest
     with pytest.raises(ChecksumError, match=rf"{prefix}/shards/1\.jsonl: checksum mismatch"):
         store.download_dir(prefix, tmp_path / "dl")
     assert not (tmp_path / "dl" / "shards" / "1.jsonl").exists()
@@ -199,21 +203,21 @@ def test_killed_upload_is_never_consumed(
 ) -> None:
     out = f"s3://{s3_bucket}/runs/r1/candidates"
     store.upload_dir(tree, out)
-    # A rerun killed after its objects but before its manifest: the old manifest is gone first.
+    # As a first upload killed after its objects but before its manifest leaves it.
     store.delete(f"{out}/{MANIFEST_NAME}")
     store.put_bytes(b"half", f"{out}/shards/0.jsonl")
     with pytest.raises(StoreError, match="no _manifest.json"):
         fetch_to_local(out, tmp_path / "in", store)
     with pytest.raises(StoreError, match="not listed in a manifest"):
-        fetch_to_local(f"{out}/metrics.json", tmp_path / "in", store)
+        fetch_to_local(f"{out}/shards/0.jsonl", tmp_path / "in", store)
 
 
 def test_object_fetch_is_verified_against_its_manifest(
     store: Store, s3_bucket: str, tree: Path, tmp_path: Path
 ) -> None:
     out = f"s3://{s3_bucket}/ds/v"
-    store.upload_dir(tree, out)
-    store.put_bytes(b'{"acc": 0.9}', f"{out}/metrics.json")  # replaced after the manifest
+    where = store.upload_dir(tree, out).location("metrics.json")
+    store.put_bytes(b'{"acc": 0.9}', f"{out}/{where}")  # replaced after the manifest
     with pytest.raises(ChecksumError, match="metrics.json: checksum mismatch"):
         fetch_to_local(f"{out}/metrics.json", tmp_path / "in", store)
     assert not (tmp_path / "in" / "metrics.json").exists()
@@ -232,13 +236,14 @@ def test_data_stage_writes_a_manifest_the_stages_accept(
     manifest = store.read_manifest(staged)
     assert manifest is not None and manifest.metadata["source"] == raw
     local = fetch_to_local(f"{staged}/records.jsonl", tmp_path / "in", store)
-    assert local.read_bytes() == store.get_bytes(f"{staged}/records.jsonl")
+    assert local.read_bytes() == store.get_bytes(f"{staged}/{manifest.location('records.jsonl')}")
 
 
 def test_artifacts_ls_and_get(store: Store, s3_bucket: str, tree: Path, tmp_path: Path) -> None:
     from patchgap.cli.artifacts import app
 
-    store.upload_dir(tree, f"s3://{s3_bucket}/runs/run-7/rewrite", {"stage": "rewrite"})
+    out = f"s3://{s3_bucket}/runs/run-7/rewrite"
+    written = store.upload_dir(tree, out, {"stage": "rewrite"})
     runner = CliRunner()
     listed = runner.invoke(app, ["ls", "run-7", "--bucket", s3_bucket])
     assert listed.exit_code == 0, listed.output
@@ -251,7 +256,7 @@ def test_artifacts_ls_and_get(store: Store, s3_bucket: str, tree: Path, tmp_path
         tree / "shards" / "2.jsonl"
     ).read_bytes()
 
-    store.put_bytes(b"tampered", f"s3://{s3_bucket}/runs/run-7/rewrite/metrics.json")
+    store.put_bytes(b"tampered", f"{out}/{written.location('metrics.json')}")
     bad = runner.invoke(app, ["get", "run-7", str(tmp_path / "got2"), "--bucket", s3_bucket])
     assert isinstance(bad.exception, ChecksumError)
     assert "rewrite/metrics.json" in str(bad.exception)

@@ -84,7 +84,8 @@ def _run_objects(run: str, bucket: str | None, root: str | None) -> tuple[str, A
 
     prefix = run_prefix(run, bucket, root)
     store = Store.from_env()
-    objects = store.list(prefix)
+    # As readers see it: each output's objects under their manifest keys, old attempts left out.
+    objects = store.list_published(prefix)
     if not objects:
         raise StoreError(f"{prefix}: no objects; check the run id and --bucket")
     return prefix, store, objects, _outputs(store, prefix, [o.key for o in objects])
@@ -193,7 +194,7 @@ def report(
     if out is not None:
         refuse_output_over_input(out, [root], "--out")
     prefix, store, objects, _ = _run_objects(run, bucket, root)
-    found = results.collect(store, prefix, [o.key for o in objects])
+    found = results.collect(store, prefix, {o.key: o.uri for o in objects})
     if out is None:
         console.print(results.render(found), markup=False, highlight=False)
         return

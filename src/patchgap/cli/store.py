@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import time
 from pathlib import Path
@@ -42,13 +43,24 @@ def up(
     bucket: str = typer.Option("patchgap", "--bucket", help="Bucket to create once ready."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds to wait for S3 to answer."),
 ) -> None:
-    """Start the server (if not running), wait until S3 answers, create the bucket."""
+    """Start the server (if not running), wait until S3 answers, create the bucket.
+
+    Two at once: one starts the server; the other waits for it, then says in one line that it
+    is running (exit 0), or names the lock's holder if that takes longer than --timeout + 30 s
+    (exit 2)."""
     server = _server(home, port, bucket)
-    before = server.status(probe=False)
     server.ready_timeout = timeout
-    started = time.monotonic()
-    status = server.start(wait=True)
+    with server.locked(wait=timeout + 30.0):
+        before = server.status(probe=False)
+        started = time.monotonic()
+        status = server.start(wait=True)
     took = time.monotonic() - started
+    if server.waited_for is not None and before.running:
+        typer.echo(
+            f"SeaweedFS already running: started meanwhile by another `patchgap store up` "
+            f"(pid {server.waited_for}); pid {status.pid}, S3 at {status.endpoint}"
+        )
+        return
     if before.stale_pid is not None:
         typer.echo(f"removed a stale PID file (pid {before.stale_pid} was not running)")
     verb = "already running" if before.running else f"started in {took:.1f}s"
@@ -67,8 +79,10 @@ def down(
 ) -> None:
     """Stop the server: SIGTERM, wait, then SIGKILL. Data stays on disk."""
     server = _server(home)
-    before = server.status(probe=False)
-    if server.stop(timeout=timeout):
+    with server.locked(wait=server.ready_timeout + 30.0 + timeout):
+        before = server.status(probe=False)
+        stopped = server.stop(timeout=timeout)
+    if stopped:
         typer.echo(f"stopped SeaweedFS (pid {before.pid})")
     elif before.stale_pid is not None:
         typer.echo(f"not running; removed a stale PID file (pid {before.stale_pid})")
@@ -78,8 +92,13 @@ def down(
 
 @app.command()
 def status(home: Path | None = _HOME) -> None:
-    """Show whether the server runs and answers; exit code 1 when it does not run."""
-    st = _server(home).status()
+    """Show whether the server runs and answers; exit code 1 when it does not run (2 when a
+    `store up` or `store down` keeps its lock for more than 5 s)."""
+    server = _server(home)
+    # Under the lock, so a start or stop in progress is not reported half done.
+    busy = server.locked(wait=5.0) if server.server_dir.is_dir() else contextlib.nullcontext()
+    with busy:
+        st = server.status()
     table = Table(show_header=False, box=None)
     state = "[green]ready[/green]" if st.ready else "[yellow]not answering[/yellow]"
     table.add_row("state", state if st.running else "[red]stopped[/red]")

@@ -153,7 +153,7 @@ def find_datasets(
         except (PatchgapError, ValueError):
             cache = {}  # absent or damaged: rebuild it
     out, seen = [], {}
-    for info in store.list(prefix_uri):
+    for info in store.list_published(prefix_uri):  # a staged output: its manifest's files
         uri = info.uri
         name = uri.rsplit("/", 1)[-1]
         # Names starting with "_" or "." are our own manifests and markers, never datasets.

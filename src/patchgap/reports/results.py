@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +46,16 @@ def _suffix(task: str) -> str:
     return task.split("-", 1)[1] if "-" in task else ""
 
 
-def collect(store: Any, prefix: str, keys: Sequence[str]) -> RunResults:
-    """Read a run's manifest and report files from ``prefix`` (keys relative to it)."""
+def collect(store: Any, prefix: str, keys: Sequence[str] | Mapping[str, str]) -> RunResults:
+    """Read a run's manifest and report files from ``prefix`` (keys relative to it). A mapping
+    gives each key the URI its bytes lie at (an output's objects lie under its upload attempt,
+    see ``Store.list_published``); a plain sequence means they lie at ``prefix/key``."""
+
+    def where(key: str) -> str:
+        return keys[key] if isinstance(keys, Mapping) else join_uri(prefix, key)
 
     def read_json(key: str) -> Any:
-        uri = join_uri(prefix, key)
+        uri = where(key)
         try:
             return json.loads(store.get_bytes(uri))
         except json.JSONDecodeError as err:
@@ -71,7 +76,7 @@ def collect(store: Any, prefix: str, keys: Sequence[str]) -> RunResults:
         elif _RESULTS.search(key):
             out.evaluation = read_json(key)
         elif _SCATTER.search(key):
-            out.scatter_png = store.get_bytes(join_uri(prefix, key))
+            out.scatter_png = store.get_bytes(where(key))
 
     # A gate reads the candidates of the rewrite task with the same suffix (the pipeline defines
     # them in pairs); the rewrite's own summary says whether an adapter was loaded.

@@ -218,7 +218,9 @@ def _check_prefix(settings: RunSettings) -> tuple[Status, str]:
         return "later", f"{prefix}: listed when the store is up (no S3 endpoint set yet)"
 
     store = Store.from_env()
-    found = [o for o in store.list(prefix) if not o.key.rsplit("/", 1)[-1].startswith("_")]
+    found = [
+        o for o in store.list_published(prefix) if not o.key.rsplit("/", 1)[-1].startswith("_")
+    ]
     return "ok", f"{prefix}: {len(found)} object(s) under it now; the run takes the new ones"
 
 

@@ -41,7 +41,7 @@ from patchgap.fsutil import refuse_output_over_input, write_text_atomic
 from patchgap.logs import setup_logging
 from patchgap.settings import project_root
 from patchgap.stages import STAGES
-from patchgap.storage.store import MANIFEST_NAME, Store, fetch_to_local
+from patchgap.storage.store import MANIFEST_NAME, Store, fetch_to_local, published_folder
 
 log = logging.getLogger("patchgap.stages")
 
@@ -383,7 +383,7 @@ def _local_inputs(
             p = Path(uri.removeprefix("file://"))
             if not p.exists():
                 raise ConfigError(f"stage {stage.NAME}: input {name}: {p} does not exist")
-            local_in[name] = p
+            local_in[name] = published_folder(p)
     return local_in
 
 

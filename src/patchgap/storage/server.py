@@ -1,10 +1,15 @@
-"""The embedded S3 server: SeaweedFS ``weed mini`` on 127.0.0.1, its credentials, its lifecycle."""
+"""The embedded S3 server: SeaweedFS ``weed mini`` on 127.0.0.1, its credentials, its lifecycle.
+
+Every step that reads and then writes the server's state (PID file, credentials) runs under one
+exclusive lock (``seaweedfs/store.lock``, :meth:`EmbeddedS3.locked`), so of two ``store up`` at
+once one starts the server and the other finds it running; nothing is started twice."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import random
@@ -15,8 +20,10 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +59,7 @@ PORT_BLOCK = 9
 _GRPC_OFFSET = 10000
 _ROLES = ("s3", "master", "volume", "filer", "admin")
 _MAX_S3_PORT = 65535 - _GRPC_OFFSET - (len(_ROLES) - 1)
+LOCK_FILE_NAME = "store.lock"
 
 
 @dataclass(frozen=True)
@@ -221,6 +229,7 @@ class EmbeddedS3:
         self.identities_file = self.server_dir / "identities.json"
         self.pid_file = self.server_dir / PID_FILE_NAME
         self.log_file = self.server_dir / "weed.log"
+        self.lock_file = self.server_dir / LOCK_FILE_NAME
         self.bucket = bucket
         self.region = region
         self._weed = weed
@@ -228,6 +237,53 @@ class EmbeddedS3:
         self._explicit_port = s3_port is not None
         self.ports = Ports(s3_port if s3_port is not None else self._remembered_port())
         self._proc: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
+        self._lock_owner: int | None = None
+        # The pid that held the lock when this object had to wait for it (another `store up`).
+        self.waited_for: int | None = None
+
+    # -- the lock ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, wait: float = 60.0) -> Iterator[None]:
+        """Hold the server's state lock (re-entrant within this object). Waits up to ``wait``
+        seconds for another holder, then raises :class:`StoreError` naming it. The lock file
+        is never removed: a removed lock file lets two processes lock two different files."""
+        if self._lock_fd is not None and self._lock_owner == threading.get_ident():
+            yield
+            return
+        for folder in (self.home, self.server_dir):
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                folder.chmod(0o700)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._acquire(fd, wait)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # named in the others' messages
+            self._lock_fd, self._lock_owner = fd, threading.get_ident()
+            yield
+        finally:
+            self._lock_fd = self._lock_owner = None
+            os.close(fd)  # releases the lock
+
+    def _acquire(self, fd: int, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        holder = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.waited_for = holder
+                return
+            except BlockingIOError:
+                holder = holder or max(read_pid(self.lock_file) or 0, 0) or None
+                if time.monotonic() >= deadline:
+                    raise StoreError(
+                        f"{self.lock_file}: another `patchgap store` command (pid {holder}) is "
+                        f"starting or stopping the server in {self.home}; still busy after "
+                        f"{wait:.0f}s, try again when it is done"
+                    ) from None
+                time.sleep(0.05)
 
     # -- state on disk -------------------------------------------------------------------------
 
@@ -245,15 +301,24 @@ class EmbeddedS3:
         return f"http://{HOST}:{self.ports.s3}"
 
     def credentials(self) -> Credentials:
-        """The stored key pair; generated (and saved with mode 0600) on first use."""
-        if self.env_file.is_file():
-            values = read_env_file(self.env_file)
-            key, secret = values.get("AWS_ACCESS_KEY_ID"), values.get("AWS_SECRET_ACCESS_KEY")
-            if key and secret:
-                return Credentials(key, secret)
-        creds = Credentials.generate()
-        self._write_env_file(creds)
-        return creds
+        """The stored key pair; generated (and saved with mode 0600) on first use, under the
+        lock, so two processes starting at once share one pair. Never replaced once written."""
+        creds = self._stored_credentials()
+        if creds is not None:
+            return creds
+        with self.locked():
+            creds = self._stored_credentials()
+            if creds is None:
+                creds = Credentials.generate()
+                self._write_env_file(creds)
+            return creds
+
+    def _stored_credentials(self) -> Credentials | None:
+        if not self.env_file.is_file():
+            return None
+        values = read_env_file(self.env_file)
+        key, secret = values.get("AWS_ACCESS_KEY_ID"), values.get("AWS_SECRET_ACCESS_KEY")
+        return Credentials(key, secret) if key and secret else None
 
     def env(self) -> dict[str, str]:
         """The variables a client needs to reach this server."""
@@ -341,7 +406,14 @@ class EmbeddedS3:
         )
 
     def start(self, wait: bool = True) -> ServerStatus:
-        """Start the server unless it already runs; with ``wait``, return once S3 answers."""
+        """Start the server unless it already runs; with ``wait``, return once S3 answers.
+
+        Holds the lock from the PID check to a ready server (or to a stopped one on failure):
+        a second ``start`` waits (up to ``ready_timeout`` + 30 s) and then finds it running."""
+        with self.locked(wait=self.ready_timeout + 30.0):
+            return self._start_locked(wait)
+
+    def _start_locked(self, wait: bool) -> ServerStatus:
         pid, stale = self._live_pid()
         if pid is not None:
             if self._explicit_port and self._remembered_port() != self.ports.s3:
@@ -440,7 +512,12 @@ class EmbeddedS3:
             time.sleep(0.1)
 
     def stop(self, timeout: float = 15.0) -> bool:
-        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. False when nothing ran."""
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. False when nothing ran. Under
+        the lock: a stop during a start waits for it, then stops what it started."""
+        with self.locked(wait=self.ready_timeout + 30.0 + timeout):
+            return self._stop_locked(timeout)
+
+    def _stop_locked(self, timeout: float) -> bool:
         pid, stale = self._live_pid()
         if pid is None:
             if stale is not None:

@@ -1,15 +1,24 @@
 """Object storage: one API over ``s3://`` URIs, ``file://`` URIs and local paths, with sha256
-manifests written last so a reader trusts an output only when it is complete and intact."""
+manifests written last so a reader trusts an output only when it is complete and intact.
+
+Publishing an output to S3 is one atomic switch (:meth:`Store.upload_dir`): each attempt uploads
+its objects under ``<prefix>/_attempts/<attempt>/``, then writes ``<prefix>/_manifest.json`` with
+a conditional PutObject (If-None-Match / If-Match on the manifest it read first). The manifest
+names the attempt, so readers see the old complete output or the new one, never a mix; of two
+writers that started from the same manifest the first to switch wins and the other gets
+:class:`PublishConflict`. Readers take only what the current manifest lists."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +34,12 @@ from patchgap.storage.credentials import embedded_env, env_file_path
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_FORMAT = 1
+# Format 2: the objects live under ATTEMPTS_DIR/<attempt>/ beside the manifest that names them.
+MANIFEST_FORMAT_ATTEMPTS = 2
+ATTEMPTS_DIR = "_attempts"
+_ATTEMPT_RE = re.compile(r"^(\d{1,12})-[0-9a-f]{1,32}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+log = logging.getLogger(__name__)
 _MiB = 1024 * 1024
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -210,45 +225,86 @@ class ManifestEntry:
 @dataclass(frozen=True)
 class Manifest:
     """sha256 and size of every object of one output, plus its metadata (config, versions,
-    input hashes). Written last: its presence means the output is complete."""
+    input hashes). Written last: its presence means the output is complete.
+
+    ``attempt`` (format 2) names the upload whose objects it lists: they live under
+    ``_attempts/<attempt>/`` beside it (:meth:`location`). Format 1 manifests (no attempt) list
+    objects stored directly under the prefix; local folders are still published that way.
+    ``generation`` counts the switches of this prefix (1 for its first format-2 publish).
+    """
 
     files: dict[str, ManifestEntry]
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     patchgap_version: str = ""
     format: int = MANIFEST_FORMAT
+    attempt: str = ""
+    generation: int = 0
 
     @property
     def total_size(self) -> int:
         return sum(e.size for e in self.files.values())
 
+    def location(self, key: str) -> str:
+        """Where the object of ``key`` lies, relative to the output's prefix."""
+        return f"{ATTEMPTS_DIR}/{self.attempt}/{key}" if self.attempt else key
+
     def to_json(self) -> str:
-        data = {
+        data: dict[str, Any] = {
             "format": self.format,
             "created_at": self.created_at,
             "patchgap_version": self.patchgap_version,
             "files": {k: {"sha256": e.sha256, "size": e.size} for k, e in self.files.items()},
             "metadata": self.metadata,
         }
+        if self.attempt:
+            data.update(attempt=self.attempt, generation=self.generation)
         return json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str) -> Manifest:
+        """Parse and check a manifest; anything else is one :class:`StoreError` line."""
         try:
             data = json.loads(text)
-            files = {
-                str(k): ManifestEntry(str(v["sha256"]), _count(v["size"], f"{k}: size"))
-                for k, v in data["files"].items()
-            }
-            return cls(
-                files=files,
-                metadata=dict(data.get("metadata") or {}),
-                created_at=str(data.get("created_at", "")),
-                patchgap_version=str(data.get("patchgap_version", "")),
-                format=_count(data.get("format", MANIFEST_FORMAT), "format"),
-            )
+            return _manifest_from_data(data)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
-            raise StoreError(f"{source}: not a valid manifest ({err})") from None
+            # One line whatever the parser said (JSON errors can quote the bad bytes).
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise StoreError(f"{source}: not a valid manifest ({reason})") from None
+
+
+def _manifest_from_data(data: Any) -> Manifest:
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON object expected, got {type(data).__name__}")
+    if not isinstance(data.get("files"), dict):
+        raise ValueError("no 'files' object")
+    files = {}
+    for key, value in data["files"].items():
+        sha, size = value["sha256"], value["size"]
+        if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+            raise ValueError(f"file {key!r}: sha256 is not 64 hex digits")
+        files[str(key)] = ManifestEntry(sha, _count(size, f"file {key!r}: size"))
+    fmt = data.get("format", MANIFEST_FORMAT)
+    if fmt not in (MANIFEST_FORMAT, MANIFEST_FORMAT_ATTEMPTS):
+        raise ValueError(f"format {fmt!r} is not one this version reads (1 or 2)")
+    attempt = data.get("attempt", "")
+    if fmt == MANIFEST_FORMAT_ATTEMPTS and not (
+        isinstance(attempt, str) and _ATTEMPT_RE.match(attempt)
+    ):
+        raise ValueError(f"attempt {attempt!r} is not <generation>-<hex>")
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("'metadata' is not an object")
+    generation = int(attempt.split("-", 1)[0]) if fmt == MANIFEST_FORMAT_ATTEMPTS else 0
+    return Manifest(
+        files=files,
+        metadata=metadata,
+        created_at=str(data.get("created_at", "")),
+        patchgap_version=str(data.get("patchgap_version", "")),
+        format=fmt,
+        attempt=attempt if fmt == MANIFEST_FORMAT_ATTEMPTS else "",
+        generation=generation,
+    )
 
 
 def _count(value: Any, what: str) -> int:
@@ -280,8 +336,11 @@ def _local_files(local_dir: Path, skip_manifest: bool = True) -> list[tuple[str,
     return out
 
 
-def build_manifest(local_dir: Path, metadata: dict[str, Any] | None = None) -> Manifest:
-    """The manifest of every file under ``local_dir`` (its own manifest left out)."""
+def build_manifest(
+    local_dir: Path, metadata: dict[str, Any] | None = None, attempt: str = ""
+) -> Manifest:
+    """The manifest of every file under ``local_dir`` (its own manifest left out); with an
+    ``attempt`` (``<generation>-<hex>``), a format-2 manifest whose objects live under it."""
     return Manifest(
         files={
             key: ManifestEntry(sha256_file(p), p.stat().st_size)
@@ -290,6 +349,9 @@ def build_manifest(local_dir: Path, metadata: dict[str, Any] | None = None) -> M
         metadata=dict(metadata or {}),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         patchgap_version=__version__,
+        format=MANIFEST_FORMAT_ATTEMPTS if attempt else MANIFEST_FORMAT,
+        attempt=attempt,
+        generation=int(attempt.split("-", 1)[0]) if attempt else 0,
     )
 
 
@@ -556,6 +618,8 @@ class Store:
                 code = str(err.response.get("Error", {}).get("Code", ""))
                 if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                     return False
+                if etag is not None and code in ("NoSuchKey", "404"):
+                    return False  # If-Match on an object deleted meanwhile: it changed too
                 raise
         return True
 
@@ -662,66 +726,222 @@ class Store:
         prefix_uri: str | os.PathLike[str],
         metadata: dict[str, Any] | None = None,
     ) -> Manifest:
-        """Upload every file of ``local_dir`` under ``prefix_uri``, then the manifest LAST.
+        """Publish every file of ``local_dir`` as the output at ``prefix_uri``; the manifest
+        goes LAST and is the one switch from the old output to the new one.
 
-        An older manifest there is removed first, so readers never trust a half-replaced output.
+        S3: the objects go under ``_attempts/<attempt>/``, then the manifest is written only if
+        the one read at the start is still there (If-Match / If-None-Match). A writer that loses
+        that race removes its objects and raises :class:`PublishConflict`; the winner removes
+        the objects of the outputs it replaced. Readers meanwhile see the old complete output.
+        A local folder is published in place under a lock (see :func:`_publish_local`).
         """
         src = Path(local_dir)
         if not src.is_dir():
             raise StoreError(f"{src}: no such local folder to upload")
-        files = _local_files(src)
-        manifest = build_manifest(src, metadata)
+        loc = parse_uri(prefix_uri)
+        if not isinstance(loc, S3Url):
+            return _publish_local(self, src, loc, metadata)
+        current = self.get_bytes_and_etag(join_uri(prefix_uri, MANIFEST_NAME))
+        old = _manifest_or_none(current[0], prefix_uri) if current else None
+        generation = (old.generation if old else 0) + 1
+        manifest = build_manifest(src, metadata, f"{generation}-{uuid.uuid4().hex[:16]}")
         try:
             body = manifest.to_json().encode()
         except TypeError as err:
             raise StoreError(f"{prefix_uri}: manifest metadata is not JSON ({err})") from None
-        self.delete(join_uri(prefix_uri, MANIFEST_NAME))
-        self._parallel(
-            [(path, join_uri(prefix_uri, key)) for key, path in files],
-            lambda item: self.put_file(item[0], item[1]),
-        )
-        self.put_bytes(body, join_uri(prefix_uri, MANIFEST_NAME))
+        mine = manifest.attempt
+        try:
+            self._parallel(
+                [(src / k, join_uri(prefix_uri, manifest.location(k))) for k in manifest.files],
+                lambda item: self.put_file(item[0], item[1]),
+            )
+            won = self.put_bytes_if(
+                body, join_uri(prefix_uri, MANIFEST_NAME), current[1] if current else None
+            )
+        except BaseException:
+            # A switch whose answer was lost may still have happened: never remove a current
+            # output's objects.
+            if not _is_current(self, prefix_uri, mine):
+                self._remove_attempts(loc, lambda name: name == mine)
+            raise
+        if not won and not _is_current(self, prefix_uri, mine):
+            self._remove_attempts(loc, lambda name: name == mine)
+            raise PublishConflict(
+                f"{join_uri(prefix_uri, MANIFEST_NAME)}: another writer published this output "
+                f"while this upload ran; its output is kept and this one ({mine}) "
+                "was removed; run one writer per prefix, or rerun to replace it"
+            )
+        self._remove_replaced(loc, manifest, old)
         return manifest
+
+    def _remove_replaced(self, loc: S3Url, manifest: Manifest, old: Manifest | None) -> None:
+        """After a successful switch: remove every attempt that can no longer become current
+        (generation up to ours: each started from a manifest that is gone now, so its switch
+        must fail) and the objects of a replaced format-1 output. Best effort."""
+
+        def doomed(name: str) -> bool:
+            match = _ATTEMPT_RE.match(name)
+            return name != manifest.attempt and (
+                match is None or int(match.group(1)) <= manifest.generation
+            )
+
+        self._remove_attempts(loc, doomed)
+        if old is not None and not old.attempt:
+            # Only keys that stay inside the prefix: a server may normalise "a/../b" to "b".
+            for key in (
+                k for k in old.files if "" not in k.split("/") and ".." not in k.split("/")
+            ):
+                with contextlib.suppress(StoreError):
+                    self.delete(loc.child(key).uri)
+
+    def _remove_attempts(self, loc: S3Url, which: Callable[[str], bool]) -> None:
+        """Delete the objects of the attempts under ``loc`` that ``which`` picks; failures are
+        logged, never raised (a leftover attempt is garbage no reader takes)."""
+        try:
+            for obj in self.list(loc.child(ATTEMPTS_DIR).uri):
+                if which(obj.key.split("/", 1)[0]):
+                    self.delete(obj.uri)
+        except StoreError as err:
+            log.warning("left old upload attempts under %s: %s", loc.uri, err)
+
+    def list_published(self, prefix_uri: str | os.PathLike[str]) -> list[ObjectInfo]:
+        """Every object under a prefix as readers see it: where a folder has a manifest, only
+        the objects it lists, under the keys it gives them (``uri`` stays where the bytes lie,
+        under the current attempt); leftovers of older uploads there are left out. Manifests
+        themselves and objects of folders without one are listed as :meth:`list` has them."""
+        objects = self.list(prefix_uri)
+        manifests: dict[str, Manifest] = {}
+        for obj in objects:
+            path = PurePosixPath(obj.key)
+            if path.name == MANIFEST_NAME:
+                folder = "" if str(path.parent) == "." else str(path.parent)
+                try:
+                    manifest = self.read_manifest(join_uri(prefix_uri, folder))
+                except StoreError as err:
+                    # Claims nothing: its folder is listed as it is (a reader still refuses it).
+                    log.warning("%s", err)
+                    continue
+                if manifest is not None:
+                    manifests[folder] = manifest
+        listed = {}  # where the bytes lie -> the key readers know them by
+        for folder, manifest in manifests.items():
+            for key in manifest.files:
+                listed[_join_key(folder, manifest.location(key))] = _join_key(folder, key)
+        out = []
+        for obj in objects:
+            if obj.key in listed:
+                out.append(ObjectInfo(obj.uri, listed[obj.key], obj.size, obj.etag))
+            elif PurePosixPath(obj.key).name == MANIFEST_NAME or not _under_any(obj.key, manifests):
+                out.append(obj)
+        return sorted(out, key=lambda o: o.key)
+
+    def get_published(self, uri: str | os.PathLike[str]) -> bytes:
+        """The bytes of one object of a published output, named ``<output prefix>/<key>`` as
+        its manifest lists it (wherever its attempt put them), checked against its sha256."""
+        head, rest = str(uri).rstrip("/"), ""
+        while "/" in head:
+            head, _, part = head.rpartition("/")
+            rest = f"{part}/{rest}" if rest else part
+            if not head or head.endswith(":/"):
+                break
+            manifest = self.read_manifest(head)
+            entry = manifest.files.get(rest) if manifest is not None else None
+            if manifest is None or entry is None:
+                continue
+            where = join_uri(head, manifest.location(rest))
+            data = self.get_bytes(where)
+            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise ChecksumError(f"{uri}: checksum mismatch of {where} with its manifest")
+            return data
+        raise StoreError(f"{uri}: no manifest above it lists it, so it is no published object")
 
     def download_dir(
         self, prefix_uri: str | os.PathLike[str], local_dir: str | os.PathLike[str]
     ) -> Manifest:
         """Download the output at ``prefix_uri`` into ``local_dir`` and verify every sha256.
 
-        Refuses (before downloading anything) keys that would escape ``local_dir``; raises
-        :class:`ChecksumError` naming the object on a mismatch. Files already present with the
-        right checksum are kept, so an interrupted download resumes.
+        Only what the current manifest lists is taken. Refuses (before downloading anything)
+        keys that would escape ``local_dir``; raises :class:`ChecksumError` naming the object
+        on a mismatch. Files already present with the right checksum are kept, so an
+        interrupted download resumes; files an earlier download there took that this manifest
+        no longer lists are removed. When the output is replaced during the download (its
+        objects then go away), the new one is downloaded instead.
         """
-        manifest = self.read_manifest(prefix_uri)
-        if manifest is None:
-            raise StoreError(
-                f"{join_uri(prefix_uri, MANIFEST_NAME)}: no manifest, so the output at "
-                f"{prefix_uri} is not complete (or was never written)"
-            )
-        dest = Path(local_dir)
-        targets = [(key, entry, safe_target(dest, key)) for key, entry in manifest.files.items()]
+        for _ in range(3):
+            manifest = self.read_manifest(prefix_uri)
+            if manifest is None:
+                raise StoreError(
+                    f"{join_uri(prefix_uri, MANIFEST_NAME)}: no manifest, so the output at "
+                    f"{prefix_uri} is not complete (or was never written)"
+                )
+            try:
+                self._download_listed(prefix_uri, manifest, Path(local_dir))
+            except StoreError as err:
+                if isinstance(err, ChecksumError) or not _replaced(self, prefix_uri, manifest):
+                    raise
+                log.info("%s was replaced during the download; reading the new one", prefix_uri)
+                continue
+            return manifest
+        raise StoreError(f"{prefix_uri}: the output kept changing during the download; retry")
+
+    def _download_listed(
+        self, prefix_uri: str | os.PathLike[str], manifest: Manifest, dest: Path, sub: str = ""
+    ) -> None:
+        """Fetch and verify what ``manifest`` lists (only its keys under the folder ``sub``,
+        which then is ``dest``, when given) into ``dest``."""
         _refuse_nested_keys(join_uri(prefix_uri, MANIFEST_NAME), manifest.files)
+        strip = f"{sub}/" if sub else ""
+        targets = [
+            (key, entry, safe_target(dest, key[len(strip) :]))
+            for key, entry in manifest.files.items()
+            if key.startswith(strip)
+        ]
         dest.mkdir(parents=True, exist_ok=True)
 
         def fetch(item: tuple[str, ManifestEntry, Path]) -> None:
             key, entry, target = item
             if _matches(target, entry):
                 return
-            uri = join_uri(prefix_uri, key)
+            uri = join_uri(prefix_uri, manifest.location(key))
             with atomic_path(target) as tmp:
                 self.get_file(uri, tmp)
                 size, digest = tmp.stat().st_size, sha256_file(tmp)
                 if size != entry.size or digest != entry.sha256:
                     target.unlink(missing_ok=True)  # a stale copy must not pass for this one
                     raise ChecksumError(
-                        f"{uri}: checksum mismatch: manifest says sha256 {entry.sha256[:16]}... "
+                        f"{join_uri(prefix_uri, key)}: checksum mismatch of {uri}: manifest "
+                        f"says sha256 {entry.sha256[:16]}... "
                         f"({entry.size} bytes), downloaded {digest[:16]}... ({size} bytes); "
                         "the object was changed or corrupted after its manifest was written"
                     )
 
+        before = _local_manifest(dest)
         self._parallel(targets, fetch)
-        write_text_atomic(dest / MANIFEST_NAME, manifest.to_json())
-        return manifest
+        if not sub:
+            _remove_unlisted(dest, before, manifest)
+            write_text_atomic(dest / MANIFEST_NAME, manifest.to_json())
+
+    def download_subfolder(
+        self, uri: str | os.PathLike[str], local_dir: str | os.PathLike[str]
+    ) -> Manifest | None:
+        """Download a folder inside a published output (say an adapter inside a run's
+        artifacts), verified against the nearest manifest above it; None when no manifest above
+        ``uri`` lists anything under it."""
+        loc = parse_uri(uri)
+        if not isinstance(loc, S3Url):
+            return None
+        parts = loc.key.strip("/").split("/")
+        for depth in range(len(parts) - 1, -1, -1):
+            top = S3Url(loc.bucket, "/".join(parts[:depth])).uri
+            manifest = self.read_manifest(top)
+            if manifest is None:
+                continue
+            sub = "/".join(parts[depth:])
+            if not any(key.startswith(sub + "/") for key in manifest.files):
+                return None
+            self._download_listed(top, manifest, Path(local_dir), sub)
+            return manifest
+        return None
 
     def _parallel(self, items: list[Any], fn: Callable[[Any], None]) -> None:
         workers = min(self.settings.max_concurrency, len(items))
@@ -732,6 +952,98 @@ class Store:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # list() re-raises the first failure in submission order.
             list(pool.map(fn, items))
+
+
+def _join_key(folder: str, key: str) -> str:
+    return f"{folder}/{key}" if folder else key
+
+
+def _under_any(key: str, folders: dict[str, Any]) -> bool:
+    """Whether ``key`` lies in (or below) one of ``folders`` ('' is the listed prefix itself)."""
+    parts = key.split("/")[:-1]
+    return any("/".join(parts[:i]) in folders for i in range(len(parts) + 1))
+
+
+class PublishConflict(StoreError):
+    """Another writer switched the output while this one uploaded; its output stands."""
+
+
+def _manifest_or_none(data: bytes, prefix_uri: str | os.PathLike[str]) -> Manifest | None:
+    """The manifest being replaced; an unreadable one is replaced like a missing one."""
+    try:
+        return Manifest.from_json(data, join_uri(prefix_uri, MANIFEST_NAME))
+    except StoreError as err:
+        log.warning("replacing an unreadable manifest: %s", err)
+        return None
+
+
+def _is_current(store: Store, prefix_uri: str | os.PathLike[str], attempt: str) -> bool:
+    try:
+        now = store.read_manifest(prefix_uri)
+    except StoreError:
+        return False
+    return now is not None and now.attempt == attempt
+
+
+def _replaced(store: Store, prefix_uri: str | os.PathLike[str], manifest: Manifest) -> bool:
+    """Whether the output's manifest now names another attempt than ``manifest``."""
+    try:
+        now = store.read_manifest(prefix_uri)
+    except StoreError:
+        return False
+    return now is not None and (now.attempt, now.files) != (manifest.attempt, manifest.files)
+
+
+def published_folder(path: Path) -> Path:
+    """Where the files of a local copy of a published output lie: a copy taken as it is (a KFP
+    launcher downloads an imported prefix that way) holds them under its manifest's attempt."""
+    manifest = _local_manifest(path) if path.is_dir() else None
+    if manifest is not None and manifest.attempt:
+        folder = path / ATTEMPTS_DIR / manifest.attempt
+        if folder.is_dir():
+            return folder
+    return path
+
+
+def _local_manifest(folder: Path) -> Manifest | None:
+    """The manifest an earlier download or publish left in a local folder, if readable."""
+    try:
+        return Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder))
+    except (OSError, StoreError):
+        return None
+
+
+def _remove_unlisted(dest: Path, before: Manifest | None, manifest: Manifest) -> None:
+    """Remove from ``dest`` the files that ``before`` (the manifest of an earlier download or
+    publish there) listed and ``manifest`` does not, so no reader of the folder takes a stale
+    one for data. Files no manifest listed are someone else's and stay."""
+    for key in set(before.files if before else ()) - set(manifest.files):
+        with contextlib.suppress(StoreError, OSError):
+            safe_target(dest, key).unlink(missing_ok=True)
+
+
+def _publish_local(
+    store: Store, src: Path, dest: Path, metadata: dict[str, Any] | None
+) -> Manifest:
+    """Publish to a local folder in place (its readers open the files directly): under an
+    exclusive lock beside it, so two writers take turns and the last one's output stands
+    whole. The old manifest goes first, the new one last; files only the old one listed are
+    removed."""
+    manifest = build_manifest(src, metadata)
+    try:
+        body = manifest.to_json()
+    except TypeError as err:
+        raise StoreError(f"{dest}: manifest metadata is not JSON ({err})") from None
+    with _lock_file(dest.parent / f".{dest.name}.publish.lock"):
+        before = _local_manifest(dest)
+        (dest / MANIFEST_NAME).unlink(missing_ok=True)
+        store._parallel(
+            [(src / key, dest / key) for key in manifest.files],
+            lambda item: store.put_file(item[0], item[1]),
+        )
+        _remove_unlisted(dest, before, manifest)
+        store.put_bytes(body.encode(), dest / MANIFEST_NAME)
+    return manifest
 
 
 _SESSION: Any = None
@@ -773,10 +1085,18 @@ def _matches(path: Path, entry: ManifestEntry) -> bool:
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on a local folder, held by every conditional write into it."""
+    with _lock_file(folder / ".patchgap.lock"):
+        yield
+
+
+@contextlib.contextmanager
+def _lock_file(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created, never removed: removing a lock file lets two
+    holders lock two different files)."""
     import fcntl
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".patchgap.lock", "a") as fh:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -814,31 +1134,16 @@ def fetch_to_local(
         return loc
     store = store or Store.from_env()
     dest = Path(dest_dir)
-    if loc.key and not loc.key.endswith("/") and store.exists(uri):
-        parent, _, name = loc.key.rpartition("/")
-        target = safe_target(dest, name)
-        if external:
-            return store.get_file(uri, target)
-        parent_uri = S3Url(loc.bucket, parent).uri
-        manifest = store.read_manifest(parent_uri)
-        entry = manifest.files.get(name) if manifest is not None else None
-        if entry is None:
-            raise StoreError(
-                f"{loc.uri}: not listed in a manifest at {join_uri(parent_uri, MANIFEST_NAME)}, "
-                "so it may be half-written; stage external data with: patchgap data stage"
-            )
-        store.get_file(uri, target)
-        if not _matches(target, entry):
-            target.unlink(missing_ok=True)
-            raise ChecksumError(
-                f"{loc.uri}: checksum mismatch with its manifest; the object was changed or "
-                "corrupted after its manifest was written"
-            )
-        return target
+    if loc.key and not loc.key.endswith("/"):
+        got = _fetch_listed_object(store, loc, dest, external)
+        if got is not None:
+            return got
     name = PurePosixPath(loc.key.rstrip("/")).name or loc.bucket
     target = safe_target(dest, name)
     if store.read_manifest(uri) is not None:
         store.download_dir(uri, target)
+        return target
+    if store.download_subfolder(uri, target) is not None:
         return target
     objects = store.list(uri)
     if not objects:
@@ -852,3 +1157,30 @@ def fetch_to_local(
     for obj in objects:
         store.get_file(obj.uri, safe_target(target, obj.key))
     return target
+
+
+def _fetch_listed_object(store: Store, loc: S3Url, dest: Path, external: bool) -> Path | None:
+    """One object of an output, found and verified through its folder's manifest (its bytes
+    lie under the manifest's attempt); None when ``loc`` names no object (it may be a prefix)."""
+    parent, _, name = loc.key.rpartition("/")
+    parent_uri = S3Url(loc.bucket, parent).uri
+    target = safe_target(dest, name)
+    manifest = store.read_manifest(parent_uri)
+    entry = manifest.files.get(name) if manifest is not None else None
+    if manifest is not None and entry is not None:
+        store.get_file(join_uri(parent_uri, manifest.location(name)), target)
+        if not _matches(target, entry):
+            target.unlink(missing_ok=True)
+            raise ChecksumError(
+                f"{loc.uri}: checksum mismatch with its manifest; the object was changed or "
+                "corrupted after its manifest was written"
+            )
+        return target
+    if not store.exists(loc.uri):
+        return None
+    if external:
+        return store.get_file(loc.uri, target)
+    raise StoreError(
+        f"{loc.uri}: not listed in a manifest at {join_uri(parent_uri, MANIFEST_NAME)}, "
+        "so it may be half-written; stage external data with: patchgap data stage"
+    )
