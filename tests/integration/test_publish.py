@@ -20,6 +20,8 @@ import pytest
 from fixtures.s3 import S3Server
 
 from patchgap.data.ledger import find_datasets
+from patchgap.data.sources import DatasetSpec
+from patchgap.data.stream import load_records
 from patchgap.storage.store import (
     ATTEMPTS_DIR,
     MANIFEST_NAME,
@@ -335,3 +337,22 @@ def test_the_run_report_reads_only_the_current_artifacts(
     assert found.gates == {results.RL: {"acceptance_rate": 0.1}}
     assert "artifacts/gate/report/gate_metrics.json" in {o.key for o in objects}
     assert stale not in {o.uri for o in objects}
+
+
+def test_a_staged_folder_with_rejects_reads_back_as_its_records_alone(
+    store: Store, s3_bucket: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    src = tmp_path / "src.jsonl"
+    good = (RECORDS / "gsm8k_mini.jsonl").read_text().splitlines()[:2]
+    src.write_text("\n".join([*good, '{"question": "no answer"}']) + "\n")
+    dest = f"s3://{s3_bucket}/datasets/with-rejects"
+    env = {**os.environ, **s3_server.env, "PYTHONPATH": str(SRC)}
+    proc = _stage(src, dest, env)
+    code, _, err = proc.wait(180), *proc.communicate()
+    assert code == 0, err
+    manifest = store.read_manifest(dest)
+    assert manifest is not None and "_rejects.jsonl" in manifest.files
+    folder = fetch_to_local(dest, tmp_path / "in", store)
+    # The rejects file is bookkeeping ("_"): the folder reads as the two valid records only.
+    result = load_records(DatasetSpec(source=str(folder)), tmp_path / "again.rejects.jsonl")
+    assert len(result.records) == 2 and result.counts.rejected_total == 0

@@ -156,7 +156,8 @@ def stage(
     hub_config: str | None = _HUB_CONFIG,
 ) -> None:
     """Stage an external dataset (one without a patchgap manifest) for the stages: validate it
-    and write its records (records.jsonl, rejects.jsonl) under DEST with a manifest."""
+    and write its records (records.jsonl, and _rejects.jsonl when any) under DEST with a
+    manifest."""
     import tempfile
 
     # Deferred: kept out of the CLI's start-up.
@@ -169,7 +170,8 @@ def stage(
         folder = Path(tmp)
         try:
             spec = _spec(source, fields, limit, split, seed, hub_config)
-            result = load_records(spec, folder / "rejects.jsonl", external=True)
+            # "_" marks bookkeeping: a reader of the staged folder never takes it as records.
+            result = load_records(spec, folder / "_rejects.jsonl", external=True)
             if not result.records:
                 raise PatchgapError(f"{source}: no valid records ({result.counts.read} read)")
             write_records_jsonl(result.records, folder / "records.jsonl")
