@@ -1,7 +1,7 @@
-"""The vLLM backend on vLLM's CPU build (``make test-vllm``, in the venv ``make setup-vllm``
-builds): rewrite and evaluate run through it on SmolLM2 with a LoRA adapter, its greedy texts are
-compared with the transformers backend's, and TRL's colocated rollouts are shown to be out of
-reach of the CPU build, with the reason."""
+"""The vLLM backend on vLLM's CPU build (``make test-vllm``; ``make setup`` installs it): rewrite
+(through ``backend: auto``) and evaluate run through it on SmolLM2 with a LoRA adapter, its
+greedy texts are compared with the transformers backend's, and TRL's colocated rollouts are shown
+to be out of reach of the CPU build, with the reason."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from patchgap.lm.generation import GenerationConfig, make_generator, vllm_build
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(vllm_build() != "cpu", reason="needs vLLM's CPU build (make setup-vllm)"),
+    pytest.mark.skipif(vllm_build() != "cpu", reason="needs vLLM's CPU build (make setup)"),
 ]
 
 MAX_NEW = 48
@@ -99,9 +99,11 @@ def test_greedy_texts_agree_with_transformers_and_each_divergence_is_a_near_tie(
     assert same >= len(ref) // 2
 
 
-def test_the_rewrite_stage_runs_through_vllm_cpu(
+def test_the_rewrite_stage_runs_through_vllm_cpu_when_auto_finds_it_pays(
     smollm2: Path, adapter: Path, data_dir: Path, tmp_path: Path
 ) -> None:
+    """4 records x 160 new tokens: 640 tokens at most, past the ~400 where the eager engine's
+    start pays back, so ``backend: auto`` takes vLLM-CPU (merged adapter, eager)."""
     from patchgap.stages import rewrite
     from patchgap.stages.base import execute
 
@@ -110,7 +112,7 @@ def test_the_rewrite_stage_runs_through_vllm_cpu(
     config = rewrite.Config(
         model=str(smollm2),
         fields="gsm8k",
-        generation={"backend": "vllm", "device": "cpu", "max_new_tokens": MAX_NEW},
+        generation={"backend": "auto", "device": "cpu", "max_new_tokens": 160},
         batch_records=2,
         max_retries=0,
         progress=False,
@@ -125,7 +127,8 @@ def test_the_rewrite_stage_runs_through_vllm_cpu(
     assert result.metrics["records"] == 4
     summary = json.loads(next(out.glob("summary-*.json")).read_text())
     assert summary["backend"]["name"] == "vllm"
-    assert "merged adapter" in summary["backend"]["reason"]
+    assert summary["backend"]["reason"].startswith("auto: 640 tokens at most")
+    assert summary["backend"]["reason"].endswith("(merged adapter, eager)")
 
 
 def test_evaluate_generation_matches_transformers_on_gsm8k(smollm2: Path, data_dir: Path) -> None:

@@ -320,9 +320,10 @@ def _keep_vllm_out_of_trl() -> None:
     TRL's GRPO module imports ``vllm`` whenever it is installed, as vLLM's CPU build is beside
     the CPU torch; that import is seconds of every train-rewriter start (it doubled the import of
     GRPOTrainer here) for an engine a CPU run never starts."""
-    import trl.import_utils
+    import importlib
 
-    trl.import_utils.is_vllm_available = lambda *args, **kwargs: False
+    # trl is a lazy module: its submodule is reached through importlib, not as an attribute.
+    importlib.import_module("trl.import_utils").is_vllm_available = lambda *a, **k: False
 
 
 def _use_vllm(config: Config, device: str) -> bool:
