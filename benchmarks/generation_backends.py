@@ -2,8 +2,8 @@
 transformers decode, transformers' own ``generate_batch`` (paged cache, continuous batching),
 vLLM's CPU build, and one record at a time.
 
-    make setup-vllm
-    .venv-vllm/bin/python benchmarks/generation_backends.py [--records 16] [--new-tokens 160]
+    make setup    # the default venv, vLLM's CPU build included
+    .venv/bin/python benchmarks/generation_backends.py [--records 16] [--new-tokens 160]
         [--repeats 3] [--keep DIR]   # --keep: each way's result is kept there; a rerun skips it
 
 pi0 is SmolLM2-135M-Instruct in float32 on the CPU; the prompts are the rewriting prompt over
@@ -186,7 +186,7 @@ def main() -> None:
     from patchgap.lm.generation import vllm_build
 
     if vllm_build() != "cpu":
-        sys.exit("needs vLLM's CPU build: make setup-vllm, then run with .venv-vllm/bin/python")
+        sys.exit("needs vLLM's CPU build: make setup, then run with .venv/bin/python")
     env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0")
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, dict] = {}

