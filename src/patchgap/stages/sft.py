@@ -215,10 +215,14 @@ def _train(
     # disable_tqdm makes the Trainer print every log dict; ProgressCallback shows them instead.
     trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    merge = config.finetuning == "lora"
+    # Under ZeRO-3 or FSDP every process takes part in gathering the full weights (a collective:
+    # rank 0 alone would wait forever); then rank 0 alone writes them.
+    state = None if merge else trainer.accelerator.get_state_dict(trainer.model)
     if not trainer.is_world_process_zero():
         return {}
     curve = _loss_points(trainer.state.log_history)
-    _save_model(trainer, tokenizer, model_out, config.finetuning == "lora")
+    _save_model(trainer, tokenizer, model_out, merge, state)
     write_loss_curve(curve, metrics_dir, title=f"SFT of {model_dir.name} ({config.finetuning})")
     summary = {
         "records": float(len(rows)),
@@ -315,13 +319,15 @@ def _callbacks_and_restore(
     return callbacks, resume_dir
 
 
-def _save_model(trainer: Any, tokenizer: Any, out: Path, merge: bool) -> None:
-    """safetensors weights + tokenizer (with pi0's chat template); LoRA merged into the weights."""
+def _save_model(
+    trainer: Any, tokenizer: Any, out: Path, merge: bool, state: dict[str, Any] | None
+) -> None:
+    """safetensors weights + tokenizer (with pi0's chat template); LoRA merged into the weights.
+    ``state`` is the full state dict every process gathered (None with ``merge``)."""
     out.mkdir(parents=True, exist_ok=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
     if merge:
         model = merge_lora(model)
-    state = trainer.accelerator.get_state_dict(trainer.model) if not merge else None
     model.save_pretrained(out, safe_serialization=True, state_dict=state)
     tokenizer.padding_side = "left"  # what generation (evaluate) wants from a saved pi0
     tokenizer.save_pretrained(out)
