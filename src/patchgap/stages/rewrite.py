@@ -358,20 +358,31 @@ def candidates_of_trial(cands: Sequence[dict[str, Any]], trial: int) -> list[dic
     return [c for c in cands if c["trial"] == trial]
 
 
+def _line_count(path: Path) -> int:
+    """Lines of a text file, the last one counted whether or not it ends with a newline."""
+    lines, last = 0, b"\n"
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
+
+
 def expected_records(dataset: Path, limit: int | None, num_shards: int) -> int | None:
     """About how many records one shard will rewrite, read cheaply (JSONL lines, Parquet
     footers); None when the dataset's files say nothing quickly."""
     files = sorted(p for p in dataset.rglob("*") if p.is_file()) if dataset.is_dir() else [dataset]
     total = 0
     for f in files:
+        if f.name.startswith((".", "_")):  # manifests, rejects, markers: not records
+            continue
         if f.suffix in {".jsonl", ".json"}:
-            with f.open("rb") as fh:
-                total += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+            total += _line_count(f)
         elif f.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             total += pq.ParquetFile(f).metadata.num_rows
-        elif not f.name.startswith((".", "_")):
+        else:
             return None
     if limit is not None:
         total = min(total, limit)
