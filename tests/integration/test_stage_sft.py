@@ -84,7 +84,8 @@ def test_saved_model_reloads_and_generates(trained: dict) -> None:
 
 def test_restart_resumes_from_stored_checkpoint(trained: dict) -> None:
     (run_dir,) = trained["ckpt"].iterdir()  # one folder per run fingerprint
-    steps = sorted(p.name for p in run_dir.iterdir())
+    # (a local publish leaves its hidden lock file beside each folder)
+    steps = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
     assert steps == ["checkpoint-3", "checkpoint-6"]
     cfg = trained["cfg"].model_copy(update={"max_steps": 8})
     outs = _outs(trained["root"] / "run2")
@@ -149,7 +150,10 @@ def test_report_to_tensorboard_puts_event_files_beside_checkpoints_and_in_metric
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     (fp_dir,) = ckpt.iterdir()
-    assert sorted(p.name for p in fp_dir.iterdir()) == ["checkpoint-2", "tensorboard"]
+    assert sorted(p.name for p in fp_dir.iterdir() if not p.name.startswith(".")) == [
+        "checkpoint-2",
+        "tensorboard",
+    ]
     uploaded = fp_dir / "tensorboard" / run.name
     assert (uploaded / MANIFEST_NAME).is_file() and list(uploaded.glob("events.out.tfevents.*"))
 

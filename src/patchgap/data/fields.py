@@ -180,7 +180,8 @@ PRESETS: dict[str, FieldMap] = {
 # include another's (strictly) is the more specific layout and wins. Two left: no guess.
 _SIGNATURES: dict[str, frozenset[str]] = {
     "messages": frozenset({"messages"}),
-    "records": frozenset({"id", "question", "solution", "answer", "meta"}),
+    # meta is optional in patchgap's own layout (a record without it has none).
+    "records": frozenset({"id", "question", "solution", "answer"}),
     "amc23": frozenset({"Problem", "Solution"}),
     "math500": frozenset({"problem", "solution", "unique_id"}),
     "aime24": frozenset({"problem", "solution", "id"}),
