@@ -177,13 +177,13 @@ def test_config_runs_shrunk(
     assert len(d_r) == 1 + prompt_only, f"D_R files among the artifacts: {d_r}"
     selected = run["inputs"]["dataset_counts"]["selected"]
     for key in d_r:
-        lines = store.get_bytes(f"{prefix}/artifacts/{key}").decode().splitlines()
+        lines = store.get_published(f"{prefix}/artifacts/{key}").decode().splitlines()
         assert len(lines) == selected, key
     for name in ("results.json", "report.html"):
         hits = [k for k in keys if k.endswith(f"/{name}")]
         assert hits, f"no {name} among the artifacts"
     results_key = next(k for k in keys if k.endswith("/results.json"))
-    results = json.loads(store.get_bytes(f"{prefix}/artifacts/{results_key}"))
+    results = json.loads(store.get_published(f"{prefix}/artifacts/{results_key}"))
     labels = json.dumps(results)
     rows = ["base", "sft_d", "sft_dr"] + (["sft_dr_prompt"] if prompt_only else [])
     for label in rows:
