@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.datasets import addition_records
 
 pytestmark = pytest.mark.distributed
 
@@ -31,21 +32,6 @@ def _gsm8k_rows(path: Path) -> Path:
     rows = [
         {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"}
         for a, b in QUESTIONS
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _sft_rows(path: Path) -> Path:
-    rows = [
-        {
-            "id": f"r{a}{b}",
-            "question": f"What is {a} + {b}?",
-            "solution": f"We add {a} and {b} to get {a + b}. The answer is \\boxed{{{a + b}}}.",
-            "answer": str(a + b),
-        }
-        for a in range(4)
-        for b in range(4)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -342,7 +328,7 @@ def _sft_section(model: Path, **extra: Any) -> dict[str, Any]:
 def sft_killed(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, bucket: str) -> dict:
     """sft in two processes, checkpoints every 2 steps, rank 1 killed as step 3 begins."""
     root = tmp_path_factory.mktemp("sft")
-    data = _sft_rows(root / "d_r.jsonl")
+    data = addition_records(root / "d_r.jsonl")
     ckpt = f"s3://{bucket}/sft/ckpt"
     section = _sft_section(tiny_llama, checkpoint_uri=ckpt, checkpoint_every=2)
     outs = {"model": f"s3://{bucket}/sft/model", "metrics": f"s3://{bucket}/sft/metrics"}
@@ -476,7 +462,7 @@ def test_a_trainjob_node_runs_two_torchrun_ranks_and_the_step_returns_their_outp
     store = Store.from_env()
     data_dir = tmp_path / "dataset"
     data_dir.mkdir()
-    _sft_rows(data_dir / "d_r.jsonl")
+    addition_records(data_dir / "d_r.jsonl")
     store.upload_dir(data_dir, f"s3://{s3_bucket}/in/dataset", metadata={"stage": "test"})
     bin_dir = tmp_path / "bin"  # the image's torchrun, for this interpreter
     bin_dir.mkdir()

@@ -7,25 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures.datasets import addition_records
 
 from patchgap.stages import sft
 
 pytestmark = pytest.mark.integration
-
-
-def _dataset(path: Path) -> Path:
-    rows = [
-        {
-            "id": f"r{a}{b}",
-            "question": f"What is {a} + {b}?",
-            "solution": f"We add {a} and {b} to get {a + b}. The answer is \\boxed{{{a + b}}}.",
-            "answer": str(a + b),
-        }
-        for a in range(4)
-        for b in range(4)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _config(model: Path, **kw: object) -> sft.Config:
@@ -52,7 +38,7 @@ def _outs(root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def trained(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("sft")
-    data = _dataset(root / "d_r.jsonl")
+    data = addition_records(root / "d_r.jsonl")
     ckpt = root / "ckpt"
     cfg = _config(tiny_llama, checkpoint_uri=str(ckpt), checkpoint_every=3)
     outs = _outs(root / "run1")
@@ -108,7 +94,7 @@ def test_sft_runs_on_other_data_share_the_checkpoint_uri(trained: dict) -> None:
 
 
 def test_lora_is_merged_into_plain_weights(tiny_llama: Path, tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "d.jsonl")
+    data = addition_records(tmp_path / "d.jsonl")
     cfg = _config(tiny_llama, finetuning="lora", max_steps=2, lora={"r": 4, "alpha": 8})
     outs = _outs(tmp_path)
     sft.run(cfg, {"dataset": data}, outs)
@@ -125,7 +111,7 @@ def test_progress_shows_steps_and_loss_instead_of_log_dicts(
     import logging
 
     caplog.set_level(logging.INFO, logger="patchgap.progress")
-    data = _dataset(tmp_path / "d.jsonl")
+    data = addition_records(tmp_path / "d.jsonl")
     sft.run(_config(tiny_llama, max_steps=2), {"dataset": data}, _outs(tmp_path))
     (line,) = [r.getMessage() for r in caplog.records if r.name == "patchgap.progress"]
     assert line.startswith("sft: 2/2 step [") and "step/s" in line and "loss=" in line
@@ -139,7 +125,7 @@ def test_report_to_tensorboard_puts_event_files_beside_checkpoints_and_in_metric
 
     from patchgap.storage.store import MANIFEST_NAME
 
-    data = _dataset(tmp_path / "d.jsonl")
+    data = addition_records(tmp_path / "d.jsonl")
     ckpt = tmp_path / "ckpt"
     tracking = {"report_to": "tensorboard", "checkpoint_uri": str(ckpt), "checkpoint_every": 2}
     cfg = _config(tiny_llama, max_steps=2, **tracking)
@@ -169,7 +155,7 @@ def test_report_to_mlflow_logs_the_run_to_the_tracking_server(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "patchgap-sft")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a real server would use a database
-    data = _dataset(tmp_path / "d.jsonl")
+    data = addition_records(tmp_path / "d.jsonl")
     sft.run(
         _config(tiny_llama, max_steps=2, report_to="mlflow"), {"dataset": data}, _outs(tmp_path)
     )
@@ -199,7 +185,7 @@ def test_component_runs_the_stage(tiny_llama: Path, tmp_path: Path) -> None:
         def log_metric(self, k: str, v: float) -> None:
             self.logged[k] = v
 
-    data = _dataset(tmp_path / "d.jsonl")
+    data = addition_records(tmp_path / "d.jsonl")
     cfg = _config(tiny_llama, max_steps=1).model_dump(mode="json")
     metrics = Metrics()
     component.python_func(
