@@ -28,21 +28,17 @@ def sft(
     in the config the stage runs as a Kubeflow Trainer TrainJob on that many nodes (``image``,
     which the pipelines set to this image, and the placement parameters describe each node) and
     this step follows it."""
-    from patchgap.kfp.images import image_for
-    from patchgap.kfp.trainjob import Placement, nodes_of, run_on_trainjob
-    from patchgap.stages.base import run_component
+    from patchgap.kfp.trainjob import run_training_step
 
-    outputs = {"model": model, "metrics": training}
-    if nodes_of("sft", config) > 1:
-        placement = Placement(accelerator_type, accelerator_count, node_selector, tolerations or ())
-        run_on_trainjob(
-            "sft",
-            config,
-            {"dataset": dataset},
-            outputs,
-            image=image or image_for("sft"),
-            placement=placement,
-            metrics=metrics,
-        )
-        return
-    run_component("sft", config, {"dataset": dataset}, outputs, metrics)
+    run_training_step(
+        "sft",
+        config,
+        {"dataset": dataset},
+        {"model": model, "metrics": training},
+        metrics,
+        image=image,
+        accelerator_type=accelerator_type,
+        accelerator_count=accelerator_count,
+        node_selector=node_selector,
+        tolerations=tolerations,
+    )

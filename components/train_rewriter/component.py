@@ -36,25 +36,20 @@ def train_rewriter(
     import base64
     from pathlib import Path
 
-    from patchgap.kfp.images import image_for
-    from patchgap.kfp.trainjob import Placement, nodes_of, run_on_trainjob
-    from patchgap.stages.base import run_component
+    from patchgap.kfp.trainjob import run_training_step
 
-    inputs = {"dataset": dataset, "model": base_model}
-    outputs = {"adapter": adapter, "metrics": training}
-    if nodes_of("train_rewriter", config) > 1:
-        placement = Placement(accelerator_type, accelerator_count, node_selector, tolerations or ())
-        run_on_trainjob(
-            "train_rewriter",
-            config,
-            inputs,
-            outputs,
-            image=image or image_for("train_rewriter"),
-            placement=placement,
-            metrics=metrics,
-        )
-    else:
-        run_component("train_rewriter", config, inputs, outputs, metrics)
+    run_training_step(
+        "train_rewriter",
+        config,
+        {"dataset": dataset, "model": base_model},
+        {"adapter": adapter, "metrics": training},
+        metrics,
+        image=image,
+        accelerator_type=accelerator_type,
+        accelerator_count=accelerator_count,
+        node_selector=node_selector,
+        tolerations=tolerations,
+    )
     # The KFP UI renders an HTML artifact inline: the reward curves as an embedded PNG.
     png = Path(training.path) / "reward_curves.png"
     body = "<p>no reward curves were written</p>"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from patchgap.errors import ConfigError, PatchgapError
+from patchgap.kfp.images import image_for
 
 log = logging.getLogger("patchgap.kfp.trainjob")
 
@@ -444,3 +445,35 @@ def run_on_trainjob(
                 if math.isfinite(float(value)):
                     metrics.log_metric(key, float(value))
     return figures
+
+
+def run_training_step(
+    stage: str,
+    config_text: str,
+    inputs: Mapping[str, Any],
+    outputs: Mapping[str, Any],
+    metrics: Any | None,
+    *,
+    image: str,
+    accelerator_type: str,
+    accelerator_count: int,
+    node_selector: Mapping[str, str] | None,
+    tolerations: Sequence[Mapping[str, Any]] | None,
+) -> None:
+    """A training component's body: the stage in this pod, or, with ``nodes`` above 1 in its
+    config, a TrainJob placed as the single-pod step would be (``image`` empty: this stage's)."""
+    from patchgap.stages.base import run_component  # deferred as in nodes_of
+
+    if nodes_of(stage, config_text) > 1:
+        placement = Placement(accelerator_type, accelerator_count, node_selector, tolerations or ())
+        run_on_trainjob(
+            stage,
+            config_text,
+            inputs,
+            outputs,
+            image=image or image_for(stage),
+            placement=placement,
+            metrics=metrics,
+        )
+        return
+    run_component(stage, config_text, inputs, outputs, metrics)
