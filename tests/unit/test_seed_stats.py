@@ -9,6 +9,7 @@ import pytest
 
 from patchgap.reports.seeds import (
     Arm,
+    contrast,
     equivalence,
     frontier_gap,
     seed_effect,
@@ -111,3 +112,19 @@ def test_frontiers_that_do_not_overlap_in_gain_are_refused() -> None:
     )
     with pytest.raises(ValueError, match="do not overlap"):
         frontier_gap(a, b, reps=10)
+
+
+def test_contrast_of_four_arms_matches_the_hand_computed_value() -> None:
+    rng = np.random.default_rng(6)
+    arms = [_arm(m, 0.01, 0.2, 3, 60, rng) for m in (0.5, 0.3, 0.4, 0.35)]
+    weights = [1 / 4, -1 / 4, -1 / 2, 1 / 2]
+    c = contrast(arms, weights, reps=400)
+    means = [np.mean([np.mean(list(v.values())) for v in arm.values()]) for arm in arms]
+    assert c.value == pytest.approx(sum(w * m for w, m in zip(weights, means, strict=True)))
+    assert c.low < c.value < c.high
+    # planted: (0.5 - 0.3) / 4 - (0.4 - 0.35) / 2 = 0.025, resolved from 0 by 0.01-SD seeds
+    assert c.low < 0.025 < c.high and c.low > 0
+    one = contrast(arms[:1], [1.0], reps=400)
+    assert one.value == pytest.approx(means[0]) and one.seeds == [3] and one.items == 60
+    with pytest.raises(ValueError, match="weight"):
+        contrast(arms, [1.0], reps=10)

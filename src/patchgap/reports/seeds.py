@@ -1,6 +1,7 @@
 """Statistics over SFT seeds and items together: the hierarchical bootstrap of a difference
-between two arms, the equivalence test (two one-sided tests against a stated margin), and the
-gap between two gain-vs-forgetting frontiers at matched gain.
+between two arms (and of any weighted sum of arm means), the equivalence test (two one-sided
+tests against a stated margin), and the gap between two gain-vs-forgetting frontiers at matched
+gain.
 
 An arm is several SFT runs (seeds) of one training set, each scored on the same items. The
 per-item standard deviation between two nearly identical models says nothing about training
@@ -130,6 +131,56 @@ def seed_effect(
         seeds_a=ma.shape[0],
         seeds_b=mb.shape[0],
         items=ma.shape[1],
+    )
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """``value`` = sum of ``weight * mean(arm)`` over several arms (seed means, then their mean),
+    its interval over seeds and items, the two-sided bootstrap p, and each arm's seed SD."""
+
+    value: float
+    low: float
+    high: float
+    p_bootstrap: float
+    weights: list[float]
+    sd_seeds: list[float]
+    seeds: list[int]
+    items: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def contrast(
+    arms: Sequence[SeedValues],
+    weights: Sequence[float],
+    reps: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Contrast:
+    """Hierarchical bootstrap of a weighted sum of arm means over the items every arm scored
+    (one draw of items per replicate shared by all arms, seeds drawn within each arm). One arm
+    with weight 1 gives the interval of that arm's mean; a difference of differences compares
+    two pairs of arms."""
+    if not arms or len(arms) != len(weights):
+        raise ValueError(f"contrast: {len(arms)} arm(s) but {len(weights)} weight(s)")
+    items = shared_items(*arms)
+    if not items:
+        raise ValueError("contrast: the arms share no items")
+    mats = [_matrix(arm, items, f"arm {k}") for k, arm in enumerate(arms)]
+    samples = _arm_samples(mats, reps, seed)
+    stat = sum(float(w) * s for w, s in zip(weights, samples, strict=True))
+    low, high = _interval(np.asarray(stat), level)
+    return Contrast(
+        value=float(sum(float(w) * m.mean() for w, m in zip(weights, mats, strict=True))),
+        low=low,
+        high=high,
+        p_bootstrap=_p_two_sided(np.asarray(stat)),
+        weights=[float(w) for w in weights],
+        sd_seeds=[sample_sd(m.mean(axis=1).tolist()) for m in mats],
+        seeds=[m.shape[0] for m in mats],
+        items=len(items),
     )
 
 
