@@ -101,7 +101,9 @@ def _gate_rows(accepted: int, n: int, ref: float, rewrite: float) -> list[dict]:
                 "answer": "1",
                 "provenance": {
                     "status": "accepted" if ok else "fallback",
-                    "gate_reasons": ["chosen", "wrong_answer"] if ok else ["wrong_answer", "empty"],
+                    "gate_reasons": ["chosen", "wrong_answer"]
+                    if ok
+                    else ["wrong_answer", "empty", "empty"],
                     "fallback_reason": None if ok else "none_feasible",
                     "nll_pi0": rewrite + 0.01 * i if ok else ref,
                     "nll_reference": ref,
@@ -238,8 +240,9 @@ def test_h6_matches_the_hand_computed_reduction_per_record(written) -> None:
 def test_acceptance_fisher_and_reasons_against_hand_values(written) -> None:
     gates = written[0]["gates"]
     rl = gates["acceptance"]["rl"]
-    assert (rl["accepted"], rl["records"], rl["candidates"]) == (8, 16, 32)
-    assert rl["reasons_candidates"] == {"chosen": 8, "empty": 8, "wrong_answer": 16}
+    # accepted: [chosen, wrong_answer] x 8; fallbacks: [wrong_answer, empty, empty] x 8
+    assert (rl["accepted"], rl["records"], rl["candidates"]) == (8, 16, 40)
+    assert rl["reasons_candidates"] == {"chosen": 8, "empty": 16, "wrong_answer": 16}
     assert rl["reasons_records"] == {"chosen": 8, "empty": 8, "wrong_answer": 16}
     assert rl["fallback_reasons"] == {"none_feasible": 8}
     # two-sided Fisher: sum of the hypergeometric tables no more likely than 8/16 vs 2/16
@@ -250,6 +253,7 @@ def test_acceptance_fisher_and_reasons_against_hand_values(written) -> None:
     # records r0, r1 both accepted: prompt nll 1.7 + 0.01 i minus rl 1.2 + 0.01 i = 0.5
     assert gates["both_accepted"]["records"] == 2
     assert gates["both_accepted"]["diff"] == pytest.approx(0.5)
+    assert "minus the RL one +0.5 [+0.5, +0.5]" in (written[1] / "study.md").read_text()
 
 
 def test_h1_reads_the_gate_rows(written) -> None:
@@ -294,6 +298,7 @@ def test_missing_arms_are_not_tested(tmp_path: Path) -> None:
     assert v["H2"] == "supported"
     assert _h(figures, "H4")["beside"]["result"]["not_tested"].startswith("arm d did not run")
     assert "fisher" not in figures["gates"]
+    assert figures["caveats"] == []
     assert "not tested: arm swap_rl" in (tmp_path / "out" / "study.md").read_text()
 
 
@@ -316,3 +321,18 @@ def test_loader_names_the_missing_file_and_the_bad_label(tmp_path: Path) -> None
         st.load_items(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="equivalence_margin"):
         st.Settings.from_config({"equivalence_margin": 0})
+
+
+def test_one_seed_and_one_accepted_record_are_said_not_decided(tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path, {"ref_rl": ARMS["ref_rl"]})
+    for folder in inputs["items_dir"].glob("ref_rl.s[23].*"):
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    _write(inputs["gates"]["rl"], "d_r", _gate_rows(1, 4, 1.5, 1.2))
+    figures = st.write_study(**inputs, out=tmp_path / "out", config=CONFIG)
+    assert _h(figures, "H1", "rl")["verdict"] == (
+        "not tested: 1 accepted record(s) with both NLLs under pi0 (needs 2+)"
+    )
+    assert figures["caveats"] == ["ref_rl has 1 seed: its intervals hold no seed-to-seed variance."]
+    assert "- ref_rl has 1 seed" in (tmp_path / "out" / "study.md").read_text()

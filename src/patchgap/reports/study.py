@@ -552,8 +552,8 @@ def closeness(rows: Sequence[Mapping[str, Any]], s: Settings) -> dict[str, Any]:
         and _finite(p.get("nll_reference"))
         and _finite(p.get("nll_pi0"))
     ]
-    if not pairs:
-        raise ValueError("no accepted record with both NLLs under pi0")
+    if len(pairs) < 2:  # one record's "interval" is a point: nothing to decide on
+        raise ValueError(f"{len(pairs)} accepted record(s) with both NLLs under pi0 (needs 2+)")
     ref, rw = zip(*pairs, strict=True)
     t = paired_mean_diff(list(ref), list(rw), reps=s.reps, seed=s.seed)
     return _result(t.diff, t.low, t.high, t.p_bootstrap, {}, t.as_dict())
@@ -565,7 +565,7 @@ def closeness_hypotheses(gates: Mapping[str, Any], s: Settings) -> list[dict[str
     for rw in REWRITERS:
         spec = Spec(
             "H1",
-            f"closeness ({rw}): accepted rewrites have lower NLL under pi0 than the references",
+            "closeness: accepted rewrites have lower NLL under pi0 than the references",
             RULES["h1"],
             (),
             measure="nll_gap",
@@ -737,6 +737,18 @@ def frontier_points(study: StudyItems, s: Settings) -> dict[str, list[dict[str, 
     return out
 
 
+def caveats(study: StudyItems) -> list[str]:
+    """Plain sentences on what limits the figures (arms with one seed, unequal final steps)."""
+    out = []
+    for arm in study.arms():
+        runs = study.runs[arm]
+        if len(runs) < 2:
+            out.append(f"{arm} has {len(runs)} seed: its intervals hold no seed-to-seed variance.")
+        if len({max(steps) for steps in runs.values()}) > 1:
+            out.append(f"{arm}'s seeds end at different steps; each seed's last one is its final.")
+    return out
+
+
 def build_study(
     study: StudyItems,
     arms_json: Mapping[str, Any],
@@ -770,6 +782,7 @@ def build_study(
         "arm_info": {a: {k: v for k, v in i.items() if k != "ids"} for a, i in arms.items()},
         "jobs": list(arms_json.get("jobs") or []),
         "frontiers": frontier_points(study, s),
+        "caveats": caveats(study),
         "gates": gate_section(gates, s),
         "reward": dict(reward),
     }
@@ -806,7 +819,7 @@ def _n(x: Any, fmt: str = "+.3g") -> str:
 
 def _ci(res: Mapping[str, Any] | None) -> str:
     if not res or "figure" not in res:
-        return (res or {}).get("not_tested", "n/a") if res else "n/a"
+        return str((res or {}).get("not_tested", "n/a"))
     return f"{_n(res['figure'])} [{_n(res['low'])}, {_n(res['high'])}]"
 
 
@@ -848,7 +861,7 @@ def _hypothesis_section(h: Mapping[str, Any]) -> list[str]:
     )
     for m, res in h["secondary"].items():
         rows.append([f"{NAMES[m]} (secondary)", _ci(res), _p(res), _sds(res)])
-    lines += [md_table(rows), "", f"Verdict: {h['verdict']} ({h['rule']})."]
+    lines += [md_table(rows), "", f"Verdict: {h['verdict']}. Rule: {h['rule']}."]
     if h["id"] == "H4":
         lines.append(f"Margin: +/- {_n(h['result']['margin'], '.3g')} nats/token.")
     if "per_record" in h["result"]:
@@ -930,7 +943,8 @@ def gate_lines(gates: Mapping[str, Any]) -> list[str]:
             "Records both accepted: none."
             if b is None
             else f"Records both accepted ({b['records']}): pi0 NLL of the prompt-only rewrite "
-            f"minus the RL one {_ci(b)} (+ = RL closer to pi0), p = {format_p(b['p_bootstrap'])}."
+            f"minus the RL one {_n(b['diff'])} [{_n(b['low'])}, {_n(b['high'])}] (+ = RL closer "
+            f"to pi0), p = {format_p(b['p_bootstrap'])}."
         )
     return [*lines, ""]
 
@@ -952,6 +966,8 @@ def render_markdown(study: Mapping[str, Any]) -> str:
         "",
         md_table(verdict_rows(study)),
         "",
+        *[f"- {c}" for c in study.get("caveats") or []],
+        *([""] if study.get("caveats") else []),
         "## Hypotheses",
         "",
     ]
