@@ -306,12 +306,17 @@ def test_loader_names_the_missing_file_and_the_bad_label(tmp_path: Path) -> None
     items = tmp_path / "items"
     _label(items / "base", 0.0, 0.0)
     _label(items / "rw_rl.s1.step10", 0.1, 0.01)
+    (items / "rw_rl.s1.step10" / "gsm8k.jsonl").unlink()  # generative answers are not read
     study = st.load_items(items)
     assert study.runs["rw_rl"][1][10]["drift_nll"]["arc_easy:q0"] == pytest.approx(
         0.5 + 0.01 - 0.02
     )
     (items / "rw_rl.s1.step10" / "drift_nll.jsonl").unlink()
     with pytest.raises(DataError, match=r"rw_rl\.s1\.step10: missing item file drift_nll\.jsonl"):
+        st.load_items(items)
+    _label(items / "rw_rl.s1.step10", 0.1, 0.01)
+    (items / "rw_rl.s1.step10" / "arc_easy.jsonl").unlink()
+    with pytest.raises(DataError, match="missing item file arc_easy.jsonl"):
         st.load_items(items)
     _label(items / "rw_rl.s1.step10", 0.1, 0.01)
     _label(items / "rw_rl-seed1", 0.1, 0.01)

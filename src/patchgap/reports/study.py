@@ -142,7 +142,7 @@ class StudyItems:
 
 def load_items(items_dir: Path) -> StudyItems:
     """Read ``items_dir`` (one folder per label). The base must hold held-out and drift NLLs,
-    and every snapshot the same item files as the base."""
+    and every snapshot the same held-out, drift and benchmark files as the base."""
     items_dir = Path(items_dir)
     base_dir = items_dir / BASE
     if not base_dir.is_dir():
@@ -152,7 +152,8 @@ def load_items(items_dir: Path) -> StudyItems:
         raise DataError(
             f"{base_dir}: needs {DRIFT_FILE}.jsonl and a {HELDOUT_PREFIX}<set>.jsonl file"
         )
-    needed |= _files(base_dir)
+    # the files the report reads (not the generative answers, which only some labels may have)
+    needed |= {f"{b.partition(':')[0]}.jsonl" for b in read_label(base_dir)["gold_choice_prob"]}
     study = StudyItems(base={})
     for folder in sorted(p for p in items_dir.iterdir() if p.is_dir()):
         missing = sorted(needed - _files(folder))
