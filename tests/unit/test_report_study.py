@@ -235,6 +235,10 @@ def test_h6_matches_the_hand_computed_reduction_per_record(written) -> None:
     assert h6["result"]["per_record"]["rl"] == pytest.approx(rl, abs=1e-9)
     # planted: 0.01 / 8 - 0.005 / 2 = -0.00125: the prompt-only rewriter removes more per record
     assert h6["verdict"] == "refuted" and h6["reading"] == "RL worse per accepted record"
+    assert h6["acceptance"]["k_rl"] == 8 and h6["acceptance"]["k_prompt"] == 2
+    flat = st.scalar_metrics(figures)
+    assert flat["H6_figure"] == h6["result"]["figure"] and flat["H6_verdict"] == -1.0
+    assert flat["H1_rl_verdict"] == 1.0 and flat["acceptance_prompt"] == 2 / 16
 
 
 def test_acceptance_fisher_and_reasons_against_hand_values(written) -> None:

@@ -760,13 +760,17 @@ def build_study(
     """Every figure of the report as one JSON-ready dict."""
     arms = arms_json.get("arms") or {}
     h2, h3, h5 = frontier_hypotheses(study, arms, s)
+    h6 = per_record_hypothesis(study, arms, s)
+    gate_figures = gate_section(gates, s)
+    if "fisher" in gate_figures:  # H6 reports acceptance beside the per-record figure
+        h6["acceptance"] = gate_figures["fisher"]
     hypotheses = [
         *closeness_hypotheses(gates, s),
         h2,
         h3,
         gain_hypothesis(study, arms, s),
         h5,
-        per_record_hypothesis(study, arms, s),
+        h6,
     ]
     return {
         "settings": {
@@ -784,7 +788,7 @@ def build_study(
         "jobs": list(arms_json.get("jobs") or []),
         "frontiers": frontier_points(study, s),
         "caveats": caveats(study),
-        "gates": gate_section(gates, s),
+        "gates": gate_figures,
         "reward": dict(reward),
     }
 
@@ -847,8 +851,17 @@ def verdict_rows(study: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _fisher_line(f: Mapping[str, Any]) -> str:
+    return (
+        f"Acceptance k_rl/n vs k_p/n: {f['k_rl']}/{f['n_rl']} vs {f['k_prompt']}/{f['n_prompt']}, "
+        f"Fisher's exact p = {format_p(f['p'])}."
+    )
+
+
 def _hypothesis_section(h: Mapping[str, Any]) -> list[str]:
     lines = [f"### {_hid(h)}: {h['title']}", "", f"Figure: {MEANINGS[h['id']]}.", ""]
+    if "acceptance" in h:
+        lines += [_fisher_line(h["acceptance"]), ""]
     if h["result"] is None:
         return [*lines, f"Verdict: {h['verdict']}.", ""]
     rows = [["measure", "figure [interval]", "p", "seed SDs"]]
@@ -934,10 +947,7 @@ def gate_lines(gates: Mapping[str, Any]) -> list[str]:
         )
     lines = [md_table(rows), ""]
     if f := gates.get("fisher"):
-        lines.append(
-            f"Acceptance k_rl/n vs k_p/n: {f['k_rl']}/{f['n_rl']} vs "
-            f"{f['k_prompt']}/{f['n_prompt']}, Fisher's exact p = {format_p(f['p'])}."
-        )
+        lines.append(_fisher_line(f))
     if "both_accepted" in gates:
         b = gates["both_accepted"]
         lines.append(
@@ -1076,6 +1086,25 @@ def plot_reward(reward: Mapping[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def scalar_metrics(figures: Mapping[str, Any]) -> dict[str, float]:
+    """Flat numbers for a pipeline's metrics panel: per hypothesis its figure, interval, p and
+    1/0/-1 for supported/not supported/refuted (absent when not tested); acceptance rates."""
+    out: dict[str, float] = {}
+    codes = {"supported": 1.0, "not supported": 0.0, "refuted": -1.0}
+    for h in figures["hypotheses"]:
+        res = h.get("result")
+        if not res:
+            continue
+        key = f"{h['id']}_{h['rewriter']}" if h.get("rewriter") else h["id"]
+        for k in ("figure", "low", "high", "p"):
+            if _finite(res.get(k)):
+                out[f"{key}_{k}"] = float(res[k])
+        out[f"{key}_verdict"] = codes[h["verdict"]]
+    for rw, a in (figures["gates"].get("acceptance") or {}).items():
+        out[f"acceptance_{rw}"] = float(a["rate"])
+    return out
 
 
 def _json_safe(x: Any) -> Any:
