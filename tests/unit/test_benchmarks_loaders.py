@@ -224,3 +224,23 @@ def test_heldout_sets_are_the_math_sets_files() -> None:
     # benchmark_paths names one file for both uses (the run uploads it once, under that name)
     for name, entry in named_sets("heldout").items():
         assert named_sets("math")[name].path == entry.path, name
+
+
+def test_drift_exclude_drops_questions_before_the_draw(tmp_path: Path) -> None:
+    from patchgap.stages.evaluate.config import Config
+    from patchgap.stages.evaluate.continuous import drift_questions
+
+    math = "mmlu:high_school_mathematics"
+    rows = [
+        f"{subject}_test.csv" for subject in ("high_school_mathematics", "virology", "sociology")
+    ]
+    for name in rows:
+        lines = "".join(f"Q{i} of {name}?,a,b,c,d,0\n" for i in range(6))
+        (tmp_path / name).write_text("question,choice0,choice1,choice2,choice3,answer\n" + lines)
+    config = {"general": ["mmlu"], "benchmark_paths": {"mmlu": str(tmp_path)}}
+    every = drift_questions(Config.model_validate({**config, "drift": {"questions": 18}}), None)
+    assert sum(f"mmlu:{i}".startswith(math) for _, i, _ in every) == 6
+    kept = drift_questions(
+        Config.model_validate({**config, "drift": {"questions": 12, "exclude": [math]}}), None
+    )
+    assert len(kept) == 12 and not any(f"mmlu:{i}".startswith(math) for _, i, _ in kept)

@@ -23,7 +23,7 @@ TRAIN_REWRITER_DEFAULT = "5c0d1e6ded381bf59256fe85723f0ec16a36d8ca230211ee6ce498
 SFT_DEFAULT = "85031e7924359740efa03ba552ac7c0739a281729b076847150fc06fa3600ffd"
 REWRITE_DEFAULT = "dbee0efbcc514e1a"
 # heldout.form (neutral scoring of reference solutions) joined the evaluate settings.
-EVALUATE_DEFAULT = "7116681aef9b4318"
+EVALUATE_DEFAULT = "8c9cbae956f5c906"
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_evaluate_fingerprints_are_pinned(tmp_path: Path) -> None:
     )
     assert evaluate.fingerprint(table_only) == EVALUATE_DEFAULT
     fewer = evaluate.Config(limit=5, general=["piqa"], generation={"batch_size": 4})
-    assert evaluate.fingerprint(fewer) == "ed9bd0d9680dc4b8"
+    assert evaluate.fingerprint(fewer) == "9aada5d2ef9f4a11"
     # The kept results sit under that fingerprint.
     state = evaluate.EvalState.open(None, tmp_path, evaluate.fingerprint(evaluate.Config()))
     assert Path(state.prefix) == tmp_path / STATE_FOLDER / EVALUATE_DEFAULT

@@ -65,6 +65,11 @@ class DriftSettings(StrictModel):
         "hellaswag, mmlu, ...); None = those among `general`",
     )
     max_new_tokens: int = Field(128, ge=1, description="longest greedy answer of pi0 (tokens)")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="leave out questions whose `<benchmark>:<item id>` starts with one of these, "
+        "before the seeded draw (e.g. mmlu:high_school_mathematics keeps the questions off math)",
+    )
 
     @field_validator("benchmarks")
     @classmethod

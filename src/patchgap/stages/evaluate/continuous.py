@@ -48,6 +48,12 @@ def drift_questions(config: Config, data_dir: Path | None) -> list[tuple[str, st
             )
         return []
     sets = {b: bm.load_mc_set(b, config.benchmark_paths.get(b), data_dir) for b in names}
+    excluded = tuple(config.drift.exclude)
+    if excluded:  # before the draw, so the sample stays the seeded one of what is left
+        sets = {
+            b: [i for i in items if not f"{b}:{i.id}".startswith(excluded)]
+            for b, items in sets.items()
+        }
     return bm.general_questions(sets, config.drift.questions, config.seed)
 
 
