@@ -177,3 +177,29 @@ def test_settings_validate() -> None:
         StudySettings(epochs={"full": 0})
     assert StudySettings(arms=["rw_rl", "d", "d"]).arms == ["d", "rw_rl"]
     assert normalise_question("  What IS\n2+2? ") == "what is 2+2?"
+
+
+def test_a_bad_study_section_is_one_line_naming_file_and_arm(tmp_path: Path) -> None:
+    import yaml
+
+    from patchgap.run.prepare import load_run_settings
+
+    data = tmp_path / "d.jsonl"
+    _jsonl(data, [_rec(1)])
+    cfg = {
+        "run": {"pipeline": "study", "dataset": {"source": str(data)}},
+        "study": {"arms": ["d", "rw_lr"]},
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as err:
+        load_run_settings(path)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{path} [study]" in msg and "unknown arm 'rw_lr'" in msg
+    cfg["study"] = {"arms": ["d"], "seeds": [0, 0]}
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"\[study\].*unique"):
+        load_run_settings(path)
+    del cfg["study"]  # the defaults
+    path.write_text(yaml.safe_dump(cfg))
+    assert load_run_settings(path)[1].pipeline == "study"
