@@ -142,3 +142,45 @@ def test_resumed_run_without_the_kept_snapshot_says_so(tiny_llama: Path, tmp_pat
     shutil.rmtree(run_dir / "snapshots")
     with pytest.raises(PatchgapError, match="snapshot of step 3 is missing"):
         sft.run(cfg, {"dataset": data}, _outs(tmp_path / "run2"))
+
+
+def test_component_trains_a_study_job_and_labels_it(tiny_llama: Path, tmp_path: Path) -> None:
+    """The study's sft job: the arm's folder, the job's seed and epochs, and study.json."""
+    import yaml
+
+    from patchgap.components.sft.component import sft as component
+    from patchgap.study.jobs import model_labels
+
+    class Art:
+        def __init__(self, path: Path) -> None:
+            self.path, self.uri = str(path), ""
+            self.metadata: dict = {}
+
+    class Metrics:
+        def __init__(self) -> None:
+            self.logged: dict[str, float] = {}
+
+        def log_metric(self, k: str, v: float) -> None:
+            self.logged[k] = v
+
+    arms = tmp_path / "arms"
+    (arms / "rw_rl").mkdir(parents=True)
+    addition_records(arms / "rw_rl" / "data.jsonl")
+    # 16 records, 8 a step: 2 steps an epoch, 3 epochs from the job.
+    cfg = _config(tiny_llama, max_steps=-1, num_epochs=1, snapshots=[0.5, 1.0])
+    metrics = Metrics()
+    component.python_func(
+        config=yaml.safe_dump(cfg.model_dump(mode="json")),
+        dataset=Art(arms),
+        model=Art(tmp_path / "model"),
+        training=Art(tmp_path / "training"),
+        metrics=metrics,
+        subset="rw_rl",
+        seed=3,
+        epochs=3.0,
+        label="rw_rl",
+    )
+    assert metrics.logged["steps"] == 6 and metrics.logged["records"] == 16
+    info = json.loads((tmp_path / "model" / "study.json").read_text())
+    assert info == {"arm": "rw_rl", "seed": 3, "steps": [3, 6], "final_step": 6}
+    assert list(model_labels(tmp_path / "model")) == ["rw_rl.s3.step3", "rw_rl.s3.step6"]
