@@ -147,3 +147,5 @@ def test_study_pipeline_trains_every_job_and_evaluates_every_snapshot(
     assert study
     for name in ("study.md", "frontiers.png", "reward_curve.png"):
         assert (study_json.parent / name).is_file(), name
+    # The run ends with the study's own summary, not evaluate's table of every snapshot.
+    assert f"study: {study_json.parent} " in "\n".join(lines)

@@ -190,7 +190,12 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
         store.put_file(root / "run.json", f"{prefix}/run.json")
         say(f"run {status} in {seconds:.0f}s; manifest {prefix}/run.json")
     report = _find_report(root / "pipeline-root")
-    if report is not None:
+    if s.pipeline == "study":
+        # Every snapshot is a row of evaluate's table: the study's verdicts say more.
+        for md in sorted((root / "pipeline-root").rglob("study/study.md")):
+            say(md.read_text(encoding="utf-8"))
+            say(f"study: {md.parent} (study.json, frontiers.png, reward_curve.png beside it)")
+    elif report is not None:
         say(run_summary(report, root / "pipeline-root", prepared.run_id, s.bucket))
     say(json.dumps({"run_id": prepared.run_id, "uri": manifest.get("uri")}))
     return manifest
