@@ -23,7 +23,7 @@ from typing import Any
 from patchgap.errors import ConfigError
 from patchgap.fsutil import write_text_atomic
 
-PIPELINES = ("full", "rewrite", "watch")
+PIPELINES = ("full", "rewrite", "watch", "study")
 
 
 def compiled_dir() -> Path:

@@ -20,11 +20,16 @@ def evaluate(
     sft_d: Input[Model] = None,
     sft_dr: Input[Model] = None,
     sft_dr_prompt: Input[Model] = None,
+    models: Input[list[Model]] = None,
 ):
     """Score base pi0, SFT on D and SFT on D_R on the downstream math and general benchmarks;
     write the forgetting table, the report (Markdown, HTML with plots), results.json and the
     per-item results. Models not wired here come from ``models:`` in the config (paths or
-    s3:// URIs). Logs accuracy per model and benchmark, forgetting and its reduction."""
+    s3:// URIs). Logs accuracy per model and benchmark, forgetting and its reduction.
+
+    ``models`` (the study: every job's sft model, collected from a ParallelFor) adds one model
+    per snapshot of each, labelled ``<arm>.s<seed>.step<N>`` from the job's ``study.json``;
+    pi0 is scored as ``base`` from the config."""
     import os
     import shutil
     import tempfile
@@ -40,12 +45,17 @@ def evaluate(
         # SFT on D_R from the prompt-only rewriting baseline (pi0 + fixed prompt, no RL).
         "sft_dr_prompt": sft_dr_prompt,
     }
+    links = {label: Path(art.path) for label, art in wired.items() if art is not None}
+    if models:
+        from patchgap.study.jobs import model_labels
+
+        for art in models:
+            links.update(model_labels(art.path))
     folder = None
-    if any(a is not None for a in wired.values()):
+    if links:
         folder = Path(tempfile.mkdtemp(prefix="patchgap-models-"))
-        for label, art in wired.items():
-            if art is not None:
-                os.symlink(art.path, folder / label)
+        for label, path in links.items():
+            os.symlink(path, folder / label)
 
     class _Folder:
         path = str(folder)

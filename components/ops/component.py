@@ -119,3 +119,40 @@ def record_processed(
     )
     ledger.release(item["sha256"])
     return uri
+
+
+@dsl.component(base_image=OPS_IMAGE, install_kfp_package=False)
+def build_arms(
+    study_config: str,
+    dataset: Input[Dataset],
+    gate_rl: Input[Dataset],
+    swap_pool: Input[Dataset],
+    arms: Output[Dataset],
+    gate_prompt: Input[Dataset] = None,
+) -> list:
+    """The study's training sets: one folder ``<arm>/data.jsonl`` per arm of ``study_config``
+    (the ``study:`` section as JSON) built from D, the gates' D_R folders and the staged swap
+    pool, and ``arms.json``. Returns the SFT jobs, ``[{arm, seed, epochs}]``, for the
+    ``ParallelFor``."""
+    from pathlib import Path
+
+    from patchgap.config import safe_load_yaml, validate
+    from patchgap.data.stream import load_records
+    from patchgap.study.arms import build_arms as build
+    from patchgap.study.config import StudySettings
+
+    settings = validate(
+        StudySettings, safe_load_yaml(study_config, "study config") or {}, "study config"
+    )
+    # The pool as staged by the pipeline; the spec's name stays in the messages.
+    pool = load_records(Path(swap_pool.path)).records
+    described = build(
+        Path(dataset.path),
+        Path(gate_rl.path),
+        Path(gate_prompt.path) if gate_prompt is not None else None,
+        pool,
+        settings,
+        Path(arms.path),
+    )
+    arms.metadata["arms"] = [a for a in described if a != "jobs"]
+    return described["jobs"]

@@ -10,7 +10,8 @@ functions that need them. Imports point down only (tests/unit/test_layers.py enf
     kfp                      KFP API client, image references
     stages                   Config + run() per stage, and the one way into a stage
     training                 what train-rewriter and sft share
-    reward | reports         the group reward and pi0 scoring | statistics and reports
+    reward | reports | study the group reward and pi0 scoring | statistics and reports |
+                             the study's arms and settings
     lm                       models and generation backends
     data                     records, evaluation sets, ledger
     storage                  S3 store, embedded server, credentials

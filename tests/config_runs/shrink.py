@@ -319,6 +319,7 @@ SFT: dict[str, Rule | None] = {
     "work_dir": KEEP,
     "distributed": _distributed,
     "accelerate_config": KEEP,
+    "snapshots": KEEP,
 }
 
 EVALUATE: dict[str, Rule | None] = {
@@ -346,6 +347,7 @@ EVALUATE: dict[str, Rule | None] = {
     "heldout.limit": _cap(RECORDS, "a few held-out solutions"),
     "heldout.max_tokens": KEEP,
     "heldout.prompt_template": KEEP,
+    "heldout.form": KEEP,
     "nll_batch_tokens": KEEP,
     "data_dir": KEEP,
     "benchmark_paths": KEEP,
@@ -353,6 +355,23 @@ EVALUATE: dict[str, Rule | None] = {
     "bootstrap_reps": KEEP,
     "near_zero": KEEP,
     "state_uri": _s3_uri,
+}
+
+
+def _seeds(value: Any, _: Context) -> tuple[Any, str]:
+    return list(value)[:2], "two seeds: CI time"
+
+
+STUDY: dict[str, Rule | None] = {
+    "arms": KEEP,
+    "seeds": _seeds,
+    "snapshots": KEEP,
+    "epochs.full": KEEP,
+    "epochs.concentrated": KEEP,
+    **{f"swap_pool.{k}": r for k, r in DATASET.items()},
+    # Larger than D's few records, so the swap arms find as many outside D.
+    "swap_pool.limit": _cap(64, "a small swap pool"),
+    "swap_seed": KEEP,
 }
 
 #: The whole table: dotted path -> rule (KEEP: the value stays).
@@ -364,6 +383,7 @@ TABLE: dict[str, Rule | None] = {
     **{f"gate.{k}": r for k, r in GATE.items()},
     **{f"sft.{k}": r for k, r in SFT.items()},
     **{f"evaluate.{k}": r for k, r in EVALUATE.items()},
+    **{f"study.{k}": r for k, r in STUDY.items()},
 }
 
 

@@ -46,6 +46,12 @@ def _runnable_pipelines() -> tuple[str, ...]:
     return get_args(RunSettings.model_fields["pipeline"].annotation)
 
 
+def _has_study_report() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("patchgap.reports.study") is not None
+
+
 def _run_params() -> list[Any]:
     """One param per run YAML; a pipeline kind `patchgap run` cannot run yet is an xfail."""
     params = []
@@ -54,6 +60,9 @@ def _run_params() -> list[Any]:
         marks = []
         if kind not in _runnable_pipelines():
             reason = f"`patchgap run` does not run the {kind!r} pipeline yet"
+            marks.append(pytest.mark.xfail(reason=reason, strict=True))
+        elif kind == "study" and not _has_study_report():
+            reason = "the study report's module (patchgap.reports.study) is not in this build"
             marks.append(pytest.mark.xfail(reason=reason, strict=True))
         params.append(pytest.param(path, id=path.name, marks=marks))
     return params
@@ -91,6 +100,7 @@ def test_every_table_key_is_a_setting() -> None:
     from patchgap.run.prepare import RunSettings
     from patchgap.stages import STAGES
     from patchgap.stages.base import SHARED_KEYS
+    from patchgap.study.config import StudySettings
 
     known = set(SHARED_KEYS)
     known |= {f"run.{p}" for p in _field_paths(RunSettings)}
@@ -98,6 +108,7 @@ def test_every_table_key_is_a_setting() -> None:
     for section in STAGES:
         config = importlib.import_module(f"patchgap.stages.{section}").Config
         known |= {f"{section}.{p}" for p in _field_paths(config)}
+    known |= {f"study.{p}" for p in _field_paths(StudySettings)}
     assert sorted(set(TABLE) - known) == []
 
 
@@ -170,9 +181,10 @@ def test_config_runs_shrunk(
     art = store.read_manifest(f"{prefix}/artifacts")
     assert art is not None
     keys = [str(k) for k in art.files]
-    # D_R from each gate (the RL rewriter's, and the prompt-only one's when asked for): one
-    # line per record of the staged D, rewritten or fallen back to y*.
-    prompt_only = bool(shrunk["run"].get("prompt_only_baseline"))
+    # D_R from each gate (the RL rewriter's, and the prompt-only one's when asked for; the
+    # study always runs both): one line per record of the staged D, rewritten or fallen back.
+    study = shrunk["run"].get("pipeline") == "study"
+    prompt_only = bool(shrunk["run"].get("prompt_only_baseline")) or study
     d_r = [k for k in keys if k.endswith(f"/dataset_r/{D_R_FILE}")]
     assert len(d_r) == 1 + prompt_only, f"D_R files among the artifacts: {d_r}"
     selected = run["inputs"]["dataset_counts"]["selected"]
@@ -185,6 +197,9 @@ def test_config_runs_shrunk(
     results_key = next(k for k in keys if k.endswith("/results.json"))
     results = json.loads(store.get_published(f"{prefix}/artifacts/{results_key}"))
     labels = json.dumps(results)
+    if study:
+        _check_study_run(store, f"{prefix}/artifacts", keys, shrunk, labels)
+        return
     rows = ["base", "sft_d", "sft_dr"] + (["sft_dr_prompt"] if prompt_only else [])
     for label in rows:
         assert label in labels, label
@@ -213,6 +228,28 @@ def _check_watch_run(run: dict[str, Any], store: Any, shrunk: dict[str, Any]) ->
     recorded = [k for k in ledger if "/" not in k and len(k) == len("0" * 64 + ".json")]
     assert len(recorded) == 2, ledger
     assert not [k for k in ledger if k.startswith("claims/")], ledger  # released once recorded
+
+
+def _check_study_run(
+    store: Any, artifacts: str, keys: list[str], shrunk: dict[str, Any], labels: str
+) -> None:
+    """The arms of the study section, one SFT job per arm with records and seed, every job's
+    final model among the evaluated labels beside pi0, and the report."""
+    from patchgap.study.config import StudySettings
+
+    settings = StudySettings(**shrunk.get("study", {}))
+    arms_key = next(k for k in keys if k.endswith("/arms/arms.json"))
+    arms = json.loads(store.get_published(f"{artifacts}/{arms_key}"))
+    assert [a for a in arms if a != "jobs"] == settings.arms
+    with_records = [a for a in settings.arms if arms[a]["records"]]
+    assert {"d", "dr"} <= set(with_records) or not {"d", "dr"} & set(settings.arms)
+    jobs = {(j["arm"], j["seed"]) for j in arms["jobs"]}
+    assert jobs == {(a, s) for a in with_records for s in settings.seeds}
+    assert '"base"' in labels
+    for arm, seed in jobs:
+        assert f'"{arm}.s{seed}.step' in labels, (arm, seed)
+    for name in ("study.json", "study.md", "frontiers.png", "reward_curve.png"):
+        assert [k for k in keys if k.endswith(f"/study/{name}")], name
 
 
 def _failure(log: Path) -> str:

@@ -383,6 +383,43 @@ def test_sft_rerun_after_a_killed_rank_resumes_and_writes_the_model_once(
     assert manifest is not None and manifest.metadata["metrics"]["steps"] == 4.0
 
 
+def test_sft_snapshots_in_two_processes_are_gathered_by_all_and_written_by_rank0(
+    tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, bucket: str
+) -> None:
+    """A snapshot mid-run gathers the weights on every process (a collective), then rank 0
+    alone writes it into the model output and keeps a copy beside the checkpoints."""
+    from patchgap.storage.store import Store
+
+    root = tmp_path_factory.mktemp("sft-snapshots")
+    data = addition_records(root / "d.jsonl")
+    ckpt = f"s3://{bucket}/sft-snap/ckpt"
+    section = _sft_section(tiny_llama, checkpoint_uri=ckpt, checkpoint_every=4, snapshots=[0.5])
+    outs = {"model": f"s3://{bucket}/sft-snap/model", "metrics": f"s3://{bucket}/sft-snap/m"}
+    probe = root / "probe"
+    proc = _stage(
+        [sys.executable],
+        "sft",
+        section,
+        outs,
+        probe,
+        {"dataset": str(data)},
+        PATCHGAP_PROCESSES="2",
+    )
+    assert _metrics(proc)["steps"] == 4.0
+    store = Store.from_env()
+    manifest = store.read_manifest(outs["model"])
+    assert manifest is not None and "snapshots/step-2/model.safetensors" in manifest.files
+    assert manifest.metadata["metrics"]["snapshot_steps"] == [2, 4]
+    writes = _rows(probe, "writes")
+    snap = "/snapshots/step-2/model.safetensors"
+    assert [w for w in writes["rank0"] if w["path"].endswith(snap)]
+    assert not [w for w in writes.get("rank1", []) if "/snapshots/" in w["path"]]
+    assert not [w for w in writes.get("rank1", []) if w["how"] == "upload"]
+    (run,) = {o.key.split("/", 1)[0] for o in store.list(ckpt)}  # one run fingerprint
+    kept = store.read_manifest(f"{ckpt}/{run}/snapshots/step-2")
+    assert kept is not None and "model.safetensors" in kept.files
+
+
 class _Artifact:
     """What a KFP artifact gives a component: its URI and local path."""
 

@@ -52,10 +52,10 @@ def _all_tasks(spec: dict) -> dict[str, dict]:
 
 
 def test_all_pipelines_compile(compiled) -> None:
-    assert set(compiled) == {"full", "rewrite", "watch"}
+    assert set(compiled) == {"full", "rewrite", "watch", "study"}
 
 
-@pytest.mark.parametrize("name", ["full", "rewrite", "watch"])
+@pytest.mark.parametrize("name", ["full", "rewrite", "watch", "study"])
 def test_gpu_stages_request_gpus_on_the_pool(compiled, name: str) -> None:
     spec, plat = compiled[name]
     execs, k8s = _executors(spec, plat)
@@ -77,7 +77,7 @@ def test_gpu_stages_request_gpus_on_the_pool(compiled, name: str) -> None:
         assert kc["securityContext"]["runAsNonRoot"] is True
 
 
-@pytest.mark.parametrize("name", ["full", "rewrite", "watch"])
+@pytest.mark.parametrize("name", ["full", "rewrite", "watch", "study"])
 def test_every_task_gets_s3_credentials_from_a_secret(compiled, name: str) -> None:
     spec, plat = compiled[name]
     execs, k8s = _executors(spec, plat)
@@ -91,7 +91,9 @@ def test_every_task_gets_s3_credentials_from_a_secret(compiled, name: str) -> No
             "AWS_SECRET_ACCESS_KEY",
         }
         # Model-loading (GPU) stages: the hub token when its Secret exists, the model cache.
-        if "patchgap-ops" in spec["deploymentSpec"]["executors"][e]["container"]["image"]:
+        # The study report runs on the evaluate image for its libraries but loads no model.
+        image = spec["deploymentSpec"]["executors"][e]["container"]["image"]
+        if "patchgap-ops" in image or e.startswith("exec-study-report"):
             assert set(secrets) == {"patchgap-s3"}
             continue
         hf = secrets["patchgap-hf"]
@@ -100,7 +102,7 @@ def test_every_task_gets_s3_credentials_from_a_secret(compiled, name: str) -> No
         assert pvc["mountPath"] == "/cache"
 
 
-@pytest.mark.parametrize("name", ["full", "rewrite", "watch"])
+@pytest.mark.parametrize("name", ["full", "rewrite", "watch", "study"])
 def test_no_secret_values_in_yaml(name: str) -> None:
     text = (COMPILED / f"{name}.yaml").read_text().lower()
     for needle in ("aws_secret_access_key:", "secret_access_key=", "password"):
@@ -137,6 +139,22 @@ def test_rewrite_fans_out_over_shards(compiled) -> None:
     assert loops and "parameterIterator" in loops[0]
 
 
+def test_study_trains_one_sft_per_job_and_evaluates_them_all(compiled) -> None:
+    spec, _ = compiled["study"]
+    tasks = _all_tasks(spec)
+    loops = {n: t for n, t in tasks.items() if n.startswith("for-loop")}
+    jobs = [t for t in loops.values() if "build-arms" in str(t.get("parameterIterator"))]
+    assert len(jobs) == 1, loops
+    sft_in = tasks["sft"]["inputs"]["parameters"]
+    assert {"subset", "seed", "epochs", "label"} <= set(sft_in)
+    models = tasks["evaluate"]["inputs"]["artifacts"]["models"]
+    assert "sft" in str(models)  # collected from the loop
+    rep = tasks["study-report"]["inputs"]["artifacts"]
+    assert {"evaluation", "arms", "gate_rl", "gate_prompt", "rewriter_training"} <= set(rep)
+    # Two gates: the RL rewriter's and the prompt-only one.
+    assert {"gate", "gate-2"} <= set(tasks)
+
+
 def test_watch_records_only_after_gate(compiled) -> None:
     spec, _ = compiled["watch"]
     tasks = _all_tasks(spec)
@@ -145,7 +163,7 @@ def test_watch_records_only_after_gate(compiled) -> None:
     assert tasks["find-new-datasets"].get("cachingOptions", {}) == {}
 
 
-@pytest.mark.parametrize("name", ["full", "rewrite", "watch"])
+@pytest.mark.parametrize("name", ["full", "rewrite", "watch", "study"])
 def test_committed_yaml_is_not_stale(compiled, name: str) -> None:
     committed = COMPILED / f"{name}.yaml"
     assert committed.is_file(), f"{committed} missing: run `make compile` and commit"
@@ -159,7 +177,7 @@ def test_committed_yaml_is_not_stale(compiled, name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["full", "rewrite", "watch"])
+@pytest.mark.parametrize("name", ["full", "rewrite", "watch", "study"])
 def test_s3_secret_is_optional_and_light_steps_have_resources(compiled, name: str) -> None:
     spec, plat = compiled[name]
     executors, k8s = _executors(spec, plat)
@@ -204,7 +222,10 @@ def test_compile_writes_the_named_pipeline_into_the_current_folder_only(
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["compile", "wacth"], "pipeline 'wacth': not one of full, rewrite, watch; did you mean "),
+        (
+            ["compile", "wacth"],
+            "pipeline 'wacth': not one of full, rewrite, watch, study; did you mean ",
+        ),
         (["compile", "--out", "taken"], "--out taken: not a folder"),
     ],
 )

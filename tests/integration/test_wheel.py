@@ -69,7 +69,11 @@ def test_wheel_ships_package_data_inside_patchgap(wheel: Path) -> None:
         "patchgap/pipelines/compiled/full.yaml",
         "patchgap/pipelines/compiled/rewrite.yaml",
         "patchgap/pipelines/compiled/watch.yaml",
+        "patchgap/pipelines/compiled/study.yaml",
         "patchgap/components/gate/component.py",
+        "patchgap/components/study/component.py",
+        "patchgap/study/arms.py",
+        "patchgap/configs/study-small.yaml",
         "patchgap/configs/paper.yaml",
         "patchgap/configs/demo.yaml",
         "patchgap/configs/accelerate/zero2.yaml",
@@ -81,7 +85,7 @@ def test_wheel_ships_package_data_inside_patchgap(wheel: Path) -> None:
 def test_installed_wheel_compiles_the_committed_yaml(venv: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PATCHGAP_", "PYTHON"))}
     committed = {p.name: p.read_bytes() for p in COMPILED.glob("*.yaml")}
-    assert set(committed) == {"full.yaml", "rewrite.yaml", "watch.yaml"}
+    assert set(committed) == {"full.yaml", "rewrite.yaml", "watch.yaml", "study.yaml"}
     located = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import patchgap; print(patchgap.__file__)"],
         cwd=tmp_path,

@@ -326,7 +326,7 @@ def test_an_unknown_run_schedule_or_experiment_is_one_line(
     [
         (
             ["submit", "fulll"],
-            "pipeline 'fulll': not a file and not one of full, rewrite, watch; did you mean "
+            "pipeline 'fulll': not a file and not one of full, rewrite, watch, study; did you mean "
             "'full'?",
         ),
         (["submit", "no/such.yaml"], "pipeline 'no/such.yaml': not a file"),

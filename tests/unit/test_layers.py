@@ -24,7 +24,8 @@ LAYERS = [
     {"kfp"},
     {"stages"},
     {"training"},
-    {"reward", "reports"},
+    # The study's arms read data and gate outputs; its report (reports.study) reads arms.json.
+    {"reward", "reports", "study"},
     {"lm"},
     {"data"},
     {"storage"},

@@ -90,7 +90,9 @@ def _wait(
 
 @_one_line_errors
 def submit(
-    pipeline: str = typer.Argument("full", help="full | rewrite | watch | a compiled YAML path"),
+    pipeline: str = typer.Argument(
+        "full", help="full | rewrite | watch | study | a compiled YAML path"
+    ),
     host: str | None = HOST,
     namespace: str | None = NAMESPACE,
     experiment: str = typer.Option("patchgap", "--experiment", "-e"),
@@ -193,7 +195,9 @@ def runs_wait(
 @_one_line_errors
 def schedule_create(
     name: str = typer.Argument(..., help="recurring run name"),
-    pipeline: str = typer.Option("watch", "--pipeline", help="full | rewrite | watch | YAML path"),
+    pipeline: str = typer.Option(
+        "watch", "--pipeline", help="full | rewrite | watch | study | YAML path"
+    ),
     cron: str | None = typer.Option(
         None, "--cron", help="KFP 6-field cron, seconds first: '0 0 * * * *' = hourly"
     ),

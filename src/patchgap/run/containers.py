@@ -20,6 +20,7 @@ PIPELINE_IMAGES = {
     "full": ("ops", "train_rewriter", "rewrite", "gate", "sft", "evaluate"),
     "rewrite": ("ops", "rewrite", "gate", "sft", "evaluate"),
     "watch": ("ops", "rewrite", "gate"),
+    "study": ("ops", "train_rewriter", "rewrite", "gate", "sft", "evaluate"),
 }
 #: Host paths the containers must not inherit: the images set their own cache under /cache.
 HOST_ONLY_ENV = ("PATCHGAP_HOME", "PATCHGAP_CACHE_DIR", "PATCHGAP_DATA_DIR")

@@ -25,14 +25,16 @@ from patchgap.run.containers import prepare_docker
 from patchgap.run.prepare import PreparedRun, RunSettings, Say
 from patchgap.settings import home_dir
 from patchgap.stages import STAGES
-from patchgap.stages.base import environment_info, section_json
+from patchgap.stages.base import config_json, environment_info, section_json
 from patchgap.storage.store import Store, fetch_to_local
+from patchgap.study.config import StudySettings
 
 #: The stage sections each pipeline passes to its components.
 PIPELINE_SECTIONS = {
     "full": STAGES,
     "rewrite": tuple(s for s in STAGES if s != "train_rewriter"),
     "watch": ("rewrite", "gate"),
+    "study": STAGES,
 }
 
 
@@ -55,6 +57,14 @@ def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
             claim_hours=s.claim_hours,
             dataset_fields=fields if isinstance(fields, str) else json.dumps(fields),
         )
+    elif s.pipeline == "study":
+        study = prepared.study or StudySettings()
+        args.update(
+            dataset_uri=prepared.dataset_uri,
+            swap_pool_uri=prepared.swap_pool_uri,
+            num_shards=s.num_shards,
+            study_config=config_json(study),
+        )
     else:
         args.update(
             dataset_uri=prepared.dataset_uri,
@@ -65,6 +75,9 @@ def pipeline_arguments(prepared: PreparedRun) -> dict[str, Any]:
         # Every stage declares pi0 as `model`: the prepared local folder, so no stage ever
         # resolves a hub name.
         overrides = [f"model={prepared.model_path}"]
+        if s.pipeline == "study" and section == "sft":
+            # Every job is evaluated at the study's snapshots.
+            overrides.append(f"snapshots={(prepared.study or StudySettings()).snapshots}")
         args[f"{section}_config"] = section_json(prepared.raw, section, f"[{section}]", overrides)
     if s.pipeline == "full":
         args["prompt_only_baseline"] = s.prompt_only_baseline
@@ -177,7 +190,12 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
         store.put_file(root / "run.json", f"{prefix}/run.json")
         say(f"run {status} in {seconds:.0f}s; manifest {prefix}/run.json")
     report = _find_report(root / "pipeline-root")
-    if report is not None:
+    if s.pipeline == "study":
+        # Every snapshot is a row of evaluate's table: the study's verdicts say more.
+        for md in sorted((root / "pipeline-root").rglob("study/study.md")):
+            say(md.read_text(encoding="utf-8"))
+            say(f"study: {md.parent} (study.json, frontiers.png, reward_curve.png beside it)")
+    elif report is not None:
         say(run_summary(report, root / "pipeline-root", prepared.run_id, s.bucket))
     say(json.dumps({"run_id": prepared.run_id, "uri": manifest.get("uri")}))
     return manifest

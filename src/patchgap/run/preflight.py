@@ -31,7 +31,14 @@ from patchgap.data.stream import load_records
 from patchgap.errors import ConfigError, PatchgapError
 from patchgap.lm import models
 from patchgap.run.containers import check_images, engine_client
-from patchgap.run.prepare import PreparedRun, RunSettings, Say, load_run_settings, prepare_run
+from patchgap.run.prepare import (
+    PreparedRun,
+    RunSettings,
+    Say,
+    load_run_settings,
+    prepare_run,
+    study_settings,
+)
 from patchgap.settings import CACHE_DIR_ENV
 from patchgap.settings import data_dir as default_data_dir
 from patchgap.stages import STAGES
@@ -199,6 +206,8 @@ def dataset_sources(
         out.append(
             ("run.dataset", validate(DatasetSpec, settings.dataset, f"{path} [run.dataset]"))
         )
+    if settings.pipeline == "study":  # the swap arms' pool, staged beside D
+        out.append(("study.swap_pool", study_settings(raw, path).swap_pool))
     for section in STAGES:
         sub = raw.get(section) or {}
         if not isinstance(sub, dict):

@@ -25,6 +25,7 @@ from patchgap.names import check_bucket, check_key, check_s3_uri
 from patchgap.stages.base import validate_run_yaml
 from patchgap.storage.server import EmbeddedS3
 from patchgap.storage.store import Store
+from patchgap.study.config import StudySettings
 
 Say = Callable[[str], None]
 
@@ -32,13 +33,13 @@ Say = Callable[[str], None]
 class RunSettings(StrictModel):
     """The ``run:`` section of a run YAML: what to process and where results go."""
 
-    pipeline: Literal["full", "rewrite", "watch"] = Field(
+    pipeline: Literal["full", "rewrite", "watch", "study"] = Field(
         "full", description="which pipeline to run"
     )
     bucket: str = Field("patchgap", description="S3 bucket for datasets, artifacts and runs")
     dataset: dict[str, Any] | None = Field(
         None,
-        description="full and rewrite pipelines: the downstream dataset D, a "
+        description="full, rewrite and study pipelines: the downstream dataset D, a "
         "patchgap.data.sources DatasetSpec mapping (the watch pipeline finds its own)",
     )
     dataset_key: str | None = Field(
@@ -104,6 +105,9 @@ class PreparedRun:
     model_path: str
     dataset_counts: dict[str, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    #: The study pipeline: its settings and the staged swap pool.
+    study: StudySettings | None = None
+    swap_pool_uri: str = ""
 
 
 def load_run_settings(path: Path) -> tuple[dict[str, Any], RunSettings]:
@@ -122,7 +126,14 @@ def load_run_settings(path: Path) -> tuple[dict[str, Any], RunSettings]:
     if settings.dataset is None:
         raise ConfigError(f"{path} [run]: dataset is required for the {settings.pipeline} pipeline")
     validate(DatasetSpec, settings.dataset, f"{path} [run.dataset]")
+    if settings.pipeline == "study" or "study" in raw:
+        study_settings(raw, path)
     return raw, settings
+
+
+def study_settings(raw: dict[str, Any], path: Path | str) -> StudySettings:
+    """The ``study:`` section, validated (the defaults when absent)."""
+    return validate(StudySettings, raw.get("study") or {}, f"{path} [study]")
 
 
 def check_watch_settings(settings: RunSettings, source: str) -> None:
@@ -175,6 +186,13 @@ def prepare_run(
         say(f"datasets: new ones under {dataset_uri}")
     else:
         dataset_uri, counts = stage_dataset(config_path, settings, store, say)
+    study, swap_pool_uri = None, ""
+    if settings.pipeline == "study":
+        study = study_settings(raw, config_path)
+        pool = study.swap_pool.model_dump(mode="json", exclude_defaults=True)
+        swap_pool_uri, _ = stage_dataset(
+            config_path, settings, store, say, spec=pool, what="study.swap_pool"
+        )
     model = str(raw.get("model", "smollm2"))
     if not hub_here and not Path(model).expanduser().is_dir() and known_model(model) is None:
         model_path = model
@@ -194,17 +212,26 @@ def prepare_run(
         model_path=model_path,
         dataset_counts=counts,
         env={k: v for k, v in os.environ.items() if k.startswith(("AWS_", "PATCHGAP_"))},
+        study=study,
+        swap_pool_uri=swap_pool_uri,
     )
 
 
 def stage_dataset(
-    config_path: Path, settings: RunSettings, store: Any, say: Say = print
+    config_path: Path,
+    settings: RunSettings,
+    store: Any,
+    say: Say = print,
+    *,
+    spec: dict[str, Any] | None = None,
+    what: str = "run.dataset",
 ) -> tuple[str, dict[str, int]]:
-    """Read D through its field map and put the selected records (and any rejects beside them)
-    in the store; returns D's URI and its counts."""
+    """Read D (or ``spec``, the config's ``what``) through its field map and put the selected
+    records (and any rejects beside them) in the store; returns its URI and its counts."""
     import tempfile
 
-    spec = validate(DatasetSpec, settings.dataset, f"{config_path} [run.dataset]")
+    given = settings.dataset if spec is None else spec
+    spec = validate(DatasetSpec, given, f"{config_path} [{what}]")
     with tempfile.TemporaryDirectory(prefix="patchgap-stage-") as tmp:
         rejects = Path(tmp) / "rejects.jsonl"
         result = load_records(spec, rejects_path=rejects, external=True)
@@ -216,7 +243,9 @@ def stage_dataset(
         }
         if not result.records:
             raise ConfigError(f"{config_path}: dataset {spec.source} has no valid records")
-        name = settings.dataset_key or f"datasets/{_slug(spec.source)}-{len(result.records)}.jsonl"
+        name = f"datasets/{_slug(spec.source)}-{len(result.records)}.jsonl"
+        if what == "run.dataset" and settings.dataset_key:
+            name = settings.dataset_key
         local = Path(tmp) / "dataset.jsonl"
         write_records_jsonl(result.records, local)
         dataset_uri = f"s3://{settings.bucket}/{name}"
@@ -224,7 +253,7 @@ def stage_dataset(
         if result.counts.rejected_total:
             store.put_file(rejects, dataset_uri + ".rejects.jsonl")
     say(
-        f"dataset: {spec.source} -> {dataset_uri} "
+        f"{'dataset' if what == 'run.dataset' else what}: {spec.source} -> {dataset_uri} "
         f"({counts['selected']} selected; {counts['valid']} valid of {counts['read']} read, "
         f"{counts['rejected']} rejected)"
     )

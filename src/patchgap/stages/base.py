@@ -55,7 +55,8 @@ STAGE_RECORD = "_stage.json"
 SHARED_KEYS = ("model", "seed", "trust_remote_code", "device", "dtype")
 
 #: Every top-level key a run YAML may have.
-RUN_YAML_KEYS = ("run", *STAGES, *SHARED_KEYS)
+# `study`: the study pipeline's settings (patchgap.study.config), validated by patchgap.run.
+RUN_YAML_KEYS = ("run", "study", *STAGES, *SHARED_KEYS)
 
 #: Packages whose versions go into every manifest.
 TRACKED_PACKAGES = (

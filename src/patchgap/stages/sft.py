@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from patchgap.config import StrictModel
 from patchgap.data.fields import FieldMap
@@ -21,7 +21,14 @@ from patchgap.data.stream import load_records
 from patchgap.errors import ConfigError, PatchgapError
 from patchgap.fsutil import write_text_atomic
 from patchgap.lm.generation import resolve_model_path
-from patchgap.lm.models import device_for, dtype_for, has_chat_template, load_tokenizer, merge_lora
+from patchgap.lm.models import (
+    device_for,
+    dtype_for,
+    has_chat_template,
+    load_tokenizer,
+    merge_lora,
+    save_merged,
+)
 from patchgap.prompts import render
 from patchgap.stages import resume
 from patchgap.stages.base import main, path_hash
@@ -30,6 +37,7 @@ from patchgap.storage.store import join_uri
 from patchgap.training.checkpoints import CheckpointStore, checkpoint_step
 from patchgap.training.launch import maybe_relaunch
 from patchgap.training.lora import LoraSettings
+from patchgap.training.snapshots import SNAPSHOTS_DIR, snapshot_folder, snapshot_steps
 from patchgap.training.tracking import (
     REPORT_TO_HELP,
     TENSORBOARD_DIR,
@@ -114,6 +122,19 @@ class Config(StrictModel):
         description="nodes to train on; above 1 the pipeline step runs the stage as a Kubeflow "
         "Trainer TrainJob on that many nodes of the GPU pool (docs/cluster.md)",
     )
+    snapshots: list[float] = Field(
+        default_factory=list,
+        description="also save the model at these fractions (0, 1] of the run's optimizer steps, "
+        "under <model>/snapshots/step-<N>/ (rounded up; the final model stays at the root)",
+    )
+
+    @field_validator("snapshots")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        bad = [f for f in value if not 0.0 < f <= 1.0]
+        if bad:
+            raise ValueError(f"snapshot fractions must lie in (0, 1], got {bad[0]}")
+        return sorted(set(value))
 
 
 #: Fields that may change between a run and its resumption without making checkpoints foreign.
@@ -130,6 +151,10 @@ NOT_IN_FINGERPRINT = LeftOut.of(
     "num_epochs",
     "logging_steps",
     "report_to",
+    # What is saved, not trained; left out while empty so runs from before snapshots existed
+    # keep their fingerprint (and checkpoints). A run with snapshots keeps them in its
+    # checkpoint folder, so they belong to its identity.
+    while_off=("snapshots",),
 )
 
 
@@ -188,6 +213,9 @@ def _train(
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    # Deferred: it loads transformers.
+    from patchgap.training.callbacks import SnapshotCallback
+
     t0 = time.time()
     model_dir = resolve_model_path(config.model)
     metrics_dir, model_out = Path(outputs["metrics"]), Path(outputs["model"])
@@ -202,7 +230,7 @@ def _train(
     model = _load_model(config, model_dir, dtype)
     peft_config = config.lora.peft_config() if config.finetuning == "lora" else None
     args = _sft_args(SFTConfig, config, work, device, dtype)
-    callbacks, resume_dir = _callbacks_and_restore(config, inputs, work, metrics_dir)
+    callbacks, resume_dir, checkpoints = _callbacks_and_restore(config, inputs, work, metrics_dir)
     resumed_step = checkpoint_step(resume_dir)
     trainer = SFTTrainer(
         model=model,
@@ -214,8 +242,17 @@ def _train(
     )
     # disable_tqdm makes the Trainer print every log dict; ProgressCallback shows them instead.
     trainer.remove_callback(PrinterCallback)
-    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     merge = config.finetuning == "lora"
+    if config.snapshots:
+        trainer.add_callback(
+            SnapshotCallback(
+                config.snapshots,
+                lambda step: _save_snapshot(
+                    trainer, tokenizer, model_out, step, merge, model_dir, dtype, checkpoints
+                ),
+            )
+        )
+    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     # Under ZeRO-3 or FSDP every process takes part in gathering the full weights (a collective:
     # rank 0 alone would wait forever); then rank 0 alone writes them.
     state = None if merge else trainer.accelerator.get_state_dict(trainer.model)
@@ -223,6 +260,10 @@ def _train(
         return {}
     curve = _loss_points(trainer.state.log_history)
     _save_model(trainer, tokenizer, model_out, merge, state)
+    final = trainer.state.global_step
+    # The final step is listed too (its model is the one at the root) when snapshots are on.
+    steps = sorted({*snapshot_steps(config.snapshots, final), final}) if config.snapshots else []
+    _complete_snapshots(model_out, steps[:-1], checkpoints)
     write_loss_curve(curve, metrics_dir, title=f"SFT of {model_dir.name} ({config.finetuning})")
     summary = {
         "records": float(len(rows)),
@@ -233,6 +274,7 @@ def _train(
         "loss_last": curve[-1]["loss"] if curve else float("nan"),
         "train_loss": float(result.training_loss),
         "train_seconds": round(time.time() - t0, 2),
+        "snapshot_steps": steps,
     }
     write_text_atomic(metrics_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -291,14 +333,16 @@ def _sft_args(sft_config_class: Any, config: Config, work: Path, device: str, dt
 
 def _callbacks_and_restore(
     config: Config, inputs: Mapping[str, Path], work: Path, metrics_dir: Path
-) -> tuple[list[Any], Path | None]:
-    """The trainer's callbacks (progress, checkpoint sync, TensorBoard) and the checkpoint folder
-    restored from ``checkpoint_uri`` to resume from (None: start fresh)."""
+) -> tuple[list[Any], Path | None, CheckpointStore | None]:
+    """The trainer's callbacks (progress, checkpoint sync, TensorBoard), the checkpoint folder
+    restored from ``checkpoint_uri`` to resume from (None: start fresh) and the run's
+    checkpoint store (None without ``checkpoint_uri``)."""
     # Deferred: it loads transformers.
     from patchgap.training.callbacks import ProgressCallback
 
     callbacks: list[Any] = [ProgressCallback("sft")]
     resume_dir: Path | None = None
+    checkpoints: CheckpointStore | None = None
     tb_uri = None
     if config.checkpoint_uri:
         from accelerate import PartialState
@@ -316,7 +360,7 @@ def _callbacks_and_restore(
         tb_uri = join_uri(checkpoints.uri, TENSORBOARD_DIR)
     if config.report_to == "tensorboard":
         callbacks.append(tensorboard_sync(tb_uri, metrics_dir / TENSORBOARD_DIR))
-    return callbacks, resume_dir
+    return callbacks, resume_dir, checkpoints
 
 
 def _save_model(
@@ -329,8 +373,79 @@ def _save_model(
     if merge:
         model = merge_lora(model)
     model.save_pretrained(out, safe_serialization=True, state_dict=state)
-    tokenizer.padding_side = "left"  # what generation (evaluate) wants from a saved pi0
-    tokenizer.save_pretrained(out)
+    _save_tokenizer(tokenizer, out)
+
+
+def _save_tokenizer(tokenizer: Any, out: Path) -> None:
+    """The tokenizer padding on the left, what generation (evaluate) wants from a saved pi0;
+    the training tokenizer keeps its side (a snapshot is saved mid-training)."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.padding_side = side
+
+
+def _save_snapshot(
+    trainer: Any,
+    tokenizer: Any,
+    model_out: Path,
+    step: int,
+    merge: bool,
+    model_dir: Path,
+    dtype: str,
+    checkpoints: CheckpointStore | None,
+) -> None:
+    """The model after ``step`` as a loadable folder under ``<model>/snapshots/step-<N>/``
+    (called on every process), also kept beside the run's checkpoints so that a resumed run
+    which has passed ``step`` still has it."""
+    out = model_out / SNAPSHOTS_DIR / snapshot_folder(step)
+    if merge:
+        # The adapter alone, merged into pi0 on the CPU: merging the training model in place
+        # would end its LoRA. LoRA runs under ZeRO-2 at most, so rank 0 holds the adapter.
+        if not trainer.is_world_process_zero():
+            return
+        with tempfile.TemporaryDirectory(prefix="patchgap-snapshot-") as adapter:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(adapter)
+            save_merged(model_dir, adapter, out, dtype=dtype)
+        _save_tokenizer(tokenizer, out)
+    else:
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        if not trainer.is_world_process_zero():
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+            out, safe_serialization=True, state_dict=state
+        )
+        _save_tokenizer(tokenizer, out)
+    if checkpoints is not None:
+        checkpoints.store.upload_dir(out, _snapshot_uri(checkpoints, step))
+    log.info("snapshot of step %d saved to %s", step, out)
+
+
+def _snapshot_uri(checkpoints: CheckpointStore, step: int) -> str:
+    return join_uri(checkpoints.uri, SNAPSHOTS_DIR, snapshot_folder(step))
+
+
+def _complete_snapshots(
+    model_out: Path, steps: list[int], checkpoints: CheckpointStore | None
+) -> None:
+    """Every snapshot in ``steps`` present in the model folder: one a resumed run passed before
+    its restart comes back from the checkpoint folder."""
+    for step in steps:
+        out = model_out / SNAPSHOTS_DIR / snapshot_folder(step)
+        if out.is_dir():
+            continue
+        if (
+            checkpoints is None
+            or checkpoints.store.read_manifest(_snapshot_uri(checkpoints, step)) is None
+        ):
+            raise PatchgapError(
+                f"sft: snapshot of step {step} is missing (the run resumed past it without "
+                "one kept beside its checkpoints)"
+            )
+        checkpoints.store.download_dir(_snapshot_uri(checkpoints, step), out)
 
 
 def write_loss_curve(curve: list[dict[str, Any]], folder: Path, title: str = "SFT") -> None:

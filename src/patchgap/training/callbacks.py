@@ -1,11 +1,12 @@
 """TrainerCallbacks of the trainers: per-step metrics rows with the reward's share of the step
 for train-rewriter, progress bars (steps, reward or loss, rate, ETA), and checkpoint upload to the
-store for train-rewriter and sft."""
+store for train-rewriter and sft, snapshots along sft."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from transformers import TrainerCallback
 from patchgap.progress import Progress
 from patchgap.training.checkpoints import CHECKPOINT_PREFIX, METRICS_FILE, CheckpointStore
 from patchgap.training.metrics import MetricsLog, row_from_logs
+from patchgap.training.snapshots import snapshot_steps
 
 log = logging.getLogger("patchgap.training")
 
@@ -143,3 +145,22 @@ class CheckpointSyncCallback(TrainerCallback):
             removed = self.checkpoints.prune(self.keep)
             if removed:
                 log.info("pruned checkpoints of steps %s", removed)
+
+
+class SnapshotCallback(TrainerCallback):
+    """Calls ``save(step)`` on every process after each snapshot step but the last (the final
+    model is saved by the trainer's owner anyway). Every process takes part because gathering
+    sharded weights is a collective; ``save`` decides who writes."""
+
+    def __init__(self, fractions: Sequence[float], save: Callable[[int], None]) -> None:
+        self.fractions = list(fractions)
+        self.save = save
+        self.steps: list[int] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.steps = snapshot_steps(self.fractions, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        step = state.global_step
+        if step in self.steps and step < state.max_steps:
+            self.save(step)

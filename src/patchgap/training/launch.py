@@ -127,7 +127,7 @@ def maybe_relaunch(
     *,
     auto: str = "zero2",
     summary_name: str = "summary.json",
-) -> dict[str, float] | None:
+) -> dict[str, Any] | None:
     """Run ``stage`` under accelerate when more than one GPU is visible (or ``PATCHGAP_PROCESSES``
     asks for more than one process); None = run here.
 
@@ -164,4 +164,8 @@ def maybe_relaunch(
     summary = Path(outputs["metrics"]) / summary_name
     if not summary.is_file():
         raise PatchgapError(f"{stage}: distributed run wrote no {summary}")
-    return {k: float(v) for k, v in json.loads(summary.read_text()).items()}
+    # Numbers as floats, as the stage returns them; lists (sft's snapshot_steps) as they are.
+    return {
+        k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        for k, v in json.loads(summary.read_text()).items()
+    }

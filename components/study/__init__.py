@@ -1,0 +1,1 @@
+"""KFP component of the study's report (statistics and figures of patchgap.reports.study)."""
