@@ -154,5 +154,5 @@ def build_arms(
         settings,
         Path(arms.path),
     )
-    arms.metadata["arms"] = [a for a in described if a != "jobs"]
+    arms.metadata["arms"] = list(described["arms"])
     return described["jobs"]

@@ -24,8 +24,9 @@ def study_report(
 ) -> dict:
     """The study's verdicts: from the evaluation's per-item files of every snapshot, the arms,
     both gates' D_R (with provenance) and the rewriter's per-step metrics, write study.json,
-    study.md, frontiers.png and reward_curve.png into ``study``. Returns study.json's
-    content."""
+    study.md, frontiers.png and reward_curve.png into ``study``. Returns the flat figures
+    (per hypothesis its figure, interval, p and verdict code; acceptance per rewriter): study.json
+    itself can outgrow what a cluster passes between steps as a parameter."""
     import shutil
     from pathlib import Path
 
@@ -33,7 +34,7 @@ def study_report(
     from patchgap.logs import setup_logging
 
     # Deferred: the report imports scipy and matplotlib.
-    from patchgap.reports.study import write_study
+    from patchgap.reports.study import scalar_metrics, write_study
 
     setup_logging()
     gates = {"rl": Path(gate_rl.path)}
@@ -54,4 +55,4 @@ def study_report(
         safe_load_yaml(study_config, "study config") or {},
     )
     shutil.copyfile(out / "study.md", study_md.path)
-    return result
+    return scalar_metrics(result)

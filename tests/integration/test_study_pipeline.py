@@ -89,24 +89,14 @@ def test_study_pipeline_trains_every_job_and_evaluates_every_snapshot(
     cfg = _config(tmp_path, tiny_llama, s3_bucket)
     prepared = prepare_run(cfg, start_embedded_s3=False, say=lines.append)
     assert prepared.swap_pool_uri.startswith(f"s3://{s3_bucket}/datasets/")
-    try:
-        import patchgap.reports.study  # noqa: F401
-
-        with_report = True
-    except ImportError:  # the report's module is not part of this build yet
-        with_report = False
-    if with_report:
-        manifest = run_pipeline(prepared, say=lines.append)
-        assert manifest["status"] == "succeeded", manifest["error"]
-    else:
-        # Everything up to the report runs; the report step alone fails, on the import.
-        with pytest.raises(RuntimeError, match="Inner task failed: .*study-report"):
-            run_pipeline(prepared, say=lines.append)
+    manifest = run_pipeline(prepared, say=lines.append)
+    assert manifest["status"] == "succeeded", manifest["error"]
     root = tmp_path / "home" / "runs" / prepared.run_id / "pipeline-root"
 
     (arms_json,) = root.glob("*/build-arms/arms/arms.json")
-    arms = json.loads(arms_json.read_text())
-    assert [a for a in arms if a != "jobs"] == ARMS
+    described = json.loads(arms_json.read_text())
+    arms, jobs = described["arms"], described["jobs"]
+    assert list(arms) == ARMS
     assert arms["d"]["records"] == 8 and arms["dr"]["records"] == 8
     k_rl = arms["swap_rl"]["records"]
     # As many swap references as the RL gate accepted; none of them D's questions.
@@ -115,18 +105,18 @@ def test_study_pipeline_trains_every_job_and_evaluates_every_snapshot(
     d_ids = set(arms["d"]["ids"])
     assert not d_ids & set(arms["swap_rl"]["ids"])
     trained = [a for a in ARMS if arms[a]["records"]]
-    assert arms["jobs"] == [
+    assert jobs == [
         {"arm": a, "seed": s, "epochs": 1.0 if a != "swap_rl" else 2.0}
         for a in trained
         for s in SEEDS
     ]
     # Every job trained on its arm with its seed, with a snapshot half-way.
     labels = sorted(p for p in root.glob("*/for-loop-*/sft*/model/study.json"))
-    assert len(labels) == len(arms["jobs"])
+    assert len(labels) == len(jobs)
     expected = {"base"}
     for path in labels:
         info = json.loads(path.read_text())
-        assert (info["arm"], info["seed"]) in {(j["arm"], j["seed"]) for j in arms["jobs"]}
+        assert (info["arm"], info["seed"]) in {(j["arm"], j["seed"]) for j in jobs}
         assert len(info["steps"]) == 2 and info["steps"][-1] == info["final_step"]
         step = info["steps"][0]
         assert (path.parent / "snapshots" / f"step-{step}" / "model.safetensors").is_file()
@@ -140,11 +130,16 @@ def test_study_pipeline_trains_every_job_and_evaluates_every_snapshot(
         names = {p.name for p in (items / label).iterdir()}
         assert {"drift_nll.jsonl", "heldout_nll_gsm8k.jsonl", "arc_easy.jsonl"} <= names, label
 
-    if not with_report:
-        return
     (study_json,) = root.glob("*/study-report/study/study.json")
     study = json.loads(study_json.read_text())
-    assert study
+    # Every pre-registered hypothesis has a verdict or says why it was not tested.
+    ids = {h["id"] for h in study["hypotheses"]}
+    assert {"H1", "H2", "H3", "H4", "H5", "H6"} <= ids, ids
+    for h in study["hypotheses"]:
+        assert h["verdict"] in {"supported", "not supported", "refuted"} or h["verdict"].startswith(
+            "not tested"
+        ), h
+    assert set(study["arms"]) == {a for a in ARMS if arms[a]["records"]}
     for name in ("study.md", "frontiers.png", "reward_curve.png"):
         assert (study_json.parent / name).is_file(), name
     # The run ends with the study's own summary, not evaluate's table of every snapshot.

@@ -84,7 +84,7 @@ def test_all_arms_hold_the_right_records(world: dict) -> None:
     out = build_arms(
         world["d_dir"], world["rl"], world["prompt"], world["pool"], settings, world["out"]
     )
-    assert [a for a in out if a != "jobs"] == list(ARMS)
+    assert list(out) == ["arms", "jobs"] and list(out["arms"]) == list(ARMS)
     data = {a: _lines(world["out"] / a / "data.jsonl") for a in ARMS}
     assert [r["id"] for r in data["d"]] == [f"d{i}" for i in range(6)]
     assert data["d"][0] == world["d"][0]  # exactly the four training fields
@@ -100,7 +100,7 @@ def test_all_arms_hold_the_right_records(world: dict) -> None:
     # The smaller draw is part of the larger; nothing of D is drawn.
     assert data["swap_prompt"][0] == data["swap_rl"][0]
     assert all(r["id"].startswith("p") and r["id"] != "p-dup" for r in data["swap_rl"])
-    assert out["rw_rl"] == {
+    assert out["arms"]["rw_rl"] == {
         "records": 3,
         "ids": ["d0", "d2", "d3"],
         "description": ARMS["rw_rl"][2],
@@ -108,7 +108,7 @@ def test_all_arms_hold_the_right_records(world: dict) -> None:
         "kind": "concentrated",
         "epochs": 3.0,
     }
-    assert out["d"]["kind"] == "full" and out["d"]["rewriter"] is None
+    assert out["arms"]["d"]["kind"] == "full" and out["arms"]["d"]["rewriter"] is None
     assert len(out["jobs"]) == 9 * 2
     assert out["jobs"][:2] == [
         {"arm": "d", "seed": 0, "epochs": 1.0},
@@ -147,7 +147,7 @@ def test_an_arm_with_no_records_gets_no_job(world: dict, tmp_path: Path) -> None
     none = _gate(tmp_path / "gate-none", world["d"], set())
     settings = StudySettings(arms=["d", "rw_rl", "swap_rl"], seeds=[0])
     out = build_arms(world["d_dir"], none, None, world["pool"], settings, world["out"])
-    assert out["rw_rl"]["records"] == 0 and "skipped" in out["rw_rl"]
+    assert out["arms"]["rw_rl"]["records"] == 0 and "skipped" in out["arms"]["rw_rl"]
     assert [j["arm"] for j in out["jobs"]] == ["d"]
 
 

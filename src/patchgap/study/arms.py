@@ -113,9 +113,9 @@ def build_arms(
     out_dir: Path,
 ) -> dict[str, Any]:
     """Write one folder per arm of ``settings.arms`` and ``arms.json`` into ``out_dir``; returns
-    what ``arms.json`` holds: {arm: {records, ids, description, rewriter, kind, epochs}} and
-    ``jobs`` [{arm, seed, epochs}]. An arm with no records (its gate accepted none) is described
-    with the reason and gets no job."""
+    what ``arms.json`` holds: {"arms": {arm: {records, ids, description, rewriter, kind,
+    epochs}}, "jobs": [{arm, seed, epochs}]}. An arm with no records (its gate accepted none)
+    is described with the reason and gets no job."""
     needs_prompt = settings.needs_prompt_gate()
     if needs_prompt and gate_prompt_dir is None:
         raise ConfigError(
@@ -165,9 +165,9 @@ def _write(sets: dict[str, list[Record]], settings: StudySettings, out_dir: Path
         else:
             entry["skipped"] = "no records (the gate accepted none)"
         described[arm] = entry
-    described["jobs"] = jobs
-    write_text_atomic(out_dir / ARMS_JSON, json.dumps(described, indent=2) + "\n")
-    return described
+    out = {"arms": described, "jobs": jobs}
+    write_text_atomic(out_dir / ARMS_JSON, json.dumps(out, indent=2) + "\n")
+    return out
 
 
 def _write_jsonl(records: Sequence[Record], path: Path) -> None:
