@@ -341,6 +341,7 @@ EVALUATE: dict[str, Rule | None] = {
     "drift.enabled": KEEP,
     "drift.questions": _cap(2, "a few drift questions"),
     "drift.benchmarks": KEEP,
+    "drift.exclude": KEEP,
     "drift.max_new_tokens": FEW_TOKENS,
     "heldout.enabled": KEEP,
     "heldout.sets": KEEP,
@@ -372,6 +373,10 @@ STUDY: dict[str, Rule | None] = {
     # Larger than D's few records, so the swap arms find as many outside D.
     "swap_pool.limit": _cap(64, "a small swap pool"),
     "swap_seed": KEEP,
+    "equivalence_margin": KEEP,
+    "bootstrap_reps": _cap(200, "fewer bootstrap replicates"),
+    "alpha": KEEP,
+    "levels": KEEP,
 }
 
 #: The whole table: dotted path -> rule (KEEP: the value stays).

@@ -65,6 +65,13 @@ class StudySettings(StrictModel):
         "by id or question, are never drawn)",
     )
     swap_seed: int = Field(0, description="seed of the swap draw")
+    # The report's decision rules (patchgap.reports.study; docs/results.md registers them).
+    equivalence_margin: float = Field(
+        0.25, gt=0.0, description="H4's margin, a share of the reference arm's mean final gain"
+    )
+    bootstrap_reps: int = Field(2000, ge=10, description="bootstrap replicates of every interval")
+    alpha: float = Field(0.05, gt=0.0, lt=0.5, description="the tests' level")
+    levels: int = Field(5, ge=2, description="gain levels a frontier comparison averages over")
 
     @field_validator("arms")
     @classmethod
