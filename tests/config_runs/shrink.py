@@ -206,6 +206,7 @@ LORA: dict[str, Rule | None] = {"r": KEEP, "alpha": KEEP, "dropout": KEEP, "targ
 
 RUN: dict[str, Rule | None] = {
     "pipeline": KEEP,
+    "publish_weights": KEEP,
     "bucket": _bucket,
     **{f"dataset.{k}": r for k, r in DATASET.items()},
     "dataset_key": KEEP,

@@ -356,3 +356,29 @@ def test_a_staged_folder_with_rejects_reads_back_as_its_records_alone(
     # The rejects file is bookkeeping ("_"): the folder reads as the two valid records only.
     result = load_records(DatasetSpec(source=str(folder)), tmp_path / "again.rejects.jsonl")
     assert len(result.records) == 2 and result.counts.rejected_total == 0
+
+
+@pytest.mark.parametrize("where", ["s3", "local"])
+def test_a_publish_leaves_out_what_exclude_picks(
+    store: Store, s3_bucket: str, tmp_path: Path, where: str
+) -> None:
+    """``run.publish_weights: false``: weights stay local; the manifest lists the rest only."""
+    from patchgap.run.execute import _is_weights, left_out
+
+    src = _tree(tmp_path / "out", "w")
+    (src / "model").mkdir()
+    (src / "model" / "model.safetensors").write_bytes(b"\0" * 4096)
+    (src / "model" / "config.json").write_text("{}")
+    prefix = f"s3://{s3_bucket}/left-out" if where == "s3" else str(tmp_path / "published")
+    manifest = store.upload_dir(src, prefix, exclude=_is_weights)
+    assert "model/config.json" in manifest.files
+    assert not any(k.endswith(".safetensors") for k in manifest.files)
+    got = fetch_to_local(prefix, tmp_path / "got")
+    assert (got / "model" / "config.json").is_file()
+    assert not (got / "model" / "model.safetensors").exists()
+    assert left_out(src, _is_weights) == {
+        "files": 1,
+        "bytes": 4096,
+        "why": "run.publish_weights: false (model weights stay in the local work folder)",
+        "local": str(src),
+    }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,12 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
             for line in watch_lines(manifest["watch"], s.claim_hours):
                 say(line)
         if art.is_dir() and any(art.iterdir()):
-            store.upload_dir(art, f"{prefix}/artifacts", metadata={"run_id": prepared.run_id})
+            exclude = None if s.publish_weights else _is_weights
+            if exclude is not None:
+                manifest["left_out"] = left_out(art, exclude)
+            store.upload_dir(
+                art, f"{prefix}/artifacts", metadata={"run_id": prepared.run_id}, exclude=exclude
+            )
         write_text_atomic(
             root / "run.json", json.dumps(manifest, indent=2, sort_keys=True, default=str)
         )
@@ -199,6 +205,23 @@ def run_pipeline(prepared: PreparedRun, *, say: Say = print) -> dict[str, Any]:
         say(run_summary(report, root / "pipeline-root", prepared.run_id, s.bucket))
     say(json.dumps({"run_id": prepared.run_id, "uri": manifest.get("uri")}))
     return manifest
+
+
+def _is_weights(key: str) -> bool:
+    """Model weight files, which ``run.publish_weights: false`` keeps local."""
+    return key.endswith(".safetensors")
+
+
+def left_out(folder: Path, exclude: Callable[[str], bool]) -> dict[str, Any]:
+    """What a publish leaves out of ``folder``: count, bytes, why, and where it stays."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    picked = [p for p in files if exclude(p.relative_to(folder).as_posix())]
+    return {
+        "files": len(picked),
+        "bytes": sum(p.stat().st_size for p in picked),
+        "why": "run.publish_weights: false (model weights stay in the local work folder)",
+        "local": str(folder),
+    }
 
 
 def _inputs(prepared: PreparedRun, store: Any) -> dict[str, Any]:

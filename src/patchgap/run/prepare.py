@@ -58,6 +58,12 @@ class RunSettings(StrictModel):
         "pipeline: the same, or none for the prompt-only rewriter",
     )
     runner: Literal["subprocess", "docker"] = Field("subprocess", description="kfp.local runner")
+    publish_weights: bool = Field(
+        True,
+        description="publish the model weights (*.safetensors) among the run's artifacts; false "
+        "keeps them in the local work folder only (a study's dozens of SFT snapshots would "
+        "double its disk use); the run manifest counts what was left out",
+    )
     # The watch pipeline: every dataset object that lands under `prefix`, once.
     prefix: str | None = Field(
         None, description="watch pipeline: the s3://<bucket>/... prefix new datasets land under"

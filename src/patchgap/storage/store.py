@@ -336,15 +336,24 @@ def _local_files(local_dir: Path, skip_manifest: bool = True) -> list[tuple[str,
     return out
 
 
+#: Which files of a folder a publish leaves out, by key (None: none).
+Exclude = Callable[[str], bool] | None
+
+
 def build_manifest(
-    local_dir: Path, metadata: dict[str, Any] | None = None, attempt: str = ""
+    local_dir: Path,
+    metadata: dict[str, Any] | None = None,
+    attempt: str = "",
+    exclude: Exclude = None,
 ) -> Manifest:
-    """The manifest of every file under ``local_dir`` (its own manifest left out); with an
-    ``attempt`` (``<generation>-<hex>``), a format-2 manifest whose objects live under it."""
+    """The manifest of every file under ``local_dir`` (its own manifest left out, and any key
+    ``exclude`` picks); with an ``attempt`` (``<generation>-<hex>``), a format-2 manifest whose
+    objects live under it."""
     return Manifest(
         files={
             key: ManifestEntry(sha256_file(p), p.stat().st_size)
             for key, p in _local_files(local_dir)
+            if exclude is None or not exclude(key)
         },
         metadata=dict(metadata or {}),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -725,9 +734,11 @@ class Store:
         local_dir: str | os.PathLike[str],
         prefix_uri: str | os.PathLike[str],
         metadata: dict[str, Any] | None = None,
+        exclude: Exclude = None,
     ) -> Manifest:
-        """Publish every file of ``local_dir`` as the output at ``prefix_uri``; the manifest
-        goes LAST and is the one switch from the old output to the new one.
+        """Publish every file of ``local_dir`` (but those whose key ``exclude`` picks) as the
+        output at ``prefix_uri``; the manifest goes LAST and is the one switch from the old
+        output to the new one.
 
         S3: the objects go under ``_attempts/<attempt>/``, then the manifest is written only if
         the one read at the start is still there (If-Match / If-None-Match). A writer that loses
@@ -740,11 +751,11 @@ class Store:
             raise StoreError(f"{src}: no such local folder to upload")
         loc = parse_uri(prefix_uri)
         if not isinstance(loc, S3Url):
-            return _publish_local(self, src, loc, metadata)
+            return _publish_local(self, src, loc, metadata, exclude)
         current = self.get_bytes_and_etag(join_uri(prefix_uri, MANIFEST_NAME))
         old = _manifest_or_none(current[0], prefix_uri) if current else None
         generation = (old.generation if old else 0) + 1
-        manifest = build_manifest(src, metadata, f"{generation}-{uuid.uuid4().hex[:16]}")
+        manifest = build_manifest(src, metadata, f"{generation}-{uuid.uuid4().hex[:16]}", exclude)
         try:
             body = manifest.to_json().encode()
         except TypeError as err:
@@ -1023,13 +1034,13 @@ def _remove_unlisted(dest: Path, before: Manifest | None, manifest: Manifest) ->
 
 
 def _publish_local(
-    store: Store, src: Path, dest: Path, metadata: dict[str, Any] | None
+    store: Store, src: Path, dest: Path, metadata: dict[str, Any] | None, exclude: Exclude = None
 ) -> Manifest:
     """Publish to a local folder in place (its readers open the files directly): under an
     exclusive lock beside it, so two writers take turns and the last one's output stands
     whole. The old manifest goes first, the new one last; files only the old one listed are
     removed."""
-    manifest = build_manifest(src, metadata)
+    manifest = build_manifest(src, metadata, exclude=exclude)
     try:
         body = manifest.to_json()
     except TypeError as err:
