@@ -953,9 +953,8 @@ class VllmGenerator:
         temperature: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> list[list[Generation]]:
-        from vllm import SamplingParams
-
         import torch
+        from vllm import SamplingParams
 
         temp = _temperature(self.config, temperature, n)
         call_seed = self.config.seed if seed is None else seed
