@@ -46,7 +46,7 @@ from patchgap.data.evalsets import (  # noqa: E402
 )
 from patchgap.data.sources import DatasetSpec  # noqa: E402
 from patchgap.data.stream import load_records  # noqa: E402
-from patchgap.errors import ConfigError  # noqa: E402
+from patchgap.errors import ConfigError, DataError  # noqa: E402
 from patchgap.lm.models import resolve_model  # noqa: E402
 from patchgap.prompts import MATH_EVAL_TEMPLATE, REWRITE_TEMPLATE  # noqa: E402
 from patchgap.reward.scoring import JUDGE_TEMPLATE  # noqa: E402
@@ -230,22 +230,29 @@ def config_tokens(
         if heldout_cfg.get("limit"):
             recs = recs[: heldout_cfg["limit"]]
         heldout[name] = (len(recs), statistics.fmean(count(r.question + r.solution) for r in recs))
+    # Generative math: a model's answer is taken as long as a rewrite of the set's reference
+    # solution (the run's rewrite/reference ratio); sets without solutions use D's.
     math: dict[str, tuple[int, float, float]] = {}
     prompt_extra = _template_tokens(MATH_EVAL_TEMPLATE, count)
+    ratio = run["candidate"] / run["reference"]
+    d_reference = statistics.fmean(count(r.solution) for r in records)
     for entry in ev.get("math") or []:
         name = entry if isinstance(entry, str) else entry["name"]
         items = load_math_set(name, data)
         n = min(len(items), (ev.get("limits") or {}).get(name) or limit or len(items))
-        prompts = [count(it.question) + prompt_extra for it in items[:n]]
-        answers = [count(it.solution) * run["candidate"] / run["reference"] for it in items[:n]
-                   if getattr(it, "solution", None)]  # fmt: skip
-        math[name] = (n, statistics.fmean(prompts), statistics.fmean(answers or [512.0]))
+        try:
+            solutions = [r.solution for r in load_heldout_set(name, data_dir=data)[:n]]
+            reference = statistics.fmean(count(text) for text in solutions)
+        except (ConfigError, DataError):
+            reference = d_reference
+        prompt = statistics.fmean(count(it.question) + prompt_extra for it in items[:n])
+        math[name] = (n, prompt, reference * ratio)
     return cost.Tokens(
         question=statistics.fmean(count(r.question) for r in records),
-        reference=statistics.fmean(count(r.solution) for r in records),
+        reference=d_reference,
         rewrite_prompt=_template_tokens(REWRITE_TEMPLATE, count),
         judge_prompt=_template_tokens(JUDGE_TEMPLATE, count),
-        rewrite_ratio=run["candidate"] / run["reference"],
+        rewrite_ratio=ratio,
         rollout_ratio=run["rollout"] / run["reference"],
         answer_failure=run["answer_failure"] if run["answer_failure"] is not None else 0.5,
         acceptance=run["acceptance"],
